@@ -1,0 +1,209 @@
+"""Profiles: one configuration object per setting, every hyperparameter visible in one place.
+
+A :class:`Config` holds the data, model, pretraining, DeMe/baseline finetuning and evaluation settings of a
+profile, plus the fields that identify one run (``method``, ``range_index``).  Runs are derived with
+:meth:`Config.replace`, never by mutating a profile::
+
+    cfg = get_profile("fmnist").replace(method="deme", range_index=2)
+
+The profile is chosen by argument, by ``--profile`` on the CLI, or by the ``DEME_PROFILE`` environment
+variable (the test-suite sets ``DEME_PROFILE=smoke``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("pretrain", "deme", "standard", "snr+1", "trunc-snr", "min-snr", "p2", "ant-uw", "ant-nash")
+"""Training objectives known to :func:`deme.train.train`. All but ``pretrain`` and ``deme`` are the
+equal-budget baselines of PAPER.md §5 (``standard`` = plain ε-MSE on all timesteps)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings of one profile / one run. Field groups follow the data flow of DESIGN.md."""
+
+    profile: str
+    # -- data ----------------------------------------------------------------------------------------
+    dataset: str                          # "fmnist" | "digits" | "cifar10" | "lsun-church" | "lsun-bedroom" | "laion"
+    image_size: int
+    channels: int
+    num_classes: int | None = None        # class-conditional models: labels 0..K-1, K = "no label" token
+    label_dropout: float = 0.0            # p(label -> null token) in training, for classifier-free guidance
+    # -- model -------------------------------------------------------------------------------------------
+    pretrained: str | None = None         # hub id / local path of the pretrained model (paper profiles)
+    unet: dict[str, Any] = field(default_factory=dict)   # UNet2DModel kwargs for models we build ourselves
+    num_train_timesteps: int = 1000       # T
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # -- pretraining (only for the embedded default and smoke: the paper profiles load a model) -------
+    pretrain_steps: int = 0
+    pretrain_batch_size: int = 128
+    pretrain_lr: float = 2e-4
+    pretrain_warmup: int = 0
+    # -- finetuning (DeMe and baselines; PAPER.md §4, LSUN-Church recipe) --------------------------------
+    lr: float = 5e-5                      # constant, no warmup
+    adam_betas: tuple[float, float] = (0.95, 0.999)
+    weight_decay: float = 1e-6
+    adam_eps: float = 1e-8
+    batch_size: int = 16                  # per device, per micro-batch
+    grad_accum: int = 4                   # optimizer step = grad_accum micro-batches
+    mixed_precision: str = "fp16"         # "no" | "fp16" | "bf16"; fp16 becomes bf16 on CPU
+    max_grad_norm: float = 1.0
+    ema_max_decay: float = 0.9999         # diffusers EMAModel, warmup with inv_gamma 1, power 3/4
+    ema_inv_gamma: float = 1.0
+    ema_power: float = 0.75
+    # -- DeMe (PAPER.md §2) -------------------------------------------------------------------------------
+    num_ranges: int = 4                   # N
+    steps_per_range: int = 20_000         # K optimizer steps per range; baselines train N*K steps
+    p_global: float = 0.3                 # probabilistic sampling: P(draw t from [0,T)) (Eq. 6)
+    sampling: str = "antithetic"          # "antithetic" (one Bernoulli per micro-batch, as released) | "iid"
+    consistency_weight: float = 1.0       # λ of Eq. 5; 0 disables the consistency loss
+    projection: bool = True               # channel-wise projections (§2.3)
+    # -- baselines (PAPER.md §5) ----------------------------------------------------------------------------
+    min_snr_gamma: float = 5.0
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0
+    ant_clusters: int = 5
+    nash_every: int = 25
+    # -- run identity -----------------------------------------------------------------------------------------
+    method: str = "deme"
+    range_index: int | None = None
+    seed: int = 0
+    # -- bookkeeping ------------------------------------------------------------------------------------------
+    checkpoint_every: int = 1000          # optimizer steps
+    log_every: int = 50                   # optimizer steps between host syncs (loss log, finiteness check)
+    heldout_every: int = 0                # optimizer steps between held-out loss evaluations (0: never)
+    heldout_size: int = 256
+    num_workers: int = 4
+    # -- evaluation -------------------------------------------------------------------------------------------
+    sample_steps: int = 50                # DDIM steps, eta = 0
+    num_eval_samples: int = 50_000
+    guidance_scale: float = 1.0           # classifier-free guidance for class-conditional sampling
+    merge_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    # ---------------------------------------------------------------------------------------------------
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with ``changes`` applied (unknown names raise ``TypeError``)."""
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.sampling not in ("antithetic", "iid"):
+            raise ValueError(f"sampling must be 'antithetic' or 'iid', got {self.sampling!r}")
+        if not 0.0 <= self.p_global <= 1.0:
+            raise ValueError(f"p_global must lie in [0, 1], got {self.p_global}")
+        if self.num_train_timesteps % self.num_ranges:
+            raise ValueError(
+                f"N={self.num_ranges} ranges do not divide T={self.num_train_timesteps} timesteps; "
+                "choose N among the divisors of T (e.g. 1, 2, 4, 5, 8, 10)")
+        if self.range_index is not None and not 0 <= self.range_index < self.num_ranges:
+            raise ValueError(
+                f"range_index={self.range_index} is outside 0..{self.num_ranges - 1} for N={self.num_ranges} ranges")
+
+    @property
+    def device_batch(self) -> int:
+        """Images per optimizer step on one device."""
+        return self.batch_size * self.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        d = dict(d)
+        for k in ("adam_betas", "merge_grid"):
+            if k in d and isinstance(d[k], list):
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The profiles
+# ---------------------------------------------------------------------------------------------------------
+
+# A small class-conditional UNet for 16x16 Fashion-MNIST: 1.62M parameters, self-attention at 4x4.
+# Measured on the 2-core CPU (bf16 autocast, batch 64): ~330 images/s training, ~1000 images/s inference.
+_FMNIST_UNET = dict(
+    sample_size=16, in_channels=1, out_channels=1, layers_per_block=2,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    norm_num_groups=16, attention_head_dim=32,
+)
+
+# A tiny UNet for the smoke profile (8x8 sklearn digits): seconds per notebook.
+_SMOKE_UNET = dict(
+    sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+    block_out_channels=(16, 32),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8, attention_head_dim=8,
+)
+
+PROFILES: dict[str, Config] = {
+    # Seconds per notebook: tests and CI.
+    "smoke": Config(
+        profile="smoke", dataset="digits", image_size=8, channels=1, num_classes=10, label_dropout=0.1,
+        unet=_SMOKE_UNET, pretrain_steps=60, pretrain_batch_size=64, pretrain_lr=1e-3,
+        lr=2e-4, batch_size=16, grad_accum=1, mixed_precision="no",
+        num_ranges=2, steps_per_range=4, p_global=0.3, checkpoint_every=2, log_every=2,
+        heldout_every=20, heldout_size=64, num_workers=0,
+        sample_steps=5, num_eval_samples=64, guidance_scale=2.0, merge_grid=(0.0, 0.5, 1.0),
+    ),
+    # The embedded default: 16x16 Fashion-MNIST, class-conditional, pretrained by notebook 02.
+    "fmnist": Config(
+        profile="fmnist", dataset="fmnist", image_size=16, channels=1, num_classes=10, label_dropout=0.1,
+        unet=_FMNIST_UNET, pretrain_steps=20_000, pretrain_batch_size=256, pretrain_lr=5e-4,
+        pretrain_warmup=500,
+        lr=5e-5, batch_size=32, grad_accum=2, mixed_precision="bf16",
+        num_ranges=4, steps_per_range=300, p_global=0.3, checkpoint_every=100, log_every=25,
+        heldout_every=1000, heldout_size=512, num_workers=0,
+        sample_steps=50, num_eval_samples=1000, guidance_scale=2.0,
+        merge_grid=(0.0, 0.25, 0.5, 0.75, 1.0),
+    ),
+    # The paper's settings (PAPER.md §4): pretrained models from the hub, GPU and internet.
+    "cifar10": Config(
+        profile="cifar10", dataset="cifar10", image_size=32, channels=3, pretrained="google/ddpm-cifar10-32",
+        num_workers=8, sample_steps=100, num_eval_samples=50_000,
+    ),
+    "church": Config(
+        profile="church", dataset="lsun-church", image_size=256, channels=3,
+        pretrained="google/ddpm-ema-church-256", num_workers=8, sample_steps=50, num_eval_samples=50_000,
+    ),
+    "bedroom": Config(
+        profile="bedroom", dataset="lsun-bedroom", image_size=256, channels=3,
+        pretrained="google/ddpm-ema-bedroom-256", num_workers=8, sample_steps=50, num_eval_samples=50_000,
+    ),
+    "sd14": Config(
+        profile="sd14", dataset="laion", image_size=512, channels=4, label_dropout=0.1,
+        pretrained="CompVis/stable-diffusion-v1-4", beta_schedule="scaled_linear", beta_start=0.00085,
+        beta_end=0.012, mixed_precision="bf16", num_workers=8, sample_steps=25, num_eval_samples=30_000,
+        guidance_scale=7.5,
+    ),
+}
+
+
+def profile_names() -> list[str]:
+    return list(PROFILES)
+
+
+def get_profile(name: str | None = None, **overrides: Any) -> Config:
+    """The profile ``name`` (default: ``$DEME_PROFILE``, else ``fmnist``), with ``overrides`` applied.
+
+    Raises ``ValueError`` naming the valid profiles when ``name`` is unknown.
+    """
+    name = name or os.environ.get("DEME_PROFILE") or "fmnist"
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
+    cfg = PROFILES[name]
+    return cfg.replace(**overrides) if overrides else cfg

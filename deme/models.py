@@ -1,0 +1,219 @@
+"""Models: building and loading diffusers UNets, and DeMe's channel-wise projections (PAPER.md §2.3).
+
+Channel-wise projection (Eq. 7): ``P(F) = W F`` with ``W ∈ R^{C×C}``, a bias-free 1×1 convolution initialised
+to the identity, placed after the output of every down block, the mid block and every up block — on the main
+path only: the skip tensors a down block hands to the up blocks are not projected.
+
+No diffusers fork: :class:`ProjectedUNet2DModel` and :class:`ProjectedUNet2DConditionModel` subclass the
+diffusers models, attach one :class:`ChannelProjection` as a child ``channel_projection`` of each block and
+apply it with a forward hook. Existing parameter names are untouched (pretrained weights load as they are),
+the new ones are ``<block>.channel_projection.weight``, and ``save_pretrained``/``from_pretrained`` work
+(``_class_name`` in config.json names the subclass).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
+from .config import Config
+
+
+class ChannelProjection(nn.Module):
+    """``P(F) = W F`` over channels: a bias-free 1×1 convolution initialised to the identity (Eq. 7)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # einsum over the channel dim == conv2d with a (C, C, 1, 1) kernel, without the reshape
+        return torch.einsum("oc,bc...->bo...", self.weight.to(x.dtype), x)
+
+
+def _project_main_path(block: nn.Module, args, output):
+    """Forward hook: project the main-path output of a block; leave skip tensors alone."""
+    proj = block.channel_projection
+    if isinstance(output, tuple):   # down blocks: (hidden_states, skip tensors); skip up blocks: (h, skip)
+        return (proj(output[0]),) + tuple(output[1:])
+    return proj(output)
+
+
+def projection_channels(config) -> dict[str, int]:
+    """Where projections go and their channel counts, from a UNet config (no hard-coded lists).
+
+    Down block i outputs ``block_out_channels[i]``; the mid block ``block_out_channels[-1]``; up block i
+    outputs ``reversed(block_out_channels)[i]``.
+    """
+    ch = list(config["block_out_channels"])
+    out = {f"down_blocks.{i}": c for i, c in enumerate(ch)}
+    if config.get("mid_block_type", "UNetMidBlock2D") is not None:
+        out["mid_block"] = ch[-1]
+    out.update({f"up_blocks.{i}": c for i, c in enumerate(reversed(ch))})
+    return out
+
+
+def attach_channel_projections(unet: nn.Module) -> nn.Module:
+    """Give every down/mid/up block of ``unet`` an identity :class:`ChannelProjection` (in place)."""
+    for name, channels in projection_channels(unet.config).items():
+        block = unet.get_submodule(name) if name != "mid_block" else unet.mid_block
+        if block is None:
+            continue
+        if not hasattr(block, "channel_projection"):
+            block.channel_projection = ChannelProjection(channels)
+            block.register_forward_hook(_project_main_path)
+    return unet
+
+
+def channel_projections(unet: nn.Module) -> dict[str, ChannelProjection]:
+    """The projections of ``unet`` by block name (empty for a plain UNet)."""
+    return {n.rsplit(".", 1)[0]: m for n, m in unet.named_modules() if isinstance(m, ChannelProjection)}
+
+
+class ProjectedUNet2DModel(UNet2DModel):
+    """diffusers ``UNet2DModel`` with DeMe's channel-wise projections (identity at construction)."""
+
+    @functools.wraps(UNet2DModel.__init__)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        attach_channel_projections(self)
+
+
+class ProjectedUNet2DConditionModel(UNet2DConditionModel):
+    """diffusers ``UNet2DConditionModel`` (Stable Diffusion) with DeMe's channel-wise projections."""
+
+    @functools.wraps(UNet2DConditionModel.__init__)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        attach_channel_projections(self)
+
+
+_PROJECTED = {UNet2DModel: ProjectedUNet2DModel, UNet2DConditionModel: ProjectedUNet2DConditionModel}
+
+
+def with_projections(unet: nn.Module) -> nn.Module:
+    """A copy of a plain diffusers UNet as its projected subclass, projections at identity.
+
+    This is the pretrained reference θ of the merge (τ = W_i − I for the projection weights)."""
+    if channel_projections(unet):
+        return unet
+    base = next((b for b in _PROJECTED if type(unet) is b), None)
+    if base is None:
+        raise TypeError(f"no projected variant for {type(unet).__name__}")
+    new = _PROJECTED[base].from_config(unet.config)
+    missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
+    assert not unexpected and all(k.endswith("channel_projection.weight") for k in missing), (missing, unexpected)
+    return new.to(device=next(unet.parameters()).device, dtype=next(unet.parameters()).dtype)
+
+
+def without_projections(unet: nn.Module) -> nn.Module:
+    """The plain diffusers UNet with the same weights; refuses when projections are not the identity."""
+    projs = channel_projections(unet)
+    if not projs:
+        return unet
+    for name, p in projs.items():
+        if not torch.equal(p.weight.detach().cpu(), torch.eye(p.weight.shape[0])):
+            raise ValueError(f"projection {name} is not the identity: it cannot be dropped without changing outputs")
+    base = next(b for b, sub in _PROJECTED.items() if isinstance(unet, sub))
+    plain = base.from_config(unet.config)
+    state = {k: v for k, v in unet.state_dict().items() if "channel_projection" not in k}
+    plain.load_state_dict(state)
+    return plain
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building and loading
+# ---------------------------------------------------------------------------------------------------------
+
+def build_unet(cfg: Config, projection: bool = False) -> UNet2DModel:
+    """A randomly initialised UNet2DModel from ``cfg.unet`` (class-conditional when ``cfg.num_classes``).
+
+    Class-conditional models get ``num_classes + 1`` class embeddings: the last is the "no label" token
+    used for label dropout and unconditional sampling.
+    """
+    kwargs = dict(cfg.unet)
+    if cfg.num_classes:
+        kwargs["num_class_embeds"] = cfg.num_classes + 1
+    cls = ProjectedUNet2DModel if projection else UNet2DModel
+    return cls(**kwargs)
+
+
+class WeightsMissingError(FileNotFoundError):
+    """Pretrained weights are neither on disk nor reachable; the message says what to provide."""
+
+
+def load_unet(path_or_id: str | os.PathLike, projection: bool | None = None, subfolder: str | None = None):
+    """Load a UNet saved with ``save_pretrained`` (a folder, or a hub id when online).
+
+    ``projection=None`` keeps what was saved; ``True`` adds identity projections to a plain model;
+    ``False`` requires a plain one (or identity projections, which are dropped).
+    """
+    path = Path(path_or_id)
+    folder = path / subfolder if subfolder else path
+    local = folder.exists()
+    if local and not (folder / "config.json").exists() and (folder / "unet" / "config.json").exists():
+        folder, subfolder = folder / "unet", None
+    cfg_file = folder / "config.json"
+    try:
+        if local:
+            config = UNet2DModel.load_config(folder)
+        else:
+            config = UNet2DModel.load_config(str(path_or_id), subfolder=subfolder)
+    except Exception as e:
+        raise WeightsMissingError(_weights_help(path_or_id, e)) from e
+    name = config.get("_class_name", "UNet2DModel")
+    cls = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel,
+           "ProjectedUNet2DModel": ProjectedUNet2DModel,
+           "ProjectedUNet2DConditionModel": ProjectedUNet2DConditionModel}.get(name)
+    if cls is None:
+        raise ValueError(f"{cfg_file}: unsupported model class {name!r}")
+    src = str(folder) if local else str(path_or_id)
+    kw = {} if local else {"subfolder": subfolder}
+    try:
+        unet = cls.from_pretrained(src, **kw)
+    except Exception as e:
+        raise WeightsMissingError(_weights_help(path_or_id, e)) from e
+    if projection is True:
+        unet = with_projections(unet)
+    elif projection is False:
+        unet = without_projections(unet)
+    return unet
+
+
+def _weights_help(path_or_id, err) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return (f"cannot load model weights from {str(path_or_id)!r} ({type(err).__name__}: {err}). "
+            + ("HF_HUB_OFFLINE=1 is set, so the hub was not asked: " if offline else "")
+            + "give a local folder written by save_pretrained, or run with internet so the hub id can be "
+              "downloaded (then unset HF_HUB_OFFLINE).")
+
+
+def base_model_path(cfg: Config, root: str | os.PathLike = ".") -> str:
+    """Where the profile's pretrained base model lives: the hub id for the paper profiles, the committed
+    checkpoint under data/ for the embedded default, runs/<profile>/base for smoke."""
+    if cfg.pretrained:
+        return cfg.pretrained
+    if cfg.profile == "fmnist":
+        return str(Path(root) / "data" / "fmnist_base")
+    return str(Path(root) / "runs" / cfg.profile / "base" / "model")
+
+
+def make_scheduler(cfg: Config, kind: str = "ddpm"):
+    """The training (DDPM) or sampling (DDIM, eta 0) scheduler of the profile: linear betas, ε-prediction."""
+    common = dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                  beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type="epsilon",
+                  clip_sample=cfg.beta_schedule == "linear")
+    if kind == "ddpm":
+        return DDPMScheduler(**common)
+    if kind == "ddim":
+        return DDIMScheduler(**common, set_alpha_to_one=cfg.beta_schedule == "linear")
+    raise ValueError(f"unknown scheduler kind {kind!r}")
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

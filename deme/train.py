@@ -1,0 +1,439 @@
+"""The one training loop: pretraining the embedded base model, DeMe range finetuning, and the baselines.
+
+    python -m deme.train --profile fmnist --method deme --range 2            # one DeMe range
+    accelerate launch -m deme.train --profile cifar10 --method deme --range 0  # multi-GPU / multi-node
+
+"Iterations" are optimizer steps everywhere: one step = ``grad_accum`` micro-batches of ``batch_size`` images
+on each process. Checkpoints are written atomically every ``checkpoint_every`` steps and a run resumes from
+the latest one. The loss is checked for finiteness every ``log_every`` steps (no host sync in between); a
+non-finite loss stops the run and keeps the last good checkpoint.
+
+Outputs under ``out_dir``: ``model/`` (EMA weights, ``save_pretrained``), ``loss.csv``, ``manifest.json``,
+``checkpoints/step_XXXXXXX.pt`` (the last two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config, get_profile, METHODS
+from .losses import consistency_loss, loss_weight, per_sample_mse, snr
+from .models import base_model_path, build_unet, load_unet, make_scheduler
+from .timesteps import antithetic, sample_timesteps, timestep_ranges
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Objectives: how a method draws timesteps and turns per-sample ε-MSEs into the scalar loss
+# ---------------------------------------------------------------------------------------------------------
+
+class Objective:
+    """Uniform timesteps over [0, T) and a per-sample weight (the SNR baselines; ``standard``: weight 1)."""
+
+    extra_parameters: list[torch.nn.Parameter] = []
+
+    def __init__(self, cfg: Config, alphas_cumprod: torch.Tensor):
+        self.cfg, self.alphas_cumprod = cfg, alphas_cumprod
+
+    def timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, self.cfg.num_train_timesteps, (batch,), generator=generator)
+
+    def combine(self, eps_mse: torch.Tensor, t: torch.Tensor, step: int, shared_params) -> torch.Tensor:
+        w = loss_weight(self.cfg.method, snr(self.alphas_cumprod, t), min_snr_gamma=self.cfg.min_snr_gamma,
+                        p2_k=self.cfg.p2_k, p2_gamma=self.cfg.p2_gamma)
+        return (w * eps_mse).mean()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class DeMeObjective(Objective):
+    """DeMe range i: probabilistic sampling (Eq. 6) and the plain ε-MSE (the consistency term is added by the
+    loop, since it needs the teacher)."""
+
+    def __init__(self, cfg: Config, alphas_cumprod: torch.Tensor):
+        super().__init__(cfg, alphas_cumprod)
+        if cfg.range_index is None:
+            raise ValueError(f"method 'deme' needs a range index in 0..{cfg.num_ranges - 1}")
+        self.interval = timestep_ranges(cfg.num_train_timesteps, cfg.num_ranges)[cfg.range_index]
+
+    def timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        c = self.cfg
+        return sample_timesteps(batch, self.interval, c.num_train_timesteps, c.p_global, c.sampling, generator)
+
+    def combine(self, eps_mse, t, step, shared_params):
+        return eps_mse.mean()
+
+
+class PretrainObjective(Objective):
+    """Pretraining: antithetic uniform timesteps over [0, T), plain ε-MSE."""
+
+    def timesteps(self, batch, generator):
+        return antithetic(0, self.cfg.num_train_timesteps, batch, generator)
+
+    def combine(self, eps_mse, t, step, shared_params):
+        return eps_mse.mean()
+
+
+def make_objective(cfg: Config, alphas_cumprod: torch.Tensor) -> Objective:
+    if cfg.method == "pretrain":
+        return PretrainObjective(cfg, alphas_cumprod)
+    if cfg.method == "deme":
+        return DeMeObjective(cfg, alphas_cumprod)
+    if cfg.method in ("ant-uw", "ant-nash"):
+        from .mtl import make_ant_objective
+        return make_ant_objective(cfg, alphas_cumprod)
+    return Objective(cfg, alphas_cumprod)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def drop_labels(labels: torch.Tensor, num_classes: int | None, p: float, generator) -> torch.Tensor | None:
+    """Class labels with probability ``p`` replaced by the null token ``num_classes`` (None: unconditional)."""
+    if not num_classes:
+        return None
+    labels = labels.clone()
+    labels[labels < 0] = num_classes
+    if p > 0:
+        labels[torch.rand(len(labels), generator=generator) < p] = num_classes
+    return labels
+
+
+@torch.no_grad()
+def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0,
+                 num_ranges: int | None = None, batch_size: int = 256) -> dict[str, float]:
+    """The diffusion loss on fixed images over all timesteps, with fixed noise and stratified timesteps.
+
+    Timesteps are spread evenly over [0, T) (image j gets t = ⌊(j + ½)·T/n⌋), so the value is a deterministic
+    estimate of the full-range ε-MSE; ``range_k`` entries give the same loss restricted to each of
+    ``num_ranges`` ranges. Labels are used as given (pass the null token for the unconditional loss).
+    """
+    T = cfg.num_train_timesteps
+    n = len(images)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(images.shape, generator=g)
+    t = ((torch.arange(n) + 0.5) * T / n).long().clamp(max=T - 1)
+    sched = make_scheduler(cfg)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(0, n, batch_size):
+        x0, eps, tt = images[i:i + batch_size].to(device), noise[i:i + batch_size].to(device), t[i:i + batch_size].to(device)
+        xt = sched.add_noise(x0, eps, tt)
+        kw = {"class_labels": labels[i:i + batch_size].to(device)} if labels is not None else {}
+        losses.append(per_sample_mse(model(xt, tt, **kw).sample, eps).cpu())
+    model.train(was_training)
+    per = torch.cat(losses)
+    out = {"loss": per.mean().item()}
+    for k, (lo, hi) in enumerate(timestep_ranges(T, num_ranges or cfg.num_ranges)):
+        m = (t >= lo) & (t < hi)
+        out[f"range_{k}"] = per[m].mean().item()
+    return out
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    ckpts = sorted(ckpt_dir.glob("step_*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def run_dir(cfg: Config, root: str | os.PathLike = "runs") -> Path:
+    """Where a run writes: runs/<profile>/<method>[/range_<i>] (one folder per independent job)."""
+    d = Path(root) / cfg.profile / ("base" if cfg.method == "pretrain" else cfg.method)
+    if cfg.method == "deme":
+        d = d / f"N{cfg.num_ranges}" / f"range_{cfg.range_index}"
+    return d
+
+
+def _schedule(cfg: Config) -> tuple[int, float, int, int]:
+    """(optimizer steps, lr, micro-batch size, accumulation) of the run."""
+    if cfg.method == "pretrain":
+        return cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_batch_size, 1
+    steps = cfg.steps_per_range if cfg.method == "deme" else cfg.num_ranges * cfg.steps_per_range
+    return steps, cfg.lr, cfg.batch_size, cfg.grad_accum
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------------
+
+def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | None = None,
+          max_steps: int | None = None, progress: bool = True, force: bool = False) -> Path:
+    """Train one run of ``cfg`` and return its output folder.
+
+    ``cfg.method`` chooses the job: ``pretrain`` (random init, ``pretrain_*`` settings, warmup + cosine lr),
+    ``deme`` (range ``cfg.range_index`` of N, from the pretrained EMA weights ``base``), or a baseline (all
+    timesteps, N×K steps, equal budget). ``max_steps`` stops early (the run stays resumable; used to simulate
+    interruptions). A finished run with the same config is returned as is unless ``force``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.training_utils import EMAModel
+
+    out = Path(out_dir) if out_dir is not None else run_dir(cfg)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists() and not force:
+        done = json.loads(manifest_path.read_text())
+        if done.get("config") == json.loads(cfg.to_json()):
+            return out
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    mp = cfg.mixed_precision
+    if mp == "fp16" and not torch.cuda.is_available():
+        mp = "bf16"   # fp16 autocast needs a GPU; bf16 is the CPU's native reduced precision
+    steps, lr, micro_bs, accum = _schedule(cfg)
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=accum)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    set_seed(cfg.seed)
+
+    # -- models --------------------------------------------------------------------------------------------
+    base = base or base_model_path(cfg)
+    teacher = None
+    if cfg.method == "pretrain":
+        model = build_unet(cfg)
+    else:
+        use_proj = cfg.method == "deme" and cfg.projection
+        model = load_unet(base, projection=use_proj)
+        if cfg.method == "deme" and cfg.consistency_weight > 0:
+            teacher = load_unet(base, projection=False).to(device).eval().requires_grad_(False)
+    model.train()
+    sched = make_scheduler(cfg)
+    alphas_cumprod = sched.alphas_cumprod.to(device)
+    objective = make_objective(cfg, sched.alphas_cumprod)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
+                   power=cfg.ema_power, foreach=True, model_cls=type(model), model_config=model.config)
+
+    params = list(model.parameters()) + list(objective.extra_parameters)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
+                                  eps=cfg.adam_eps)
+    if cfg.method == "pretrain" and cfg.pretrain_warmup:
+        w = cfg.pretrain_warmup   # linear warmup, then cosine decay to 10% of the peak
+        lr_lambda = lambda s: min(1.0, (s + 1) / w) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, s / max(steps, 1))))
+    else:
+        lr_lambda = lambda s: 1.0   # PAPER.md §4: constant, no warmup
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+    # -- resume ----------------------------------------------------------------------------------------------
+    start = 0
+    latest = _latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        state = torch.load(latest, map_location="cpu", weights_only=False)
+        if state["config"] != json.loads(cfg.to_json()):
+            raise ValueError(f"{latest} was written by a run with another config; use another out_dir or "
+                             "delete the checkpoints to start over")
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_sched.load_state_dict(state["lr_scheduler"])
+        objective.load_state_dict(state["objective"])
+        start = state["step"]
+    ema.to(device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    from .data import heldout_batch, training_batches
+    batches = training_batches(cfg, micro_bs, cfg.seed)
+    if hasattr(batches, "images") and device.type == "cuda":   # small in-memory sets live on the GPU
+        batches.images, batches.labels = batches.images.to(device), batches.labels.to(device)
+    heldout = None
+    if cfg.heldout_every:
+        hx, hy = heldout_batch(cfg, cfg.heldout_size)
+        heldout = (hx, torch.full_like(hy, cfg.num_classes) if cfg.num_classes else None)
+
+    log_path = out / "loss.csv"
+    fields = ["step", "loss", "eps_mse", "consistency", "lr", "images_per_s", "heldout_loss"]
+    rows = []
+    if log_path.exists() and start > 0:
+        with open(log_path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
+    if accelerator.is_main_process:
+        with open(log_path, "w", newline="") as f:
+            w_ = csv.DictWriter(f, fieldnames=fields)
+            w_.writeheader()
+            w_.writerows(rows)
+
+    def save_checkpoint(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        state = {"step": step, "config": json.loads(cfg.to_json()),
+                 "model": accelerator.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
+                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+                 "objective": objective.state_dict()}
+        _atomic_save(state, ckpt_dir / f"step_{step:07d}.pt")
+        for old in sorted(ckpt_dir.glob("step_*.pt"))[:-2]:
+            old.unlink()
+
+    # -- loop ------------------------------------------------------------------------------------------------
+    end = steps if max_steps is None else min(steps, max_steps)
+    acc = torch.zeros(3, device=device)   # running sums of loss, eps-mse, consistency (no per-step sync)
+    n_acc, t_last, started = 0, time.time(), time.time()
+    bar = tqdm(range(start, end), initial=start, total=steps, disable=not (progress and accelerator.is_main_process),
+               desc=f"{cfg.profile}/{cfg.method}" + (f"/range {cfg.range_index}" if cfg.method == "deme" else ""))
+    for step in bar:
+        for micro in range(accum):
+            index = (step * accum + micro) * world + rank       # which batch of data / randomness
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)   # timesteps, label dropout
+            gd = g if device.type == "cpu" else torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + index)
+            x0, labels = batches.batch(index)
+            x0 = x0.to(device, non_blocking=True)
+            t = objective.timesteps(len(x0), g)
+            noise = torch.randn(x0.shape, generator=gd, device=device)
+            y = drop_labels(labels.cpu(), cfg.num_classes, cfg.label_dropout, g)
+            kw = {"class_labels": y.to(device)} if y is not None else {}
+            t = t.to(device)
+            with accelerator.accumulate(model):
+                xt = sched.add_noise(x0, noise, t)
+                with accelerator.autocast():
+                    eps = model(xt, t, **kw).sample
+                    if teacher is not None:
+                        with torch.no_grad():
+                            eps_teacher = teacher(xt, t, **kw).sample
+                eps_mse = per_sample_mse(eps, noise)
+                loss = objective.combine(eps_mse, t, step, params)
+                cons = torch.zeros((), device=device)
+                if teacher is not None:
+                    cons = consistency_loss(eps, eps_teacher).mean()
+                    loss = loss + cfg.consistency_weight * cons
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            acc += torch.stack([loss.detach(), eps_mse.detach().mean(), cons.detach()]) / accum
+        lr_sched.step()
+        ema.step(accelerator.unwrap_model(model).parameters())
+        n_acc += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end:
+            vals = (acc / n_acc).tolist()   # the one host sync per log interval
+            if not all(math.isfinite(v) for v in vals):
+                kept = _latest_checkpoint(ckpt_dir)
+                raise NonFiniteLossError(
+                    f"non-finite loss ({vals[0]}) between steps {done - n_acc} and {done}; the last good "
+                    f"checkpoint is kept at {kept}. Lower the learning rate or use mixed_precision='no'.")
+            now = time.time()
+            row = {"step": done, "loss": vals[0], "eps_mse": vals[1], "consistency": vals[2],
+                   "lr": lr_sched.get_last_lr()[0],
+                   "images_per_s": n_acc * accum * micro_bs * world / max(now - t_last, 1e-9), "heldout_loss": ""}
+            if heldout is not None and (done % cfg.heldout_every == 0 or done == steps):
+                with torch.no_grad():
+                    plain = accelerator.unwrap_model(model)
+                    ema.store(plain.parameters())
+                    ema.copy_to(plain.parameters())
+                    row["heldout_loss"] = heldout_loss(plain, cfg, *heldout)["loss"]
+                    ema.restore(plain.parameters())
+            if accelerator.is_main_process:
+                with open(log_path, "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=fields).writerow(row)
+            bar.set_postfix(loss=f"{vals[0]:.4f}", ips=f"{row['images_per_s']:.0f}")
+            acc.zero_()
+            n_acc, t_last = 0, time.time()
+            if done % cfg.checkpoint_every == 0 or done == end:
+                save_checkpoint(done)
+    bar.close()
+    if end < steps:
+        return out   # interrupted on purpose: resumable
+
+    # -- final model: the EMA weights -----------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        ema.copy_to(final.parameters())
+        final.save_pretrained(out / "model")
+        with open(log_path) as f:
+            last = list(csv.DictReader(f))[-1]
+        manifest = {"config": json.loads(cfg.to_json()), "base": str(base) if cfg.method != "pretrain" else None,
+                    "steps": steps, "images_per_step": micro_bs * accum * world, "seed": cfg.seed,
+                    "final_loss": float(last["loss"]), "wall_time_s_last_session": round(time.time() - started, 1),
+                    "device": device_name(device), "processes": world, "mixed_precision": mp,
+                    "git_commit": git_commit(), "torch": torch.__version__}
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["lr=1e-4", "adam_betas=[0.9,0.99]"]`` -> ``{"lr": 1e-4, "adam_betas": (0.9, 0.99)}``."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            val = json.loads(raw)
+        except json.JSONDecodeError:
+            val = raw
+        out[key.strip()] = tuple(val) if isinstance(val, list) else val
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", default=None, help="profile name (default: $DEME_PROFILE or fmnist)")
+    p.add_argument("--method", default="deme", choices=METHODS)
+    p.add_argument("--range", dest="range_index", type=int, default=None, help="range index 0..N-1 (deme)")
+    p.add_argument("--num-ranges", type=int, default=None)
+    p.add_argument("--p-global", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="steps per range (K); baselines train N*K")
+    p.add_argument("--no-consistency", action="store_true")
+    p.add_argument("--no-projection", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--base", default=None, help="pretrained model folder / hub id (default: the profile's)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<profile>/<method>/...)")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any Config field, VALUE parsed as JSON when it parses (repeatable)")
+    a = p.parse_args(argv)
+    over = {"method": a.method, **parse_overrides(a.set)}
+    for k, v in (("range_index", a.range_index), ("num_ranges", a.num_ranges), ("p_global", a.p_global),
+                 ("steps_per_range", a.steps), ("seed", a.seed)):
+        if v is not None:
+            over[k] = v
+    if a.no_consistency:
+        over["consistency_weight"] = 0.0
+    if a.no_projection:
+        over["projection"] = False
+    cfg = get_profile(a.profile, **over)
+    print(train(cfg, a.out, base=a.base, force=a.force))
+
+
+if __name__ == "__main__":
+    main()
