@@ -16,7 +16,11 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(os.environ.get("DEME_ROOT", Path(__file__).resolve().parents[1]))
+"""The repository root: data/, figures/ and runs/ live here (override with DEME_ROOT)."""
 
 METHODS = ("pretrain", "deme", "standard", "snr+1", "trunc-snr", "min-snr", "p2", "ant-uw", "ant-nash")
 """Training objectives known to :func:`deme.train.train`. All but ``pretrain`` and ``deme`` are the
@@ -168,7 +172,7 @@ PROFILES: dict[str, Config] = {
         lr=5e-5, batch_size=32, grad_accum=2, mixed_precision="bf16",
         num_ranges=4, steps_per_range=300, p_global=0.3, checkpoint_every=100, log_every=25,
         heldout_every=1000, heldout_size=512, num_workers=0,
-        sample_steps=50, num_eval_samples=1000, guidance_scale=2.0,
+        sample_steps=50, num_eval_samples=1000, guidance_scale=1.0,
         merge_grid=(0.0, 0.25, 0.5, 0.75, 1.0),
     ),
     # The paper's settings (PAPER.md §4): pretrained models from the hub, GPU and internet.
@@ -195,6 +199,14 @@ PROFILES: dict[str, Config] = {
 
 def profile_names() -> list[str]:
     return list(PROFILES)
+
+
+def figures_dir(cfg: Config) -> Path:
+    """Where a profile's figures and tables go: figures/ for the embedded default and the paper profiles
+    (committed), runs/<profile>/figures for smoke (tests must not touch the committed figures)."""
+    d = ROOT / "runs" / cfg.profile / "figures" if cfg.profile == "smoke" else ROOT / "figures"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def get_profile(name: str | None = None, **overrides: Any) -> Config:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
-from .config import Config
+from .config import ROOT, Config
 
 
 class ChannelProjection(nn.Module):
@@ -193,14 +193,14 @@ def _weights_help(path_or_id, err) -> str:
               "downloaded (then unset HF_HUB_OFFLINE).")
 
 
-def base_model_path(cfg: Config, root: str | os.PathLike = ".") -> str:
+def base_model_path(cfg: Config) -> str:
     """Where the profile's pretrained base model lives: the hub id for the paper profiles, the committed
-    checkpoint under data/ for the embedded default, runs/<profile>/base for smoke."""
+    checkpoint data/fmnist_base/model for the embedded default, runs/<profile>/base/model otherwise."""
     if cfg.pretrained:
         return cfg.pretrained
     if cfg.profile == "fmnist":
-        return str(Path(root) / "data" / "fmnist_base")
-    return str(Path(root) / "runs" / cfg.profile / "base" / "model")
+        return str(ROOT / "data" / "fmnist_base" / "model")
+    return str(ROOT / "runs" / cfg.profile / "base" / "model")
 
 
 def make_scheduler(cfg: Config, kind: str = "ddpm"):
@@ -217,3 +217,14 @@ def make_scheduler(cfg: Config, kind: str = "ddpm"):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def load_pretrained_pipeline(cfg: Config):
+    """The paper profiles' pretrained pipeline by hub id with diffusers' own ``from_pretrained``
+    (DDPMPipeline for the DDPM profiles, StableDiffusionPipeline for sd14). Offline: a clear error."""
+    from diffusers import DDPMPipeline, StableDiffusionPipeline
+    cls = StableDiffusionPipeline if cfg.dataset == "laion" else DDPMPipeline
+    try:
+        return cls.from_pretrained(cfg.pretrained)
+    except Exception as e:
+        raise WeightsMissingError(_weights_help(cfg.pretrained, e)) from e

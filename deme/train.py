@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, get_profile, METHODS
+from .config import ROOT, Config, get_profile, METHODS
 from .losses import consistency_loss, loss_weight, per_sample_mse, snr
 from .models import base_model_path, build_unet, load_unet, make_scheduler
 from .timesteps import antithetic, sample_timesteps, timestep_ranges
@@ -176,9 +176,9 @@ def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def run_dir(cfg: Config, root: str | os.PathLike = "runs") -> Path:
-    """Where a run writes: runs/<profile>/<method>[/range_<i>] (one folder per independent job)."""
-    d = Path(root) / cfg.profile / ("base" if cfg.method == "pretrain" else cfg.method)
+def run_dir(cfg: Config, root: str | os.PathLike | None = None) -> Path:
+    """Where a run writes: runs/<profile>/<method>[/N<n>/range_<i>] (one folder per independent job)."""
+    d = Path(root or ROOT / "runs") / cfg.profile / ("base" if cfg.method == "pretrain" else cfg.method)
     if cfg.method == "deme":
         d = d / f"N{cfg.num_ranges}" / f"range_{cfg.range_index}"
     return d

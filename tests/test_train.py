@@ -1,0 +1,127 @@
+"""The one training loop: determinism, resume, non-finite loss, DeMe finetuning lowers its loss; profiles; data."""
+
+import json
+
+import pytest
+import torch
+
+import deme.train as train_mod
+from deme.config import PROFILES, get_profile
+from deme.data import DataMissingError, TensorBatches, load_fmnist_raw
+from deme.models import build_unet, load_unet
+from deme.timesteps import timestep_ranges
+from deme.train import NonFiniteLossError, heldout_loss, train
+
+
+def _pretrain_cfg(**kw):
+    return get_profile("smoke", method="pretrain", pretrain_steps=6, checkpoint_every=2, log_every=2,
+                       heldout_every=0, **kw)
+
+
+def _weights(out):
+    return load_unet(out / "model").state_dict()
+
+
+def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
+    cfg = _pretrain_cfg()
+    a = train(cfg, tmp_path / "a", progress=False)
+    b = train(cfg, tmp_path / "b", progress=False)
+    # interrupted after 4 of 6 steps, then resumed from the step-4 checkpoint
+    c = train(cfg, tmp_path / "c", max_steps=4, progress=False)
+    assert not (c / "model").exists() and (c / "checkpoints" / "step_0000004.pt").exists()
+    c = train(cfg, tmp_path / "c", progress=False)
+    wa, wb, wc = _weights(a), _weights(b), _weights(c)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+        assert torch.equal(wa[k], wc[k]), k
+    other = _weights(train(cfg.replace(seed=1), tmp_path / "d", progress=False))
+    assert not torch.equal(wa["conv_in.weight"], other["conv_in.weight"])
+    # the log has one row per logged step, no duplicates after the resume
+    steps = [int(line.split(",")[0]) for line in (c / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [2, 4, 6]
+    m = json.loads((a / "manifest.json").read_text())
+    assert m["steps"] == 6 and m["config"]["seed"] == 0 and m["device"]
+
+
+def test_a_finished_run_is_not_redone_and_another_config_refuses_its_checkpoints(tmp_path):
+    cfg = _pretrain_cfg()
+    out = train(cfg, tmp_path / "r", progress=False)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    train(cfg, out, progress=False)
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    train(cfg, tmp_path / "s", max_steps=2, progress=False)
+    with pytest.raises(ValueError, match="another config"):
+        train(cfg.replace(pretrain_lr=1e-4), tmp_path / "s", progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train_mod.per_sample_mse
+
+    def poisoned(pred, target):
+        calls["n"] += 1
+        out = real(pred, target)
+        return out * float("nan") if calls["n"] > 3 else out     # steps 1-3 fine, NaN from step 4
+
+    monkeypatch.setattr(train_mod, "per_sample_mse", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step_0000002.pt"):
+        train(_pretrain_cfg(), tmp_path / "nan", progress=False)
+    ckpts = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").glob("*.pt"))
+    assert ckpts == ["step_0000002.pt"]
+    state = torch.load(tmp_path / "nan" / "checkpoints" / ckpts[0], weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_deme_finetuning_lowers_the_range_loss(tmp_path):
+    base_cfg = get_profile("smoke", method="pretrain", pretrain_steps=30, checkpoint_every=30, log_every=10,
+                           heldout_every=0)
+    base = train(base_cfg, tmp_path / "base", progress=False) / "model"
+    cfg = get_profile("smoke", method="deme", range_index=0, steps_per_range=40, lr=1e-3, p_global=0.0,
+                      checkpoint_every=40, log_every=10, heldout_every=0)
+    out = train(cfg, tmp_path / "r0", base=str(base), progress=False)
+    from deme.data import heldout_batch
+    x, y = heldout_batch(cfg, 256)
+    before = heldout_loss(load_unet(base), cfg, x, y)
+    after = heldout_loss(load_unet(out / "model"), cfg, x, y)
+    assert after["range_0"] < before["range_0"]
+    log = (out / "loss.csv").read_text().splitlines()
+    first_consistency = float(log[1].split(",")[3])
+    assert first_consistency > 0     # the student moved away from the teacher during the first steps
+
+
+def test_unknown_profile_lists_the_valid_names():
+    with pytest.raises(ValueError) as e:
+        get_profile("imagenet")
+    for name in PROFILES:
+        assert name in str(e.value)
+
+
+def test_paper_profiles_carry_the_paper_recipe():
+    for name in ("cifar10", "church", "bedroom"):
+        c = PROFILES[name]
+        assert (c.lr, c.adam_betas, c.weight_decay, c.adam_eps) == (5e-5, (0.95, 0.999), 1e-6, 1e-8)
+        assert (c.batch_size, c.grad_accum, c.max_grad_norm, c.ema_max_decay) == (16, 4, 1.0, 0.9999)
+        assert (c.num_ranges, c.steps_per_range, c.num_train_timesteps) == (4, 20_000, 1000)
+    assert PROFILES["church"].pretrained == "google/ddpm-ema-church-256"
+    assert PROFILES["sd14"].pretrained == "CompVis/stable-diffusion-v1-4"
+
+
+def test_tensor_batches_are_a_function_of_the_step():
+    x, y = torch.arange(100.0).reshape(100, 1, 1, 1), torch.arange(100)
+    a, b = TensorBatches(x, y, 8, seed=3), TensorBatches(x, y, 8, seed=3)
+    seq = [a.batch(i)[1] for i in range(30)]
+    assert torch.equal(b.batch(17)[1], seq[17])               # random access = sequential access
+    epoch0 = torch.cat(seq[:12])
+    assert len(epoch0.unique()) == 96                          # no repeats within an epoch
+
+
+def test_fmnist_loader_and_a_clear_error_when_missing(monkeypatch, tmp_path):
+    import deme.data as data
+    try:
+        images, labels = load_fmnist_raw("test")
+        assert images.shape == (10_000, 28, 28) and labels.min() == 0 and labels.max() == 9
+    except DataMissingError:
+        pytest.skip("Fashion-MNIST files not installed")
+    monkeypatch.setattr(data, "FMNIST_DIRS", (str(tmp_path),))
+    with pytest.raises(DataMissingError, match="dataset-fashion-mnist"):
+        load_fmnist_raw("train")
