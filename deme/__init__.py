@@ -1,0 +1,8 @@
+"""DeMe — Decouple-Then-Merge (CVPR 2025): finetune diffusion models as multi-task learning.
+
+The library behind the numbered notebooks: ``config`` (profiles), ``data``, ``models`` (projected UNets),
+``timesteps`` (ranges, probabilistic sampling), ``losses``, ``mtl`` (ANT baselines), ``train`` (the one
+loop), ``merge``, ``sampling``, ``metrics``, ``stages`` (what the notebooks call), ``cli``.
+"""
+
+__version__ = "0.1.0"

@@ -173,7 +173,7 @@ PROFILES: dict[str, Config] = {
         num_ranges=4, steps_per_range=300, p_global=0.3, checkpoint_every=100, log_every=25,
         heldout_every=1000, heldout_size=512, num_workers=0,
         sample_steps=50, num_eval_samples=1000, guidance_scale=1.0,
-        merge_grid=(0.0, 0.25, 0.5, 0.75, 1.0),
+        merge_grid=(0.0, 0.25, 0.5, 1.0),
     ),
     # The paper's settings (PAPER.md §4): pretrained models from the hub, GPU and internet.
     "cifar10": Config(

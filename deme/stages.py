@@ -70,3 +70,89 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Merge-weight search (notebook 04)
+# ---------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def classifier_features(classifier, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Penultimate-layer features of the project's classifier (its hidden layer, after ReLU)."""
+    classifier.eval()
+    dev = next(classifier.parameters()).device
+    trunk = torch.nn.Sequential(classifier.features, *list(classifier.head)[:-1])
+    return torch.cat([trunk(images[i:i + batch_size].to(dev)).cpu() for i in range(0, len(images), batch_size)])
+
+
+def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = None):
+    """A sample-quality criterion for the merge search (lower is better).
+
+    Profiles with a project classifier (fmnist, smoke): the Fréchet distance between classifier features of
+    ``n`` unconditional DDIM samples and of ``n`` real test images ("classifier FD" — cheap, and it scores
+    samples, unlike the held-out loss). Other profiles: Inception FID against the training set statistics.
+    Returns ``score(model) -> float`` and the criterion's name.
+    """
+    from .data import heldout_batch
+    from .metrics import fid_from_features
+    from .sampling import ddim_sample
+    if cfg.dataset in ("fmnist", "digits"):
+        from .metrics import ensure_classifier
+        clf = ensure_classifier(cfg)
+        real, _ = heldout_batch(cfg, n, seed=4321)
+        real_f = classifier_features(clf, real).double().numpy()
+
+        def score(model) -> float:
+            fake = ddim_sample(model, cfg, n, seed=seed, steps=steps)
+            return fid_from_features(classifier_features(clf, fake).double().numpy(), real_f)
+        return score, f"classifier FD ({n} samples, DDIM-{steps or cfg.sample_steps})"
+    from .metrics import compute_fid_kid, reference_statistics
+    ref = reference_statistics(cfg, "train")
+
+    def score(model) -> float:
+        return compute_fid_kid(ddim_sample(model, cfg, n, seed=seed, steps=steps), ref)["fid"]
+    return score, f"Inception FID ({n} samples, DDIM-{steps or cfg.sample_steps})"
+
+
+def search_merge_weights(cfg: Config, top_k: int = 4, quality_samples: int = 1000, quality_steps: int | None = None,
+                         heldout_size: int = 256, progress: bool = True):
+    """Notebook 04's search. Stage 1: every weighting of the grid ``cfg.merge_grid``^N scored by the
+    held-out diffusion loss (cheap). Stage 2: the ``top_k`` of stage 1, uniform averaging and the base
+    re-scored by sample quality (:func:`sample_quality_fn`); the best of stage 2 is chosen.
+
+    Returns (grid table, stage-2 table, chosen weights, merged state dict, base, experts).
+    """
+    import pandas as pd
+    from .data import heldout_batch
+    from .merge import grid_search, merged_model, task_arithmetic, weight_grid
+    base = load_base(cfg, projection=cfg.projection)
+    experts = load_experts(cfg)
+    base_sd, expert_sds = base.state_dict(), [e.state_dict() for e in experts]
+    template = merged_model(experts[0], expert_sds[0])
+    x, y = heldout_batch(cfg, heldout_size)
+    y = torch.full_like(y, cfg.num_classes) if cfg.num_classes else None
+
+    def model_for(w):
+        template.load_state_dict(task_arithmetic(base_sd, expert_sds, w))
+        return template
+
+    def loss_of(w):
+        return heldout_loss(model_for(w), cfg, x, y)["loss"]
+
+    ranked = grid_search(weight_grid(cfg.num_ranges, cfg.merge_grid), loss_of, progress=progress)
+    grid = pd.DataFrame([{**{f"w{i}": wi for i, wi in enumerate(w)}, "heldout_loss": s} for w, s in ranked])
+    uniform = tuple([1.0 / cfg.num_ranges] * cfg.num_ranges)
+    candidates = [w for w, _ in ranked[:top_k]]
+    candidates = [w for w in candidates if any(w)]          # the base is a reference, not a merge
+    if uniform not in candidates:
+        candidates.append(uniform)
+    quality, name = sample_quality_fn(cfg, quality_samples, steps=quality_steps)
+    rows = []
+    for w in candidates + [tuple([0.0] * cfg.num_ranges)]:
+        rows.append({"weights": tuple(round(v, 4) for v in w), "heldout_loss": loss_of(w),
+                     name: quality(model_for(w)),
+                     "kind": "uniform" if w == uniform else "base (reference)" if not any(w) else "grid top-k"})
+    stage2 = pd.DataFrame(rows).sort_values(name).reset_index(drop=True)
+    chosen = stage2[stage2.kind != "base (reference)"].iloc[0]
+    best = candidates[[r["weights"] for r in rows].index(chosen["weights"])]
+    return grid, stage2, best, task_arithmetic(base_sd, expert_sds, best), base, experts

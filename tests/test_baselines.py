@@ -263,8 +263,20 @@ def tiny_base(tmp_path_factory):
     from deme.models import build_unet
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("base") / "model"
-    build_unet(get_profile("smoke")).save_pretrained(path)
+    tiny = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=4)
+    build_unet(get_profile("smoke", unet=tiny)).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny runs are overhead-bound: one thread avoids oversubscribing a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _final_checkpoint(out):
@@ -273,11 +285,11 @@ def _final_checkpoint(out):
 
 
 @pytest.mark.parametrize("method", ["ant-uw", "ant-nash"])
-def test_ant_training_and_resume(method, tiny_base, tmp_path):
+def test_ant_training_and_resume(method, tiny_base, tmp_path, one_thread):
     from deme.train import train
     # 4 optimizer steps (N=2 ranges × K=2), Nash refreshed at steps 0 and 3: step 2 of the resumed run uses the
     # α restored from the step-2 checkpoint.
-    cfg = get_profile("smoke", method=method, steps_per_range=2, nash_every=3, batch_size=10, heldout_every=0)
+    cfg = get_profile("smoke", method=method, steps_per_range=2, nash_every=3, batch_size=5, heldout_every=0)
     full = train(cfg, tmp_path / "full", base=tiny_base, progress=False)
     assert (full / "manifest.json").exists() and (full / "model" / "config.json").exists()
     ref = _final_checkpoint(full)

