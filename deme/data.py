@@ -197,8 +197,13 @@ def _hf_image_dataset(name: str, size: int):
 LSUN_HF_IDS = {"lsun-church": "tglcourse/lsun_church_train", "lsun-bedroom": "pcuenq/lsun-bedrooms"}
 
 
-def training_batches(cfg: Config, batch_size: int, seed: int):
-    """The training batches of ``cfg.dataset``: an object with ``batch(step) -> (images, labels)``."""
+def training_batches(cfg: Config, batch_size: int, seed: int, device=None):
+    """The training batches of ``cfg.dataset``: an object whose ``batch(index)`` returns ``(x0, cond)`` —
+    images in [−1, 1] and class labels (−1: none), or, for latent text-to-image models, latents and a dict
+    of model keyword arguments (``encoder_hidden_states``) built by :mod:`deme.sd` on ``device``."""
+    if cfg.dataset in ("laion", "imagefolder"):
+        from .sd import text_image_batches
+        return text_image_batches(cfg, batch_size, seed, device=device)
     if cfg.dataset in ("fmnist", "digits"):
         images, labels = load_tensor_dataset(cfg, "train")
         return TensorBatches(images, labels, batch_size, seed)

@@ -405,7 +405,7 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-CLASSIFIER_EPOCHS = {"fmnist": 6, "digits": 40}
+CLASSIFIER_EPOCHS = {"fmnist": 6, "digits": 20}
 
 
 def classifier_path(cfg: Config) -> Path:

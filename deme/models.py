@@ -108,7 +108,10 @@ def with_projections(unet: nn.Module) -> nn.Module:
     new = _PROJECTED[base].from_config(unet.config)
     missing, unexpected = new.load_state_dict(unet.state_dict(), strict=False)
     assert not unexpected and all(k.endswith("channel_projection.weight") for k in missing), (missing, unexpected)
-    return new.to(device=next(unet.parameters()).device, dtype=next(unet.parameters()).dtype)
+    ref = next(unet.parameters())
+    if (ref.device, ref.dtype) != (torch.device("cpu"), torch.float32):
+        new = new.to(device=ref.device, dtype=ref.dtype)
+    return new
 
 
 def without_projections(unet: nn.Module) -> nn.Module:

@@ -239,7 +239,7 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     model.train()
     sched = make_scheduler(cfg)
     alphas_cumprod = sched.alphas_cumprod.to(device)
-    objective = make_objective(cfg, sched.alphas_cumprod)
+    objective = make_objective(cfg, alphas_cumprod)
     ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
                    power=cfg.ema_power, foreach=True, model_cls=type(model), model_config=model.config)
 
@@ -271,7 +271,7 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     model, optimizer = accelerator.prepare(model, optimizer)
 
     from .data import heldout_batch, training_batches
-    batches = training_batches(cfg, micro_bs, cfg.seed)
+    batches = training_batches(cfg, micro_bs, cfg.seed, device=device)
     if hasattr(batches, "images") and device.type == "cuda":   # small in-memory sets live on the GPU
         batches.images, batches.labels = batches.images.to(device), batches.labels.to(device)
     heldout = None
@@ -313,12 +313,15 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
             index = (step * accum + micro) * world + rank       # which batch of data / randomness
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)   # timesteps, label dropout
             gd = g if device.type == "cpu" else torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + index)
-            x0, labels = batches.batch(index)
+            x0, cond = batches.batch(index)
             x0 = x0.to(device, non_blocking=True)
             t = objective.timesteps(len(x0), g)
             noise = torch.randn(x0.shape, generator=gd, device=device)
-            y = drop_labels(labels.cpu(), cfg.num_classes, cfg.label_dropout, g)
-            kw = {"class_labels": y.to(device)} if y is not None else {}
+            if isinstance(cond, dict):   # model kwargs prepared by the data source (e.g. text embeddings, SD)
+                kw = {k: v.to(device, non_blocking=True) for k, v in cond.items()}
+            else:                        # class labels (or -1 = unlabelled), dropped to the null token
+                y = drop_labels(cond.cpu(), cfg.num_classes, cfg.label_dropout, g)
+                kw = {"class_labels": y.to(device)} if y is not None else {}
             t = t.to(device)
             with accelerator.accumulate(model):
                 xt = sched.add_noise(x0, noise, t)

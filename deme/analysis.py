@@ -1,0 +1,560 @@
+"""Analyses of the paper's motivation and diagnostics (PAPER.md §1): gradient conflict between timesteps
+(Fig. 1a), activation change under finetuning (Fig. 2), loss landscapes per timestep range (Fig. 4), the loss
+on the plane of two task vectors (Fig. 6a) and per-layer task-vector statistics (Fig. 6b).
+
+Every loss here is the diffusion ε-MSE on a FIXED batch: fixed images, fixed noise drawn from ``seed`` exactly
+as :func:`deme.train.heldout_loss` draws it (``torch.randn(images.shape, generator=manual_seed(seed))``, on
+the CPU), and fixed, stratified timesteps — so two evaluations differ only through the weights, and a value at
+the origin of a landscape equals the model's own loss on the same batch and noise.
+
+Gradient conflict, the method (the paper does not give its procedure; this is ours)
+    For each timestep ``t_k`` of a grid (``K`` bin centres over [0, T)), every image of the batch is noised
+    to ``t_k`` with the same fixed noise, and ``g_k = ∇_θ mean_j ‖ε_j − ε_θ(x_{t_k,j}, t_k)‖²`` is taken with
+    respect to ALL floating-point parameters of the UNet, flattened into one vector. The heat map is the
+    matrix of cosines ``cos(g_k, g_l)``. Without ``projection_dim`` the K full gradients are kept (K·P floats:
+    fine for small models). With ``projection_dim = d`` each gradient is projected as it is computed onto a
+    fixed random Gaussian subspace, ``ĝ = R g / √d`` with ``R ∈ R^{d×P}`` of i.i.d. N(0, 1) entries, and the
+    cosines are taken between the ``ĝ``. ``R`` is never materialised: its columns for parameter tensor ``j``
+    are regenerated, chunk by chunk, from a generator seeded by ``(seed, j)``, so every gradient meets the
+    same ``R`` and memory stays at one gradient plus a d×chunk block. By Johnson–Lindenstrauss the projected
+    inner products concentrate: for unit vectors the cosine error has standard deviation about
+    ``(1 − cos²)/√d`` (≈ 0.03 at d = 1024), so d of a few thousand suffices for a heat map.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Config
+from .losses import per_sample_mse
+from .models import make_scheduler
+from .timesteps import timestep_ranges
+
+TensorDict = dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fixed batches, fixed noise, stratified timesteps
+# ---------------------------------------------------------------------------------------------------------
+
+def fixed_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
+    """The fixed noise of an analysis batch: float32 N(0, 1) on the CPU from ``seed`` (as
+    :func:`deme.train.heldout_loss` draws it)."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+def stratified_timesteps(n: int, t_range: tuple[int, int]) -> torch.Tensor:
+    """``n`` timesteps spread evenly over ``[lo, hi)``: image j gets ``lo + ⌊(j + ½)(hi − lo)/n⌋``.
+
+    For ``(0, T)`` these are exactly the timesteps of :func:`deme.train.heldout_loss`."""
+    lo, hi = int(t_range[0]), int(t_range[1])
+    if not 0 <= lo < hi:
+        raise ValueError(f"t_range must be (lo, hi) with 0 <= lo < hi, got {t_range}")
+    return (lo + ((torch.arange(n) + 0.5) * (hi - lo) / n).long()).clamp(max=hi - 1)
+
+
+def timestep_grid(num_train_timesteps: int, k: int) -> np.ndarray:
+    """``k`` timesteps at the centres of ``k`` equal bins of [0, T): ``⌊(i + ½)·T/k⌋``, i = 0..k−1."""
+    if not 1 <= k <= num_train_timesteps:
+        raise ValueError(f"the grid needs 1 <= k <= T={num_train_timesteps} timesteps, got {k}")
+    return ((np.arange(k) + 0.5) * num_train_timesteps / k).astype(np.int64)
+
+
+def model_labels(cfg: Config, labels: torch.Tensor, conditional: bool = False) -> torch.Tensor | None:
+    """The ``class_labels`` to feed a model of ``cfg`` for a batch with ``labels``: None for unconditional
+    profiles; the labels themselves when ``conditional``; otherwise the null token ``num_classes`` for every
+    image (the unconditional loss, as for the paper's unconditional DDPMs)."""
+    if not cfg.num_classes:
+        return None
+    if conditional:
+        return labels.long()
+    return torch.full((len(labels),), cfg.num_classes, dtype=torch.long)
+
+
+def analysis_batch(cfg: Config, n: int, seed: int = 0, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed batch of ``n`` real images and their labels (training split by default: the training loss is
+    what the analyses probe). In-memory datasets are subsampled with a seeded permutation; the others take
+    the first batch of the seeded training stream."""
+    from .data import load_tensor_dataset, training_batches
+    if cfg.dataset in ("fmnist", "digits"):
+        images, labels = load_tensor_dataset(cfg, split)
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+        return images[idx], labels[idx]
+    x, cond = training_batches(cfg, n, seed).batch(0)
+    return x, cond if isinstance(cond, torch.Tensor) else torch.full((len(x),), -1)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _forward(model: nn.Module, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    kw = {"class_labels": labels} if labels is not None else {}
+    return model(xt, t, **kw).sample
+
+
+def eps_loss(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
+             t: torch.Tensor, noise: torch.Tensor, batch_size: int = 256) -> float:
+    """Mean ε-MSE of ``model`` on ``images`` noised with ``noise`` at timesteps ``t`` (no gradient)."""
+    sched = make_scheduler(cfg)
+    device = _device(model)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            sl = slice(i, i + batch_size)
+            x0, eps, tt = images[sl].to(device), noise[sl].to(device), t[sl].to(device)
+            xt = sched.add_noise(x0, eps, tt)
+            y = labels[sl].to(device) if labels is not None else None
+            total += per_sample_mse(_forward(model, xt, tt, y), eps).double().sum().item()
+    return total / len(images)
+
+
+def fixed_batch_loss(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
+                     t_range: tuple[int, int] | None = None, seed: int = 0, batch_size: int = 256) -> float:
+    """The diffusion loss on a fixed batch: noise from ``seed``, timesteps stratified inside ``t_range``
+    (default [0, T)). With ``t_range=None`` it equals ``heldout_loss(model, cfg, images, labels, seed)["loss"]``.
+    The model is evaluated in eval mode (and its mode restored)."""
+    t_range = t_range or (0, cfg.num_train_timesteps)
+    was = model.training
+    model.eval()
+    try:
+        return eps_loss(model, cfg, images, labels, stratified_timesteps(len(images), t_range),
+                        fixed_noise(images.shape, seed), batch_size)
+    finally:
+        model.train(was)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradient conflict (Fig. 1a)
+# ---------------------------------------------------------------------------------------------------------
+
+def _projection_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+class GaussianSketch:
+    """``x ↦ R x / √d`` for a fixed ``R ∈ R^{d×P}`` with i.i.d. N(0, 1) entries, applied to a vector given as
+    a sequence of tensors (one per parameter), without ever holding R: the block of R for tensor ``j``,
+    columns ``c..c+chunk``, is regenerated from a generator seeded by ``(seed, j)`` in a fixed order."""
+
+    def __init__(self, dim: int, seed: int = 0, max_block: int = 1 << 22):
+        if dim < 1:
+            raise ValueError(f"projection_dim must be positive, got {dim}")
+        self.dim, self.seed, self.max_block = int(dim), int(seed), int(max_block)
+
+    def __call__(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        d = self.dim
+        chunk = max(1, self.max_block // d)
+        out = None
+        for j, x in enumerate(tensors):
+            flat = x.detach().reshape(-1).float()
+            dev = flat.device
+            out = torch.zeros(d, dtype=torch.float64, device=dev) if out is None else out
+            g = torch.Generator(device=dev).manual_seed(_projection_seed(self.seed, j))
+            for c in range(0, flat.numel(), chunk):
+                part = flat[c:c + chunk]
+                block = torch.randn(d, part.numel(), generator=g, device=dev)
+                out += (block @ part).double()
+        return (out / d ** 0.5).cpu()
+
+
+def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
+                        timesteps: Sequence[int] | np.ndarray | int, seed: int = 0,
+                        projection_dim: int | None = None, micro_batch: int = 256,
+                        progress: bool = False) -> tuple[np.ndarray, dict]:
+    """Cosine similarity between the loss gradients at different timesteps (paper Fig. 1a).
+
+    For every ``t`` in ``timesteps`` (an int ``k`` means :func:`timestep_grid` with k points), the gradient
+    of the mean ε-MSE of all ``images`` noised to ``t`` with the same fixed noise (seed ``seed``) is taken
+    w.r.t. all floating-point parameters of ``model`` (eval mode; parameters frozen by the caller are
+    included and restored afterwards). ``labels`` are fed as ``class_labels`` when not None (see
+    :func:`model_labels`). With ``projection_dim`` the gradients are sketched by :class:`GaussianSketch`
+    (Johnson–Lindenstrauss; see the module docstring), else the full K×P matrix is kept.
+
+    Returns ``(sim, info)``: ``sim`` a symmetric (K, K) float64 array with unit diagonal; ``info`` holds
+    ``timesteps``, ``loss`` (per t), ``grad_norm`` (exact, per t), ``num_parameters``, ``projection_dim``,
+    ``batch``, ``seconds`` and ``method``.
+    """
+    from tqdm.auto import tqdm
+    ts = timestep_grid(cfg.num_train_timesteps, timesteps) if isinstance(timesteps, (int, np.integer)) \
+        else np.asarray(timesteps, dtype=np.int64)
+    if len(ts) < 2:
+        raise ValueError("gradient_similarity needs at least two timesteps")
+    sched = make_scheduler(cfg)
+    device = _device(model)
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
+    was = model.training
+    noise = fixed_noise(images.shape, seed)
+    sketch = GaussianSketch(projection_dim, seed) if projection_dim else None
+    n = len(images)
+    rows, losses, norms = [], [], []
+    started = time.time()
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for t in tqdm(ts, disable=not progress, desc="gradients"):
+            for p in params:
+                p.grad = None
+            total = 0.0
+            for i in range(0, n, micro_batch):
+                sl = slice(i, i + micro_batch)
+                x0, eps = images[sl].to(device), noise[sl].to(device)
+                tt = torch.full((len(x0),), int(t), dtype=torch.long, device=device)
+                xt = sched.add_noise(x0, eps, tt)
+                y = labels[sl].to(device) if labels is not None else None
+                loss = per_sample_mse(_forward(model, xt, tt, y), eps).sum() / n   # mean over the whole batch
+                loss.backward()
+                total += loss.item()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            norms.append(float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).item()))
+            losses.append(total)
+            if sketch is not None:
+                rows.append(sketch(grads))
+            else:
+                rows.append(torch.cat([g.detach().reshape(-1).float().cpu() for g in grads]))
+    finally:
+        for p, f in zip(params, flags):
+            p.grad = None
+            p.requires_grad_(f)
+        model.train(was)
+    G = torch.stack(rows).double()
+    unit = G / G.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    sim = (unit @ unit.T).numpy()
+    sim = (sim + sim.T) / 2           # exactly symmetric
+    np.fill_diagonal(sim, 1.0)
+    sim = np.clip(sim, -1.0, 1.0)
+    info = {"timesteps": ts, "loss": np.array(losses), "grad_norm": np.array(norms),
+            "num_parameters": sum(p.numel() for p in params), "projection_dim": projection_dim, "batch": n,
+            "seconds": time.time() - started,
+            "method": ("cosine of full gradients" if sketch is None else
+                       f"cosine of Gaussian sketches, d={projection_dim} (Johnson–Lindenstrauss)")}
+    return sim, info
+
+
+def upper_pairs(sim: np.ndarray, timesteps: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The off-diagonal pairs i < j of a similarity matrix: ``(values, t_i, t_j)``."""
+    i, j = np.triu_indices(len(sim), k=1)
+    ts = np.asarray(timesteps)
+    return sim[i, j], ts[i], ts[j]
+
+
+def similarity_summary(sim: np.ndarray, timesteps: Sequence[int], num_train_timesteps: int = 1000,
+                       early_fraction: float = 0.25, distant_fraction: float = 0.5) -> dict:
+    """Numbers and distributions behind Fig. 1a, over the pairs i < j of the grid.
+
+    - ``adjacent_mean``: mean similarity of neighbouring grid points (|i − j| = 1);
+    - ``distant_mean``: mean over pairs at least ``distant_fraction``·T apart;
+    - ``negative_fraction``: share of pairs with a negative cosine; ``min``: the lowest cosine;
+    - ``all_pairs`` / ``early_pairs``: the values over all pairs and over pairs with both timesteps inside
+      [0, ``early_fraction``·T) — the two histograms of Fig. 1a (right), with their means.
+    """
+    values, ti, tj = upper_pairs(sim, timesteps)
+    gi, gj = np.triu_indices(len(sim), k=1)
+    T = num_train_timesteps
+    early = (ti < early_fraction * T) & (tj < early_fraction * T)
+    distant = np.abs(ti - tj) >= distant_fraction * T
+    adjacent = (gj - gi) == 1
+
+    def mean(m):
+        return float(values[m].mean()) if m.any() else float("nan")
+    return {"adjacent_mean": mean(adjacent), "distant_mean": mean(distant),
+            "negative_fraction": float((values < 0).mean()), "min": float(values.min()),
+            "all_pairs_mean": float(values.mean()), "early_pairs_mean": mean(early),
+            "all_pairs": values, "early_pairs": values[early],
+            "early_range": (0, int(early_fraction * T)), "distant_gap": int(distant_fraction * T)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Activation change under finetuning (Fig. 2)
+# ---------------------------------------------------------------------------------------------------------
+
+def unet_blocks(model: nn.Module) -> dict[str, nn.Module]:
+    """The down blocks, the mid block and the up blocks of a diffusers UNet, by name."""
+    out = {f"down_blocks.{i}": b for i, b in enumerate(model.down_blocks)}
+    if getattr(model, "mid_block", None) is not None:
+        out["mid_block"] = model.mid_block
+    out.update({f"up_blocks.{i}": b for i, b in enumerate(model.up_blocks)})
+    return out
+
+
+def block_activations(model: nn.Module, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                      blocks: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Main-path outputs of the UNet's blocks for one forward pass (CPU float32).
+
+    Down blocks return ``(hidden, skips)``: only ``hidden`` is kept. Hooks are registered after the model's
+    own, so a projected model's activations are taken after its channel projection (what the next block
+    sees)."""
+    mods = unet_blocks(model)
+    names = list(blocks) if blocks is not None else list(mods)
+    acts: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def hook(module, args, output, name=name):
+            main = output[0] if isinstance(output, tuple) else output
+            acts[name] = main.detach().float().cpu()
+        handles.append(mods[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            _forward(model, xt, t, labels)
+    finally:
+        for h in handles:
+            h.remove()
+    return acts
+
+
+def activation_changes(base: nn.Module, finetuned: nn.Module, cfg: Config, images: torch.Tensor,
+                       labels: torch.Tensor | None, t: int | torch.Tensor, seed: int = 0,
+                       blocks: Sequence[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """How finetuning changed each block's activations (paper Fig. 2).
+
+    Both models see the same ``x_t`` (fixed noise from ``seed``; ``t`` an int or one timestep per image).
+    For every block, ``D = A_finetuned − A_base`` of shape (B, C, H, W) and ``|D|`` is reduced two ways:
+
+    - ``per_position``: mean over channels → one value per (image, h, w): B·H·W values;
+    - ``per_channel``: mean over space → one value per (image, channel): B·C values.
+
+    If finetuning acts channel by channel (the paper's claim, which motivates the channel-wise projection),
+    the per-channel values spread widely (some channels move a lot, others not) while the per-position values
+    are comparatively uniform; :func:`activation_change_summary` gives their coefficients of variation.
+    """
+    sched = make_scheduler(cfg)
+    noise = fixed_noise(images.shape, seed)
+    tt = torch.full((len(images),), int(t), dtype=torch.long) if not torch.is_tensor(t) or t.ndim == 0 \
+        else t.long()
+    xt = sched.add_noise(images, noise, tt)
+    acts = []
+    for m in (base, finetuned):
+        was = m.training
+        m.eval()
+        dev = _device(m)
+        try:
+            acts.append(block_activations(m, xt.to(dev), tt.to(dev),
+                                          labels.to(dev) if labels is not None else None, blocks))
+        finally:
+            m.train(was)
+    out = {}
+    for name, a_base in acts[0].items():
+        d = (acts[1][name] - a_base).abs()
+        out[name] = {"per_position": d.mean(dim=1).reshape(-1).numpy(),
+                     "per_channel": d.mean(dim=(2, 3)).reshape(-1).numpy(),
+                     "shape": tuple(d.shape)}
+    return out
+
+
+def activation_change_summary(changes: Mapping[str, Mapping[str, np.ndarray]]):
+    """One row per block: mean and coefficient of variation (std/mean) of the per-position and per-channel
+    change, and ``cv_ratio`` = CV(per channel) / CV(per position) (> 1: the change is more channel-wise)."""
+    import pandas as pd
+    rows = []
+    for name, c in changes.items():
+        pos, ch = np.asarray(c["per_position"]), np.asarray(c["per_channel"])
+        cv_pos = float(pos.std() / max(pos.mean(), 1e-30))
+        cv_ch = float(ch.std() / max(ch.mean(), 1e-30))
+        rows.append({"block": name, "mean_per_position": float(pos.mean()), "cv_per_position": cv_pos,
+                     "mean_per_channel": float(ch.mean()), "cv_per_channel": cv_ch,
+                     "cv_ratio": cv_ch / max(cv_pos, 1e-30)})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss landscapes (Fig. 4) and the task-vector plane (Fig. 6a)
+# ---------------------------------------------------------------------------------------------------------
+
+def filter_normalized_direction(model: nn.Module, seed: int = 0, one_dim: str = "zero") -> TensorDict:
+    """A random direction in weight space, filter-normalised (Li et al., NeurIPS 2018).
+
+    For every floating-point parameter with two or more dimensions (conv kernels (out, in, kh, kw), linear
+    and embedding matrices, channel projections), a Gaussian tensor of the same shape is drawn and each
+    filter — each slice along dim 0 — is rescaled to the Frobenius norm of the same filter of the weight:
+    ``d_f ← d_f/‖d_f‖·‖θ_f‖``. One-dimensional parameters (biases, GroupNorm/LayerNorm scales and shifts):
+    ``one_dim="zero"`` sets their direction to 0 (Li et al.'s "ignore biasbn", default), ``"weight"`` copies
+    the weight itself (d = θ). Keys are ``named_parameters()`` names; tensors live on the CPU in float32.
+    """
+    if one_dim not in ("zero", "weight"):
+        raise ValueError(f"one_dim must be 'zero' or 'weight', got {one_dim!r}")
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue
+        w = p.detach().float().cpu()
+        if w.dim() <= 1:
+            out[name] = torch.zeros_like(w) if one_dim == "zero" else w.clone()
+            continue
+        d = torch.randn(w.shape, generator=g)
+        dn = d.reshape(len(d), -1).norm(dim=1).clamp_min(1e-12)
+        wn = w.reshape(len(w), -1).norm(dim=1)
+        out[name] = d * (wn / dn).reshape(-1, *([1] * (d.dim() - 1)))
+    return out
+
+
+class _Perturbed:
+    """Context manager: set ``θ + Σ_k c_k d_k`` into a model's parameters (float64 sum, cast back), restore θ."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.params = dict(model.named_parameters())
+        self.orig = {k: p.detach().clone() for k, p in self.params.items()}
+
+    def set(self, coeffs: Sequence[float], directions: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                acc = self.orig[k].double()
+                for c, d in zip(coeffs, directions):
+                    if c and k in d:
+                        acc = acc + float(c) * d[k].to(p.device).double()
+                p.copy_(acc.to(p.dtype))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.orig[k])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.restore()
+
+
+def _coords(coords) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(coords, tuple) and len(coords) == 2 and np.ndim(coords[0]) == 1:
+        return np.asarray(coords[0], float), np.asarray(coords[1], float)
+    c = np.asarray(coords, float)
+    return c, c
+
+
+def loss_landscape_2d(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
+                      dir1: Mapping[str, torch.Tensor], dir2: Mapping[str, torch.Tensor], coords,
+                      t_range: tuple[int, int] | None = None, seed: int = 0, batch_size: int = 256,
+                      progress: bool = False) -> np.ndarray:
+    """The diffusion loss on the plane ``θ + α·d1 + β·d2`` (paper Fig. 4; Li et al. 2018).
+
+    ``coords``: one array used for both α and β, or a pair ``(alphas, betas)``. The loss is
+    :func:`fixed_batch_loss` (fixed noise from ``seed``, timesteps stratified inside ``t_range``, default
+    [0, T)), so the value at α = β = 0 equals the model's own loss on the same batch and noise. The model's
+    weights are restored afterwards. Returns an array of shape (len(alphas), len(betas)): ``out[i, j]`` at
+    ``(alphas[i], betas[j])``.
+    """
+    from tqdm.auto import tqdm
+    alphas, betas = _coords(coords)
+    out = np.empty((len(alphas), len(betas)))
+    with _Perturbed(model) as pert:
+        points = [(i, j) for i in range(len(alphas)) for j in range(len(betas))]
+        for i, j in tqdm(points, disable=not progress, desc="landscape"):
+            pert.set((alphas[i], betas[j]), (dir1, dir2))
+            out[i, j] = fixed_batch_loss(model, cfg, images, labels, t_range, seed, batch_size)
+    return out
+
+
+def range_landscapes(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
+                     coords, num_ranges: int | None = None, seed: int = 0, direction_seeds: tuple[int, int] = (1, 2),
+                     batch_size: int = 256, progress: bool = False) -> dict[str, np.ndarray]:
+    """Fig. 4: the landscape of ``model`` over the full range [0, T) and inside each of the N ranges, all on
+    the same two filter-normalised directions. Keys ``"[0, T)"`` and ``"[lo, hi)"``, in that order."""
+    d1 = filter_normalized_direction(model, direction_seeds[0])
+    d2 = filter_normalized_direction(model, direction_seeds[1])
+    T = cfg.num_train_timesteps
+    ranges = [(0, T)] + timestep_ranges(T, num_ranges or cfg.num_ranges)
+    return {f"[{lo}, {hi})": loss_landscape_2d(model, cfg, images, labels, d1, d2, coords, (lo, hi), seed,
+                                               batch_size, progress) for lo, hi in ranges}
+
+
+def _reference_state(base_sd: Mapping[str, torch.Tensor], expert_sd: Mapping[str, torch.Tensor]) -> TensorDict:
+    """The base state dict aligned to an expert's keys: channel projections the base lacks are the identity
+    (the pretrained reference of the merge, τ = W_i − I); any other mismatch is left to the merge checks."""
+    out = dict(base_sd)
+    for k, v in expert_sd.items():
+        if k not in out and k.endswith("channel_projection.weight"):
+            out[k] = torch.eye(v.shape[0], dtype=v.dtype, device=v.device)
+    return out
+
+
+def task_vector_plane_loss(base: nn.Module, expert_a: nn.Module, expert_b: nn.Module, cfg: Config,
+                           images: torch.Tensor, labels: torch.Tensor | None, coords,
+                           t_range: tuple[int, int] | None = None, seed: int = 0, batch_size: int = 256,
+                           progress: bool = False) -> np.ndarray:
+    """Fig. 6a: the training loss at ``θ + a·τ_a + b·τ_b`` over a grid, τ_x = θ_x − θ.
+
+    ``coords``: one array for both a and b, or a pair ``(a_values, b_values)``. Weights are formed by
+    :func:`deme.merge.task_arithmetic` (float64, so (0, 0) is θ and (1, 0) is θ_a bit for bit). The loss is
+    :func:`fixed_batch_loss` (fixed noise, timesteps stratified inside ``t_range``, default [0, T)). A plain
+    base is given identity projections when the experts carry them. Returns shape (len(a), len(b)).
+    Points to mark: θ at (0, 0), θ_a at (1, 0), θ_b at (0, 1), a merge with weights (w_a, w_b) at (w_a, w_b).
+    """
+    from tqdm.auto import tqdm
+    from .merge import task_arithmetic
+    a_vals, b_vals = _coords(coords)
+    sd_a = {k: v.detach().cpu() for k, v in expert_a.state_dict().items()}
+    sd_b = {k: v.detach().cpu() for k, v in expert_b.state_dict().items()}
+    sd_0 = _reference_state({k: v.detach().cpu() for k, v in base.state_dict().items()}, sd_a)
+    template = copy.deepcopy(expert_a)
+    out = np.empty((len(a_vals), len(b_vals)))
+    points = [(i, j) for i in range(len(a_vals)) for j in range(len(b_vals))]
+    for i, j in tqdm(points, disable=not progress, desc="plane"):
+        template.load_state_dict(task_arithmetic(sd_0, [sd_a, sd_b], [float(a_vals[i]), float(b_vals[j])]))
+        out[i, j] = fixed_batch_loss(template, cfg, images, labels, t_range, seed, batch_size)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Task-vector statistics (Fig. 6b)
+# ---------------------------------------------------------------------------------------------------------
+
+def block_group(name: str) -> str:
+    """Group a parameter name by UNet block: ``down_blocks.1.resnets.0.conv1.weight`` → ``down_blocks.1``,
+    ``mid_block.attentions.0...`` → ``mid_block``, ``conv_in.weight`` → ``conv_in``."""
+    parts = name.split(".")
+    if len(parts) > 1 and parts[1].isdigit():
+        return ".".join(parts[:2])
+    return parts[0]
+
+
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+def task_vector_stats(base: nn.Module | Mapping[str, torch.Tensor],
+                      experts: Sequence[nn.Module | Mapping[str, torch.Tensor]],
+                      group: str | Callable[[str], str] = "parameter",
+                      quantiles: Sequence[float] = QUANTILES, range_labels: Sequence[str] | None = None):
+    """Fig. 6b: per-layer statistics of the task vectors τ_i = θ_i − θ, in long format.
+
+    ``group``: ``"parameter"`` (one row per floating-point tensor and range), ``"block"``
+    (:func:`block_group`) or a function of the parameter name. Channel projections the base lacks count from
+    the identity. Columns: ``layer``, ``range`` (index i, 0 = low noise), ``range_label``, ``n``, ``mean``,
+    ``std`` (population), ``abs_mean``, ``abs_max`` and one column ``q<percent>`` per quantile (numpy's
+    linear interpolation; ``q0``/``q100`` are min and max) — enough for box plots drawn from statistics
+    (:func:`deme.plots.plot_task_vector_boxes`).
+    """
+    import pandas as pd
+    from .merge import check_compatible
+    as_sd = lambda m: {k: v.detach().cpu() for k, v in (m.state_dict() if isinstance(m, nn.Module) else m).items()}
+    expert_sds = [as_sd(e) for e in experts]
+    base_sd = _reference_state(as_sd(base), expert_sds[0])
+    check_compatible(base_sd, expert_sds)
+    key = {"parameter": lambda k: k, "block": block_group}.get(group, group) if isinstance(group, str) else group
+    if not callable(key):
+        raise ValueError(f"group must be 'parameter', 'block' or a function, got {group!r}")
+    names = [k for k, v in base_sd.items() if v.is_floating_point()]
+    groups: dict[str, list[str]] = {}
+    for k in names:
+        groups.setdefault(key(k), []).append(k)
+    labels = list(range_labels) if range_labels is not None else [f"range {i}" for i in range(len(experts))]
+    rows = []
+    for i, sd in enumerate(expert_sds):
+        for layer, keys in groups.items():
+            v = np.concatenate([(sd[k].double() - base_sd[k].double()).reshape(-1).numpy() for k in keys])
+            qs = np.quantile(v, quantiles)
+            row = {"layer": layer, "range": i, "range_label": labels[i], "n": v.size, "mean": v.mean(),
+                   "std": v.std(), "abs_mean": np.abs(v).mean(), "abs_max": np.abs(v).max()}
+            row.update({f"q{100 * q:g}": float(x) for q, x in zip(quantiles, qs)})
+            rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,70 @@
+"""The notebooks, executed headlessly with papermill under the smoke profile, in the order `make reproduce` runs
+them; a second run skips every stage; a bad range stops notebook 03 with a clear error."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env(root: Path) -> dict:
+    env = dict(os.environ, DEME_ROOT=str(root), DEME_PROFILE="smoke", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    return env
+
+
+def _run(args, root, **kw):
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(root), capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def smoke_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deme_root")
+    proc = _run(["-m", "deme", "reproduce", "--profile", "smoke", "--no-update-notebooks"], root, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, proc.stdout
+
+
+def test_reproduce_runs_every_notebook_in_order(smoke_root):
+    root, stdout = smoke_root
+    from deme.cli import stages
+    from deme.config import get_profile
+    names = [s[0] for s in stages(get_profile("smoke"))]
+    assert names[:2] == ["02_base_model", "01_gradient_conflict"] or names[0] == "02_base_model"
+    for name in names:
+        assert (root / "runs" / "smoke" / "notebooks" / f"{name}.ipynb").exists(), name
+        rec = json.loads((root / "runs" / "smoke" / "stages" / f"{name}.json").read_text())
+        assert rec["seconds"] > 0
+    # the stages' outputs: ranges, merged model, its weights
+    for i in range(2):
+        assert (root / "runs" / "smoke" / "deme" / "N2" / f"range_{i}" / "model" / "config.json").exists()
+    merged = root / "runs" / "smoke" / "merge" / "N2"
+    assert (merged / "model" / "config.json").exists()
+    w = json.loads((merged / "weights.json").read_text())["weights"]
+    assert len(w) == 2 and any(w)
+    assert (root / "runs" / "smoke" / "figures" / "merge_samples_smoke.png").exists()
+
+
+def test_a_second_reproduce_skips_every_stage(smoke_root):
+    root, _ = smoke_root
+    proc = _run(["-m", "deme", "reproduce", "--profile", "smoke", "--no-update-notebooks"], root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("[")]
+    assert lines and all("skipped" in l for l in lines), proc.stdout
+
+
+def test_papermill_range_out_of_bounds_stops_with_a_clear_error(smoke_root, tmp_path):
+    root, _ = smoke_root
+    proc = _run(["-m", "papermill", str(REPO / "notebooks" / "03_train.ipynb"), str(tmp_path / "out.ipynb"),
+                 "-p", "range", "7", "--cwd", str(REPO / "notebooks")], root, timeout=300)
+    assert proc.returncode != 0
+    assert "range_index=7 is outside 0..1" in proc.stdout + proc.stderr
+
+
+def test_unknown_profile_on_the_command_line(tmp_path):
+    proc = _run(["-m", "deme", "reproduce", "--profile", "nope"], tmp_path, timeout=120)
+    assert proc.returncode != 0 and "valid profiles: smoke, fmnist" in proc.stderr
