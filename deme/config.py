@@ -59,6 +59,7 @@ class Config:
     grad_accum: int = 4                   # optimizer step = grad_accum micro-batches
     mixed_precision: str = "fp16"         # "no" | "fp16" | "bf16"; fp16 becomes bf16 on CPU
     max_grad_norm: float = 1.0
+    compile: bool = False                 # torch.compile the student and teacher (eager fallback on failure)
     ema_max_decay: float = 0.9999         # diffusers EMAModel, warmup with inv_gamma 1, power 3/4
     ema_inv_gamma: float = 1.0
     ema_power: float = 0.75
@@ -87,7 +88,10 @@ class Config:
     num_workers: int = 4
     # -- evaluation -------------------------------------------------------------------------------------------
     sample_steps: int = 50                # DDIM steps, eta = 0
-    num_eval_samples: int = 50_000
+    num_eval_samples: int = 50_000       # samples per candidate in the merge-weight re-scoring
+    fid_samples: int = 50_000            # samples per model and seed in the comparison tables (notebook 05)
+    fid_reference_size: int = 50_000     # real images behind the cached reference statistics
+    eval_seeds: tuple[int, ...] = (0,)   # sampling seeds of the comparison tables (mean ± std over them)
     guidance_scale: float = 1.0           # classifier-free guidance for class-conditional sampling
     merge_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -119,16 +123,32 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def training_identity(self) -> dict[str, Any]:
+        """The fields that determine a training run's weights (JSON-normalised): evaluation, logging and
+        checkpoint-interval settings are left out, so changing them never invalidates finished runs."""
+        d = json.loads(self.to_json())
+        return {k: v for k, v in d.items() if k not in NOT_TRAINING}
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
         d = dict(d)
-        for k in ("adam_betas", "merge_grid"):
+        for k in ("adam_betas", "merge_grid", "eval_seeds"):
             if k in d and isinstance(d[k], list):
                 d[k] = tuple(d[k])
         return cls(**d)
+
+
+NOT_TRAINING = frozenset({
+    "compile", "checkpoint_every", "log_every", "heldout_every", "heldout_size", "num_workers", "sample_steps",
+    "num_eval_samples", "fid_samples", "fid_reference_size", "eval_seeds", "guidance_scale", "merge_grid"})
+
+
+def training_identity(d: dict[str, Any]) -> dict[str, Any]:
+    """:meth:`Config.training_identity` of a stored config dict (e.g. from a checkpoint or manifest)."""
+    return {k: v for k, v in d.items() if k not in NOT_TRAINING}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,6 +183,7 @@ PROFILES: dict[str, Config] = {
         num_ranges=2, steps_per_range=4, p_global=0.3, checkpoint_every=2, log_every=2,
         heldout_every=20, heldout_size=64, num_workers=0,
         sample_steps=5, num_eval_samples=64, guidance_scale=2.0, merge_grid=(0.0, 0.5, 1.0),
+        fid_samples=12, fid_reference_size=100, eval_seeds=(0, 1),
     ),
     # The embedded default: 16x16 Fashion-MNIST, class-conditional, pretrained by notebook 02.
     "fmnist": Config(
@@ -173,7 +194,7 @@ PROFILES: dict[str, Config] = {
         num_ranges=4, steps_per_range=300, p_global=0.3, checkpoint_every=100, log_every=25,
         heldout_every=1000, heldout_size=512, num_workers=0,
         sample_steps=50, num_eval_samples=1000, guidance_scale=1.0,
-        merge_grid=(0.0, 0.25, 0.5, 1.0),
+        merge_grid=(0.0, 0.25, 0.5, 1.0), fid_samples=200, fid_reference_size=10_000, eval_seeds=(0, 1, 2),
     ),
     # The paper's settings (PAPER.md §4): pretrained models from the hub, GPU and internet.
     "cifar10": Config(

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import ROOT, Config, get_profile, METHODS
+from .config import ROOT, Config, get_profile, METHODS, training_identity
 from .losses import consistency_loss, loss_weight, per_sample_mse, snr
 from .models import base_model_path, build_unet, load_unet, make_scheduler
 from .timesteps import antithetic, sample_timesteps, timestep_ranges
@@ -165,6 +165,27 @@ def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor 
     return out
 
 
+def maybe_compile(module, enabled: bool):
+    """``torch.compile(module)`` when ``enabled``, falling back to eager (with a warning) if compilation
+    fails on the first call; the module itself (state dict, EMA, checkpoints) is untouched."""
+    if not enabled:
+        return module
+    compiled = torch.compile(module)
+    state = {"fn": compiled}
+
+    def call(*args, **kwargs):
+        try:
+            return state["fn"](*args, **kwargs)
+        except Exception as e:   # e.g. no C++ compiler / Triton on this machine
+            if state["fn"] is module:
+                raise
+            import warnings
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running eagerly")
+            state["fn"] = module
+            return module(*args, **kwargs)
+    return call
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -213,7 +234,7 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     manifest_path = out / "manifest.json"
     if manifest_path.exists() and not force:
         done = json.loads(manifest_path.read_text())
-        if done.get("config") == json.loads(cfg.to_json()):
+        if training_identity(done.get("config", {})) == cfg.training_identity():
             return out
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +258,10 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
         if cfg.method == "deme" and cfg.consistency_weight > 0:
             teacher = load_unet(base, projection=False).to(device).eval().requires_grad_(False)
     model.train()
+    if device.type == "cuda":   # GPU fast path: NHWC convolutions; the CPU keeps NCHW (faster there)
+        model = model.to(device, memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
     sched = make_scheduler(cfg)
     alphas_cumprod = sched.alphas_cumprod.to(device)
     objective = make_objective(cfg, alphas_cumprod)
@@ -245,7 +270,7 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
 
     params = list(model.parameters()) + list(objective.extra_parameters)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
-                                  eps=cfg.adam_eps)
+                                  eps=cfg.adam_eps, fused=device.type == "cuda" and all(p.is_cuda for p in params))
     if cfg.method == "pretrain" and cfg.pretrain_warmup:
         w = cfg.pretrain_warmup   # linear warmup, then cosine decay to 10% of the peak
         lr_lambda = lambda s: min(1.0, (s + 1) / w) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, s / max(steps, 1))))
@@ -258,7 +283,7 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     latest = _latest_checkpoint(ckpt_dir)
     if latest is not None:
         state = torch.load(latest, map_location="cpu", weights_only=False)
-        if state["config"] != json.loads(cfg.to_json()):
+        if training_identity(state["config"]) != cfg.training_identity():
             raise ValueError(f"{latest} was written by a run with another config; use another out_dir or "
                              "delete the checkpoints to start over")
         model.load_state_dict(state["model"])
@@ -269,6 +294,8 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
         start = state["step"]
     ema.to(device)
     model, optimizer = accelerator.prepare(model, optimizer)
+    student_fwd = maybe_compile(model, cfg.compile)
+    teacher_fwd = maybe_compile(teacher, cfg.compile) if teacher is not None else None
 
     from .data import heldout_batch, training_batches
     batches = training_batches(cfg, micro_bs, cfg.seed, device=device)
@@ -326,10 +353,10 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
             with accelerator.accumulate(model):
                 xt = sched.add_noise(x0, noise, t)
                 with accelerator.autocast():
-                    eps = model(xt, t, **kw).sample
+                    eps = student_fwd(xt, t, **kw).sample
                     if teacher is not None:
                         with torch.no_grad():
-                            eps_teacher = teacher(xt, t, **kw).sample
+                            eps_teacher = teacher_fwd(xt, t, **kw).sample
                 eps_mse = per_sample_mse(eps, noise)
                 loss = objective.combine(eps_mse, t, step, params)
                 cons = torch.zeros((), device=device)

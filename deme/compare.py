@@ -1,0 +1,158 @@
+"""The comparison tables (notebook 05): the base model, the seven equal-budget baselines and DeMe before/after
+merge, sampled with the same seeds and scored with the same metrics.
+
+Table 1 analog — unconditional samples: FID and KID against the training-set reference statistics.
+Table 2 analog — class-conditional samples (class-name "prompts"): FID, KID, the classifier alignment score
+(the embedded default's stand-in for the CLIP score) and the CLIP score (``n/a`` without CLIP weights).
+Each model's metrics per seed are cached as JSON, so an interrupted evaluation resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import ROOT, Config
+
+BASELINE_NAMES = {"standard": "Standard (uniform)", "snr+1": "SNR+1", "trunc-snr": "Trun-SNR",
+                  "min-snr": "Min-SNR-γ", "p2": "P2", "ant-uw": "ANT-UW", "ant-nash": "ANT-NashMTL"}
+
+# The paper's numbers (PAPER.md §6), shown beside ours in separate, labelled tables — never mixed with ours.
+PAPER_TABLE1 = pd.DataFrame({
+    "model": ["Before finetuning", "SNR+1", "Trun-SNR", "Min-SNR-γ", "P2", "ANT-NashMTL", "ANT-UW",
+              "DeMe (before merge)", "DeMe (after merge)"],
+    "CIFAR-10 FID": [4.42, 5.41, 4.49, 5.77, 5.63, 4.24, 4.21, 3.79, 3.51],
+    "LSUN-Church FID": [10.69, 10.80, 10.81, 10.82, 10.77, 10.45, 10.43, 9.57, 7.27],
+    "LSUN-Bedroom FID": [6.46, 6.41, 6.42, 6.41, 6.53, 6.43, 6.48, 5.87, 5.84],
+})
+PAPER_TABLE2 = pd.DataFrame({
+    "model": ["Before finetuning", "SNR+1", "Trun-SNR", "Min-SNR-γ", "P2", "ANT-NashMTL", "ANT-UW",
+              "DeMe (before merge)", "DeMe (after merge)"],
+    "COCO FID": [13.42, 13.92, 13.93, 13.92, 13.23, 13.39, 13.17, 12.78, 13.06],
+    "COCO CLIP": [29.88, 29.96, 29.95, 29.93, 29.93, 29.81, 29.94, 29.85, 30.11],
+    "ImageNet FID": [27.62, 27.56, 27.60, 27.59, 26.92, 27.41, 26.91, 26.36, 27.23],
+    "ImageNet CLIP": [27.07, 27.03, 27.05, 27.02, 26.44, 26.99, 26.78, 26.90, 27.09],
+    "PartiPrompts CLIP": [29.78, 29.86, 29.85, 29.87, 29.50, 29.90, 29.98, 30.02, 29.98],
+})
+
+
+def comparison_models(cfg: Config) -> dict[str, Callable[[], torch.nn.Module]]:
+    """Row name → loader of the model, in the paper's row order. Loading is lazy (one model in memory)."""
+    from .models import load_unet
+    from .sampling import TimestepEnsemble
+    from .stages import load_base, load_experts, merge_dir
+    from .train import run_dir
+
+    def baseline(method):
+        def load():
+            d = run_dir(cfg.replace(method=method)) / "model"
+            if not (d / "config.json").exists():
+                raise FileNotFoundError(f"baseline {method!r} is not trained ({d} missing): run "
+                                        f"`papermill notebooks/03_train.ipynb out.ipynb -p method {method}`")
+            return load_unet(d)
+        return load
+
+    def merged():
+        d = merge_dir(cfg) / "model"
+        if not (d / "config.json").exists():
+            raise FileNotFoundError(f"no merged model at {d}: run notebooks/04_merge.ipynb")
+        return load_unet(d)
+
+    rows = {"Before finetuning": lambda: load_base(cfg, projection=False)}
+    rows.update({name: baseline(m) for m, name in BASELINE_NAMES.items()})
+    rows["DeMe (before merge)"] = lambda: TimestepEnsemble(load_experts(cfg), cfg.num_train_timesteps)
+    rows["DeMe (after merge)"] = merged
+    return rows
+
+
+def evaluate_model(model, cfg: Config, seed: int, n: int, reference, classifier=None, clip=None,
+                   steps: int | None = None) -> dict:
+    """Sample ``n`` unconditional and ``n`` class-conditional images (classes cycled) with ``seed`` and score
+    them: FID/KID of each set against ``reference``; the classifier alignment (%) and the CLIP score of the
+    conditional set. ``clip``: (model, preprocess, tokenizer) or None (→ CLIP score None)."""
+    from .data import class_names
+    from .metrics import alignment_score, clip_score, compute_fid_kid
+    from .sampling import ddim_sample
+    out = {"seed": seed, "n": n}
+    t0 = time.time()
+    uncond = ddim_sample(model, cfg, n, seed=seed, steps=steps)
+    r = compute_fid_kid(uncond, reference, seed=seed)
+    out.update(uncond_fid=r["fid"], uncond_kid=r["kid"])
+    if cfg.num_classes:
+        labels = torch.arange(n) % cfg.num_classes
+        cond = ddim_sample(model, cfg, n, labels=labels, seed=seed + 10_000, steps=steps)
+        r = compute_fid_kid(cond, reference, seed=seed)
+        out.update(cond_fid=r["fid"], cond_kid=r["kid"])
+        if classifier is not None:
+            out["alignment"] = alignment_score(classifier, cond, labels)
+        names = class_names(cfg)
+        out["clip"] = (clip_score(cond, [f"a photo of a {names[int(y)]}" for y in labels], model=clip[0],
+                                  preprocess=clip[1], tokenizer=clip[2]) if clip is not None else None)
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def run_comparison(cfg: Config, seeds, n: int, steps: int | None = None, out_dir: Path | None = None,
+                   progress: bool = True) -> pd.DataFrame:
+    """Evaluate every row of :func:`comparison_models` for every seed (cached per model and seed)."""
+    from tqdm.auto import tqdm
+    from .metrics import ensure_classifier, load_clip, reference_statistics
+    out_dir = out_dir or ROOT / "runs" / cfg.profile / "compare"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reference = reference_statistics(cfg, "train", n=cfg.fid_reference_size)
+    classifier = ensure_classifier(cfg) if cfg.dataset in ("fmnist", "digits") else None
+    clip = load_clip() if cfg.num_classes else None
+    records = []
+    for name, load in tqdm(comparison_models(cfg).items(), disable=not progress, desc="models"):
+        model = None
+        for seed in seeds:
+            key = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("γ", "gamma")
+            path = out_dir / f"{key}_seed{seed}_n{n}_steps{steps or cfg.sample_steps}.json"
+            if path.exists():
+                rec = json.loads(path.read_text())
+            else:
+                model = model or load()
+                rec = evaluate_model(model, cfg, seed, n, reference, classifier, clip, steps)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(rec))
+                tmp.replace(path)
+            records.append({"model": name, **rec})
+        del model
+    return pd.DataFrame(records)
+
+
+def summarize(df: pd.DataFrame, metrics: list[str], baseline_row: str = "Before finetuning") -> pd.DataFrame:
+    """Mean ± std over seeds per model, and the change of the mean against ``baseline_row``."""
+    g = df.groupby("model", sort=False)[metrics]
+    mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
+    table = pd.DataFrame(index=mean.index)
+    for m in metrics:
+        table[m] = mean[m]
+        table[m + " std"] = std[m]
+        table[m + " Δ"] = mean[m] - mean.loc[baseline_row, m]
+    return table
+
+
+def format_table(table: pd.DataFrame, metrics: list[str], digits: dict[str, int] | None = None,
+                 scale: dict[str, float] | None = None) -> pd.DataFrame:
+    """'mean ± std (Δ)' strings for Markdown / LaTeX."""
+    digits, scale = digits or {}, scale or {}
+    out = pd.DataFrame(index=table.index)
+    for m in metrics:
+        d, s = digits.get(m, 2), scale.get(m, 1.0)
+        out[m] = [f"{s * a:.{d}f} ± {s * b:.{d}f} ({s * c:+.{d}f})"
+                  for a, b, c in zip(table[m], table[m + " std"], table[m + " Δ"])]
+    return out
+
+
+def save_table(table: pd.DataFrame, formatted: pd.DataFrame, stem: Path, caption: str) -> None:
+    """CSV (numbers), Markdown and LaTeX (formatted) next to each other: ``<stem>.csv/.md/.tex``."""
+    table.to_csv(stem.with_suffix(".csv"))
+    stem.with_suffix(".md").write_text(f"{caption}\n\n" + formatted.to_markdown() + "\n")
+    stem.with_suffix(".tex").write_text(formatted.to_latex(caption=caption, escape=True))

@@ -1,0 +1,163 @@
+"""Figures of the analyses (matplotlib + seaborn): Fig. 1a (gradient conflict), Fig. 2 (activation change),
+Fig. 4 (loss landscapes per range), Fig. 6a (task-vector plane) and Fig. 6b (task-vector box plots).
+
+Each ``plot_*`` function takes the output of the matching :mod:`deme.analysis` function and returns the
+matplotlib figure; :func:`save_figure` writes it as PNG and PDF into :func:`deme.config.figures_dir`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .config import Config, figures_dir
+
+
+def save_figure(fig, cfg: Config, name: str, dpi: int = 150) -> list[Path]:
+    """Write ``fig`` as ``<figures_dir(cfg)>/<name>.png`` and ``.pdf``; returns the two paths."""
+    d = figures_dir(cfg)
+    paths = [d / f"{name}.png", d / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=dpi, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    return paths
+
+
+def plot_similarity_heatmap(sim: np.ndarray, timesteps: Sequence[int], ax=None, max_ticks: int = 10,
+                            title: str = "cosine similarity of loss gradients"):
+    """Fig. 1a (left): the K×K gradient-similarity matrix as a heat map (diverging colours centred at 0)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.6, 4.6))
+    ts = np.asarray(timesteps)
+    step = max(1, int(np.ceil(len(ts) / max_ticks)))
+    labels = [str(t) if i % step == 0 else "" for i, t in enumerate(ts)]
+    sns.heatmap(sim, ax=ax, cmap="RdBu_r", vmin=-1, vmax=1, square=True, xticklabels=labels,
+                yticklabels=labels, cbar_kws={"label": "cosine similarity"})
+    ax.set(xlabel="timestep t", ylabel="timestep t", title=title)
+    return fig
+
+
+def plot_similarity_histograms(summary: Mapping, ax=None, bins: int = 30):
+    """Fig. 1a (right): histograms of the pairwise similarity over all pairs vs pairs inside [0, T/4)."""
+    import matplotlib.pyplot as plt
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3.6))
+    lo, hi = summary["early_range"]
+    edges = np.linspace(-1, 1, bins + 1)
+    ax.hist(summary["all_pairs"], bins=edges, density=True, alpha=0.55, color="C0",
+            label=f"all pairs (mean {summary['all_pairs_mean']:.2f})")
+    if len(summary["early_pairs"]):
+        ax.hist(summary["early_pairs"], bins=edges, density=True, alpha=0.55, color="C3",
+                label=f"pairs inside [{lo}, {hi}) (mean {summary['early_pairs_mean']:.2f})")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set(xlabel="cosine similarity", ylabel="density", title="distribution over timestep pairs")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_landscapes(landscapes: Mapping[str, np.ndarray], coords, levels: int = 15, relative: bool = True):
+    """Fig. 4: one contour panel per timestep range (the full range first), each with its own colour scale.
+
+    ``relative``: plot ``loss − loss(origin)`` so panels of very different loss levels compare by shape;
+    the title gives the loss at the origin and the largest rise on the grid (a steep range rises more)."""
+    import matplotlib.pyplot as plt
+    from .analysis import _coords
+    a, b = _coords(coords)
+    n = len(landscapes)
+    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.1), squeeze=False)
+    ia, ib = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(b)))
+    for ax, (name, z) in zip(axes[0], landscapes.items()):
+        z0 = z[ia, ib]
+        zz = z - z0 if relative else z
+        cs = ax.contourf(b, a, zz, levels=levels, cmap="viridis")
+        ax.contour(b, a, zz, levels=levels, colors="k", linewidths=0.3)
+        ax.plot([b[ib]], [a[ia]], "r*", ms=9)
+        ax.set(title=f"t ∈ {name}\nloss(θ) {z0:.4f}, max rise {zz.max():.3g}" if relative else f"t ∈ {name}",
+               xlabel="β (direction 2)")
+        fig.colorbar(cs, ax=ax, shrink=0.85)
+    axes[0][0].set_ylabel("α (direction 1)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_task_vector_plane(loss: np.ndarray, coords, merge_point: tuple[float, float] | None = None,
+                           labels: tuple[str, str] = ("θ_a", "θ_b"), levels: int = 20, ax=None):
+    """Fig. 6a: training loss on the plane θ + a·τ_a + b·τ_b, with θ (0, 0), θ_a (1, 0), θ_b (0, 1), the grid's
+    best point and, when given, a merge point (w_a, w_b)."""
+    import matplotlib.pyplot as plt
+    from .analysis import _coords
+    a, b = _coords(coords)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 4.4))
+    cs = ax.contourf(a, b, loss.T, levels=levels, cmap="viridis")   # x = a, y = b
+    ax.contour(a, b, loss.T, levels=levels, colors="k", linewidths=0.3)
+    fig.colorbar(cs, ax=ax, label="training loss")
+    ax.plot(0, 0, "wo", mec="k", ms=8, label="θ (pretrained)")
+    ax.plot(1, 0, "s", color="C1", mec="k", ms=8, label=labels[0])
+    ax.plot(0, 1, "^", color="C3", mec="k", ms=8, label=labels[1])
+    i, j = np.unravel_index(np.argmin(loss), loss.shape)
+    ax.plot(a[i], b[j], "w*", mec="k", ms=12, label=f"grid minimum ({a[i]:.2g}, {b[j]:.2g})")
+    if merge_point is not None:
+        ax.plot(*merge_point, "P", color="C2", mec="k", ms=10, label=f"merge ({merge_point[0]:.2g}, {merge_point[1]:.2g})")
+    ax.set(xlabel=f"a (along τ of {labels[0]})", ylabel=f"b (along τ of {labels[1]})",
+           title="loss on the plane of two task vectors")
+    ax.legend(fontsize=7, loc="upper right")
+    return fig
+
+
+def plot_task_vector_boxes(stats, layers: Sequence[str] | None = None, whiskers: tuple[str, str] = ("q5", "q95"),
+                           ax=None):
+    """Fig. 6b: per-layer box plots of task-vector values, one box per range, drawn from the statistics of
+    :func:`deme.analysis.task_vector_stats` (box: quartiles, line: median, whiskers: 5th–95th percentiles
+    by default; outliers not drawn)."""
+    import matplotlib.pyplot as plt
+    layers = list(layers) if layers is not None else list(dict.fromkeys(stats["layer"]))
+    ranges = sorted(stats["range"].unique())
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(max(6, 0.9 * len(layers) + 2), 4))
+    width = 0.8 / len(ranges)
+    handles = []
+    for r in ranges:
+        sub = stats[stats["range"] == r].set_index("layer")
+        boxes = [{"med": sub.at[l, "q50"], "q1": sub.at[l, "q25"], "q3": sub.at[l, "q75"],
+                  "whislo": sub.at[l, whiskers[0]], "whishi": sub.at[l, whiskers[1]], "label": ""} for l in layers]
+        pos = np.arange(len(layers)) + (r - (len(ranges) - 1) / 2) * width
+        art = ax.bxp(boxes, positions=pos, widths=width * 0.9, showfliers=False, patch_artist=True)
+        for patch in art["boxes"]:
+            patch.set_facecolor(f"C{r}")
+            patch.set_alpha(0.7)
+        handles.append((art["boxes"][0], sub["range_label"].iloc[0]))
+    ax.set_xticks(np.arange(len(layers)))
+    ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=8)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set(ylabel="task-vector value θ_i − θ", title="task vectors per layer and range")
+    ax.legend(*zip(*handles), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_activation_changes(changes: Mapping[str, Mapping[str, np.ndarray]], bins: int = 40):
+    """Fig. 2: for each block, histograms of |A_ft − A_base| reduced over channels (one value per position)
+    and over space (one value per channel), each divided by its block mean so the spreads compare."""
+    import matplotlib.pyplot as plt
+    names = list(changes)
+    cols = min(4, len(names))
+    rows = int(np.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        pos = np.asarray(changes[name]["per_position"])
+        ch = np.asarray(changes[name]["per_channel"])
+        pos_r, ch_r = pos / max(pos.mean(), 1e-30), ch / max(ch.mean(), 1e-30)
+        hi = float(np.quantile(np.concatenate([pos_r, ch_r]), 0.995))
+        edges = np.linspace(0, max(hi, 1e-6), bins + 1)
+        ax.hist(pos_r, bins=edges, density=True, alpha=0.55, color="C0",
+                label=f"over channels → per position (CV {pos.std() / max(pos.mean(), 1e-30):.2f})")
+        ax.hist(ch_r, bins=edges, density=True, alpha=0.55, color="C3",
+                label=f"over space → per channel (CV {ch.std() / max(ch.mean(), 1e-30):.2f})")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("|ΔA| / mean")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,935 @@
+"""Stable Diffusion v1.4 (PAPER.md §4, Table 2): latent DeMe finetuning data, an offline CLIP tokenizer, the
+zero-shot evaluation protocol, and a tiny random SD pipeline for offline tests.
+
+**Training** goes through the one loop, :func:`deme.train.train`, like every other profile. Only the data
+source differs: :func:`text_image_batches` (called by :func:`deme.data.training_batches` for the datasets
+``laion`` and ``imagefolder``) turns image–caption pairs into what the UNet sees —
+
+* latents ``z = vae.encode(x).latent_dist.sample() · vae.config.scaling_factor`` of the frozen VAE, for images
+  resized (shorter side) and cropped to ``cfg.image_size`` (random crop; centre crop with
+  ``cfg.center_crop``) and normalised to [−1, 1];
+* ``encoder_hidden_states``: the frozen CLIP text encoder's last hidden states of the caption, the caption
+  replaced by ``""`` with probability ``cfg.label_dropout`` (caption dropout, for classifier-free guidance).
+
+``batch(index)`` is a pure function of (seed, index) — the image choice, crops, caption dropout and the VAE's
+posterior sample are all seeded by them — so a resumed run sees exactly the batches of the uninterrupted
+one. The UNet (``UNet2DConditionModel`` with DeMe's projections; the teacher without) is loaded by the loop
+from the pipeline folder's ``unet`` subfolder; :func:`prepare_unet_for_training` switches on gradient
+checkpointing (memory on one 80 GB GPU: batch 16 at 512 px with bf16 autocast and plain AdamW).
+
+**Data**: a local folder in Hugging Face ``imagefolder`` layout — images plus ``metadata.jsonl`` (or
+``metadata.csv``) with ``file_name`` and ``text`` per image — given by ``cfg.data_dir`` or ``$DEME_SD_DATA``;
+or, online, a hub dataset id (columns ``image`` and ``text``). Every bad record (a caption without an image, an
+image without a caption, a corrupt image, a malformed metadata line) is logged with its file name, counted in
+a :class:`DataReport` and skipped; a missing metadata file stops with a message saying what to provide.
+
+**Evaluation** (BK-SDM's protocol, as the paper): prompts from MS-COCO val captions (:func:`coco_prompts`,
+one caption per image, 30K images), ImageNet class names (:func:`imagenet_prompts`) and PartiPrompts
+(:func:`parti_prompts`); :func:`generate` samples with ``StableDiffusionPipeline`` (PNDM, 25 steps, guidance
+7.5, 512 px), image ``i`` seeded by (seed, i); FID at 256 px against a reference image folder
+(:func:`fid_256`, Inception features of :mod:`deme.metrics`) and the CLIP score of :func:`deme.metrics.clip_score`
+(open_clip ViT-g-14), both in :func:`evaluate`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import json
+import logging
+import os
+import re
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import Config
+from .data import DataMissingError
+from .models import WeightsMissingError
+
+log = logging.getLogger("deme.sd")
+
+SD_DATA_ENV = "DEME_SD_DATA"
+"""Environment variable naming the image–caption data (folder or hub dataset id) when ``cfg.data_dir`` is unset."""
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+TEXT_TO_IMAGE_DATASETS = ("laion", "imagefolder")
+
+PAPER_PROMPTS = (
+    # PAPER.md §6, Fig. 5 (the end of the first prompt is cut in the poster: inferred)
+    "A graceful white horse galloping through a field of wildflowers, its mane flowing in the wind as the sun "
+    "sets behind it",
+    "A tropical beach with crystal-clear turquoise water gently lapping against white sandy shores, tall palm "
+    "trees swaying in the breeze under a clear blue sky.",
+    "A dolphin leaping out of the ocean in perfect harmony, water splashing around it as the sun sets on the "
+    "horizon, casting a golden glow on the sea.",
+    "A foggy morning in a quiet countryside, a small wooden cabin surrounded by wildflowers and tall grass, the "
+    "sun just beginning to rise through the mist.",
+)
+"""The four prompts of the paper's Fig. 5 (SD v1.4 before vs after DeMe)."""
+
+
+def is_text_to_image(cfg: Config) -> bool:
+    """Whether ``cfg`` trains a latent text-to-image model (Stable Diffusion) through this module."""
+    return cfg.dataset in TEXT_TO_IMAGE_DATASETS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLIP tokenizer from open_clip's bundled BPE vocabulary (no download)
+# ---------------------------------------------------------------------------------------------------------
+
+def _byte_alphabet() -> dict[int, str]:
+    """The byte → character table of byte-level BPE (GPT-2/CLIP): printable Latin-1 bytes stand for themselves,
+    every other byte b gets the character 256 + (its rank among the non-printable bytes)."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAC + 1)) | set(range(0xAE, 0xFF + 1))
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def open_clip_bpe_path() -> Path:
+    """The BPE merges file shipped in the open_clip wheel (``bpe_simple_vocab_16e6.txt.gz``)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("open_clip is not installed: `pip install open_clip_torch` (it ships the CLIP "
+                                  "BPE vocabulary bpe_simple_vocab_16e6.txt.gz)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the open_clip installation; reinstall open_clip_torch")
+    return path
+
+
+def clip_tokenizer_from_open_clip(directory: str | os.PathLike, model_max_length: int = 77):
+    """A ``transformers.CLIPTokenizer`` built offline from open_clip's bundled BPE vocabulary.
+
+    The vocabulary is derived from the merges the way the CLIP tokenizer defines it: the 256 byte characters
+    (printable ones first, in byte order, then the remapped ones), the same 256 with ``</w>`` (end of word),
+    one token per merge (its two parts joined), then ``<|startoftext|>`` (49406) and ``<|endoftext|>``
+    (49407): 49408 tokens. ``vocab.json`` and ``merges.txt`` are written to ``directory`` and loaded from
+    there; the ids agree with ``open_clip.tokenize`` (padding differs: open_clip pads with 0,
+    Stable Diffusion's tokenizer with ``<|endoftext|>``).
+    """
+    from transformers import CLIPTokenizer
+    lines = gzip.open(open_clip_bpe_path()).read().decode("utf-8").split("\n")
+    merges = lines[1:49152 - 256 - 2 + 1]         # line 0 is a version header; 48894 merges are used
+    table = _byte_alphabet()
+    order = sorted(range(256), key=lambda b: (ord(table[b]) >= 256, b))
+    chars = [table[b] for b in order]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
+                                  encoding="utf-8")
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return CLIPTokenizer.from_pretrained(str(d), model_max_length=model_max_length)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny random Stable Diffusion pipeline (offline tests, CPU smoke runs)
+# ---------------------------------------------------------------------------------------------------------
+
+def build_tiny_pipeline(directory: str | os.PathLike | None = None, seed: int = 0, image_size: int = 16):
+    """A randomly initialised ``StableDiffusionPipeline`` with SD v1.4's structure at toy size, built from
+    configs: a 2-level ``UNet2DConditionModel`` (cross-attention, latent ``image_size/2``), a 2-level
+    ``AutoencoderKL`` (4 latent channels, downsampling 2), a 2-layer ``CLIPTextModel`` (width 32) with the
+    real CLIP tokenizer (:func:`clip_tokenizer_from_open_clip`), and SD v1.4's PNDM scheduler settings.
+
+    Saved with ``save_pretrained`` to ``directory`` when given (usable as ``cfg.pretrained``).
+    """
+    import tempfile
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=image_size)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = clip_tokenizer_from_open_clip(tmp)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if directory is not None:
+        pipe.save_pretrained(str(directory))
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading the pipeline and its frozen encoders
+# ---------------------------------------------------------------------------------------------------------
+
+def _missing_weights(what: str, base: str, err: Exception) -> WeightsMissingError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return WeightsMissingError(
+        f"cannot load {what} from {base!r} ({type(err).__name__}: {str(err)[:300]}). "
+        + ("HF_HUB_OFFLINE=1 is set, so the hub was not asked. " if offline else "")
+        + "Give a local Stable Diffusion pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+          "scheduler/ — e.g. a snapshot of CompVis/stable-diffusion-v1-4 saved with save_pretrained), or run "
+          "with internet so the hub id can be downloaded (then unset HF_HUB_OFFLINE).")
+
+
+def load_pipeline(base, unet: nn.Module | None = None, *, device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None, safety_checker: bool = True):
+    """A ``StableDiffusionPipeline`` from ``base`` (folder, hub id or a pipeline object), its UNet replaced by
+    ``unet`` when given (a merged DeMe UNet, a range model, or a :class:`deme.sampling.TimestepEnsemble`).
+
+    ``safety_checker=False`` drops the checker (it blacks out flagged images, which distorts FID); the default
+    keeps whatever the pipeline ships. Offline without a local copy: :class:`WeightsMissingError`.
+    """
+    from diffusers import StableDiffusionPipeline
+    if isinstance(base, StableDiffusionPipeline):
+        pipe = base
+    else:
+        kw = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(str(base), **kw)
+        except Exception as e:
+            raise _missing_weights("the Stable Diffusion pipeline", str(base), e) from e
+    if unet is not None or not safety_checker:
+        comps = dict(pipe.components)
+        if unet is not None:
+            comps["unet"] = unet
+        if not safety_checker:
+            comps.update(safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(**comps)
+    if device is not None or dtype is not None:
+        pipe = pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass
+class FrozenEncoders:
+    """The frozen parts of Stable Diffusion used to prepare training batches."""
+
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def encode_text(self, captions: Sequence[str]) -> torch.Tensor:
+        """CLIP text-encoder last hidden states (B, 77, D) of ``captions`` (padded to ``model_max_length`` with
+        ``<|endoftext|>``, truncated), exactly as ``StableDiffusionPipeline.encode_prompt`` computes them."""
+        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents ``vae.encode(x).latent_dist.sample() · scaling_factor`` of images (B, 3, H, W) in [−1, 1]."""
+        posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        return posterior.sample(generator=generator) * self.scaling_factor
+
+
+def load_frozen_encoders(base: str, device: str | torch.device | None = None,
+                         dtype: torch.dtype = torch.float32) -> FrozenEncoders:
+    """VAE, CLIP text encoder and tokenizer of the pipeline ``base`` (folder or hub id), frozen, in eval mode,
+    on ``device`` in ``dtype``."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTokenizer
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    parts = {}
+    for name, cls in (("vae", AutoencoderKL), ("text_encoder", CLIPTextModel), ("tokenizer", CLIPTokenizer)):
+        try:
+            parts[name] = cls.from_pretrained(str(base), subfolder=name)
+        except Exception as e:
+            raise _missing_weights(f"the {name} (subfolder {name}/)", str(base), e) from e
+    for name in ("vae", "text_encoder"):
+        parts[name] = parts[name].to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return FrozenEncoders(parts["vae"], parts["text_encoder"], parts["tokenizer"], device, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image–caption data: validation and reporting
+# ---------------------------------------------------------------------------------------------------------
+
+class CorruptImageError(ValueError):
+    """An image file that cannot be decoded."""
+
+
+@dataclass
+class DataReport:
+    """What was found in an image–caption source: usable pairs and every bad record (file name, reason).
+
+    Each bad record is logged (logger ``deme.sd``, WARNING) with its file name — the first ``log_limit``
+    one by one, then a count every 1000 — and kept in ``bad``; nothing is dropped silently.
+    """
+
+    source: str
+    usable: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)
+    log_limit: int = 50
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, file_name: str, reason: str) -> None:
+        with self._lock:
+            self.bad.append((str(file_name), reason))
+            n = len(self.bad)
+        if n <= self.log_limit:
+            log.warning("%s: skipping %s: %s", self.source, file_name, reason)
+        elif n % 1000 == 0:
+            log.warning("%s: %d bad records so far (see DataReport.bad)", self.source, n)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Bad records by kind (the reason up to its first colon)."""
+        return dict(Counter(r.split(":")[0] for _, r in self.bad))
+
+    def summary(self) -> str:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) or "none"
+        return f"{self.source}: {self.usable} usable image-caption pairs; {len(self.bad)} bad records skipped ({kinds})"
+
+
+NO_CAPTION = "image without a caption"
+NOT_LISTED = "image without a caption: not listed in the metadata file"
+MISSING_FILE = "caption without an image: file not found"
+CORRUPT = "corrupt image"
+MALFORMED = "malformed metadata record"
+
+
+def _check_image(path: Path, full: bool) -> str | None:
+    """None if ``path`` opens as an image (header only, or a full decode when ``full``), else the reason."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            if full:
+                im.load()
+            else:
+                im.size  # header parsed by open
+    except Exception as e:
+        return f"{CORRUPT}: {type(e).__name__}: {e}"
+    return None
+
+
+class ImageCaptionFolder:
+    """Image–caption pairs of a local folder in Hugging Face ``imagefolder`` layout.
+
+    The folder holds images (any depth) and ``metadata.jsonl`` — one JSON object per line with ``file_name``
+    (path relative to the folder) and ``text`` (the caption) — or ``metadata.csv`` with the same columns; a
+    ``train/`` subfolder holding them is accepted too. Validation at construction: a missing metadata file
+    raises :class:`DataMissingError`; a record without a caption, a record whose image is missing, an image
+    listed nowhere, a malformed line and (``check_images``: ``"header"`` — cheap, the default — or
+    ``"full"`` decode, or ``"none"``) a corrupt image are reported in ``self.report`` and skipped. Images
+    that only fail at full decode are reported and skipped when first loaded (:meth:`load`).
+    """
+
+    def __init__(self, root: str | os.PathLike, caption_column: str = "text", check_images: str = "header"):
+        if check_images not in ("header", "full", "none"):
+            raise ValueError(f"check_images must be 'header', 'full' or 'none', got {check_images!r}")
+        root = Path(root)
+        if not root.is_dir():
+            raise DataMissingError(f"image-caption folder {root} does not exist; set {SD_DATA_ENV} (or "
+                                   "cfg.data_dir) to a folder of images with metadata.jsonl")
+        meta = next((d / n for d in (root, root / "train") for n in ("metadata.jsonl", "metadata.csv")
+                     if (d / n).is_file()), None)
+        if meta is None:
+            raise DataMissingError(
+                f"{root}: no metadata.jsonl (or metadata.csv) with the captions. Provide {root / 'metadata.jsonl'}: "
+                'one JSON object per line, {"file_name": "0001.png", "text": "a caption"}, file_name relative to '
+                "the folder (Hugging Face imagefolder layout).")
+        self.root, self.metadata, self.caption_column = meta.parent, meta, caption_column
+        self.report = DataReport(str(meta))
+        self.records: list[tuple[Path, str]] = []
+        self._bad: set[int] = set()
+        listed: set[Path] = set()
+        for line_no, rec in self._read_metadata(meta):
+            if rec is None:
+                self.report.add(f"{meta.name} line {line_no}", f"{MALFORMED}: not a JSON object")
+                continue
+            name = rec.get("file_name")
+            if not isinstance(name, str) or not name:
+                self.report.add(f"{meta.name} line {line_no}", f"{MALFORMED}: no file_name")
+                continue
+            path = (self.root / name)
+            listed.add(path.resolve())
+            caption = rec.get(caption_column)
+            if not isinstance(caption, str) or not caption.strip():
+                self.report.add(name, f"{NO_CAPTION}: no {caption_column!r} in {meta.name} line {line_no}")
+                continue
+            if not path.is_file():
+                self.report.add(name, MISSING_FILE)
+                continue
+            if check_images != "none":
+                problem = _check_image(path, full=check_images == "full")
+                if problem:
+                    self.report.add(name, problem)
+                    continue
+            self.records.append((path, caption.strip()))
+        for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+            if path.resolve() not in listed:
+                self.report.add(str(path.relative_to(self.root)), NOT_LISTED)
+        self.report.usable = len(self.records)
+        if self.report.bad:
+            log.warning(self.report.summary())
+        if not self.records:
+            raise DataMissingError(f"{meta}: no usable image-caption pairs ({self.report.summary()})")
+
+    def _read_metadata(self, meta: Path) -> Iterator[tuple[int, dict | None]]:
+        if meta.suffix == ".csv":
+            with open(meta, newline="", encoding="utf-8") as f:
+                for i, row in enumerate(csv.DictReader(f), start=2):
+                    yield i, dict(row)
+            return
+        with open(meta, encoding="utf-8") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    rec = None
+                yield i, rec if isinstance(rec, dict) else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def name(self, i: int) -> str:
+        return str(self.records[i][0].relative_to(self.root))
+
+    def load(self, i: int):
+        """(PIL RGB image, caption) of record ``i``; raises :class:`CorruptImageError` (reported once) when the
+        image cannot be decoded."""
+        from PIL import Image
+        path, caption = self.records[i]
+        if i in self._bad:
+            raise CorruptImageError(self.name(i))
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB"), caption
+        except Exception as e:
+            self._bad.add(i)
+            self.report.add(self.name(i), f"{CORRUPT}: {type(e).__name__}: {e}")
+            raise CorruptImageError(self.name(i)) from e
+
+
+class HubImageCaptions:
+    """Image–caption pairs of a Hugging Face hub dataset (columns ``image`` and ``caption_column``; needs
+    internet or the local datasets cache). Records without a caption are reported and skipped up front,
+    images that fail to decode when first loaded."""
+
+    def __init__(self, dataset_id: str, caption_column: str = "text", split: str = "train"):
+        try:
+            import datasets
+            ds = datasets.load_dataset(dataset_id, split=split)
+        except Exception as e:
+            raise DataMissingError(
+                f"could not load the hub dataset {dataset_id!r} ({type(e).__name__}: {str(e)[:300]}). It needs "
+                f"internet (unset HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) or a local copy; or set {SD_DATA_ENV} to a "
+                "local folder of images with metadata.jsonl") from e
+        if caption_column not in ds.column_names or "image" not in ds.column_names:
+            raise DataMissingError(f"hub dataset {dataset_id!r} has columns {ds.column_names}; need 'image' and "
+                                   f"{caption_column!r}")
+        self.ds, self.report, self._bad = ds, DataReport(dataset_id), set()
+        captions = ds[caption_column]
+        self.rows, self.captions = [], []
+        for i, c in enumerate(captions):
+            if isinstance(c, str) and c.strip():
+                self.rows.append(i)
+                self.captions.append(c.strip())
+            else:
+                self.report.add(f"row {i}", f"{NO_CAPTION}: empty {caption_column!r}")
+        self.report.usable = len(self.rows)
+        if not self.rows:
+            raise DataMissingError(f"{dataset_id}: no usable image-caption pairs ({self.report.summary()})")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def name(self, i: int) -> str:
+        return f"row {self.rows[i]}"
+
+    def load(self, i: int):
+        if i in self._bad:
+            raise CorruptImageError(self.name(i))
+        try:
+            return self.ds[self.rows[i]]["image"].convert("RGB"), self.captions[i]
+        except Exception as e:
+            self._bad.add(i)
+            self.report.add(self.name(i), f"{CORRUPT}: {type(e).__name__}: {e}")
+            raise CorruptImageError(self.name(i)) from e
+
+
+def data_source(cfg: Config) -> str:
+    """Where the profile's image–caption pairs are: ``cfg.data_dir`` if the profile has it, else
+    ``$DEME_SD_DATA``; a missing setting raises :class:`DataMissingError` saying what to provide."""
+    src = getattr(cfg, "data_dir", None) or os.environ.get(SD_DATA_ENV)
+    if not src:
+        raise DataMissingError(
+            f"no image-caption data for profile {cfg.profile!r}: set {SD_DATA_ENV} to a folder of images with "
+            "metadata.jsonl (file_name, text per line; e.g. BK-SDM's LAION-Aesthetics V2 6.5+ 212K subset "
+            "unpacked) or to a Hugging Face dataset id with 'image' and 'text' columns (online).")
+    return src
+
+
+def open_image_captions(source: str | os.PathLike, caption_column: str = "text", check_images: str = "header"):
+    """A local :class:`ImageCaptionFolder` when ``source`` is an existing path (or looks like a path), else a
+    :class:`HubImageCaptions` for a hub dataset id ``owner/name``."""
+    s = str(source)
+    path = Path(s).expanduser()
+    is_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s) is not None
+    if path.exists() or not is_hub_id:
+        return ImageCaptionFolder(path, caption_column, check_images)
+    return HubImageCaptions(s, caption_column)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training batches: latents + text embeddings, a pure function of (seed, index)
+# ---------------------------------------------------------------------------------------------------------
+
+def resize_crop(image, size: int, fx: float | None = None, fy: float | None = None) -> np.ndarray:
+    """Resize the shorter side to ``size`` (bicubic, antialiased) and crop ``size``×``size``: the crop's
+    offset is the fraction ``fx``, ``fy`` ∈ [0, 1) of the free range (uniform), or the centre when None.
+    Returns uint8 (size, size, 3)."""
+    from PIL import Image
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC)
+
+    def offset(free: int, f: float | None) -> int:
+        return free // 2 if f is None else min(free, int(f * (free + 1)))
+
+    left, top = offset(nw - size, fx), offset(nh - size, fy)
+    return np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"))
+
+
+class TextImageBatches:
+    """Training batches for latent text-to-image DeMe: ``batch(index) -> (latents, {"encoder_hidden_states": emb})``.
+
+    A pure function of (seed, index), like :class:`deme.data.TensorBatches`: the records of batch ``index``
+    are positions ``pos·B … (pos+1)·B`` of a seeded permutation of epoch ``index // per_epoch``; crop offsets,
+    caption dropout (p = ``caption_dropout``: caption → ``""``) and the VAE posterior sample are seeded by
+    (seed, index). A record whose image fails to decode is reported and replaced by the next good record (a
+    fixed rule, so still deterministic). Images are decoded on CPU (``num_workers`` threads prefetch the next
+    batches); encoding runs on the encoders' device under ``no_grad``.
+    """
+
+    def __init__(self, source, encoders: FrozenEncoders, batch_size: int, seed: int, *, image_size: int,
+                 caption_dropout: float = 0.0, random_crop: bool = True, num_workers: int = 0, prefetch: int = 2):
+        if len(source) < batch_size:
+            raise ValueError(f"batch size {batch_size} exceeds the {len(source)} usable image-caption pairs")
+        self.source, self.encoders, self.batch_size, self.seed = source, encoders, batch_size, seed
+        self.image_size, self.caption_dropout, self.random_crop = image_size, caption_dropout, random_crop
+        self.per_epoch = len(source) // batch_size
+        self.report = source.report
+        self._epoch, self._perm = -1, None
+        self._pool = ThreadPoolExecutor(num_workers) if num_workers > 0 else None
+        self._prefetch, self._pending, self._last = prefetch, {}, None
+        self._perm_lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.per_epoch
+
+    def records(self, index: int) -> list[int]:
+        """The record indices of batch ``index`` (before replacement of corrupt images)."""
+        epoch, pos = divmod(index, self.per_epoch)
+        with self._perm_lock:
+            if epoch != self._epoch:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                self._perm, self._epoch = torch.randperm(len(self.source), generator=g), epoch
+            perm = self._perm
+        return perm[pos * self.batch_size:(pos + 1) * self.batch_size].tolist()
+
+    def _load(self, i: int):
+        n = len(self.source)
+        for k in range(n):
+            try:
+                return self.source.load((i + k) % n)
+            except CorruptImageError:
+                continue
+        raise DataMissingError(f"no image of {self.report.source} could be decoded ({self.report.summary()})")
+
+    def pixels(self, index: int) -> tuple[torch.Tensor, list[str]]:
+        """Images (B, 3, S, S) in [−1, 1] (CPU, float32) and captions (after dropout) of batch ``index``."""
+        rng = np.random.default_rng([self.seed, index, 17])
+        frac = rng.random((self.batch_size, 2))
+        drop = rng.random(self.batch_size) < self.caption_dropout
+        images, captions = [], []
+        for j, i in enumerate(self.records(index)):
+            image, caption = self._load(i)
+            fx, fy = (frac[j, 0], frac[j, 1]) if self.random_crop else (None, None)
+            images.append(resize_crop(image, self.image_size, fx, fy))
+            captions.append("" if drop[j] else caption)
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return x, captions
+
+    def _fetch(self, index: int):
+        if self._pool is None:
+            return self.pixels(index)
+        fut = self._pending.pop(index, None)
+        result = fut.result() if fut is not None else self.pixels(index)
+        stride = index - self._last if self._last is not None and index > self._last else 1
+        self._last = index
+        wanted = {index + stride * k for k in range(1, self._prefetch + 1)}
+        for k in list(self._pending):
+            if k not in wanted:
+                self._pending.pop(k).cancel()
+        for k in sorted(wanted - set(self._pending)):
+            self._pending[k] = self._pool.submit(self.pixels, k)
+        return result
+
+    def batch(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, captions = self._fetch(index)
+        enc = self.encoders
+        state = int(np.random.SeedSequence([self.seed, index, 29]).generate_state(1)[0])
+        g = torch.Generator(enc.device).manual_seed(state)   # the VAE's posterior sample
+        latents = enc.encode_images(x, generator=g).float()
+        emb = enc.encode_text(captions).float()
+        return latents, {"encoder_hidden_states": emb}
+
+
+def _encoder_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """bf16 frozen encoders on a GPU under mixed precision (halves their memory and time), else float32."""
+    return torch.bfloat16 if device.type == "cuda" and cfg.mixed_precision in ("fp16", "bf16") else torch.float32
+
+
+def text_image_batches(cfg: Config, batch_size: int, seed: int, device: str | torch.device | None = None,
+                       *, base: str | None = None) -> TextImageBatches:
+    """The training batches of a text-to-image profile (``cfg.dataset`` ``laion`` or ``imagefolder``).
+
+    Data from :func:`data_source` (``cfg.data_dir`` / ``$DEME_SD_DATA``); the frozen VAE and text encoder from
+    the pipeline ``base`` (default ``cfg.pretrained``) on ``device``; caption dropout ``cfg.label_dropout``;
+    random crops unless ``cfg.center_crop``; ``cfg.num_workers`` decoding threads.
+    """
+    base = base or cfg.pretrained
+    if not base:
+        raise ValueError(f"profile {cfg.profile!r} has no pretrained pipeline (cfg.pretrained) to take the VAE "
+                         "and text encoder from")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    source = open_image_captions(data_source(cfg), check_images=getattr(cfg, "check_images", "header"))
+    log.info(source.report.summary())
+    encoders = load_frozen_encoders(base, device, _encoder_dtype(cfg, device))
+    return TextImageBatches(source, encoders, batch_size, seed, image_size=cfg.image_size,
+                            caption_dropout=cfg.label_dropout, random_crop=not getattr(cfg, "center_crop", False),
+                            num_workers=cfg.num_workers)
+
+
+def prepare_unet_for_training(unet: nn.Module, cfg: Config) -> nn.Module:
+    """Memory-aware settings for finetuning Stable Diffusion's UNet on one 80 GB GPU: gradient checkpointing
+    (``cfg.gradient_checkpointing``, default on for text-to-image profiles) — recomputes block activations
+    in the backward pass (~30% slower, several× less activation memory). Called by the loop for
+    text-to-image profiles right after loading the student (the teacher runs under no_grad: no need)."""
+    if getattr(cfg, "gradient_checkpointing", is_text_to_image(cfg)):
+        unet.enable_gradient_checkpointing()
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True   # fp32 parts (optimizer, EMA, norms) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    return unet
+
+
+def unet_subfolder(base: str | os.PathLike) -> str | None:
+    """``"unet"`` for a pipeline given by hub id (the UNet lives in that subfolder); None for a local folder
+    (:func:`deme.models.load_unet` finds a local pipeline's ``unet/`` itself)."""
+    return None if Path(base).exists() else "unet"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation prompts
+# ---------------------------------------------------------------------------------------------------------
+
+_COCO_HELP = ("Provide the MS-COCO captions file captions_val2014.json (or captions_val2017.json) from "
+              "annotations_trainval2014.zip at https://cocodataset.org/#download (images.cocodataset.org/"
+              "annotations/annotations_trainval2014.zip) and pass its path.")
+
+
+def coco_captions(path: str | os.PathLike, n: int = 30_000, seed: int = 0) -> list[tuple[int, str, str]]:
+    """(image id, image file name, caption) for ``n`` MS-COCO images, one caption per image, both seeded.
+
+    ``path``: captions_val2014.json / captions_val2017.json (``annotations``: caption + image_id; ``images``:
+    id + file_name). The images are a seeded random subset of those with a caption (all, in a seeded order,
+    when fewer than ``n`` — with a warning); each image's caption is drawn from its captions (ordered by
+    annotation id) by the same seeded generator.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataMissingError(f"MS-COCO captions file {path} not found. {_COCO_HELP}")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or "annotations" not in data:
+        raise ValueError(f"{path} is not a COCO captions file (no 'annotations' list). {_COCO_HELP}")
+    by_image: dict[int, list[tuple[int, str]]] = {}
+    for k, a in enumerate(data["annotations"]):
+        if isinstance(a.get("caption"), str) and a["caption"].strip() and "image_id" in a:
+            by_image.setdefault(int(a["image_id"]), []).append((int(a.get("id", k)), a["caption"].strip()))
+    files = {int(im["id"]): im.get("file_name", "") for im in data.get("images", [])}
+    ids = sorted(by_image)
+    if n > len(ids):
+        import warnings
+        warnings.warn(f"{path.name} has captions for {len(ids)} images, fewer than n={n}: using all of them",
+                      stacklevel=2)
+        n = len(ids)
+    rng = np.random.default_rng(seed)
+    chosen = [ids[i] for i in rng.permutation(len(ids))[:n]]
+    out = []
+    for image_id in chosen:
+        caps = sorted(by_image[image_id])
+        out.append((image_id, files.get(image_id, ""), caps[int(rng.integers(len(caps)))][1]))
+    return out
+
+
+def coco_prompts(path: str | os.PathLike, n: int = 30_000, seed: int = 0) -> list[str]:
+    """``n`` MS-COCO val captions, one per image, seeded (see :func:`coco_captions`) — the zero-shot
+    MS-COCO prompts of Table 2 (30K)."""
+    return [c for _, _, c in coco_captions(path, n, seed)]
+
+
+def parti_prompts(path: str | os.PathLike) -> list[str]:
+    """The prompts of PartiPrompts (column ``Prompt`` of PartiPrompts.tsv; 1,632 prompts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataMissingError(f"PartiPrompts file {path} not found. Provide PartiPrompts.tsv from "
+                               "https://github.com/google-research/parti (PartiPrompts.tsv, tab-separated, "
+                               "column 'Prompt') and pass its path.")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        if not reader.fieldnames or "Prompt" not in reader.fieldnames:
+            raise ValueError(f"{path}: no 'Prompt' column (columns: {reader.fieldnames}); expected the "
+                             "PartiPrompts TSV")
+        return [row["Prompt"].strip() for row in reader if row.get("Prompt") and row["Prompt"].strip()]
+
+
+def imagenet_prompts(classes: Iterable[str], template: str = "a photo of a {}") -> list[str]:
+    """One prompt per class name: ``"a photo of a {class}"`` (names used as given, whitespace stripped)."""
+    return [template.format(c.strip()) for c in classes]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------
+
+def initial_latents(n: int, shape: tuple[int, ...], seed: int, start: int = 0) -> torch.Tensor:
+    """Starting latents of images ``start … start+n−1``: image ``i`` from its own CPU generator seeded by
+    (seed, i), so it does not depend on batching or device."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(
+        int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))) for i in range(start, start + n)])
+
+
+def _set_scheduler(pipe, scheduler: str):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+    kinds = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
+    if scheduler not in kinds:
+        raise ValueError(f"scheduler must be one of {', '.join(kinds)}, got {scheduler!r}")
+    cls = kinds[scheduler]
+    if not isinstance(pipe.scheduler, cls):
+        extra = {"skip_prk_steps": True} if cls is PNDMScheduler else {}
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+
+
+@torch.no_grad()
+def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_scale: float = 7.5,
+             steps: int = 25, seed: int = 0, batch_size: int = 8, scheduler: str = "pndm",
+             height: int | None = None, width: int | None = None, out_dir: str | os.PathLike | None = None,
+             device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+             progress: bool = False) -> np.ndarray | list[Path]:
+    """Images for ``prompts`` with ``StableDiffusionPipeline`` — PNDM, 25 steps, guidance 7.5 (BK-SDM's and the
+    paper's protocol; all configurable) — image ``i`` started from latents seeded by (seed, i), so two models
+    given the same seed start from the same noise.
+
+    ``pipe_or_unet``: a pipeline, a pipeline folder / hub id, or a UNet (merged model, range model or
+    :class:`deme.sampling.TimestepEnsemble`) used inside the pipeline ``base``. ``height``/``width``: default
+    the UNet's ``sample_size`` × the VAE factor (512 for SD v1.4). Returns uint8 (N, H, W, 3), or, with
+    ``out_dir``, writes ``00000.png …`` and returns their paths; images already there are kept (resumable).
+    """
+    from diffusers import StableDiffusionPipeline
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if isinstance(pipe_or_unet, nn.Module) and not isinstance(pipe_or_unet, StableDiffusionPipeline):
+        if base is None:
+            raise ValueError("a UNet was given: pass base= (the pipeline folder, hub id or pipeline) to run it in")
+        pipe = load_pipeline(base, unet=pipe_or_unet)
+    else:
+        pipe = load_pipeline(pipe_or_unet)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    pipe = pipe.to(dev, dtype)
+    old_scheduler = pipe.scheduler
+    _set_scheduler(pipe, scheduler)
+    cfg_unet = pipe.unet.config
+    height = height or cfg_unet.sample_size * pipe.vae_scale_factor
+    width = width or cfg_unet.sample_size * pipe.vae_scale_factor
+    shape = (cfg_unet.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    images, paths = [], []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="generate"):
+            chunk = prompts[start:start + batch_size]
+            names = [out / f"{i:05d}.png" for i in range(start, start + len(chunk))] if out is not None else []
+            if names and all(p.is_file() for p in names):
+                paths += names
+                continue
+            latents = initial_latents(len(chunk), shape, seed, start).to(dev, dtype)
+            result = pipe(prompt=chunk, height=height, width=width, num_inference_steps=steps,
+                          guidance_scale=guidance_scale, latents=latents, output_type="np")
+            batch = np.clip(np.round(result.images * 255), 0, 255).astype(np.uint8)
+            if out is None:
+                images.append(batch)
+            else:
+                from PIL import Image
+                for arr, p in zip(batch, names):
+                    tmp = p.with_name(p.stem + ".tmp.png")
+                    Image.fromarray(arr).save(tmp)
+                    os.replace(tmp, p)
+                paths += names
+    finally:
+        pipe.scheduler = old_scheduler
+    return paths if out is not None else np.concatenate(images)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FID at 256 px and CLIP score
+# ---------------------------------------------------------------------------------------------------------
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files of ``folder`` (recursively), sorted by path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataMissingError(f"image folder {folder} not found")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DataMissingError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return files
+
+
+def _image_chunks(source, size: int, chunk: int = 500) -> Iterator[np.ndarray]:
+    """uint8 (n, size, size, 3) chunks of a folder / list of files / uint8 array, resized (shorter side) and
+    centre-cropped to ``size``."""
+    from PIL import Image
+    if isinstance(source, np.ndarray):
+        for i in range(0, len(source), chunk):
+            yield np.stack([resize_crop(Image.fromarray(a), size) for a in source[i:i + chunk]])
+        return
+    files = image_files(source) if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
+    for i in range(0, len(files), chunk):
+        out = []
+        for p in files[i:i + chunk]:
+            try:
+                with Image.open(p) as im:
+                    out.append(resize_crop(im.convert("RGB"), size))
+            except Exception as e:
+                raise CorruptImageError(f"{p}: cannot be read as an image ({type(e).__name__}: {e})") from e
+        yield np.stack(out)
+
+
+def features_256(source, size: int = 256, *, cache: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None, progress: bool = False) -> np.ndarray:
+    """Inception pool3 features (N, 2048) of images brought to ``size``×``size`` (shorter side resized,
+    bicubic, centre crop) — the FID-at-256-px protocol — then embedded by :func:`deme.metrics.inception_features`
+    (clean-fid resize to 299). ``source``: a folder, a list of files, or uint8 (N, H, W, 3). With ``cache``
+    (an .npz path), features are saved there and reused."""
+    from .metrics import inception_features
+    if cache is not None and Path(cache).is_file():
+        return np.load(cache)["features"]
+    feats = [inception_features(c, device=device) for c in tqdm(_image_chunks(source, size), disable=not progress,
+                                                                desc=f"Inception features at {size}px")]
+    feats = np.concatenate(feats)
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(str(cache) + ".tmp.npz")
+        np.savez(tmp, features=feats, size=size)
+        os.replace(tmp, cache)
+    return feats
+
+
+def fid_256(samples, reference, size: int = 256, *, reference_cache: str | os.PathLike | None = None,
+            device: str | torch.device | None = None, progress: bool = False) -> float:
+    """FID of ``samples`` against ``reference`` at ``size`` px (BK-SDM: 256), both as in :func:`features_256`
+    (a folder, a list of files, uint8 images, or precomputed features (N, 2048)); the reference's features
+    are cached at ``reference_cache`` when given."""
+    from .metrics import FEATURE_DIM, fid_from_features
+
+    def feats(x, cache=None):
+        if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == FEATURE_DIM:
+            return x
+        return features_256(x, size, cache=cache, device=device, progress=progress)
+    if isinstance(reference, (str, os.PathLike)) and not Path(reference).exists():
+        raise DataMissingError(f"reference image folder {reference} not found: provide the real images to compare "
+                               "with (e.g. the MS-COCO val2014 images of the chosen captions, see "
+                               "prepare_reference_folder)")
+    return fid_from_features(feats(samples), feats(reference, reference_cache))
+
+
+def prepare_reference_folder(images_dir: str | os.PathLike, file_names: Sequence[str], out_dir: str | os.PathLike,
+                             size: int = 256, progress: bool = False) -> Path:
+    """Write the reference images for FID at ``size`` px: each of ``file_names`` (e.g. the COCO file names from
+    :func:`coco_captions`) read from ``images_dir``, resized (shorter side) and centre-cropped, saved as PNG.
+    Existing outputs are kept; a missing source image stops with its name."""
+    from PIL import Image
+    images_dir, out = Path(images_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in tqdm(file_names, disable=not progress, desc="reference images"):
+        dst = out / (Path(name).stem + ".png")
+        if dst.is_file():
+            continue
+        src = images_dir / name
+        if not src.is_file():
+            raise DataMissingError(f"reference image {src} not found: provide the MS-COCO images "
+                                   f"(e.g. val2014.zip from https://cocodataset.org/#download) in {images_dir}")
+        with Image.open(src) as im:
+            Image.fromarray(resize_crop(im.convert("RGB"), size)).save(dst)
+    return out
+
+
+def evaluate(samples, prompts: Sequence[str], *, reference=None, size: int = 256,
+             reference_cache: str | os.PathLike | None = None, clip_model: nn.Module | None = None,
+             clip_preprocess=None, clip_tokenizer=None, clip_weights: str | os.PathLike | None = None,
+             device: str | torch.device | None = None, chunk: int = 500, progress: bool = False) -> dict[str, Any]:
+    """Table 2's metrics for generated ``samples`` (folder, files, or uint8 (N, H, W, 3); sample ``i`` made
+    for ``prompts[i]``): ``fid_256`` against ``reference`` (None: not computed) and ``clip`` — the CLIP score
+    of :func:`deme.metrics.clip_score` (open_clip ViT-g-14 laion2b_s34b_b88k, or ``clip_model``), ``None``
+    when no CLIP weights are available (render with :func:`deme.metrics.clip_column`)."""
+    from .metrics import clip_score
+    if isinstance(samples, (str, os.PathLike)):
+        samples = image_files(samples)
+    n = len(samples)
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts for {n} samples")
+    out: dict[str, Any] = {"n": n}
+    out["fid_256"] = (fid_256(samples, reference, size, reference_cache=reference_cache, device=device,
+                              progress=progress) if reference is not None else None)
+    total, clip_available = 0.0, True
+    for i in tqdm(range(0, n, chunk), disable=not progress, desc="CLIP score"):
+        part = samples[i:i + chunk]
+        if not isinstance(part, np.ndarray):
+            from PIL import Image
+            part = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in part])
+        s = clip_score(part, list(prompts[i:i + chunk]), weights_path=clip_weights, model=clip_model,
+                       preprocess=clip_preprocess, tokenizer=clip_tokenizer, device=device)
+        if s is None:
+            clip_available = False
+            break
+        total += s * len(part)
+    out["clip"] = total / n if clip_available else None
+    return out
