@@ -166,12 +166,13 @@ class GaussianSketch:
 
 def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
                         timesteps: Sequence[int] | np.ndarray | int, seed: int = 0,
-                        projection_dim: int | None = None, micro_batch: int = 256,
+                        projection_dim: int | None = None, micro_batch: int = 256, noise: str = "shared",
                         progress: bool = False) -> tuple[np.ndarray, dict]:
     """Cosine similarity between the loss gradients at different timesteps (paper Fig. 1a).
 
     For every ``t`` in ``timesteps`` (an int ``k`` means :func:`timestep_grid` with k points), the gradient
-    of the mean ε-MSE of all ``images`` noised to ``t`` with the same fixed noise (seed ``seed``) is taken
+    of the mean ε-MSE of all ``images`` noised to ``t`` with the same fixed noise (seed ``seed``; with
+    ``noise="per_timestep"`` a fixed but different draw for each grid point instead, seeded by its index) is taken
     w.r.t. all floating-point parameters of ``model`` (eval mode; parameters frozen by the caller are
     included and restored afterwards). ``labels`` are fed as ``class_labels`` when not None (see
     :func:`model_labels`). With ``projection_dim`` the gradients are sketched by :class:`GaussianSketch`
@@ -191,7 +192,9 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
     params = [p for p in model.parameters() if p.is_floating_point()]
     flags = [p.requires_grad for p in params]
     was = model.training
-    noise = fixed_noise(images.shape, seed)
+    if noise not in ("shared", "per_timestep"):
+        raise ValueError(f"noise must be 'shared' or 'per_timestep', got {noise!r}")
+    shared = fixed_noise(images.shape, seed)
     sketch = GaussianSketch(projection_dim, seed) if projection_dim else None
     n = len(images)
     rows, losses, norms = [], [], []
@@ -200,13 +203,14 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
     try:
         for p in params:
             p.requires_grad_(True)
-        for t in tqdm(ts, disable=not progress, desc="gradients"):
+        for k, t in enumerate(tqdm(ts, disable=not progress, desc="gradients")):
+            eps_all = shared if noise == "shared" else fixed_noise(images.shape, _projection_seed(seed, 10_000 + k))
             for p in params:
                 p.grad = None
             total = 0.0
             for i in range(0, n, micro_batch):
                 sl = slice(i, i + micro_batch)
-                x0, eps = images[sl].to(device), noise[sl].to(device)
+                x0, eps = images[sl].to(device), eps_all[sl].to(device)
                 tt = torch.full((len(x0),), int(t), dtype=torch.long, device=device)
                 xt = sched.add_noise(x0, eps, tt)
                 y = labels[sl].to(device) if labels is not None else None
@@ -233,6 +237,7 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
     sim = np.clip(sim, -1.0, 1.0)
     info = {"timesteps": ts, "loss": np.array(losses), "grad_norm": np.array(norms),
             "num_parameters": sum(p.numel() for p in params), "projection_dim": projection_dim, "batch": n,
+            "noise": noise,
             "seconds": time.time() - started,
             "method": ("cosine of full gradients" if sketch is None else
                        f"cosine of Gaussian sketches, d={projection_dim} (Johnson–Lindenstrauss)")}
@@ -466,6 +471,31 @@ def range_landscapes(model: nn.Module, cfg: Config, images: torch.Tensor, labels
     ranges = [(0, T)] + timestep_ranges(T, num_ranges or cfg.num_ranges)
     return {f"[{lo}, {hi})": loss_landscape_2d(model, cfg, images, labels, d1, d2, coords, (lo, hi), seed,
                                                batch_size, progress) for lo, hi in ranges}
+
+
+def landscape_summary(landscapes: Mapping[str, np.ndarray], coords):
+    """One row per landscape: the loss at the origin, the grid's max and mean, ``max_ratio`` = max / origin,
+    and the curvature at the origin along each direction by central differences with the grid points
+    nearest to it, ``(L(h) + L(−h) − 2 L(0)) / h²`` (absolute, and relative to the loss at the origin)."""
+    import pandas as pd
+    a, b = _coords(coords)
+    ia, ib = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(b)))
+    rows = []
+    for name, z in landscapes.items():
+        z0 = float(z[ia, ib])
+        row = {"range": name, "loss_at_origin": z0, "max": float(z.max()), "mean": float(z.mean()),
+               "max_ratio": float(z.max() / z0) if z0 > 0 else float("nan")}
+        for label, axis, c, i0 in (("alpha", 0, a, ia), ("beta", 1, b, ib)):
+            if 0 < i0 < len(c) - 1:
+                h = (c[i0 + 1] - c[i0 - 1]) / 2
+                zp, zm = (z[i0 + 1, ib], z[i0 - 1, ib]) if axis == 0 else (z[ia, i0 + 1], z[ia, i0 - 1])
+                curv = float((zp + zm - 2 * z0) / h ** 2)
+            else:
+                curv = float("nan")
+            row[f"curvature_{label}"] = curv
+            row[f"rel_curvature_{label}"] = curv / z0 if z0 > 0 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _reference_state(base_sd: Mapping[str, torch.Tensor], expert_sd: Mapping[str, torch.Tensor]) -> TensorDict:

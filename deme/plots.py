@@ -56,26 +56,29 @@ def plot_similarity_histograms(summary: Mapping, ax=None, bins: int = 30):
     return fig
 
 
-def plot_landscapes(landscapes: Mapping[str, np.ndarray], coords, levels: int = 15, relative: bool = True):
+def plot_landscapes(landscapes: Mapping[str, np.ndarray], coords, levels: int = 15, mode: str = "ratio"):
     """Fig. 4: one contour panel per timestep range (the full range first), each with its own colour scale.
 
-    ``relative``: plot ``loss − loss(origin)`` so panels of very different loss levels compare by shape;
-    the title gives the loss at the origin and the largest rise on the grid (a steep range rises more)."""
+    ``mode``: ``"ratio"`` plots L/L(θ) (panels of very different loss levels compare by shape: a steep
+    range rises by a larger factor), ``"delta"`` plots L − L(θ), ``"raw"`` the loss itself."""
     import matplotlib.pyplot as plt
     from .analysis import _coords
+    if mode not in ("ratio", "delta", "raw"):
+        raise ValueError(f"mode must be 'ratio', 'delta' or 'raw', got {mode!r}")
     a, b = _coords(coords)
     n = len(landscapes)
-    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.1), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.2), squeeze=False)
     ia, ib = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(b)))
+    label = {"ratio": "L / L(θ)", "delta": "L − L(θ)", "raw": "L"}[mode]
     for ax, (name, z) in zip(axes[0], landscapes.items()):
         z0 = z[ia, ib]
-        zz = z - z0 if relative else z
+        zz = z / z0 if mode == "ratio" else z - z0 if mode == "delta" else z
         cs = ax.contourf(b, a, zz, levels=levels, cmap="viridis")
         ax.contour(b, a, zz, levels=levels, colors="k", linewidths=0.3)
         ax.plot([b[ib]], [a[ia]], "r*", ms=9)
-        ax.set(title=f"t ∈ {name}\nloss(θ) {z0:.4f}, max rise {zz.max():.3g}" if relative else f"t ∈ {name}",
-               xlabel="β (direction 2)")
-        fig.colorbar(cs, ax=ax, shrink=0.85)
+        ax.set_title(f"t ∈ {name}\nL(θ) = {z0:.3g}, max L/L(θ) = {z.max() / z0:.3g}", fontsize=9)
+        ax.set_xlabel("β (direction 2)")
+        fig.colorbar(cs, ax=ax, shrink=0.85, label=label)
     axes[0][0].set_ylabel("α (direction 1)")
     fig.tight_layout()
     return fig

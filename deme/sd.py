@@ -214,7 +214,8 @@ def load_pipeline(base, unet: nn.Module | None = None, *, device: str | torch.de
         comps = dict(pipe.components)
         if unet is not None:
             comps["unet"] = unet
-        if not safety_checker:
+        comps["requires_safety_checker"] = bool(pipe.config.get("requires_safety_checker", True))
+        if not safety_checker or comps.get("safety_checker") is None:
             comps.update(safety_checker=None, requires_safety_checker=False)
         pipe = StableDiffusionPipeline(**comps)
     if device is not None or dtype is not None:
@@ -262,11 +263,12 @@ def load_frozen_encoders(base: str, device: str | torch.device | None = None,
     parts = {}
     for name, cls in (("vae", AutoencoderKL), ("text_encoder", CLIPTextModel), ("tokenizer", CLIPTokenizer)):
         try:
-            parts[name] = cls.from_pretrained(str(base), subfolder=name)
+            kw = {} if name == "tokenizer" else {"torch_dtype": dtype}
+            parts[name] = cls.from_pretrained(str(base), subfolder=name, **kw)
         except Exception as e:
             raise _missing_weights(f"the {name} (subfolder {name}/)", str(base), e) from e
     for name in ("vae", "text_encoder"):
-        parts[name] = parts[name].to(device=device, dtype=dtype).eval().requires_grad_(False)
+        parts[name] = parts[name].to(device).eval().requires_grad_(False)
     return FrozenEncoders(parts["vae"], parts["text_encoder"], parts["tokenizer"], device, dtype)
 
 
@@ -772,7 +774,7 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    pipe = pipe.to(dev, dtype)
+    pipe = pipe.to(dev) if pipe.unet.dtype == dtype else pipe.to(dev, dtype)
     old_scheduler = pipe.scheduler
     _set_scheduler(pipe, scheduler)
     cfg_unet = pipe.unet.config

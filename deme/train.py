@@ -15,6 +15,7 @@ Outputs under ``out_dir``: ``model/`` (EMA weights, ``save_pretrained``), ``loss
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -163,6 +164,30 @@ def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor 
         m = (t >= lo) & (t < hi)
         out[f"range_{k}"] = per[m].mean().item()
     return out
+
+
+def step_loss(student, teacher, x0, noise, t, model_kwargs, alphas_cumprod, objective: Objective, step: int,
+              params, consistency_weight: float = 1.0, autocast=contextlib.nullcontext):
+    """The loss of one micro-batch — Eq. 4–5 for DeMe, the objective's weighting for the baselines.
+
+    x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε; the student predicts ε (under ``autocast()``); the objective turns the
+    per-sample ε-MSE into a scalar; with a ``teacher`` (frozen, no grad) the consistency term
+    λ·‖ε_θ(x_t,t) − ε_θi(x_t,t)‖² is added. Returns (loss, per-sample ε-MSE, mean consistency).
+    """
+    a = alphas_cumprod[t].float().view(-1, *([1] * (x0.ndim - 1)))
+    xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(x0.dtype)
+    with autocast():
+        eps = student(xt, t, **model_kwargs).sample
+        if teacher is not None:
+            with torch.no_grad():
+                eps_teacher = teacher(xt, t, **model_kwargs).sample
+    eps_mse = per_sample_mse(eps, noise)
+    loss = objective.combine(eps_mse, t, step, params)
+    cons = torch.zeros((), device=x0.device)
+    if teacher is not None:
+        cons = consistency_loss(eps, eps_teacher).mean()
+        loss = loss + consistency_weight * cons
+    return loss, eps_mse, cons
 
 
 def maybe_compile(module, enabled: bool):
@@ -351,18 +376,9 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
                 kw = {"class_labels": y.to(device)} if y is not None else {}
             t = t.to(device)
             with accelerator.accumulate(model):
-                xt = sched.add_noise(x0, noise, t)
-                with accelerator.autocast():
-                    eps = student_fwd(xt, t, **kw).sample
-                    if teacher is not None:
-                        with torch.no_grad():
-                            eps_teacher = teacher_fwd(xt, t, **kw).sample
-                eps_mse = per_sample_mse(eps, noise)
-                loss = objective.combine(eps_mse, t, step, params)
-                cons = torch.zeros((), device=device)
-                if teacher is not None:
-                    cons = consistency_loss(eps, eps_teacher).mean()
-                    loss = loss + cfg.consistency_weight * cons
+                loss, eps_mse, cons = step_loss(student_fwd, teacher_fwd, x0, noise, t, kw, alphas_cumprod,
+                                                objective, step, params, cfg.consistency_weight,
+                                                accelerator.autocast)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
