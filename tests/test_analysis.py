@@ -165,7 +165,7 @@ def test_landscape_origin_equals_the_models_loss_computed_independently():
         for k, p in moved.named_parameters():
             p.add_(0.3 * d1[k])
     assert zr[1, 0] == pytest.approx(hand_loss(moved, x, y, t_sub, 7), rel=1e-4)
-    assert zr[1, 0] > zr[0, 0]
+    assert zr[1, 0] != zr[0, 0]                             # an untrained model: no basin to expect
 
 
 def test_filter_normalized_direction_matches_filter_norms():
@@ -247,7 +247,7 @@ def test_task_vector_stats_hand_computed():
     st = A.task_vector_stats(base, [e1, e2])
     r = st.set_index(["layer", "range"])
     w1 = r.loc[("weight", 0)]
-    assert (w1.n, w1["mean"], w1["min"] if "min" in r else w1.q0, w1.q100) == (4, 2.5, 1.0, 4.0)
+    assert (w1.n, w1["mean"], w1.q0, w1.q100) == (4, 2.5, 1.0, 4.0)
     assert w1["std"] == pytest.approx(math.sqrt(1.25)) and w1.q25 == pytest.approx(1.75) and w1.q50 == pytest.approx(2.5)
     assert w1.abs_mean == pytest.approx(2.5) and w1.q5 == pytest.approx(1.15)      # 1 + 0.05·3
     b1 = r.loc[("bias", 0)]

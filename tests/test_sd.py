@@ -1,0 +1,350 @@
+"""Stable Diffusion path (deme.sd), offline: a tiny random SD pipeline built from configs with the real CLIP
+tokenizer, latent DeMe finetuning through the one training loop, merge, sampling, evaluation mechanics, and
+the validation of image–caption folders."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deme import sd
+from deme.config import get_profile
+from deme.data import DataMissingError
+from deme.models import WeightsMissingError, channel_projections, load_unet
+
+PROMPTS = ["a red square on a white wall", "a blue circle", "a small green tree", "a yellow car at night"]
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_sd")
+    sd.build_tiny_pipeline(d, seed=0, image_size=16)
+    return d
+
+
+def _write_folder(root, n=8, seed=0):
+    """``n`` PNGs of different sizes and colours (all at least 16 px) and their metadata.jsonl."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        h, w = 16 + 3 * i, 24 - i
+        img = np.full((h, w, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+        img[: h // 2] = rng.integers(0, 256, 3)          # two colour bands: crops are visible
+        Image.fromarray(img).save(root / f"img_{i}.png")
+        lines.append(json.dumps({"file_name": f"img_{i}.png", "text": f"a picture of thing number {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _write_folder(tmp_path_factory.mktemp("captions") / "data")
+
+
+def _cfg(pipe_dir, **kw):
+    base = dict(pretrained=str(pipe_dir), dataset="imagefolder", image_size=16, batch_size=4, grad_accum=1,
+                num_ranges=2, steps_per_range=2, checkpoint_every=1, log_every=1, mixed_precision="no",
+                num_workers=0, label_dropout=0.25)
+    base.update(kw)
+    return get_profile("sd14").replace(**base)
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+def test_clip_tokenizer_from_open_clip_matches_open_clip(tmp_path):
+    import open_clip
+    tok = sd.clip_tokenizer_from_open_clip(tmp_path / "tok")
+    assert (tmp_path / "tok" / "vocab.json").is_file() and (tmp_path / "tok" / "merges.txt").is_file()
+    assert tok.model_max_length == 77 and len(tok) == 49408
+    assert tok.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"]) == [49406, 49407]
+    sentences = ["A graceful white horse galloping through a field of wildflowers, its mane flowing!",
+                 "Don't   PANIC: 42 dolphins & a café at 3pm", "a photo of a sneaker"]
+    reference = open_clip.tokenize(sentences).tolist()            # the original CLIP tokenizer, 77 ids, 0-padded
+    reference_g14 = open_clip.get_tokenizer("ViT-g-14")(sentences).tolist()
+    ours = tok(sentences, padding="max_length", max_length=77, truncation=True).input_ids
+    for r, r2, o in zip(reference, reference_g14, ours):
+        n = r.index(49407) + 1                                       # up to and including <|endoftext|>
+        assert n > 5
+        assert o[:n] == r[:n] == r2[:n]
+        assert len(o) == 77 and set(o[n:]) <= {49407}               # SD pads with <|endoftext|>
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+def test_projections_leave_images_unchanged_before_training(pipe_dir):
+    plain = load_unet(pipe_dir, projection=False)
+    projected = load_unet(pipe_dir, projection=True)
+    assert type(plain).__name__ == "UNet2DConditionModel"
+    assert type(projected).__name__ == "ProjectedUNet2DConditionModel"
+    # one projection per down block, the mid block and every up block (SD v1.4: 4 + 1 + 4 = 9)
+    assert len(channel_projections(projected)) == 2 * len(plain.config.block_out_channels) + 1
+    a = sd.generate(plain, PROMPTS, base=pipe_dir, steps=3, seed=7, batch_size=4, device="cpu")
+    b = sd.generate(projected, PROMPTS, base=pipe_dir, steps=3, seed=7, batch_size=3, device="cpu")
+    c = sd.generate(plain, PROMPTS, base=pipe_dir, steps=3, seed=8, batch_size=4, device="cpu")
+    assert a.shape == (4, 16, 16, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)          # same seed, identity projections, other batching: same images
+    assert np.abs(a.astype(int) - c).max() > 0   # another seed: other images (the comparison is not vacuous)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+def test_text_image_batches_pure_and_equal_to_pipeline_encoding(pipe_dir, folder, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    cfg = _cfg(pipe_dir)
+    batches = sd.text_image_batches(cfg, 4, seed=3, device="cpu")
+    assert batches.per_epoch == 2 and batches.report.usable == 8 and not batches.report.bad
+    lat, kw = batches.batch(5)
+    assert lat.shape == (4, 4, 8, 8) and kw["encoder_hidden_states"].shape == (4, 77, 32)
+    again = sd.text_image_batches(cfg, 4, seed=3, device="cpu")          # a fresh object (a resumed run)
+    threaded = sd.text_image_batches(cfg.replace(num_workers=2), 4, seed=3, device="cpu")
+    for i in (5, 0, 1):
+        l2, kw2 = again.batch(i)
+        l3, kw3 = threaded.batch(i)
+        if i == 5:
+            assert torch.equal(lat, l2) and torch.equal(kw["encoder_hidden_states"], kw2["encoder_hidden_states"])
+        assert torch.equal(l2, l3) and torch.equal(kw2["encoder_hidden_states"], kw3["encoder_hidden_states"])
+    assert not torch.equal(lat, batches.batch(4)[0])
+    # each epoch is a permutation of the records
+    assert sorted(batches.records(0) + batches.records(1)) == list(range(8))
+
+    # the text embeddings are the pipeline's own prompt encoding; the latents a VAE posterior sample
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipe_dir))
+    x, captions = batches.pixels(5)
+    assert x.shape == (4, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    emb = pipe.encode_prompt(captions, "cpu", 1, False)[0]
+    torch.testing.assert_close(kw["encoder_hidden_states"], emb)
+    with torch.no_grad():
+        post = pipe.vae.encode(x).latent_dist
+    z = (lat / pipe.vae.config.scaling_factor - post.mean) / post.std   # the standard-normal draw
+    assert abs(z.mean().item()) < 0.3 and 0.7 < z.std().item() < 1.3
+
+    # caption dropout: p = 1 → every caption is "", p = 0 → none
+    all_dropped = sd.text_image_batches(cfg.replace(label_dropout=1.0), 4, seed=3, device="cpu")
+    assert all_dropped.pixels(5)[1] == [""] * 4
+    torch.testing.assert_close(all_dropped.batch(5)[1]["encoder_hidden_states"],
+                               pipe.encode_prompt([""] * 4, "cpu", 1, False)[0])
+    assert "" not in sd.text_image_batches(cfg.replace(label_dropout=0.0), 4, seed=3, device="cpu").pixels(5)[1]
+
+
+def test_resize_crop_centre_and_random():
+    img = np.zeros((32, 16, 3), np.uint8)             # 16 wide, 32 high: the crop slides vertically
+    img[:, :, 0] = np.arange(32, dtype=np.uint8)[:, None]
+    pil = Image.fromarray(img)
+    np.testing.assert_array_equal(sd.resize_crop(pil, 16), img[8:24])                 # centre
+    np.testing.assert_array_equal(sd.resize_crop(pil, 16, 0.0, 0.0), img[0:16])       # top
+    np.testing.assert_array_equal(sd.resize_crop(pil, 16, 0.0, 0.9999), img[16:32])   # bottom
+    assert sd.resize_crop(pil, 8).shape == (8, 8, 3)                                    # downscaled
+
+
+def test_caption_folder_validation(tmp_path, caplog):
+    # a folder without metadata.jsonl: stop, saying which file to provide
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(bare / "a.png")
+    with pytest.raises(DataMissingError, match="metadata.jsonl"):
+        sd.ImageCaptionFolder(bare)
+    with pytest.raises(DataMissingError, match="does not exist"):
+        sd.ImageCaptionFolder(tmp_path / "nowhere")
+
+    # bad records: reported with their file names, counted, skipped
+    root = _write_folder(tmp_path / "data", n=6)
+    png = (root / "img_0.png").read_bytes()
+    (root / "garbage.png").write_bytes(b"this is not an image")              # corrupt: caught by the header check
+    (root / "truncated.png").write_bytes(png[:60])                           # header fine, pixels missing
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "orphan.png")   # an image without a caption
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "silent.png")
+    extra = [{"file_name": "garbage.png", "text": "garbage"}, {"file_name": "truncated.png", "text": "cut"},
+             {"file_name": "silent.png", "text": "   "}, {"file_name": "gone.png", "text": "no file"}]
+    with open(root / "metadata.jsonl", "a") as f:
+        f.write("\n".join(json.dumps(r) for r in extra) + "\n{not json\n")
+    with caplog.at_level(logging.WARNING, logger="deme.sd"):
+        data = sd.ImageCaptionFolder(root)
+    bad = dict(data.report.bad)
+    assert bad["garbage.png"].startswith("corrupt image")
+    assert bad["orphan.png"].startswith("image without a caption")
+    assert bad["silent.png"].startswith("image without a caption")
+    assert bad["gone.png"].startswith("caption without an image")
+    assert any(k.startswith("metadata.jsonl line") for k in bad)
+    assert data.report.counts == {"corrupt image": 1, "image without a caption": 2, "caption without an image": 1,
+                                  "malformed metadata record": 1}
+    for name in ("garbage.png", "orphan.png", "silent.png", "gone.png"):
+        assert name in caplog.text
+    assert len(data) == 7 and data.report.usable == 7                        # 6 good + the truncated one
+    assert "5 bad records skipped" in data.report.summary()
+
+    # the truncated image fails when decoded: reported once, replaced by the next record, deterministically
+    t = [i for i in range(len(data)) if data.name(i) == "truncated.png"][0]
+    with pytest.raises(sd.CorruptImageError):
+        data.load(t)
+    assert dict(data.report.bad)["truncated.png"].startswith("corrupt image")
+    enc = type("NoEncoders", (), {})()
+    batches = sd.TextImageBatches(data, enc, 7, seed=0, image_size=16)
+    x, captions = batches.pixels(0)
+    assert x.shape == (7, 3, 16, 16) and "cut" not in captions
+    assert sum(1 for name, _ in data.report.bad if name == "truncated.png") == 1
+    assert torch.equal(x, batches.pixels(0)[0])
+
+    # a full decode check at construction finds it up front
+    full = sd.ImageCaptionFolder(root, check_images="full")
+    assert len(full) == 6 and dict(full.report.bad)["truncated.png"].startswith("corrupt image")
+
+    # nothing usable: stop
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "text": "x"}) + "\n")
+    with pytest.raises(DataMissingError, match="no usable image-caption pairs"):
+        sd.ImageCaptionFolder(empty)
+
+
+def test_missing_inputs_offline_say_what_to_provide(pipe_dir, folder, tmp_path, monkeypatch):
+    monkeypatch.delenv(sd.SD_DATA_ENV, raising=False)
+    with pytest.raises(DataMissingError, match=sd.SD_DATA_ENV):
+        sd.text_image_batches(_cfg(pipe_dir), 4, 0)
+    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    with pytest.raises(WeightsMissingError, match="HF_HUB_OFFLINE=1"):
+        sd.text_image_batches(_cfg(pipe_dir, pretrained="CompVis/stable-diffusion-v1-4"), 4, 0)
+    with pytest.raises(WeightsMissingError, match="stable-diffusion-v1-4"):
+        sd.load_pipeline("CompVis/stable-diffusion-v1-4")
+    with pytest.raises(DataMissingError, match="captions_val2014.json"):
+        sd.coco_prompts(tmp_path / "captions_val2014.json")
+    with pytest.raises(DataMissingError, match="PartiPrompts.tsv"):
+        sd.parti_prompts(tmp_path / "PartiPrompts.tsv")
+    with pytest.raises(DataMissingError, match="reference image folder"):
+        sd.fid_256(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "coco_val_256")
+
+
+# --------------------------------------------------------------------------------------------- prompts
+
+def test_prompt_sets(tmp_path):
+    rng = np.random.default_rng(1)
+    anns, images, k = [], [], 0
+    for image_id in range(100, 140):
+        images.append({"id": image_id, "file_name": f"COCO_val2014_{image_id:012d}.jpg"})
+        for c in range(int(rng.integers(1, 6))):
+            anns.append({"id": 1000 + k, "image_id": image_id, "caption": f"image {image_id} caption {c} "})
+            k += 1
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    rows = sd.coco_captions(path, n=10, seed=0)
+    assert len(rows) == 10 and len({r[0] for r in rows}) == 10                       # one caption per image
+    for image_id, file_name, caption in rows:
+        assert caption.startswith(f"image {image_id} caption") and not caption.endswith(" ")
+        assert file_name == f"COCO_val2014_{image_id:012d}.jpg"
+    assert sd.coco_prompts(path, 10, seed=0) == [r[2] for r in rows]                # seeded: reproducible
+    assert sd.coco_prompts(path, 10, seed=1) != sd.coco_prompts(path, 10, seed=0)
+    assert len({r[2] for s in range(8) for r in sd.coco_captions(path, 40, seed=s)}) > 40   # captions vary
+    with pytest.warns(UserWarning, match="fewer than n=50"):
+        assert len(sd.coco_prompts(path, 50)) == 40
+
+    tsv = tmp_path / "PartiPrompts.tsv"
+    tsv.write_text("Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\t\n"
+                   "A robot painted as graffiti\tArts\tImagination\tx\n")
+    assert sd.parti_prompts(tsv) == ["bond", "A robot painted as graffiti"]
+    (tmp_path / "bad.tsv").write_text("text\tx\nfoo\tbar\n")
+    with pytest.raises(ValueError, match="Prompt"):
+        sd.parti_prompts(tmp_path / "bad.tsv")
+    assert sd.imagenet_prompts(["tench", " goldfish "]) == ["a photo of a tench", "a photo of a goldfish"]
+    assert len(sd.PAPER_PROMPTS) == 4 and sd.PAPER_PROMPTS[1].endswith("under a clear blue sky.")
+
+
+# --------------------------------------------------------------------------------------------- training
+
+def test_gradient_checkpointing_gives_the_same_gradients(pipe_dir):
+    cfg = _cfg(pipe_dir)
+    grads = []
+    for checkpointing in (False, True):
+        unet = load_unet(pipe_dir, projection=True).train()
+        if checkpointing:
+            sd.prepare_unet_for_training(unet, cfg)
+            assert unet.is_gradient_checkpointing
+        g = torch.Generator().manual_seed(0)
+        x, emb = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+        unet(x, torch.tensor([10, 900]), encoder_hidden_states=emb).sample.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in unet.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+    assert sd.unet_subfolder(pipe_dir) is None and sd.unet_subfolder("CompVis/stable-diffusion-v1-4") == "unet"
+
+
+def test_tiny_sd_deme_run_merge_sample_and_score(pipe_dir, folder, tmp_path, monkeypatch):
+    from deme.merge import task_arithmetic
+    from deme.sampling import TimestepEnsemble
+    from deme.train import train
+    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    cfg = _cfg(pipe_dir)
+    outs = [train(cfg.replace(method="deme", range_index=i), tmp_path / f"range_{i}", base=str(pipe_dir),
+                  progress=False) for i in range(cfg.num_ranges)]
+    # resumable: an interrupted run of range 0 continued gives the uninterrupted weights
+    cut = tmp_path / "range_0_cut"
+    train(cfg.replace(method="deme", range_index=0), cut, base=str(pipe_dir), max_steps=1, progress=False)
+    train(cfg.replace(method="deme", range_index=0), cut, base=str(pipe_dir), progress=False)
+
+    base = load_unet(pipe_dir, projection=True)
+    experts = [load_unet(o / "model") for o in outs]
+    resumed = load_unet(cut / "model")
+    for k, v in experts[0].state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    for o in outs:
+        m = json.loads((o / "manifest.json").read_text())
+        assert m["steps"] == 2 and np.isfinite(m["final_loss"])
+    base_sd = base.state_dict()
+    for e in experts:
+        assert type(e).__name__ == "ProjectedUNet2DConditionModel"
+        moved = [k for k, v in e.state_dict().items() if not torch.equal(v, base_sd[k])]
+        assert any("channel_projection" in k for k in moved) and len(moved) > len(base_sd) // 2
+    merged_sd = task_arithmetic(base_sd, [e.state_dict() for e in experts], [0.5, 0.5])
+    merged = load_unet(pipe_dir, projection=True)
+    merged.load_state_dict(merged_sd)
+
+    # sampling with the merged UNet (and the ensemble) in the pipeline, same seeds as the base
+    before = sd.generate(base, PROMPTS, base=pipe_dir, steps=3, seed=0, device="cpu")
+    after_dir = tmp_path / "samples"
+    paths = sd.generate(merged, PROMPTS, base=pipe_dir, steps=3, seed=0, device="cpu", out_dir=after_dir)
+    after = np.stack([np.asarray(Image.open(p)) for p in paths])
+    assert after.shape == before.shape == (4, 16, 16, 3)
+    mtimes = [p.stat().st_mtime_ns for p in paths]
+    assert sd.generate(merged, PROMPTS, base=pipe_dir, steps=3, seed=0, device="cpu", out_dir=after_dir) == paths
+    assert [p.stat().st_mtime_ns for p in paths] == mtimes                    # resumable: kept, not redone
+    ens = sd.generate(TimestepEnsemble(experts), PROMPTS[:2], base=pipe_dir, steps=3, seed=0, device="cpu")
+    assert ens.shape == (2, 16, 16, 3)
+
+    # CLIP score mechanics with a tiny config-built open_clip model (random weights: mechanics only)
+    import open_clip
+    torch.manual_seed(0)
+    clip = open_clip.model.CLIP(embed_dim=32, vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8,
+                                                              image_size=32),
+                                text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval()
+    preprocess, tokenizer = open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-g-14")
+    result = sd.evaluate(after_dir, PROMPTS, clip_model=clip, clip_preprocess=preprocess, clip_tokenizer=tokenizer,
+                         chunk=3)
+    with torch.no_grad():
+        pix = torch.stack([preprocess(Image.fromarray(a)) for a in after])
+        cos = torch.nn.functional.cosine_similarity(clip.encode_image(pix), clip.encode_text(tokenizer(PROMPTS)))
+    assert result["n"] == 4 and result["fid_256"] is None
+    assert result["clip"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-4, abs=1e-4)
+
+
+def test_fid_256_plumbing(tmp_path, monkeypatch):
+    """Images brought to 256 px (shorter side, centre crop) before Inception; folder and array inputs agree;
+    the reference's features are cached. (The Fréchet distance itself is tested in test_metrics.)"""
+    import deme.metrics as M
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
+    for i, a in enumerate(imgs):
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+    seen = []
+    monkeypatch.setattr(M, "inception_features", lambda x, device=None: seen.append(x) or
+                        np.full((len(x), M.FEATURE_DIM), float(x.mean()), np.float32))
+    monkeypatch.setattr(M, "fid_from_features", lambda a, b: float(np.abs(a - b).max()))
+    cache = tmp_path / "ref.npz"
+    assert sd.fid_256(imgs, tmp_path, size=32, reference_cache=cache) == 0.0
+    assert len(seen) == 2 and all(x.shape == (3, 32, 32, 3) and x.dtype == np.uint8 for x in seen)
+    np.testing.assert_array_equal(seen[0][0], sd.resize_crop(Image.fromarray(imgs[0]), 32))
+    np.testing.assert_array_equal(seen[0], seen[1])            # folder (PNG) and array inputs agree
+    assert cache.is_file()
+    sd.fid_256(tmp_path, tmp_path, size=32, reference_cache=cache)
+    assert len(seen) == 3                                      # the cached reference is not recomputed
