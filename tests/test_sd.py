@@ -18,6 +18,15 @@ from deme.models import WeightsMissingError, channel_projections, load_unet
 PROMPTS = ["a red square on a white wall", "a blue circle", "a small green tree", "a yellow car at night"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Toy-sized models gain nothing from more threads, and lose much when the cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_sd")
