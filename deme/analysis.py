@@ -18,14 +18,20 @@ Gradient conflict, the method (the paper does not give its procedure; this is ou
     are regenerated, chunk by chunk, from a generator seeded by ``(seed, j)``, so every gradient meets the
     same ``R`` and memory stays at one gradient plus a d×chunk block. By Johnson–Lindenstrauss the projected
     inner products concentrate: for unit vectors the cosine error has standard deviation about
-    ``(1 − cos²)/√d`` (≈ 0.03 at d = 1024), so d of a few thousand suffices for a heat map.
+    ``(1 − cos²)/√d`` (≈ 0.03 at d = 1024), so d of a few thousand suffices for a heat map. The price is P·d
+    Gaussian draws per gradient: negligible on a GPU, a few seconds per million parameters at d = 256 on one
+    CPU core — for small models the exact cosines are cheaper.
+
+Models: diffusers ``UNet2DModel`` (unconditional or class-conditional, with or without DeMe's projections), or
+any module called as ``model(x_t, t[, class_labels=...]).sample``. Text-conditioned UNets (Stable Diffusion)
+are not covered by these helpers.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -87,7 +93,10 @@ def analysis_batch(cfg: Config, n: int, seed: int = 0, split: str = "train") -> 
         idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
         return images[idx], labels[idx]
     x, cond = training_batches(cfg, n, seed).batch(0)
-    return x, cond if isinstance(cond, torch.Tensor) else torch.full((len(x),), -1)
+    if not isinstance(cond, torch.Tensor):
+        raise NotImplementedError(f"profile {cfg.profile!r} conditions on {type(cond).__name__} (e.g. text "
+                                  "embeddings); the analyses cover unconditional and class-conditional UNets")
+    return x, cond
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -179,8 +188,10 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
     (Johnson–Lindenstrauss; see the module docstring), else the full K×P matrix is kept.
 
     Returns ``(sim, info)``: ``sim`` a symmetric (K, K) float64 array with unit diagonal; ``info`` holds
-    ``timesteps``, ``loss`` (per t), ``grad_norm`` (exact, per t), ``num_parameters``, ``projection_dim``,
-    ``batch``, ``seconds`` and ``method``.
+    ``timesteps``, ``loss`` (per t), ``grad_norm`` (exact, per t), ``top_parameter`` / ``top_share`` (per t:
+    the parameter tensor holding the largest share of ‖g‖², and that share — a gradient dominated by one
+    tensor, e.g. the output convolution, makes cosines swing with that tensor's sign), ``num_parameters``,
+    ``projection_dim``, ``noise``, ``batch``, ``seconds`` and ``method``.
     """
     from tqdm.auto import tqdm
     ts = timestep_grid(cfg.num_train_timesteps, timesteps) if isinstance(timesteps, (int, np.integer)) \
@@ -189,7 +200,8 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
         raise ValueError("gradient_similarity needs at least two timesteps")
     sched = make_scheduler(cfg)
     device = _device(model)
-    params = [p for p in model.parameters() if p.is_floating_point()]
+    named = [(k, p) for k, p in model.named_parameters() if p.is_floating_point()]
+    names, params = [k for k, _ in named], [p for _, p in named]
     flags = [p.requires_grad for p in params]
     was = model.training
     if noise not in ("shared", "per_timestep"):
@@ -197,7 +209,7 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
     shared = fixed_noise(images.shape, seed)
     sketch = GaussianSketch(projection_dim, seed) if projection_dim else None
     n = len(images)
-    rows, losses, norms = [], [], []
+    rows, losses, norms, top = [], [], [], []
     started = time.time()
     model.eval()
     try:
@@ -218,7 +230,9 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
                 loss.backward()
                 total += loss.item()
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            norms.append(float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads)).item()))
+            sq = torch.stack([g.double().pow(2).sum() for g in grads]).cpu()
+            norms.append(float(sq.sum().sqrt()))
+            top.append((names[int(sq.argmax())], float(sq.max() / sq.sum().clamp_min(1e-300))))
             losses.append(total)
             if sketch is not None:
                 rows.append(sketch(grads))
@@ -237,7 +251,7 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
     sim = np.clip(sim, -1.0, 1.0)
     info = {"timesteps": ts, "loss": np.array(losses), "grad_norm": np.array(norms),
             "num_parameters": sum(p.numel() for p in params), "projection_dim": projection_dim, "batch": n,
-            "noise": noise,
+            "noise": noise, "top_parameter": [k for k, _ in top], "top_share": np.array([s for _, s in top]),
             "seconds": time.time() - started,
             "method": ("cosine of full gradients" if sketch is None else
                        f"cosine of Gaussian sketches, d={projection_dim} (Johnson–Lindenstrauss)")}
@@ -255,8 +269,8 @@ def similarity_summary(sim: np.ndarray, timesteps: Sequence[int], num_train_time
                        early_fraction: float = 0.25, distant_fraction: float = 0.5) -> dict:
     """Numbers and distributions behind Fig. 1a, over the pairs i < j of the grid.
 
-    - ``adjacent_mean``: mean similarity of neighbouring grid points (|i − j| = 1);
-    - ``distant_mean``: mean over pairs at least ``distant_fraction``·T apart;
+    - ``adjacent_mean`` / ``adjacent_median``: over neighbouring grid points (|i − j| = 1);
+    - ``distant_mean`` / ``distant_median``: over pairs at least ``distant_fraction``·T apart;
     - ``negative_fraction``: share of pairs with a negative cosine; ``min``: the lowest cosine;
     - ``all_pairs`` / ``early_pairs``: the values over all pairs and over pairs with both timesteps inside
       [0, ``early_fraction``·T) — the two histograms of Fig. 1a (right), with their means.
@@ -270,7 +284,11 @@ def similarity_summary(sim: np.ndarray, timesteps: Sequence[int], num_train_time
 
     def mean(m):
         return float(values[m].mean()) if m.any() else float("nan")
+
+    def median(m):
+        return float(np.median(values[m])) if m.any() else float("nan")
     return {"adjacent_mean": mean(adjacent), "distant_mean": mean(distant),
+            "adjacent_median": median(adjacent), "distant_median": median(distant),
             "negative_fraction": float((values < 0).mean()), "min": float(values.min()),
             "all_pairs_mean": float(values.mean()), "early_pairs_mean": mean(early),
             "all_pairs": values, "early_pairs": values[early],
@@ -329,6 +347,9 @@ def activation_changes(base: nn.Module, finetuned: nn.Module, cfg: Config, image
     If finetuning acts channel by channel (the paper's claim, which motivates the channel-wise projection),
     the per-channel values spread widely (some channels move a lot, others not) while the per-position values
     are comparatively uniform; :func:`activation_change_summary` gives their coefficients of variation.
+    The two reductions average different numbers of entries (C per position, H·W per channel), which alone
+    changes their spread; ``*_shuffled`` are the same reductions after permuting each image's |D| entries at
+    random (seeded), the reference with no channel or spatial structure.
     """
     sched = make_scheduler(cfg)
     noise = fixed_noise(images.shape, seed)
@@ -345,27 +366,38 @@ def activation_changes(base: nn.Module, finetuned: nn.Module, cfg: Config, image
                                           labels.to(dev) if labels is not None else None, blocks))
         finally:
             m.train(was)
+    g = torch.Generator().manual_seed(seed)
     out = {}
     for name, a_base in acts[0].items():
         d = (acts[1][name] - a_base).abs()
+        B = d.shape[0]
+        perm = torch.stack([torch.randperm(d[0].numel(), generator=g) for _ in range(B)])
+        shuffled = torch.gather(d.reshape(B, -1), 1, perm).reshape(d.shape)
         out[name] = {"per_position": d.mean(dim=1).reshape(-1).numpy(),
                      "per_channel": d.mean(dim=(2, 3)).reshape(-1).numpy(),
+                     "per_position_shuffled": shuffled.mean(dim=1).reshape(-1).numpy(),
+                     "per_channel_shuffled": shuffled.mean(dim=(2, 3)).reshape(-1).numpy(),
                      "shape": tuple(d.shape)}
     return out
 
 
 def activation_change_summary(changes: Mapping[str, Mapping[str, np.ndarray]]):
     """One row per block: mean and coefficient of variation (std/mean) of the per-position and per-channel
-    change, and ``cv_ratio`` = CV(per channel) / CV(per position) (> 1: the change is more channel-wise)."""
+    change, ``cv_ratio`` = CV(per channel) / CV(per position), and ``cv_ratio_shuffled``, the same ratio for
+    the structure-free reference (entries permuted). ``cv_ratio`` well above ``cv_ratio_shuffled``: the change
+    is organised by channel more than by position."""
     import pandas as pd
+    def cv(v):
+        v = np.asarray(v, dtype=np.float64)
+        return float(v.std() / max(v.mean(), 1e-30))
     rows = []
     for name, c in changes.items():
-        pos, ch = np.asarray(c["per_position"]), np.asarray(c["per_channel"])
-        cv_pos = float(pos.std() / max(pos.mean(), 1e-30))
-        cv_ch = float(ch.std() / max(ch.mean(), 1e-30))
-        rows.append({"block": name, "mean_per_position": float(pos.mean()), "cv_per_position": cv_pos,
-                     "mean_per_channel": float(ch.mean()), "cv_per_channel": cv_ch,
-                     "cv_ratio": cv_ch / max(cv_pos, 1e-30)})
+        cv_pos, cv_ch = cv(c["per_position"]), cv(c["per_channel"])
+        row = {"block": name, "mean_change": float(np.mean(c["per_position"])), "cv_per_position": cv_pos,
+               "cv_per_channel": cv_ch, "cv_ratio": cv_ch / max(cv_pos, 1e-30)}
+        if "per_channel_shuffled" in c:
+            row["cv_ratio_shuffled"] = cv(c["per_channel_shuffled"]) / max(cv(c["per_position_shuffled"]), 1e-30)
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -430,7 +462,8 @@ class _Perturbed:
         self.restore()
 
 
-def _coords(coords) -> tuple[np.ndarray, np.ndarray]:
+def grid_coords(coords) -> tuple[np.ndarray, np.ndarray]:
+    """The two axes of a 2-D grid: ``coords`` is one 1-D array used for both, or a pair ``(first, second)``."""
     if isinstance(coords, tuple) and len(coords) == 2 and np.ndim(coords[0]) == 1:
         return np.asarray(coords[0], float), np.asarray(coords[1], float)
     c = np.asarray(coords, float)
@@ -450,7 +483,7 @@ def loss_landscape_2d(model: nn.Module, cfg: Config, images: torch.Tensor, label
     ``(alphas[i], betas[j])``.
     """
     from tqdm.auto import tqdm
-    alphas, betas = _coords(coords)
+    alphas, betas = grid_coords(coords)
     out = np.empty((len(alphas), len(betas)))
     with _Perturbed(model) as pert:
         points = [(i, j) for i in range(len(alphas)) for j in range(len(betas))]
@@ -478,7 +511,7 @@ def landscape_summary(landscapes: Mapping[str, np.ndarray], coords):
     and the curvature at the origin along each direction by central differences with the grid points
     nearest to it, ``(L(h) + L(−h) − 2 L(0)) / h²`` (absolute, and relative to the loss at the origin)."""
     import pandas as pd
-    a, b = _coords(coords)
+    a, b = grid_coords(coords)
     ia, ib = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(b)))
     rows = []
     for name, z in landscapes.items():
@@ -522,7 +555,7 @@ def task_vector_plane_loss(base: nn.Module, expert_a: nn.Module, expert_b: nn.Mo
     """
     from tqdm.auto import tqdm
     from .merge import task_arithmetic
-    a_vals, b_vals = _coords(coords)
+    a_vals, b_vals = grid_coords(coords)
     sd_a = {k: v.detach().cpu() for k, v in expert_a.state_dict().items()}
     sd_b = {k: v.detach().cpu() for k, v in expert_b.state_dict().items()}
     sd_0 = _reference_state({k: v.detach().cpu() for k, v in base.state_dict().items()}, sd_a)

@@ -62,10 +62,10 @@ def plot_landscapes(landscapes: Mapping[str, np.ndarray], coords, levels: int = 
     ``mode``: ``"ratio"`` plots L/L(θ) (panels of very different loss levels compare by shape: a steep
     range rises by a larger factor), ``"delta"`` plots L − L(θ), ``"raw"`` the loss itself."""
     import matplotlib.pyplot as plt
-    from .analysis import _coords
+    from .analysis import grid_coords
     if mode not in ("ratio", "delta", "raw"):
         raise ValueError(f"mode must be 'ratio', 'delta' or 'raw', got {mode!r}")
-    a, b = _coords(coords)
+    a, b = grid_coords(coords)
     n = len(landscapes)
     fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.2), squeeze=False)
     ia, ib = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(b)))
@@ -89,8 +89,8 @@ def plot_task_vector_plane(loss: np.ndarray, coords, merge_point: tuple[float, f
     """Fig. 6a: training loss on the plane θ + a·τ_a + b·τ_b, with θ (0, 0), θ_a (1, 0), θ_b (0, 1), the grid's
     best point and, when given, a merge point (w_a, w_b)."""
     import matplotlib.pyplot as plt
-    from .analysis import _coords
-    a, b = _coords(coords)
+    from .analysis import grid_coords
+    a, b = grid_coords(coords)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 4.4))
     cs = ax.contourf(a, b, loss.T, levels=levels, cmap="viridis")   # x = a, y = b
     ax.contour(a, b, loss.T, levels=levels, colors="k", linewidths=0.3)
@@ -105,7 +105,20 @@ def plot_task_vector_plane(loss: np.ndarray, coords, merge_point: tuple[float, f
     ax.set(xlabel=f"a (along τ of {labels[0]})", ylabel=f"b (along τ of {labels[1]})",
            title="loss on the plane of two task vectors")
     ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
     return fig
+
+
+_ORDER = ("conv_in", "time_embedding", "class_embedding", "down_blocks", "mid_block", "up_blocks", "conv_norm_out",
+          "conv_out")
+
+
+def unet_order(name: str) -> tuple:
+    """Sort key placing layer names in the order data flows through a UNet (input → down → mid → up → output),
+    numeric indices numerically; unknown names last, alphabetically."""
+    parts = name.split(".")
+    head = _ORDER.index(parts[0]) if parts[0] in _ORDER else len(_ORDER)
+    return (head, tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts[1:]), name)
 
 
 def plot_task_vector_boxes(stats, layers: Sequence[str] | None = None, whiskers: tuple[str, str] = ("q5", "q95"),
@@ -114,7 +127,7 @@ def plot_task_vector_boxes(stats, layers: Sequence[str] | None = None, whiskers:
     :func:`deme.analysis.task_vector_stats` (box: quartiles, line: median, whiskers: 5th–95th percentiles
     by default; outliers not drawn)."""
     import matplotlib.pyplot as plt
-    layers = list(layers) if layers is not None else list(dict.fromkeys(stats["layer"]))
+    layers = list(layers) if layers is not None else sorted(dict.fromkeys(stats["layer"]), key=unet_order)
     ranges = sorted(stats["range"].unique())
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(max(6, 0.9 * len(layers) + 2), 4))
     width = 0.8 / len(ranges)
@@ -156,7 +169,12 @@ def plot_activation_changes(changes: Mapping[str, Mapping[str, np.ndarray]], bin
                 label=f"over channels → per position (CV {pos.std() / max(pos.mean(), 1e-30):.2f})")
         ax.hist(ch_r, bins=edges, density=True, alpha=0.55, color="C3",
                 label=f"over space → per channel (CV {ch.std() / max(ch.mean(), 1e-30):.2f})")
-        ax.set_title(name, fontsize=9)
+        title = name
+        if "per_channel_shuffled" in changes[name]:
+            from .analysis import activation_change_summary
+            row = activation_change_summary({name: changes[name]}).iloc[0]
+            title += f"\nCV ratio {row.cv_ratio:.2f} (entries shuffled: {row.cv_ratio_shuffled:.2f})"
+        ax.set_title(title, fontsize=8)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")

@@ -232,6 +232,8 @@ def test_activation_changes_of_a_channel_scaled_block():
     assert ch["mid_block"]["per_channel"].size == B * C and ch["mid_block"]["per_position"].size == B * H * W
     summary = A.activation_change_summary({"mid_block": ch["mid_block"]})
     assert summary.loc[0, "cv_ratio"] > 1                  # channel-wise change shows as a wider per-channel spread
+    assert summary.loc[0, "cv_ratio"] > summary.loc[0, "cv_ratio_shuffled"]   # ... than with no structure at all
+    assert sorted(ch["mid_block"]["per_channel_shuffled"].round(5)) != sorted(per_channel.numpy().round(5))
 
 
 # -- task-vector statistics ---------------------------------------------------------------------------------
@@ -287,6 +289,8 @@ def test_plots_render(tmp_path, monkeypatch):
     st = pd.DataFrame([{"layer": l, "range": r, "range_label": f"range {r}", "q5": -1, "q25": -.5, "q50": 0,
                         "q75": .5, "q95": 1} for l in ("a", "b") for r in (0, 1)])
     figs.append(plots.plot_task_vector_boxes(st))
+    assert sorted(["up_blocks.10", "conv_out", "mid_block", "up_blocks.2", "conv_in"], key=plots.unet_order) == \
+        ["conv_in", "mid_block", "up_blocks.2", "up_blocks.10", "conv_out"]
     rng = np.random.default_rng(0)
     figs.append(plots.plot_activation_changes({"mid_block": {"per_position": rng.random(20), "per_channel": rng.random(8)}}))
     monkeypatch.setattr(plots, "figures_dir", lambda cfg: tmp_path)

@@ -21,7 +21,7 @@ from deme import metrics as M
 from deme.config import get_profile
 from deme.data import load_tensor_dataset
 
-N = 32                         # images per set
+N = 24                         # images per set
 NOISE_STDS = (0.1, 0.3, 0.6)   # Gaussian noise added to set A, in the [-1, 1] image range
 
 
@@ -54,26 +54,39 @@ def _fid_independent(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_fid_from_features_matches_scipy_formula():
+    from cleanfid.fid import frechet_distance
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(400, 24))
-    b = rng.normal(0.3, 1.5, size=(300, 24)) @ rng.normal(size=(24, 24)) / 5
-    expected = _fid_independent(a, b)
-    assert expected > 1
-    assert M.fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
+    mix = rng.normal(size=(64, 64)) / 8
+    # full rank (N > D): clean-fid's path; low rank (N < D, the usual sample-set case): the exact low-rank form
+    for na, nb in ((400, 300), (30, 45), (50, 500)):
+        a = rng.normal(size=(na, 64))
+        b = rng.normal(0.3, 1.5, size=(nb, 64)) @ mix
+        expected = _fid_independent(a, b)
+        assert expected > 1
+        assert M.fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)
+        assert M.fid_from_features(b, a) == pytest.approx(expected, rel=1e-6)
+        # against precomputed statistics (a reference): same value, and the same as clean-fid's function
+        ref = M.ReferenceStatistics.from_features(b)
+        cf = frechet_distance(a.mean(0), np.cov(a, rowvar=False), ref.mu, ref.sigma)
+        assert M.compute_fid_kid(a, ref)["fid"] == pytest.approx(cf, rel=1e-6)
+        assert cf == pytest.approx(expected, rel=1e-6)
     # isotropic Gaussians, large N: FID -> ‖Δμ‖² + d (σa − σb)²  (= 24·0.25 + 24·1 = 30)
     big_a = rng.normal(0.5, 1.0, size=(20000, 24))
     big_b = rng.normal(0.0, 2.0, size=(20000, 24))
     assert M.fid_from_features(big_a, big_b) == pytest.approx(30.0, rel=0.03)
 
 
-def test_kid_mean_matches_cleanfid_and_is_unbiased():
+@pytest.mark.parametrize("full_kernel", [True, False])
+def test_kid_mean_matches_cleanfid_and_is_unbiased(full_kernel, monkeypatch):
     from cleanfid.fid import kernel_distance
+    if not full_kernel:     # force the per-subset computation used for large sets
+        monkeypatch.setattr(M, "_KID_FULL_KERNEL_MAX", 0)
     rng = np.random.default_rng(1)
     a = np.abs(rng.normal(size=(120, 64)))
     b = np.abs(rng.normal(size=(90, 64))) * 1.3
     mean, std = M.kid_from_features(a, b, num_subsets=20, max_subset_size=50, seed=7)
     np.random.seed(7)
-    assert mean == pytest.approx(kernel_distance(a, b, num_subsets=20, max_subset_size=50), rel=1e-10)
+    assert mean == pytest.approx(kernel_distance(a, b, num_subsets=20, max_subset_size=50), rel=1e-9)
     assert std > 0                                   # subsets of 50 out of 90/120 differ
     same = M.kid_from_features(a[:60], a[60:], num_subsets=20, max_subset_size=50)[0]
     assert abs(same) < 0.1 * mean                    # same distribution: near 0 (unbiased estimator)
@@ -140,7 +153,9 @@ def test_reference_statistics_cached(digits, tmp_path, monkeypatch):
     np.testing.assert_allclose(again.sigma, np.cov(f.astype(np.float64), rowvar=False), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(again.kid_features, ref.kid_features, rtol=1e-3)   # stored as float16
     assert again.meta["n"] == 50 and again.meta["split"] == "test" and again.meta["image_size"] == 8
-    assert M.reference_cache_path(cfg, "train", None, tmp_path).name == "digits_8px_train_all.npz"
+    assert M.reference_cache_path(cfg, "train", 10**6, tmp_path).name == "digits_8px_train_1437.npz"
+    default = min(cfg.fid_reference_size, 360)       # the profile's size, capped at the 360 test digits
+    assert M.reference_cache_path(cfg, "test", None, tmp_path).name == f"digits_8px_test_{default}.npz"
 
 
 def test_to_uint8_rgb():
@@ -156,7 +171,7 @@ def test_to_uint8_rgb():
 def test_classifier_trains_and_alignment_equals_accuracy(digits, tmp_path):
     cfg, x, y = digits
     path = tmp_path / "clf.pt"
-    info = M.train_classifier(cfg, path, progress=False)
+    info = M.train_classifier(cfg, path, epochs=10, progress=False)
     assert info["test_accuracy"] > 80                 # chance is 10%
     assert json.loads(path.with_suffix(".json").read_text())["test_accuracy"] == info["test_accuracy"]
     clf = M.load_classifier(path)

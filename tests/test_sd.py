@@ -99,6 +99,20 @@ def test_projections_leave_images_unchanged_before_training(pipe_dir):
     assert np.abs(a.astype(int) - c).max() > 0   # another seed: other images (the comparison is not vacuous)
 
 
+def test_sd14_unet_gets_nine_projections_holding_1_06_percent():
+    """PAPER.md §2.3: on SD v1.4's UNet the placement gives 9 projections and 1.06% of the parameters."""
+    from deme.models import ProjectedUNet2DConditionModel
+    with torch.device("meta"):                       # shapes only: no memory, no weights
+        unet = ProjectedUNet2DConditionModel(**sd.SD14_UNET_CONFIG)
+    projs = channel_projections(unet)
+    n_proj = sum(p.weight.numel() for p in projs.values())
+    n_all = sum(p.numel() for p in unet.parameters())
+    assert len(projs) == 9
+    assert n_proj == 2 * (320**2 + 640**2 + 1280**2 + 1280**2) + 1280**2
+    assert n_all - n_proj == 859_520_964            # the published size of SD v1.4's UNet
+    assert round(100 * n_proj / n_all, 2) == 1.06
+
+
 # --------------------------------------------------------------------------------------------- data
 
 def test_text_image_batches_pure_and_equal_to_pipeline_encoding(pipe_dir, folder, monkeypatch):
