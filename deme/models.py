@@ -166,7 +166,13 @@ def load_unet(path_or_id: str | os.PathLike, projection: bool | None = None, sub
         if local:
             config = UNet2DModel.load_config(folder)
         else:
-            config = UNet2DModel.load_config(str(path_or_id), subfolder=subfolder)
+            try:
+                config = UNet2DModel.load_config(str(path_or_id), subfolder=subfolder)
+            except Exception:
+                if subfolder is not None:
+                    raise
+                subfolder = "unet"   # a pipeline repo (e.g. CompVis/stable-diffusion-v1-4): the UNet is in unet/
+                config = UNet2DModel.load_config(str(path_or_id), subfolder=subfolder)
     except Exception as e:
         raise WeightsMissingError(_weights_help(path_or_id, e)) from e
     name = config.get("_class_name", "UNet2DModel")

@@ -283,6 +283,9 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
         if cfg.method == "deme" and cfg.consistency_weight > 0:
             teacher = load_unet(base, projection=False).to(device).eval().requires_grad_(False)
     model.train()
+    if cfg.dataset in ("laion", "imagefolder"):
+        from .sd import prepare_unet_for_training
+        prepare_unet_for_training(model, cfg)   # gradient checkpointing for the 860M-parameter SD UNet
     if device.type == "cuda":   # GPU fast path: NHWC convolutions; the CPU keeps NCHW (faster there)
         model = model.to(device, memory_format=torch.channels_last)
         if teacher is not None:
