@@ -55,16 +55,6 @@ def fixed_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
 
 
-def stratified_timesteps(n: int, t_range: tuple[int, int]) -> torch.Tensor:
-    """``n`` timesteps spread evenly over ``[lo, hi)``: image j gets ``lo + ⌊(j + ½)(hi − lo)/n⌋``.
-
-    For ``(0, T)`` these are exactly the timesteps of :func:`deme.train.heldout_loss`."""
-    lo, hi = int(t_range[0]), int(t_range[1])
-    if not 0 <= lo < hi:
-        raise ValueError(f"t_range must be (lo, hi) with 0 <= lo < hi, got {t_range}")
-    return (lo + ((torch.arange(n) + 0.5) * (hi - lo) / n).long()).clamp(max=hi - 1)
-
-
 def timestep_grid(num_train_timesteps: int, k: int) -> np.ndarray:
     """``k`` timesteps at the centres of ``k`` equal bins of [0, T): ``⌊(i + ½)·T/k⌋``, i = 0..k−1."""
     if not 1 <= k <= num_train_timesteps:
@@ -108,35 +98,12 @@ def _forward(model: nn.Module, xt: torch.Tensor, t: torch.Tensor, labels: torch.
     return model(xt, t, **kw).sample
 
 
-def eps_loss(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
-             t: torch.Tensor, noise: torch.Tensor, batch_size: int = 256) -> float:
-    """Mean ε-MSE of ``model`` on ``images`` noised with ``noise`` at timesteps ``t`` (no gradient)."""
-    sched = make_scheduler(cfg)
-    device = _device(model)
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            sl = slice(i, i + batch_size)
-            x0, eps, tt = images[sl].to(device), noise[sl].to(device), t[sl].to(device)
-            xt = sched.add_noise(x0, eps, tt)
-            y = labels[sl].to(device) if labels is not None else None
-            total += per_sample_mse(_forward(model, xt, tt, y), eps).double().sum().item()
-    return total / len(images)
-
-
 def fixed_batch_loss(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
                      t_range: tuple[int, int] | None = None, seed: int = 0, batch_size: int = 256) -> float:
     """The diffusion loss on a fixed batch: noise from ``seed``, timesteps stratified inside ``t_range``
-    (default [0, T)). With ``t_range=None`` it equals ``heldout_loss(model, cfg, images, labels, seed)["loss"]``.
-    The model is evaluated in eval mode (and its mode restored)."""
-    t_range = t_range or (0, cfg.num_train_timesteps)
-    was = model.training
-    model.eval()
-    try:
-        return eps_loss(model, cfg, images, labels, stratified_timesteps(len(images), t_range),
-                        fixed_noise(images.shape, seed), batch_size)
-    finally:
-        model.train(was)
+    (default [0, T)) — :func:`deme.train.heldout_loss` restricted to ``t_range``."""
+    from .train import heldout_loss
+    return heldout_loss(model, cfg, images, labels, seed, t_range=t_range, batch_size=batch_size)["loss"]
 
 
 # ---------------------------------------------------------------------------------------------------------

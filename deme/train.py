@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .config import ROOT, Config, get_profile, METHODS, training_identity
 from .losses import consistency_loss, loss_weight, per_sample_mse, snr
 from .models import base_model_path, build_unet, load_unet, make_scheduler
-from .timesteps import antithetic, sample_timesteps, timestep_ranges
+from .timesteps import antithetic, sample_timesteps, stratified_timesteps, timestep_ranges
 
 
 class NonFiniteLossError(RuntimeError):
@@ -135,24 +135,25 @@ def drop_labels(labels: torch.Tensor, num_classes: int | None, p: float, generat
 
 @torch.no_grad()
 def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0,
-                 num_ranges: int | None = None, batch_size: int = 256) -> dict[str, float]:
-    """The diffusion loss on fixed images over all timesteps, with fixed noise and stratified timesteps.
+                 num_ranges: int | None = None, batch_size: int = 256,
+                 t_range: tuple[int, int] | None = None) -> dict[str, float]:
+    """The diffusion loss on fixed images with fixed noise (from ``seed``) and stratified timesteps.
 
-    Timesteps are spread evenly over [0, T) (image j gets t = ⌊(j + ½)·T/n⌋), so the value is a deterministic
-    estimate of the full-range ε-MSE; ``range_k`` entries give the same loss restricted to each of
-    ``num_ranges`` ranges. Labels are used as given (pass the null token for the unconditional loss).
+    Timesteps are spread evenly over ``t_range`` (default [0, T); image j gets t = lo + ⌊(j + ½)(hi − lo)/n⌋),
+    so the value is a deterministic estimate of the ε-MSE over the range; over the full range, ``range_k``
+    entries give the same loss restricted to each of ``num_ranges`` ranges. Labels are used as given (pass
+    the null token for the unconditional loss). The model is evaluated in eval mode (its mode restored).
     """
     T = cfg.num_train_timesteps
-    n = len(images)
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(images.shape, generator=g)
-    t = ((torch.arange(n) + 0.5) * T / n).long().clamp(max=T - 1)
+    t_range = t_range or (0, T)
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    t = stratified_timesteps(len(images), t_range)
     sched = make_scheduler(cfg)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     losses = []
-    for i in range(0, n, batch_size):
+    for i in range(0, len(images), batch_size):
         x0, eps, tt = images[i:i + batch_size].to(device), noise[i:i + batch_size].to(device), t[i:i + batch_size].to(device)
         xt = sched.add_noise(x0, eps, tt)
         kw = {"class_labels": labels[i:i + batch_size].to(device)} if labels is not None else {}
@@ -160,9 +161,10 @@ def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor 
     model.train(was_training)
     per = torch.cat(losses)
     out = {"loss": per.mean().item()}
-    for k, (lo, hi) in enumerate(timestep_ranges(T, num_ranges or cfg.num_ranges)):
-        m = (t >= lo) & (t < hi)
-        out[f"range_{k}"] = per[m].mean().item()
+    if tuple(t_range) == (0, T):
+        for k, (lo, hi) in enumerate(timestep_ranges(T, num_ranges or cfg.num_ranges)):
+            m = (t >= lo) & (t < hi)
+            out[f"range_{k}"] = per[m].mean().item()
     return out
 
 

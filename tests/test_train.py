@@ -8,8 +8,7 @@ import torch
 import deme.train as train_mod
 from deme.config import PROFILES, get_profile
 from deme.data import DataMissingError, TensorBatches, load_fmnist_raw
-from deme.models import build_unet, load_unet
-from deme.timesteps import timestep_ranges
+from deme.models import load_unet
 from deme.train import NonFiniteLossError, heldout_loss, train
 
 
