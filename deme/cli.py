@@ -54,6 +54,7 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     ``update_notebooks=False``.
     """
     import papermill as pm
+    from .stages import write_json
     cfg = get_profile(profile)
     update = cfg.profile == "fmnist" if update_notebooks is None else update_notebooks
     out_dir = ROOT / "runs" / cfg.profile / "notebooks"
@@ -79,7 +80,7 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
                             progress_bar=True, kernel_name="python3")
         rec = {"stage": name, "notebook": notebook, "params": params, "key": key,
                "seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-        rec_path.write_text(json.dumps(rec, indent=2))
+        write_json(rec_path, rec)
         records.append(rec)
         print(f"[{k}/{len(plan)}] {name}: done in {rec['seconds']:.0f} s", flush=True)
         if update and (notebook != "03_train.ipynb" or name == "03_train_range0"):

@@ -23,16 +23,16 @@ BASELINE_NAMES = {"standard": "Standard (uniform)", "snr+1": "SNR+1", "trunc-snr
                   "min-snr": "Min-SNR-γ", "p2": "P2", "ant-uw": "ANT-UW", "ant-nash": "ANT-NashMTL"}
 
 # The paper's numbers (PAPER.md §6), shown beside ours in separate, labelled tables — never mixed with ours.
+PAPER_ROWS = ["Before finetuning", "SNR+1", "Trun-SNR", "Min-SNR-γ", "P2", "ANT-NashMTL", "ANT-UW",
+              "DeMe (before merge)", "DeMe (after merge)"]
 PAPER_TABLE1 = pd.DataFrame({
-    "model": ["Before finetuning", "SNR+1", "Trun-SNR", "Min-SNR-γ", "P2", "ANT-NashMTL", "ANT-UW",
-              "DeMe (before merge)", "DeMe (after merge)"],
+    "model": PAPER_ROWS,
     "CIFAR-10 FID": [4.42, 5.41, 4.49, 5.77, 5.63, 4.24, 4.21, 3.79, 3.51],
     "LSUN-Church FID": [10.69, 10.80, 10.81, 10.82, 10.77, 10.45, 10.43, 9.57, 7.27],
     "LSUN-Bedroom FID": [6.46, 6.41, 6.42, 6.41, 6.53, 6.43, 6.48, 5.87, 5.84],
 })
 PAPER_TABLE2 = pd.DataFrame({
-    "model": ["Before finetuning", "SNR+1", "Trun-SNR", "Min-SNR-γ", "P2", "ANT-NashMTL", "ANT-UW",
-              "DeMe (before merge)", "DeMe (after merge)"],
+    "model": PAPER_ROWS,
     "COCO FID": [13.42, 13.92, 13.93, 13.92, 13.23, 13.39, 13.17, 12.78, 13.06],
     "COCO CLIP": [29.88, 29.96, 29.95, 29.93, 29.93, 29.81, 29.94, 29.85, 30.11],
     "ImageNet FID": [27.62, 27.56, 27.60, 27.59, 26.92, 27.41, 26.91, 26.36, 27.23],
@@ -102,6 +102,7 @@ def run_comparison(cfg: Config, seeds, n: int, steps: int | None = None, out_dir
     """Evaluate every row of :func:`comparison_models` for every seed (cached per model and seed)."""
     from tqdm.auto import tqdm
     from .metrics import ensure_classifier, load_clip, reference_statistics
+    from .stages import write_json
     out_dir = out_dir or ROOT / "runs" / cfg.profile / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
     reference = reference_statistics(cfg, "train", n=cfg.fid_reference_size)
@@ -118,9 +119,7 @@ def run_comparison(cfg: Config, seeds, n: int, steps: int | None = None, out_dir
             else:
                 model = model or load()
                 rec = evaluate_model(model, cfg, seed, n, reference, classifier, clip, steps)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(rec))
-                tmp.replace(path)
+                write_json(path, rec)
             records.append({"model": name, **rec})
         del model
     return pd.DataFrame(records)

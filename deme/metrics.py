@@ -488,6 +488,15 @@ def classifier_path(cfg: Config) -> Path:
 
 
 @torch.no_grad()
+def classifier_features(classifier, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Penultimate-layer features of the project's classifier (its hidden layer, after ReLU)."""
+    classifier.eval()
+    dev = next(classifier.parameters()).device
+    trunk = torch.nn.Sequential(classifier.features, *list(classifier.head)[:-1])
+    return torch.cat([trunk(images[i:i + batch_size].to(dev)).cpu() for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
 def predict(classifier: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """Predicted class indices (N,) for images (N, C, H, W) in [−1, 1]."""
     classifier.eval()

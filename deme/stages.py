@@ -15,7 +15,7 @@ from .models import base_model_path, load_unet
 from .train import heldout_loss, run_dir, train
 
 
-def ensure_base_model(cfg: Config, allow_training: bool = True) -> str:
+def ensure_base_model(cfg: Config) -> str:
     """The path of the profile's pretrained base model, pretraining it first where the project owns it.
 
     Paper profiles: the hub id (loaded by :func:`deme.models.load_unet`). ``fmnist``: the committed
@@ -25,8 +25,6 @@ def ensure_base_model(cfg: Config, allow_training: bool = True) -> str:
     path = base_model_path(cfg)
     if cfg.pretrained or (Path(path) / "config.json").exists():
         return path
-    if not allow_training:
-        raise FileNotFoundError(f"no base model at {path}; run notebooks/02_base_model.ipynb first")
     out = train(cfg.replace(method="pretrain"), Path(path).parent)
     return str(out / "model")
 
@@ -57,15 +55,8 @@ def merge_dir(cfg: Config) -> Path:
     return ROOT / "runs" / cfg.profile / "merge" / f"N{cfg.num_ranges}"
 
 
-def heldout_criterion(cfg: Config, images: torch.Tensor, labels: torch.Tensor | None):
-    """A cheap merge criterion: the full-range held-out diffusion loss (fixed images, noise and timesteps)
-    of a state dict loaded into a template model."""
-    def score(model) -> float:
-        return heldout_loss(model, cfg, images, labels)["loss"]
-    return score
-
-
 def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON atomically (write a temporary file, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -75,15 +66,6 @@ def write_json(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Merge-weight search (notebook 04)
 # ---------------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def classifier_features(classifier, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Penultimate-layer features of the project's classifier (its hidden layer, after ReLU)."""
-    classifier.eval()
-    dev = next(classifier.parameters()).device
-    trunk = torch.nn.Sequential(classifier.features, *list(classifier.head)[:-1])
-    return torch.cat([trunk(images[i:i + batch_size].to(dev)).cpu() for i in range(0, len(images), batch_size)])
-
 
 def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = None):
     """A sample-quality criterion for the merge search (lower is better).
@@ -97,7 +79,7 @@ def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = No
     from .metrics import fid_from_features
     from .sampling import ddim_sample
     if cfg.dataset in ("fmnist", "digits"):
-        from .metrics import ensure_classifier
+        from .metrics import classifier_features, ensure_classifier
         clf = ensure_classifier(cfg)
         real, _ = heldout_batch(cfg, n, seed=4321)
         real_f = classifier_features(clf, real).double().numpy()
