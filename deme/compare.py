@@ -71,10 +71,11 @@ def comparison_models(cfg: Config) -> dict[str, Callable[[], torch.nn.Module]]:
 
 
 def evaluate_model(model, cfg: Config, seed: int, n: int, reference, classifier=None, clip=None,
-                   steps: int | None = None) -> dict:
-    """Sample ``n`` unconditional and ``n`` class-conditional images (classes cycled) with ``seed`` and score
-    them: FID/KID of each set against ``reference``; the classifier alignment (%) and the CLIP score of the
-    conditional set. ``clip``: (model, preprocess, tokenizer) or None (→ CLIP score None)."""
+                   steps: int | None = None, conditional: bool = True) -> dict:
+    """Sample ``n`` unconditional and (``conditional`` and a class-conditional profile) ``n`` class-conditional
+    images (classes cycled) with ``seed`` and score them: FID/KID of each set against ``reference``; the
+    classifier alignment (%) and the CLIP score of the conditional set. ``clip``: (model, preprocess,
+    tokenizer) or None (→ CLIP score None)."""
     from .data import class_names
     from .metrics import alignment_score, clip_score, compute_fid_kid
     from .sampling import ddim_sample
@@ -83,7 +84,7 @@ def evaluate_model(model, cfg: Config, seed: int, n: int, reference, classifier=
     uncond = ddim_sample(model, cfg, n, seed=seed, steps=steps)
     r = compute_fid_kid(uncond, reference, seed=seed)
     out.update(uncond_fid=r["fid"], uncond_kid=r["kid"])
-    if cfg.num_classes:
+    if cfg.num_classes and conditional:
         labels = torch.arange(n) % cfg.num_classes
         cond = ddim_sample(model, cfg, n, labels=labels, seed=seed + 10_000, steps=steps)
         r = compute_fid_kid(cond, reference, seed=seed)
@@ -97,28 +98,36 @@ def evaluate_model(model, cfg: Config, seed: int, n: int, reference, classifier=
     return out
 
 
+def cache_key(name: str) -> str:
+    """The file-name form of a row name: ``"DeMe (after merge)"`` → ``"deme_after_merge"``."""
+    return name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("γ", "gamma")
+
+
 def run_comparison(cfg: Config, seeds, n: int, steps: int | None = None, out_dir: Path | None = None,
-                   progress: bool = True) -> pd.DataFrame:
-    """Evaluate every row of :func:`comparison_models` for every seed (cached per model and seed)."""
+                   progress: bool = True, models: dict[str, Callable[[], torch.nn.Module]] | None = None,
+                   conditional: bool = True) -> pd.DataFrame:
+    """Evaluate every model of ``models`` (default: :func:`comparison_models`) for every seed, cached per
+    model name, seed, sample count and DDIM steps under ``out_dir`` (default runs/<profile>/compare), so an
+    interrupted evaluation resumes and notebooks that score the same model under the same name share the
+    result. ``conditional=False`` scores unconditional samples only (half the cost)."""
     from tqdm.auto import tqdm
     from .metrics import ensure_classifier, load_clip, reference_statistics
     from .stages import write_json
     out_dir = out_dir or ROOT / "runs" / cfg.profile / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
     reference = reference_statistics(cfg, "train", n=cfg.fid_reference_size)
-    classifier = ensure_classifier(cfg) if cfg.dataset in ("fmnist", "digits") else None
-    clip = load_clip() if cfg.num_classes else None
+    conditional = conditional and bool(cfg.num_classes)
+    classifier = ensure_classifier(cfg) if conditional and cfg.dataset in ("fmnist", "digits") else None
+    clip = load_clip() if conditional else None
     records = []
-    for name, load in tqdm(comparison_models(cfg).items(), disable=not progress, desc="models"):
+    for name, load in tqdm((models or comparison_models(cfg)).items(), disable=not progress, desc="models"):
         model = None
         for seed in seeds:
-            key = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("γ", "gamma")
-            path = out_dir / f"{key}_seed{seed}_n{n}_steps{steps or cfg.sample_steps}.json"
-            if path.exists():
-                rec = json.loads(path.read_text())
-            else:
+            path = out_dir / f"{cache_key(name)}_seed{seed}_n{n}_steps{steps or cfg.sample_steps}.json"
+            rec = json.loads(path.read_text()) if path.exists() else None
+            if rec is None or (conditional and "cond_fid" not in rec):
                 model = model or load()
-                rec = evaluate_model(model, cfg, seed, n, reference, classifier, clip, steps)
+                rec = evaluate_model(model, cfg, seed, n, reference, classifier, clip, steps, conditional)
                 write_json(path, rec)
             records.append({"model": name, **rec})
         del model

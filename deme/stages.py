@@ -12,7 +12,7 @@ import torch
 
 from .config import ROOT, Config
 from .models import base_model_path, load_unet
-from .train import heldout_loss, run_dir, train
+from .train import heldout_loss, run_dir, train, variant_tag
 
 
 def ensure_base_model(cfg: Config) -> str:
@@ -52,7 +52,8 @@ def load_base(cfg: Config, projection: bool, device: str | torch.device = "cpu")
 
 
 def merge_dir(cfg: Config) -> Path:
-    return ROOT / "runs" / cfg.profile / "merge" / f"N{cfg.num_ranges}"
+    """Notebook 04's output folder for the range models of ``cfg``: runs/<profile>/merge/N<n>[<variant>]."""
+    return ROOT / "runs" / cfg.profile / "merge" / (f"N{cfg.num_ranges}" + variant_tag(cfg, with_num_ranges=False))
 
 
 def write_json(path: Path, obj) -> None:

@@ -224,12 +224,30 @@ def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def variant_tag(cfg: Config, *, with_num_ranges: bool = True) -> str:
+    """The training fields of ``cfg`` that differ from its profile, as a folder-name suffix:
+    ``"__consistency_weight=0.0__p_global=0.1"`` ("" for the profile's own settings). ``num_ranges`` is left
+    out when ``with_num_ranges`` is False (DeMe folders carry it as ``N<n>``). Run folders use it, so an
+    ablation variant never overwrites or resumes from the profile's own run."""
+    from .config import PROFILES
+    ref = PROFILES[cfg.profile].training_identity() if cfg.profile in PROFILES else {}
+    mine = cfg.training_identity()
+    skip = {"profile", "method", "range_index"} | (set() if with_num_ranges else {"num_ranges"})
+    diffs = sorted(k for k, v in mine.items() if k not in skip and v != ref.get(k))
+    return "".join(f"__{k}=" + json.dumps(mine[k], separators=(",", ":")).replace("/", "_").replace('"', "")
+                   for k in diffs)
+
+
 def run_dir(cfg: Config, root: str | os.PathLike | None = None) -> Path:
-    """Where a run writes: runs/<profile>/<method>[/N<n>/range_<i>] (one folder per independent job)."""
-    d = Path(root or ROOT / "runs") / cfg.profile / ("base" if cfg.method == "pretrain" else cfg.method)
+    """Where a run writes: runs/<profile>/<method>[/N<n>/range_<i>] for the profile's own settings (one folder
+    per independent job); a variant (any training field changed, see :func:`variant_tag`) gets its own folder,
+    e.g. runs/fmnist/deme/N8__consistency_weight=0.0/range_3 or runs/fmnist/standard__seed=1."""
+    d = Path(root or ROOT / "runs") / cfg.profile
+    if cfg.method == "pretrain":
+        return d / "base"
     if cfg.method == "deme":
-        d = d / f"N{cfg.num_ranges}" / f"range_{cfg.range_index}"
-    return d
+        return d / "deme" / (f"N{cfg.num_ranges}" + variant_tag(cfg, with_num_ranges=False)) / f"range_{cfg.range_index}"
+    return d / (cfg.method + variant_tag(cfg))
 
 
 def _schedule(cfg: Config) -> tuple[int, float, int, int]:

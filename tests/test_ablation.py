@@ -1,0 +1,95 @@
+"""Ablation variants (notebook 06): equal budgets, their own run folders, and the paired statistics."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from deme import ablation as AB
+from deme.config import get_profile
+from deme.train import run_dir, train, variant_tag
+
+
+def _folders(variants):
+    return {k: run_dir(v.replace(range_index=0) if v.method == "deme" else v) for k, v in variants.items()}
+
+
+def test_every_variant_trains_the_same_total_budget():
+    cfg = get_profile("fmnist")
+    budget = cfg.num_ranges * cfg.steps_per_range
+    variants = {**AB.table3_variants(cfg, 8), **AB.sweep_variants(cfg, "N"), **AB.sweep_variants(cfg, "p")}
+    for name, v in variants.items():
+        total = v.num_ranges * v.steps_per_range      # a baseline trains N×K steps on one model
+        assert total == budget, name
+
+
+def test_table3_rows_switch_exactly_the_ablated_techniques():
+    cfg = get_profile("fmnist")
+    rows = AB.table3_variants(cfg, 8)
+    assert list(rows) == ["N=1, nothing", "N=1, +CP", "N=8, +PS", "N=8, +PS +CL", "N=8, +PS +CL +CP"]
+    assert rows["N=1, nothing"].method == "standard"
+    flags = [(v.num_ranges, v.consistency_weight > 0, v.projection) for v in list(rows.values())[1:]]
+    assert flags == [(1, False, True), (8, False, False), (8, True, False), (8, True, True)]
+    assert all(v.p_global == cfg.p_global for v in rows.values())
+
+
+def test_variants_get_their_own_folders_and_the_profile_run_keeps_its_own():
+    cfg = get_profile("fmnist")
+    assert variant_tag(cfg) == "" and run_dir(cfg.replace(range_index=1)).parts[-3:] == ("deme", "N4", "range_1")
+    variants = {**AB.table3_variants(cfg), **{f"s{k}": v for k, v in AB.sweep_variants(cfg, "N").items()},
+                **{f"s{k}": v for k, v in AB.sweep_variants(cfg, "p").items()}}
+    folders = _folders(variants)
+    same_as_profile = [k for k, d in folders.items() if d == run_dir(cfg.replace(range_index=0))]
+    assert sorted(same_as_profile) == ["N=4, +PS +CL +CP", "sN=4", "sp=0.3"]   # the full recipe at the profile's N, p
+    assert folders["N=1, nothing"] == run_dir(cfg.replace(method="standard"))
+    distinct = {d for k, d in folders.items() if k not in ("sN=4", "sp=0.3")}
+    assert len(distinct) == len(folders) - 2
+    assert "p_global=0.1" in str(folders["sp=0.1"]) and "projection=false" in str(folders["N=4, +PS"])
+
+
+def test_a_variant_run_does_not_touch_the_profile_run(tmp_path):
+    cfg = get_profile("smoke", steps_per_range=2, checkpoint_every=1, log_every=1, heldout_every=0)
+    base = str(train(cfg.replace(method="pretrain", pretrain_steps=2), tmp_path / "base_run", progress=False) / "model")
+    main = run_dir(cfg.replace(range_index=0), root=tmp_path)
+    variant = cfg.replace(range_index=0, p_global=1.0)
+    other = run_dir(variant, root=tmp_path)
+    assert other != main
+    train(cfg.replace(range_index=0), main, base=base, progress=False)
+    before = (main / "model" / "diffusion_pytorch_model.safetensors").read_bytes()
+    train(variant, other, base=base, progress=False)
+    assert (other / "model" / "config.json").exists()
+    assert (main / "model" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+
+
+def _scores():
+    # variant a: one model (fills merge and ensemble); b, c: merge + ensemble; 3 seeds
+    rows = []
+    fid = {("a", "model"): [10.0, 12.0, 11.0], ("b", "merge"): [9.0, 10.0, 11.0], ("b", "ensemble"): [8.0, 9.0, 7.0],
+           ("c", "merge"): [9.0, 10.0, 11.0], ("c", "ensemble"): [8.5, 9.5, 7.5]}
+    for (v, kind), vals in fid.items():
+        rows += [{"variant": v, "kind": kind, "seed": s, "uncond_fid": x} for s, x in enumerate(vals)]
+    return pd.DataFrame(rows)
+
+
+def test_step_effects_are_paired_per_seed_differences():
+    eff = AB.step_effects(_scores(), "merge")
+    # a -> b: per seed 9-10, 10-12, 11-11 = -1, -2, 0: mean -1, std 1, SE 1/sqrt(3)
+    ab = eff.iloc[0]
+    assert (ab["from"], ab["to"]) == ("a", "b")
+    assert ab["change"] == pytest.approx(-1.0) and ab["std error"] == pytest.approx(1 / math.sqrt(3))
+    assert not ab["beyond 2 SE"]
+    # b -> c merge: identical -> 0 change, 0 SE; ensemble: +0.5 every seed -> SE 0, beyond noise
+    assert eff.iloc[1]["change"] == 0.0
+    ens = AB.step_effects(_scores(), "ensemble").iloc[1]
+    assert ens["change"] == pytest.approx(0.5) and ens["std error"] == pytest.approx(0.0) and ens["beyond 2 SE"]
+
+
+def test_variant_table_fills_both_columns_for_a_single_model():
+    t = AB.variant_table(_scores(), reference=11.0)
+    assert t.loc["a", "merge"] == t.loc["a", "ensemble"] == pytest.approx(11.0)
+    assert t.loc["a", "merge std"] == pytest.approx(1.0)
+    assert t.loc["b", "ensemble"] == pytest.approx(8.0) and t.loc["b", "ensemble Δ"] == pytest.approx(-3.0)
+    assert list(t.seeds) == [3, 3, 3]
+    fmt = AB.format_variant_table(t)
+    assert fmt.loc["b"].iloc[1] == "8.00 ± 1.00 (-3.00)"
