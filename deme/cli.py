@@ -35,13 +35,18 @@ def stages(cfg) -> list[tuple[str, str, dict]]:
     return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
 
 
-def _stage_key(cfg, notebook: str, params: dict) -> str:
-    """Same config + same notebook source + same parameters → same key → the stage is skipped."""
+def _source_hash(notebook: str) -> str:
     import nbformat
     nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
-    source = "\n".join(c.source for c in nb.cells)
-    blob = json.dumps({"config": cfg.to_dict(), "params": params, "source": source}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return hashlib.sha256("\n".join(c.source for c in nb.cells).encode()).hexdigest()[:16]
+
+
+def _up_to_date(rec: dict, cfg, notebook: str, params: dict) -> bool:
+    """Same config (fields added since the record count at their defaults) + same notebook source + same
+    parameters → the stage is skipped."""
+    from .config import normalized
+    return (rec.get("source") == _source_hash(notebook) and rec.get("params") == params
+            and normalized(rec.get("config", {})) == normalized(cfg.to_dict()))
 
 
 def reproduce(profile: str | None = None, force: bool = False, only: list[str] | None = None,
@@ -66,10 +71,9 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     for k, (name, notebook, params) in enumerate(plan, 1):
         if only and not any(name.startswith(o) for o in only):
             continue
-        key = _stage_key(cfg, notebook, params)
         rec_path = rec_dir / f"{name}.json"
-        if not force and rec_path.exists() and json.loads(rec_path.read_text()).get("key") == key:
-            rec = json.loads(rec_path.read_text())
+        rec = json.loads(rec_path.read_text()) if rec_path.exists() else {}
+        if not force and rec and _up_to_date(rec, cfg, notebook, params):
             print(f"[{k}/{len(plan)}] {name}: up to date ({rec['seconds']:.0f} s when run), skipped", flush=True)
             records.append({**rec, "skipped": True})
             continue
@@ -78,7 +82,8 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
         t0 = time.time()
         pm.execute_notebook(str(NOTEBOOKS / notebook), str(target), parameters=params, cwd=str(NOTEBOOKS),
                             progress_bar=True, kernel_name="python3")
-        rec = {"stage": name, "notebook": notebook, "params": params, "key": key,
+        rec = {"stage": name, "notebook": notebook, "params": params, "source": _source_hash(notebook),
+               "config": json.loads(cfg.to_json()),
                "seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         write_json(rec_path, rec)
         records.append(rec)

@@ -38,6 +38,10 @@ class Config:
     channels: int
     num_classes: int | None = None        # class-conditional models: labels 0..K-1, K = "no label" token
     label_dropout: float = 0.0            # p(label -> null token) in training, for classifier-free guidance
+    data_dir: str | None = None           # text-to-image: image-caption folder (imagefolder + metadata.jsonl) or
+                                          # hub dataset id; None: $DEME_SD_DATA (see deme.sd.data_source)
+    center_crop: bool = False             # text-to-image: centre crops instead of random crops
+    check_images: str = "header"          # text-to-image data check at start: "none" | "header" | "full" decode
     # -- model -------------------------------------------------------------------------------------------
     pretrained: str | None = None         # hub id / local path of the pretrained model (paper profiles)
     unet: dict[str, Any] = field(default_factory=dict)   # UNet2DModel kwargs for models we build ourselves
@@ -60,6 +64,7 @@ class Config:
     mixed_precision: str = "fp16"         # "no" | "fp16" | "bf16"; fp16 becomes bf16 on CPU
     max_grad_norm: float = 1.0
     compile: bool = False                 # torch.compile the student and teacher (eager fallback on failure)
+    gradient_checkpointing: bool | None = None   # recompute activations in backward; None: on for text-to-image
     ema_max_decay: float = 0.9999         # diffusers EMAModel, warmup with inv_gamma 1, power 3/4
     ema_inv_gamma: float = 1.0
     ema_power: float = 0.75
@@ -126,8 +131,7 @@ class Config:
     def training_identity(self) -> dict[str, Any]:
         """The fields that determine a training run's weights (JSON-normalised): evaluation, logging and
         checkpoint-interval settings are left out, so changing them never invalidates finished runs."""
-        d = json.loads(self.to_json())
-        return {k: v for k, v in d.items() if k not in NOT_TRAINING}
+        return training_identity(json.loads(self.to_json()))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -142,13 +146,27 @@ class Config:
 
 
 NOT_TRAINING = frozenset({
-    "compile", "checkpoint_every", "log_every", "heldout_every", "heldout_size", "num_workers", "sample_steps",
+    "data_dir", "check_images", "gradient_checkpointing", "compile", "checkpoint_every", "log_every", "heldout_every", "heldout_size", "num_workers", "sample_steps",
     "num_eval_samples", "fid_samples", "fid_reference_size", "eval_seeds", "guidance_scale", "merge_grid"})
+
+
+def normalized(d: dict[str, Any]) -> dict[str, Any]:
+    """A stored config dict (manifest, checkpoint, stage record) in JSON form, with the fields it lacks —
+    fields added to :class:`Config` after it was written — at their defaults, so adding a field with a
+    default never invalidates finished runs."""
+    out = {}
+    for f in dataclasses.fields(Config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    out.update(d)
+    return json.loads(json.dumps(out, sort_keys=True))
 
 
 def training_identity(d: dict[str, Any]) -> dict[str, Any]:
     """:meth:`Config.training_identity` of a stored config dict (e.g. from a checkpoint or manifest)."""
-    return {k: v for k, v in d.items() if k not in NOT_TRAINING}
+    return {k: v for k, v in normalized(d).items() if k not in NOT_TRAINING}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -355,7 +355,7 @@ _SPLIT_SIZES = {("fmnist", "train"): 60_000, ("fmnist", "test"): 10_000, ("digit
 def reference_size(cfg: Config, split: str = "train", n: int | None = None) -> int:
     """The number of reference images actually used: ``n`` (default ``cfg.fid_reference_size``: 10K for
     fmnist, 50K — clean-fid's convention — for the paper profiles), capped at the split size when known."""
-    n = n or getattr(cfg, "fid_reference_size", 50_000)
+    n = n or cfg.fid_reference_size
     return min(n, _SPLIT_SIZES.get((cfg.dataset, split), n))
 
 

@@ -493,9 +493,9 @@ class HubImageCaptions:
 
 
 def data_source(cfg: Config) -> str:
-    """Where the profile's image–caption pairs are: ``cfg.data_dir`` if the profile has it, else
+    """Where the profile's image–caption pairs are: ``cfg.data_dir`` if set, else
     ``$DEME_SD_DATA``; a missing setting raises :class:`DataMissingError` saying what to provide."""
-    src = getattr(cfg, "data_dir", None) or os.environ.get(SD_DATA_ENV)
+    src = cfg.data_dir or os.environ.get(SD_DATA_ENV)
     if not src:
         raise DataMissingError(
             f"no image-caption data for profile {cfg.profile!r}: set {SD_DATA_ENV} to a folder of images with "
@@ -640,11 +640,11 @@ def text_image_batches(cfg: Config, batch_size: int, seed: int, device: str | to
         raise ValueError(f"profile {cfg.profile!r} has no pretrained pipeline (cfg.pretrained) to take the VAE "
                          "and text encoder from")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    source = open_image_captions(data_source(cfg), check_images=getattr(cfg, "check_images", "header"))
+    source = open_image_captions(data_source(cfg), check_images=cfg.check_images)
     log.info(source.report.summary())
     encoders = load_frozen_encoders(base, device, _encoder_dtype(cfg, device))
     return TextImageBatches(source, encoders, batch_size, seed, image_size=cfg.image_size,
-                            caption_dropout=cfg.label_dropout, random_crop=not getattr(cfg, "center_crop", False),
+                            caption_dropout=cfg.label_dropout, random_crop=not cfg.center_crop,
                             num_workers=cfg.num_workers)
 
 
@@ -653,7 +653,8 @@ def prepare_unet_for_training(unet: nn.Module, cfg: Config) -> nn.Module:
     (``cfg.gradient_checkpointing``, default on for text-to-image profiles) — recomputes block activations
     in the backward pass (~30% slower, several× less activation memory). Called by the loop for
     text-to-image profiles right after loading the student (the teacher runs under no_grad: no need)."""
-    if getattr(cfg, "gradient_checkpointing", is_text_to_image(cfg)):
+    on = cfg.gradient_checkpointing
+    if on or (on is None and is_text_to_image(cfg)):
         unet.enable_gradient_checkpointing()
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True   # fp32 parts (optimizer, EMA, norms) on tensor cores

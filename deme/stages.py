@@ -68,17 +68,49 @@ def write_json(path: Path, obj) -> None:
 # Merge-weight search (notebook 04)
 # ---------------------------------------------------------------------------------------------------------
 
-def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = None):
+def heldout_inputs(cfg: Config, n: int, seed: int = 4321, device: str | torch.device | None = None):
+    """A fixed batch for the merge search's held-out loss: ``(x0, cond)`` for :func:`deme.train.heldout_loss`.
+
+    Class-conditional / unconditional profiles: ``n`` test-split images with the null label (the
+    unconditional loss the paper's DDPMs are trained on). Text-to-image profiles: latents and caption
+    embeddings of ``n`` image–caption pairs of the data (centre crops, no caption dropout; the frozen encoders
+    run on ``device``).
+    """
+    from .sd import is_text_to_image, text_image_batches
+    if is_text_to_image(cfg):
+        fixed = cfg.replace(label_dropout=0.0, center_crop=True)
+        return text_image_batches(fixed, n, seed, device=device).batch(0)
+    from .data import heldout_batch
+    x, y = heldout_batch(cfg, n)
+    return x, (torch.full_like(y, cfg.num_classes) if cfg.num_classes else None)
+
+
+def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = None,
+                      device: str | torch.device | None = None):
     """A sample-quality criterion for the merge search (lower is better).
 
     Profiles with a project classifier (fmnist, smoke): the Fréchet distance between classifier features of
     ``n`` unconditional DDIM samples and of ``n`` real test images ("classifier FD" — cheap, and it scores
-    samples, unlike the held-out loss). Other profiles: Inception FID against the training set statistics.
+    samples, unlike the held-out loss). Text-to-image profiles: FID at 256 px between images generated for
+    ``n`` captions of the data (:func:`deme.sd.generate`, guidance ``cfg.guidance_scale``) and those captions'
+    real images (centre crops). Other profiles: Inception FID against the training set statistics.
     Returns ``score(model) -> float`` and the criterion's name.
     """
     from .data import heldout_batch
     from .metrics import fid_from_features
     from .sampling import ddim_sample
+    from .sd import fid_256, generate, is_text_to_image, text_image_batches
+    steps = steps or cfg.sample_steps
+    if is_text_to_image(cfg):
+        pixels, captions = text_image_batches(cfg.replace(label_dropout=0.0, center_crop=True), n, 4321,
+                                              device=device).pixels(0)
+        real = ((pixels.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+
+        def score(model) -> float:
+            fake = generate(model, captions, base=cfg.pretrained, guidance_scale=cfg.guidance_scale, steps=steps,
+                            seed=seed, device=device)
+            return fid_256(fake, real, device=device)
+        return score, f"FID@256 vs data ({n} captions, {steps} steps, guidance {cfg.guidance_scale})"
     if cfg.dataset in ("fmnist", "digits"):
         from .metrics import classifier_features, ensure_classifier
         clf = ensure_classifier(cfg)
@@ -88,39 +120,44 @@ def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = No
         def score(model) -> float:
             fake = ddim_sample(model, cfg, n, seed=seed, steps=steps)
             return fid_from_features(classifier_features(clf, fake).double().numpy(), real_f)
-        return score, f"classifier FD ({n} samples, DDIM-{steps or cfg.sample_steps})"
+        return score, f"classifier FD ({n} samples, DDIM-{steps})"
     from .metrics import compute_fid_kid, reference_statistics
     ref = reference_statistics(cfg, "train")
 
     def score(model) -> float:
         return compute_fid_kid(ddim_sample(model, cfg, n, seed=seed, steps=steps), ref)["fid"]
-    return score, f"Inception FID ({n} samples, DDIM-{steps or cfg.sample_steps})"
+    return score, f"Inception FID ({n} samples, DDIM-{steps})"
 
 
 def search_merge_weights(cfg: Config, top_k: int = 4, quality_samples: int = 1000, quality_steps: int | None = None,
-                         heldout_size: int = 256, progress: bool = True):
+                         heldout_size: int = 256, progress: bool = True, *, base: torch.nn.Module | None = None,
+                         experts: list[torch.nn.Module] | None = None, device: str | torch.device | None = None,
+                         quality=None):
     """Notebook 04's search. Stage 1: every weighting of the grid ``cfg.merge_grid``^N scored by the
-    held-out diffusion loss (cheap). Stage 2: the ``top_k`` of stage 1, uniform averaging and the base
-    re-scored by sample quality (:func:`sample_quality_fn`); the best of stage 2 is chosen.
+    held-out diffusion loss on :func:`heldout_inputs` (cheap). Stage 2: the ``top_k`` of stage 1, uniform
+    averaging and the base re-scored by sample quality (``quality``: ``(score(model), name)``, default
+    :func:`sample_quality_fn`); the best of stage 2 is chosen. ``base``/``experts`` default to the profile's
+    (the base with identity projections when ``cfg.projection``); models are evaluated on ``device``
+    (default: CUDA when available) while merging happens on the CPU in float64.
 
     Returns (grid table, stage-2 table, chosen weights, merged state dict, base, experts).
     """
     import pandas as pd
-    from .data import heldout_batch
     from .merge import grid_search, merged_model, task_arithmetic, weight_grid
-    base = load_base(cfg, projection=cfg.projection)
-    experts = load_experts(cfg)
-    base_sd, expert_sds = base.state_dict(), [e.state_dict() for e in experts]
-    template = merged_model(experts[0], expert_sds[0])
-    x, y = heldout_batch(cfg, heldout_size)
-    y = torch.full_like(y, cfg.num_classes) if cfg.num_classes else None
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = base if base is not None else load_base(cfg, projection=cfg.projection)
+    experts = experts if experts is not None else load_experts(cfg)
+    cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}
+    base_sd, expert_sds = cpu(base), [cpu(e) for e in experts]
+    template = merged_model(experts[0], expert_sds[0]).to(device).eval()
+    x, cond = heldout_inputs(cfg, heldout_size, device=device)
 
     def model_for(w):
         template.load_state_dict(task_arithmetic(base_sd, expert_sds, w))
         return template
 
     def loss_of(w):
-        return heldout_loss(model_for(w), cfg, x, y)["loss"]
+        return heldout_loss(model_for(w), cfg, x, cond)["loss"]
 
     ranked = grid_search(weight_grid(cfg.num_ranges, cfg.merge_grid), loss_of, progress=progress)
     grid = pd.DataFrame([{**{f"w{i}": wi for i, wi in enumerate(w)}, "heldout_loss": s} for w, s in ranked])
@@ -129,7 +166,7 @@ def search_merge_weights(cfg: Config, top_k: int = 4, quality_samples: int = 100
     candidates = [w for w in candidates if any(w)]          # the base is a reference, not a merge
     if uniform not in candidates:
         candidates.append(uniform)
-    quality, name = sample_quality_fn(cfg, quality_samples, steps=quality_steps)
+    quality, name = quality or sample_quality_fn(cfg, quality_samples, steps=quality_steps, device=device)
     rows = []
     for w in candidates + [tuple([0.0] * cfg.num_ranges)]:
         rows.append({"weights": tuple(round(v, 4) for v in w), "heldout_loss": loss_of(w),

@@ -134,15 +134,17 @@ def drop_labels(labels: torch.Tensor, num_classes: int | None, p: float, generat
 
 
 @torch.no_grad()
-def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None, seed: int = 0,
+def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor | dict | None, seed: int = 0,
                  num_ranges: int | None = None, batch_size: int = 256,
                  t_range: tuple[int, int] | None = None) -> dict[str, float]:
     """The diffusion loss on fixed images with fixed noise (from ``seed``) and stratified timesteps.
 
     Timesteps are spread evenly over ``t_range`` (default [0, T); image j gets t = lo + ⌊(j + ½)(hi − lo)/n⌋),
     so the value is a deterministic estimate of the ε-MSE over the range; over the full range, ``range_k``
-    entries give the same loss restricted to each of ``num_ranges`` ranges. Labels are used as given (pass
-    the null token for the unconditional loss). The model is evaluated in eval mode (its mode restored).
+    entries give the same loss restricted to each of ``num_ranges`` ranges. ``labels``: class labels, used as
+    given (pass the null token for the unconditional loss), or a dict of per-image model inputs (e.g.
+    ``{"encoder_hidden_states": ...}`` for Stable Diffusion), or None. The model is evaluated in eval mode
+    (its mode restored).
     """
     T = cfg.num_train_timesteps
     t_range = t_range or (0, T)
@@ -156,7 +158,8 @@ def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor 
     for i in range(0, len(images), batch_size):
         x0, eps, tt = images[i:i + batch_size].to(device), noise[i:i + batch_size].to(device), t[i:i + batch_size].to(device)
         xt = sched.add_noise(x0, eps, tt)
-        kw = {"class_labels": labels[i:i + batch_size].to(device)} if labels is not None else {}
+        cond = labels if isinstance(labels, dict) else {"class_labels": labels} if labels is not None else {}
+        kw = {k: v[i:i + batch_size].to(device) for k, v in cond.items()}
         losses.append(per_sample_mse(model(xt, tt, **kw).sample, eps).cpu())
     model.train(was_training)
     per = torch.cat(losses)

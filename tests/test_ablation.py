@@ -93,3 +93,18 @@ def test_variant_table_fills_both_columns_for_a_single_model():
     assert list(t.seeds) == [3, 3, 3]
     fmt = AB.format_variant_table(t)
     assert fmt.loc["b"].iloc[1] == "8.00 ± 1.00 (-3.00)"
+
+
+def test_records_written_before_a_field_existed_still_match():
+    """Adding a Config field with a default must not invalidate finished runs or stage records; changing a
+    training field must; evaluation fields never do."""
+    import json
+    from deme.config import normalized, training_identity
+    cfg = get_profile("fmnist", range_index=0)
+    stored = json.loads(cfg.to_json())
+    for new_field in ("center_crop", "data_dir", "check_images", "gradient_checkpointing"):
+        del stored[new_field]
+    assert training_identity(stored) == cfg.training_identity()
+    assert normalized(stored) == normalized(cfg.to_dict())
+    assert training_identity({**stored, "p_global": 0.5}) != cfg.training_identity()
+    assert training_identity({**stored, "fid_samples": 7}) == cfg.training_identity()

@@ -371,3 +371,28 @@ def test_fid_256_plumbing(tmp_path, monkeypatch):
     assert cache.is_file()
     sd.fid_256(tmp_path, tmp_path, size=32, reference_cache=cache)
     assert len(seen) == 3                                      # the cached reference is not recomputed
+
+
+def test_merge_weight_search_on_a_tiny_sd_model(pipe_dir, folder, tmp_path, monkeypatch):
+    """Notebook 04's search for a text-to-image profile: the held-out loss of stage 1 is the loss on caption
+    embeddings (weights 0 give the base's loss, a unit vector the expert's), stage 2 generates for the data's
+    captions and scores FID at 256 px against their images."""
+    from deme.stages import heldout_inputs, search_merge_weights
+    from deme.train import heldout_loss, train
+    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    cfg = _cfg(pipe_dir, steps_per_range=1, merge_grid=(0.0, 1.0), sample_steps=2, guidance_scale=2.0)
+    outs = [train(cfg.replace(method="deme", range_index=i), tmp_path / f"r{i}", base=str(pipe_dir), progress=False)
+            for i in range(2)]
+    base = load_unet(pipe_dir, projection=True)
+    experts = [load_unet(o / "model") for o in outs]
+    x, cond = heldout_inputs(cfg, 4, device="cpu")
+    assert x.shape == (4, 4, 8, 8) and set(cond) == {"encoder_hidden_states"}
+    grid, stage2, w, merged_sd, _, _ = search_merge_weights(cfg, top_k=2, quality_samples=4, heldout_size=4,
+                                                            progress=False, base=base, experts=experts, device="cpu")
+    losses = {tuple(r[["w0", "w1"]]): r.heldout_loss for _, r in grid.iterrows()}
+    assert len(losses) == 4
+    assert losses[(0.0, 0.0)] == pytest.approx(heldout_loss(base, cfg, x, cond)["loss"], rel=1e-5)
+    assert losses[(1.0, 0.0)] == pytest.approx(heldout_loss(experts[0], cfg, x, cond)["loss"], rel=1e-5)
+    fid_col = [c for c in stage2.columns if c.startswith("FID@256")][0]
+    assert np.isfinite(stage2[fid_col]).all() and "uniform" in set(stage2.kind)
+    assert any(w) and tuple(w) in [tuple(r) for r in stage2.weights]
