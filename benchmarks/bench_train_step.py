@@ -41,7 +41,8 @@ def make_models(name: str):
     return cfg, teacher
 
 
-def run(variant: str, cfg, teacher_cpu, batch: int, steps: int, warmup: int, device: str, compile_: bool):
+def run(variant: str, cfg, teacher_cpu, batch: int, steps: int, warmup: int, device: str, compile_: bool,
+        mode: str | None = None, profile_ops: int = 0):
     torch.manual_seed(0)
     student = with_projections(copy.deepcopy(teacher_cpu)).to(device).train()
     teacher = copy.deepcopy(teacher_cpu).to(device).eval().requires_grad_(False)
@@ -65,8 +66,8 @@ def run(variant: str, cfg, teacher_cpu, batch: int, steps: int, warmup: int, dev
         dtype = torch.bfloat16 if (cuda or device == "cpu") else None
         scaler = None
     autocast = (lambda: torch.autocast(device.split(":")[0], dtype=dtype)) if dtype else contextlib.nullcontext
-    s_fwd = maybe_compile(student, compile_ and not reference)
-    t_fwd = maybe_compile(teacher, compile_ and not reference)
+    s_fwd = maybe_compile(student, compile_ and not reference, mode)
+    t_fwd = maybe_compile(teacher, compile_ and not reference, mode)
     c = cfg.channels if cfg.profile != "cifar10" else 3
     size = cfg.image_size
     g = torch.Generator(device).manual_seed(0)
@@ -100,6 +101,27 @@ def run(variant: str, cfg, teacher_cpu, batch: int, steps: int, warmup: int, dev
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    if profile_ops:   # where the time of a few more steps goes: the top ops by self device (or CPU) time
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for i in range(3):
+                noise = torch.randn(x0.shape, device=device, generator=g)
+                t = objective.timesteps(batch, torch.Generator().manual_seed(i)).to(device)
+                loss, _, _ = step_loss(s_fwd, t_fwd, x0, noise, t, kw, alphas_cumprod, objective, i, params, 1.0,
+                                       autocast)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                ema.step(student.parameters())
+            if cuda:
+                torch.cuda.synchronize()
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        for ev in sorted(prof.key_averages(), key=lambda e: -getattr(e, key))[:profile_ops]:
+            print(json.dumps({"bench": "train_step_profile", "variant": variant, "op": ev.key[:80],
+                              "calls_per_step": ev.count // 3, "ms_per_step": round(getattr(ev, key) / 3e3, 3)}))
+        print(json.dumps({"bench": "train_step_profile", "variant": variant, "cpu_total_ms_per_step":
+                          round(sum(e.self_cpu_time_total for e in prof.key_averages()) / 3e3, 2)}))
     ips = batch * len(times) / sum(times)
     peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
     return ips, peak
@@ -112,14 +134,19 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="add an 'ours+compile' variant")
+    p.add_argument("--compile-modes", nargs="*", default=["default"],
+                   help="torch.compile modes of the compiled variants (e.g. default reduce-overhead)")
+    p.add_argument("--profile-ops", type=int, default=0, help="print the top ops of 'ours' (eager) per step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
     cfg, teacher = make_models(a.model)
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    variants = ["reference", "ours"] + (["ours+compile"] if a.compile else [])
+    variants = ["reference", "ours"] + ([f"ours+compile[{m}]" for m in a.compile_modes] if a.compile else [])
     results = {}
     for v in variants:
-        ips, peak = run(v.split("+")[0], cfg, teacher, a.batch, a.steps, a.warmup, a.device, v.endswith("compile"))
+        mode = v[v.index("[") + 1:-1] if "[" in v else None
+        ips, peak = run(v.split("+")[0], cfg, teacher, a.batch, a.steps, a.warmup, a.device, mode is not None,
+                        None if mode == "default" else mode, a.profile_ops if v == "ours" else 0)
         results[v] = ips
         print(json.dumps({"bench": "train_step", "model": a.model, "variant": v, "device": dev, "batch": a.batch,
                           "images_per_s": round(ips, 1), "peak_mem_gib": peak,

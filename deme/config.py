@@ -64,6 +64,7 @@ class Config:
     mixed_precision: str = "fp16"         # "no" | "fp16" | "bf16"; fp16 becomes bf16 on CPU
     max_grad_norm: float = 1.0
     compile: bool = False                 # torch.compile the student and teacher (eager fallback on failure)
+    compile_mode: str | None = None       # torch.compile mode; "reduce-overhead" adds CUDA graphs (GPU only)
     gradient_checkpointing: bool | None = None   # recompute activations in backward; None: on for text-to-image
     ema_max_decay: float = 0.9999         # diffusers EMAModel, warmup with inv_gamma 1, power 3/4
     ema_inv_gamma: float = 1.0
@@ -146,7 +147,7 @@ class Config:
 
 
 NOT_TRAINING = frozenset({
-    "data_dir", "check_images", "gradient_checkpointing", "compile", "checkpoint_every", "log_every", "heldout_every", "heldout_size", "num_workers", "sample_steps",
+    "data_dir", "check_images", "gradient_checkpointing", "compile", "compile_mode", "checkpoint_every", "log_every", "heldout_every", "heldout_size", "num_workers", "sample_steps",
     "num_eval_samples", "fid_samples", "fid_reference_size", "eval_seeds", "guidance_scale", "merge_grid"})
 
 

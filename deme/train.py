@@ -195,12 +195,12 @@ def step_loss(student, teacher, x0, noise, t, model_kwargs, alphas_cumprod, obje
     return loss, eps_mse, cons
 
 
-def maybe_compile(module, enabled: bool):
-    """``torch.compile(module)`` when ``enabled``, falling back to eager (with a warning) if compilation
-    fails on the first call; the module itself (state dict, EMA, checkpoints) is untouched."""
+def maybe_compile(module, enabled: bool, mode: str | None = None):
+    """``torch.compile(module, mode=mode)`` when ``enabled``, falling back to eager (with a warning) if
+    compilation fails on the first call; the module itself (state dict, EMA, checkpoints) is untouched."""
     if not enabled:
         return module
-    compiled = torch.compile(module)
+    compiled = torch.compile(module, mode=mode)
     state = {"fn": compiled}
 
     def call(*args, **kwargs):
@@ -345,8 +345,9 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
         start = state["step"]
     ema.to(device)
     model, optimizer = accelerator.prepare(model, optimizer)
-    student_fwd = maybe_compile(model, cfg.compile)
-    teacher_fwd = maybe_compile(teacher, cfg.compile) if teacher is not None else None
+    mode = cfg.compile_mode if device.type == "cuda" or cfg.compile_mode != "reduce-overhead" else None
+    student_fwd = maybe_compile(model, cfg.compile, mode)
+    teacher_fwd = maybe_compile(teacher, cfg.compile, mode) if teacher is not None else None
 
     from .data import heldout_batch, training_batches
     batches = training_batches(cfg, micro_bs, cfg.seed, device=device)
