@@ -4,6 +4,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 PROFILE ?= fmnist
+JOBS ?= 2          # independent training stages at once (one CPU thread each)
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE ?= 1
 
@@ -29,7 +30,7 @@ data:
 	fi
 
 reproduce: setup
-	$(BIN)/python -m deme reproduce --profile $(PROFILE)
+	$(BIN)/python -m deme reproduce --profile $(PROFILE) --jobs $(JOBS)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -72,23 +72,41 @@ def sweep_variants(cfg: Config, what: str) -> dict[str, Config]:
     raise ValueError(f"sweep over 'N' or 'p', got {what!r}")
 
 
-def train_variants(variants: dict[str, Config], progress: bool = False) -> pd.DataFrame:
-    """Train every run of every variant that is not finished yet (:func:`deme.train.train` skips finished
-    runs and resumes interrupted ones). Returns one row per variant: jobs and seconds spent now."""
+def _train_job(cfg: Config, threads: int | None) -> tuple[str, float, bool]:
+    """One training run (in a worker process when jobs run in parallel): (folder, seconds, trained now)."""
     from .train import run_dir, train
-    rows = []
-    for name, v in variants.items():
-        jobs = [v] if v.method != "deme" else [v.replace(range_index=i) for i in range(v.num_ranges)]
-        t0, trained = time.time(), 0
-        for job in jobs:
-            if not (run_dir(job) / "manifest.json").exists():
-                trained += 1
-            train(job, progress=progress)
-        rows.append({"variant": name, "runs": len(jobs), "steps per run": jobs[0].steps_per_range
-                     if v.method == "deme" else total_steps(v), "trained now": trained,
-                     "seconds": round(time.time() - t0, 1), "folder": str(run_dir(jobs[0]).parent
-                                                                          if v.method == "deme" else run_dir(v))})
-    return pd.DataFrame(rows)
+    if threads:
+        torch.set_num_threads(threads)
+    fresh = not (run_dir(cfg) / "manifest.json").exists()
+    t0 = time.time()
+    train(cfg, progress=False)
+    return str(run_dir(cfg)), time.time() - t0, fresh
+
+
+def train_variants(variants: dict[str, Config], jobs: int = 1) -> pd.DataFrame:
+    """Train every run of every variant that is not finished yet (:func:`deme.train.train` skips finished
+    runs and resumes interrupted ones). ``jobs`` > 1 trains that many runs at once in worker processes with
+    one CPU thread each (independent jobs: ranges and variants). Returns one row per variant: runs, steps
+    per run, runs trained now and their summed training seconds."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+    from .train import run_dir
+    plan = [(name, v if v.method != "deme" else v.replace(range_index=i))
+            for name, v in variants.items() for i in range(v.num_ranges if v.method == "deme" else 1)]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            results = list(pool.map(_train_job, [c for _, c in plan], [1] * len(plan)))
+    else:
+        results = [_train_job(c, None) for _, c in plan]
+    rows = {}
+    for (name, c), (folder, sec, fresh) in zip(plan, results):
+        r = rows.setdefault(name, {"variant": name, "runs": 0, "steps per run": c.steps_per_range if c.method == "deme"
+                                   else total_steps(c), "trained now": 0, "seconds": 0.0,
+                                   "folder": str(run_dir(c).parent if c.method == "deme" else run_dir(c))})
+        r["runs"] += 1
+        r["trained now"] += int(fresh)
+        r["seconds"] = round(r["seconds"] + sec, 1)
+    return pd.DataFrame(list(rows.values()))
 
 
 def _is_profile_run(cfg: Config, v: Config) -> bool:

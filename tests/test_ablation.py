@@ -108,3 +108,29 @@ def test_records_written_before_a_field_existed_still_match():
     assert normalized(stored) == normalized(cfg.to_dict())
     assert training_identity({**stored, "p_global": 0.5}) != cfg.training_identity()
     assert training_identity({**stored, "fid_samples": 7}) == cfg.training_identity()
+
+
+def test_parallel_variant_training_matches_one_process(tmp_path, monkeypatch):
+    """Two runs trained by two worker processes give the weights of the same runs trained in this process."""
+    import shutil
+    import torch
+    from deme import config as C, models as M, train as T
+    from deme.models import load_unet
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path))          # the worker processes' ROOT
+    for module in (C, M, T):                                  # this process's
+        monkeypatch.setattr(module, "ROOT", tmp_path)
+    cfg = get_profile("smoke", steps_per_range=2, checkpoint_every=2, log_every=1, heldout_every=0)
+    base_run = train(cfg.replace(method="pretrain", pretrain_steps=2), tmp_path / "runs" / "smoke" / "base",
+                     progress=False)
+    assert (base_run / "model" / "config.json").exists()
+    variants = {"a": cfg.replace(consistency_weight=0.0)}
+    serial = AB.train_variants(variants)
+    weights = [load_unet(run_dir(variants["a"].replace(range_index=i)) / "model").state_dict() for i in range(2)]
+    for i in range(2):
+        shutil.rmtree(run_dir(variants["a"].replace(range_index=i)))
+    parallel = AB.train_variants(variants, jobs=2)
+    assert list(serial["trained now"]) == list(parallel["trained now"]) == [2]
+    for i in range(2):
+        again = load_unet(run_dir(variants["a"].replace(range_index=i)) / "model").state_dict()
+        for k, v in weights[i].items():
+            assert torch.equal(v, again[k]), k

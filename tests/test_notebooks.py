@@ -24,7 +24,8 @@ def _run(args, root, **kw):
 @pytest.fixture(scope="module")
 def smoke_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("deme_root")
-    proc = _run(["-m", "deme", "reproduce", "--profile", "smoke", "--no-update-notebooks"], root, timeout=900)
+    proc = _run(["-m", "deme", "reproduce", "--profile", "smoke", "--no-update-notebooks", "--jobs", "2"], root,
+                timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root, proc.stdout
 
@@ -38,7 +39,7 @@ def test_reproduce_runs_every_notebook_in_order(smoke_root):
     for name in names:
         assert (root / "runs" / "smoke" / "notebooks" / f"{name}.ipynb").exists(), name
         rec = json.loads((root / "runs" / "smoke" / "stages" / f"{name}.json").read_text())
-        assert rec["seconds"] > 0
+        assert rec["seconds"] > 0 and rec["parallel_jobs"] == (2 if name.startswith("03_") else 1)
     # the stages' outputs: ranges, merged model, its weights
     for i in range(2):
         assert (root / "runs" / "smoke" / "deme" / "N2" / f"range_{i}" / "model" / "config.json").exists()
@@ -46,7 +47,16 @@ def test_reproduce_runs_every_notebook_in_order(smoke_root):
     assert (merged / "model" / "config.json").exists()
     w = json.loads((merged / "weights.json").read_text())["weights"]
     assert len(w) == 2 and any(w)
-    assert (root / "runs" / "smoke" / "figures" / "merge_samples_smoke.png").exists()
+    figs = root / "runs" / "smoke" / "figures"
+    assert (figs / "merge_samples_smoke.png").exists()
+    # notebook 06: Table 3 with the five rows, merge methods, Figs. 2 and 6
+    import pandas as pd
+    t3 = pd.read_csv(figs / "table3_smoke.csv", index_col=0)
+    assert list(t3.index) == ["N=1, nothing", "N=1, +CP", "N=2, +PS", "N=2, +PS +CL", "N=2, +PS +CL +CP"]
+    assert t3["merge"].notna().all() and t3["ensemble"].notna().all() and (t3.seeds == 2).all()
+    assert len(pd.read_csv(figs / "merge_methods_smoke.csv")) == 5
+    for f in ("fig2_activation_change_smoke.png", "fig6a_task_vector_plane_smoke.png", "fig6b_task_vector_boxes_smoke.png"):
+        assert (figs / f).exists(), f
 
 
 def test_a_second_reproduce_skips_every_stage(smoke_root):
