@@ -134,6 +134,87 @@ def run_comparison(cfg: Config, seeds, n: int, steps: int | None = None, out_dir
     return pd.DataFrame(records)
 
 
+def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, coco_images: str | None = None,
+                              parti: str | None = None, imagenet_classes: str | None = None,
+                              imagenet_images: str | None = None, n_coco: int = 30_000, seed: int = 0,
+                              out_dir: Path | None = None) -> dict[str, dict]:
+    """Table 2's prompt sets for a text-to-image profile, from the files given (a set whose file is not given
+    is left out; a given file that is missing stops with what to provide):
+
+    - ``MS-COCO``: ``n_coco`` val captions, one per image (``coco_captions``: captions_val2014.json), FID at
+      256 px against those images (``coco_images``: the val2014 folder; reference PNGs are written once under
+      ``out_dir``), CLIP score;
+    - ``ImageNet``: "a photo of a {class}" per line of ``imagenet_classes`` (a text file of class names), FID
+      against ``imagenet_images`` when given, CLIP score;
+    - ``PartiPrompts``: the prompts of ``parti`` (PartiPrompts.tsv), CLIP score only.
+
+    Returns ``{name: {"prompts": [...], "reference": folder or None}}``.
+    """
+    from .sd import coco_captions as read_coco, imagenet_prompts, parti_prompts, prepare_reference_folder
+    out_dir = Path(out_dir or ROOT / "runs" / cfg.profile / "compare")
+    sets: dict[str, dict] = {}
+    if coco_captions:
+        rows = read_coco(coco_captions, n_coco, seed)
+        ref = (prepare_reference_folder(coco_images, [f for _, f, _ in rows], out_dir / f"coco_reference_{len(rows)}")
+               if coco_images else None)
+        sets["MS-COCO"] = {"prompts": [c for _, _, c in rows], "reference": ref}
+    if imagenet_classes:
+        path = Path(imagenet_classes)
+        if not path.is_file():
+            from .data import DataMissingError
+            raise DataMissingError(f"ImageNet class-name file {path} not found: give a text file with one class "
+                                   "name per line (the 1,000 ImageNet-1K classes)")
+        names = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        sets["ImageNet"] = {"prompts": imagenet_prompts(names), "reference": imagenet_images}
+    if parti:
+        sets["PartiPrompts"] = {"prompts": parti_prompts(parti), "reference": None}
+    if not sets:
+        raise ValueError("no prompt set given: pass coco_captions=, imagenet_classes= and/or parti= "
+                         "(see deme.compare.text_to_image_prompt_sets)")
+    return sets
+
+
+def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed: int = 0,
+                                 models: dict[str, Callable[[], torch.nn.Module]] | None = None,
+                                 out_dir: Path | None = None, clip=None, batch_size: int = 8,
+                                 progress: bool = True) -> pd.DataFrame:
+    """Table 2 for a text-to-image profile: every model (default :func:`comparison_models`) generates every
+    prompt set with ``seed`` (:func:`deme.sd.generate`: guidance ``cfg.guidance_scale``, ``cfg.sample_steps``
+    steps; images saved under ``out_dir/<model>/<set>/``, kept when there — an interrupted run resumes) and
+    is scored by :func:`deme.sd.evaluate`: FID at 256 px against the set's reference (None: not computed)
+    and the CLIP score (``clip`` = (model, preprocess, tokenizer); None → :func:`deme.metrics.load_clip`,
+    and ``None`` scores when no weights exist). Scores are cached per model, set, size and seed."""
+    from tqdm.auto import tqdm
+    from .metrics import load_clip
+    from .sd import evaluate, generate
+    from .stages import write_json
+    out_dir = Path(out_dir or ROOT / "runs" / cfg.profile / "compare")
+    clip = clip if clip is not None else load_clip()
+    records = []
+    for name, load in tqdm((models or comparison_models(cfg)).items(), disable=not progress, desc="models"):
+        model = None
+        for set_name, spec in prompt_sets.items():
+            prompts, reference = spec["prompts"], spec.get("reference")
+            key = f"{cache_key(name)}_{cache_key(set_name)}_n{len(prompts)}_seed{seed}"
+            path = out_dir / f"{key}.json"
+            rec = json.loads(path.read_text()) if path.exists() else None
+            if rec is None or (reference is not None and rec.get("fid_256") is None):
+                model = model or load()
+                samples = out_dir / "samples" / cache_key(name) / cache_key(set_name)
+                t0 = time.time()
+                generate(model, prompts, base=cfg.pretrained, guidance_scale=cfg.guidance_scale,
+                         steps=cfg.sample_steps, seed=seed, batch_size=batch_size, out_dir=samples)
+                clip_model, clip_preprocess, clip_tokenizer = clip if clip is not None else (None, None, None)
+                rec = evaluate(samples, prompts, reference=reference,
+                               reference_cache=out_dir / f"reference_{cache_key(set_name)}_{len(prompts)}.npz",
+                               clip_model=clip_model, clip_preprocess=clip_preprocess, clip_tokenizer=clip_tokenizer)
+                rec.update(seed=seed, seconds=round(time.time() - t0, 1))
+                write_json(path, rec)
+            records.append({"model": name, "prompts": set_name, **rec})
+        del model
+    return pd.DataFrame(records)
+
+
 def summarize(df: pd.DataFrame, metrics: list[str], baseline_row: str = "Before finetuning") -> pd.DataFrame:
     """Mean ± std over seeds per model, and the change of the mean against ``baseline_row``."""
     g = df.groupby("model", sort=False)[metrics]

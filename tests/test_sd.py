@@ -396,3 +396,54 @@ def test_merge_weight_search_on_a_tiny_sd_model(pipe_dir, folder, tmp_path, monk
     fid_col = [c for c in stage2.columns if c.startswith("FID@256")][0]
     assert np.isfinite(stage2[fid_col]).all() and "uniform" in set(stage2.kind)
     assert any(w) and tuple(w) in [tuple(r) for r in stage2.weights]
+
+
+def test_table2_protocol_on_a_tiny_sd_model(pipe_dir, tmp_path):
+    """Notebook 05's text-to-image path: COCO captions with their images as the FID reference, ImageNet class
+    prompts, PartiPrompts (CLIP only); every model generates every set with the same seed, scores are cached
+    and generation resumes; missing files say what to provide."""
+    import open_clip
+    from deme.compare import run_text_to_image_comparison, text_to_image_prompt_sets
+    from deme.data import DataMissingError
+    images = tmp_path / "val2014"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    anns, ims = [], []
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(images / f"COCO_{i}.jpg")
+        ims.append({"id": i, "file_name": f"COCO_{i}.jpg"})
+        anns.append({"id": 10 + i, "image_id": i, "caption": f"a photo number {i}"})
+    (tmp_path / "captions.json").write_text(json.dumps({"images": ims, "annotations": anns}))
+    (tmp_path / "parti.tsv").write_text("Prompt\tCategory\na blue cube\tshapes\na red ball\tshapes\n")
+    (tmp_path / "classes.txt").write_text("tench\ngoldfish\n")
+    cfg = _cfg(pipe_dir, sample_steps=2, guidance_scale=2.0)
+    with pytest.raises(DataMissingError, match="class-name file"):
+        text_to_image_prompt_sets(cfg, imagenet_classes=str(tmp_path / "nope.txt"), out_dir=tmp_path / "out")
+    with pytest.raises(DataMissingError, match="MS-COCO captions file"):
+        text_to_image_prompt_sets(cfg, coco_captions=str(tmp_path / "nope.json"), out_dir=tmp_path / "out")
+    sets = text_to_image_prompt_sets(cfg, coco_captions=str(tmp_path / "captions.json"), coco_images=str(images),
+                                     parti=str(tmp_path / "parti.tsv"), imagenet_classes=str(tmp_path / "classes.txt"),
+                                     n_coco=3, out_dir=tmp_path / "out")
+    assert sorted(sets) == ["ImageNet", "MS-COCO", "PartiPrompts"]
+    assert sorted(sets["MS-COCO"]["prompts"]) == [f"a photo number {i}" for i in range(3)]
+    assert sets["ImageNet"]["prompts"] == ["a photo of a tench", "a photo of a goldfish"]
+    assert len(sd.image_files(sets["MS-COCO"]["reference"])) == 3
+    torch.manual_seed(0)
+    clip = open_clip.model.CLIP(embed_dim=32, vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8,
+                                                              image_size=32),
+                                text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval()
+    clip = (clip, open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-g-14"))
+    base = load_unet(pipe_dir, projection=True)
+    models = {"Before finetuning": lambda: base, "DeMe (after merge)": lambda: base}
+    df = run_text_to_image_comparison(cfg, sets, models=models, out_dir=tmp_path / "out", clip=clip, progress=False)
+    assert len(df) == 6 and set(df.prompts) == set(sets)
+    coco = df[df.prompts == "MS-COCO"]
+    assert np.isfinite(coco.fid_256).all() and df[df.prompts == "PartiPrompts"].fid_256.isna().all()
+    assert df["clip"].notna().all() and (df.n == df.prompts.map(lambda k: len(sets[k]["prompts"]))).all()
+    # the same UNet with the same seed: the same images, hence the same scores
+    assert coco.fid_256.iloc[0] == pytest.approx(coco.fid_256.iloc[1])
+    files = sorted((tmp_path / "out" / "samples").rglob("*.png"))
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    again = run_text_to_image_comparison(cfg, sets, models=models, out_dir=tmp_path / "out", clip=clip, progress=False)
+    assert list(again.fid_256.fillna(-1)) == list(df.fid_256.fillna(-1))
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
