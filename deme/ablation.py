@@ -230,17 +230,27 @@ def format_variant_table(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
     return out
 
 
-def step_effects(scores: pd.DataFrame, kind: str = "merge", metric: str = "uncond_fid") -> pd.DataFrame:
+def step_effects(scores: pd.DataFrame, kind: str = "merge", metric: str = "uncond_fid",
+                 alpha: float = 0.05) -> pd.DataFrame:
     """What each added technique changes: for consecutive variants a → b (in ``scores``' order), the paired
-    per-seed difference b − a of ``metric`` for ``kind`` (a single model stands for both kinds): mean,
-    standard error over seeds (std/√k) and whether |mean| exceeds 2 standard errors."""
+    per-seed difference b − a of ``metric`` for ``kind`` (a single model stands for both kinds): mean, its
+    standard error over the k seeds (std/√k), the paired t-test's two-sided p-value (k − 1 degrees of
+    freedom) and whether p < ``alpha``. With 3 seeds a change must exceed ~4.3 standard errors to count."""
     import numpy as np
+    from scipy import stats
     names = list(dict.fromkeys(scores["variant"]))
     per = {v: g[g.kind.isin([kind, "model"])].set_index("seed")[metric] for v, g in scores.groupby("variant")}
     rows = []
     for a, b in zip(names, names[1:]):
         d = (per[b] - per[a]).dropna()
-        se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-        rows.append({"from": a, "to": b, "change": d.mean(), "std error": se, "seeds": len(d),
-                     "beyond 2 SE": bool(abs(d.mean()) > 2 * se) if len(d) > 1 else False})
+        k, mean = len(d), float(d.mean())
+        se = float(d.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
+        if k < 2:
+            p = float("nan")
+        elif se == 0:
+            p = 1.0 if mean == 0 else 0.0
+        else:
+            p = float(2 * stats.t.sf(abs(mean / se), k - 1))
+        rows.append({"from": a, "to": b, "change": mean, "std error": se, "seeds": k, "p (paired t)": p,
+                     f"p < {alpha:g}": bool(p < alpha)})
     return pd.DataFrame(rows)

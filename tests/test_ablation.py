@@ -78,11 +78,14 @@ def test_step_effects_are_paired_per_seed_differences():
     ab = eff.iloc[0]
     assert (ab["from"], ab["to"]) == ("a", "b")
     assert ab["change"] == pytest.approx(-1.0) and ab["std error"] == pytest.approx(1 / math.sqrt(3))
-    assert not ab["beyond 2 SE"]
-    # b -> c merge: identical -> 0 change, 0 SE; ensemble: +0.5 every seed -> SE 0, beyond noise
-    assert eff.iloc[1]["change"] == 0.0
+    # t = -1/(1/sqrt(3)) = -sqrt(3) with 2 degrees of freedom: two-sided p = 1 - sqrt(3)/sqrt(3 + 2) ... for
+    # df = 2 the t distribution's CDF is 1/2 + t / (2 sqrt(t^2 + 2)), so p = 1 - |t| / sqrt(t^2 + 2)
+    t = math.sqrt(3)
+    assert ab["p (paired t)"] == pytest.approx(1 - t / math.sqrt(t * t + 2)) and not ab["p < 0.05"]
+    # b -> c merge: identical -> 0 change, p 1; ensemble: +0.5 on every seed -> no spread, p 0
+    assert eff.iloc[1]["change"] == 0.0 and eff.iloc[1]["p (paired t)"] == 1.0
     ens = AB.step_effects(_scores(), "ensemble").iloc[1]
-    assert ens["change"] == pytest.approx(0.5) and ens["std error"] == pytest.approx(0.0) and ens["beyond 2 SE"]
+    assert ens["change"] == pytest.approx(0.5) and ens["std error"] == pytest.approx(0.0) and ens["p < 0.05"]
 
 
 def test_variant_table_fills_both_columns_for_a_single_model():

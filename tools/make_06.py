@@ -104,8 +104,8 @@ AB.PAPER_TABLE3.set_index("variant")
 """),
 ("code", r"""
 for kind in ("merge", "ensemble"):
-    print(f"{kind}: paired per-seed FID change of each added technique (mean ± standard error)")
-    print(AB.step_effects(scores, kind).to_string(index=False, float_format="%+.2f"))
+    print(f"{kind}: FID change of each added technique, paired over seeds (mean, standard error, paired t-test)")
+    print(AB.step_effects(scores, kind).to_string(index=False, float_format="%+.3f"))
 paper = AB.PAPER_TABLE3["CIFAR-10 FID (paper)"].to_numpy()
 print("the paper (CIFAR-10, one number per row), same steps:", " ".join(f"{d:+.2f}" for d in np.diff(paper)))
 """),
@@ -233,12 +233,13 @@ plt.show()
 """),
 ("code", r"""
 timings["total"] = time.time() - started
-write_json(fig_dir / f"ablation_run_{cfg.profile}{'_full' if full else ''}.json",
-           {"profile": cfg.profile, "full": full, "N": N or cfg.num_ranges, "seeds": seeds, "n": n, "steps": steps,
-            "budget_steps": AB.total_steps(cfg), "seconds": {k: round(v, 1) for k, v in timings.items()},
-            "variants_trained_now": int(trained["trained now"].sum()), "device": str(torch.cuda.get_device_name(0)
-            if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+record = {"profile": cfg.profile, "full": full, "N": N or cfg.num_ranges, "seeds": seeds, "n": n, "steps": steps,
+          "budget_steps": AB.total_steps(cfg), "seconds": {k: round(v, 1) for k, v in timings.items()},
+          "runs_trained_now": int(trained["trained now"].sum()), "jobs": jobs,
+          "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads",
+          "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+with open(fig_dir / f"ablation_runs_{cfg.profile}.jsonl", "a") as f:   # one line per run: which run made what
+    f.write(__import__("json").dumps(record) + "\n")
 print({k: f"{v:.0f} s" for k, v in timings.items()})
 """),
 ]
