@@ -19,8 +19,11 @@ def save_figure(fig, cfg: Config, name: str, dpi: int = 150) -> list[Path]:
     """Write ``fig`` as ``<figures_dir(cfg)>/<name>.png`` and ``.pdf``; returns the two paths."""
     d = figures_dir(cfg)
     paths = [d / f"{name}.png", d / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=dpi, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    # no creation dates or software versions in the files: the same numbers give the same bytes,
+    # so re-running a notebook leaves git clean
+    fig.savefig(paths[0], dpi=dpi, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "Producer": None,
+                                                         "Creator": None})
     return paths
 
 
