@@ -293,6 +293,10 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     steps, lr, micro_bs, accum = _schedule(cfg)
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=accum)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != world:   # e.g. torchrun on a machine without GPUs: every process would act as the main one
+        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but accelerate runs {world}; on CPUs "
+                           "set ACCELERATE_USE_CPU=1 or launch with `accelerate launch --cpu --num_processes N`")
     set_seed(cfg.seed)
 
     # -- models --------------------------------------------------------------------------------------------
@@ -417,7 +421,7 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
         n_acc += 1
         done = step + 1
         if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end:
-            vals = (acc / n_acc).tolist()   # the one host sync per log interval
+            vals = (accelerator.reduce(acc, "mean") / n_acc).tolist()   # the one host sync per log interval
             if not all(math.isfinite(v) for v in vals):
                 kept = _latest_checkpoint(ckpt_dir)
                 raise NonFiniteLossError(

@@ -1,6 +1,10 @@
 """The one training loop: determinism, resume, non-finite loss, DeMe finetuning lowers its loss; profiles; data."""
 
+import csv
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -86,6 +90,45 @@ def test_deme_finetuning_lowers_the_range_loss(tmp_path):
     log = (out / "loss.csv").read_text().splitlines()
     first_consistency = float(log[1].split(",")[3])
     assert first_consistency > 0     # the student moved away from the teacher during the first steps
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_processes_train_like_one_process_accumulating_two_micro_batches(tmp_path):
+    """Data-parallel DeMe (accelerate over torch.distributed, gloo on CPU): 2 processes × 1 micro-batch consume
+    the same batches, timesteps and noise as 1 process × 2 accumulated micro-batches, so the weights and the
+    logged (process-averaged) losses must agree."""
+    base = str(train(_pretrain_cfg(), tmp_path / "base", progress=False) / "model")
+    args = ["-m", "deme.train", "--profile", "smoke", "--range", "0", "--steps", "3", "--base", base,
+            "--set", "log_every=1", "--set", "heldout_every=0", "--set", "checkpoint_every=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    for name, launcher, accum in (("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], 1),
+                                  ("one", [], 2)):
+        r = subprocess.run([sys.executable, *launcher, *args, "--set", f"grad_accum={accum}",
+                            "--out", str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    m2, m1 = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("two", "one"))
+    assert (m2["processes"], m1["processes"]) == (2, 1)
+    assert m2["images_per_step"] == m1["images_per_step"] == 2 * get_profile("smoke").batch_size
+    w2, w1, w0 = _weights(tmp_path / "two"), _weights(tmp_path / "one"), load_unet(base).state_dict()
+    assert max((w1[k] - w0[k]).abs().max() for k in w0) > 1e-5      # training moved the weights
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-7, msg=k)
+    l2, l1 = _csv(tmp_path / "two" / "loss.csv"), _csv(tmp_path / "one" / "loss.csv")
+    assert [r["step"] for r in l2] == [r["step"] for r in l1] == ["1", "2", "3"]
+    for a, b in zip(l2, l1):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+
+
+def test_a_launch_accelerate_does_not_see_is_refused(tmp_path, monkeypatch):
+    # torchrun on a machine without GPUs and without ACCELERATE_USE_CPU: every process would be "main"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU"):
+        train(_pretrain_cfg(), tmp_path / "r", progress=False)
+    assert not list((tmp_path / "r" / "checkpoints").glob("*.pt"))
 
 
 def test_unknown_profile_lists_the_valid_names():
