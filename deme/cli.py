@@ -23,15 +23,16 @@ BASELINES = ("standard", "snr+1", "trunc-snr", "min-snr", "p2", "ant-uw", "ant-n
 
 def stages(cfg) -> list[tuple[str, str, dict]]:
     """(stage name, notebook, papermill parameters) in the order of DESIGN.md's data flow, for the notebooks
-    that exist: 02 base → 01 analysis → 03 one job per range → 04 merge → 03 baselines → 05 → 06 → 07."""
+    that exist: 02 base → 01 analysis → 03 training jobs (baselines, then one job per range) → 04 merge → 05 →
+    06 → 07. The training jobs are independent; the baselines (N×K steps each) come first so that, run side
+    by side, the short range jobs fill the end instead of one long baseline running alone."""
     p = {"profile": cfg.profile}
     plan = [("02_base_model", "02_base_model.ipynb", p), ("01_gradient_conflict", "01_gradient_conflict.ipynb", p)]
-    plan += [(f"03_train_range{i}", "03_train.ipynb", {**p, "range": i}) for i in range(cfg.num_ranges)]
-    plan += [("04_merge", "04_merge.ipynb", p)]
     if (NOTEBOOKS / "05_compare.ipynb").exists():
         plan += [(f"03_train_{m}", "03_train.ipynb", {**p, "method": m}) for m in BASELINES]
-    plan += [("05_compare", "05_compare.ipynb", p), ("06_ablation", "06_ablation.ipynb", p),
-             ("07_gallery", "07_gallery.ipynb", p)]
+    plan += [(f"03_train_range{i}", "03_train.ipynb", {**p, "range": i}) for i in range(cfg.num_ranges)]
+    plan += [("04_merge", "04_merge.ipynb", p), ("05_compare", "05_compare.ipynb", p),
+             ("06_ablation", "06_ablation.ipynb", p), ("07_gallery", "07_gallery.ipynb", p)]
     return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
 
 
