@@ -12,10 +12,9 @@ import argparse
 import copy
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
-
-from concurrent.futures import ThreadPoolExecutor
 
 from deme.compare import evaluate_model
 from deme.config import get_profile

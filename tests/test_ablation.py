@@ -78,8 +78,8 @@ def test_step_effects_are_paired_per_seed_differences():
     ab = eff.iloc[0]
     assert (ab["from"], ab["to"]) == ("a", "b")
     assert ab["change"] == pytest.approx(-1.0) and ab["std error"] == pytest.approx(1 / math.sqrt(3))
-    # t = -1/(1/sqrt(3)) = -sqrt(3) with 2 degrees of freedom: two-sided p = 1 - sqrt(3)/sqrt(3 + 2) ... for
-    # df = 2 the t distribution's CDF is 1/2 + t / (2 sqrt(t^2 + 2)), so p = 1 - |t| / sqrt(t^2 + 2)
+    # t = -1 / (1/sqrt(3)) = -sqrt(3) with 2 degrees of freedom; for df = 2 the t distribution's CDF is
+    # 1/2 + t / (2 sqrt(t^2 + 2)), so the two-sided p = 1 - |t| / sqrt(t^2 + 2)
     t = math.sqrt(3)
     assert ab["p (paired t)"] == pytest.approx(1 - t / math.sqrt(t * t + 2)) and not ab["p < 0.05"]
     # b -> c merge: identical -> 0 change, p 1; ensemble: +0.5 on every seed -> no spread, p 0

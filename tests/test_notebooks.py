@@ -59,6 +59,25 @@ def test_reproduce_runs_every_notebook_in_order(smoke_root):
         assert (figs / f).exists(), f
 
 
+def test_ablation_full_sweeps_run_headlessly(smoke_root, tmp_path):
+    """`papermill 06_ablation.ipynb -p full True`: the N and p sweeps train, score, and write their tables, and
+    the run is recorded as a full one."""
+    root, _ = smoke_root
+    proc = _run(["-m", "papermill", str(REPO / "notebooks" / "06_ablation.ipynb"), str(tmp_path / "out.ipynb"),
+                 "-p", "full", "True", "--cwd", str(REPO / "notebooks")], root, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import pandas as pd
+    figs = root / "runs" / "smoke" / "figures"
+    for what, rows in (("N", ["N=1", "N=2", "N=4", "N=8"]), ("p", ["p=0", "p=0.1", "p=0.3", "p=0.5", "p=1"])):
+        tab = pd.read_csv(figs / f"sensitivity_{what}_smoke.csv", index_col=0)
+        assert list(tab.index) == rows and tab["merge"].notna().all() and (tab.seeds == 2).all()
+    p1 = pd.read_csv(figs / "sensitivity_p_smoke.csv", index_col=0).loc["p=1"]
+    assert p1["merge"] == pytest.approx(p1["ensemble"], abs=1e-6)   # p = 1: identical range models
+    assert (figs / "sensitivity_smoke.png").exists()
+    last = json.loads((figs / "ablation_runs_smoke.jsonl").read_text().splitlines()[-1])
+    assert last["full"] is True and "sweep scoring" in last["seconds"]
+
+
 def test_a_second_reproduce_skips_every_stage(smoke_root):
     root, _ = smoke_root
     proc = _run(["-m", "deme", "reproduce", "--profile", "smoke", "--no-update-notebooks"], root, timeout=300)

@@ -37,6 +37,7 @@ num_threads = None # CPU threads for torch (None: torch's default)
 jobs = 2           # training runs at once, one CPU thread each (independent ranges and variants)
 """),
 ("code", r"""
+import json
 import time
 import numpy as np
 import pandas as pd
@@ -46,7 +47,7 @@ import torch
 from deme.config import get_profile, figures_dir
 from deme import ablation as AB, analysis as A, plots
 from deme.compare import run_comparison
-from deme.stages import load_base, load_experts, merge_dir, write_json
+from deme.stages import load_base, load_experts, merge_dir
 
 started = time.time()
 if num_threads:
@@ -199,7 +200,7 @@ timesteps; the searched merge's weights for those two ranges are marked.
 """),
 ("code", r"""
 t0 = time.time()
-w = [float(v) for v in __import__("json").loads((merge_dir(cfg) / "weights.json").read_text())["weights"]]
+w = [float(v) for v in json.loads((merge_dir(cfg) / "weights.json").read_text())["weights"]]
 coords = np.linspace(-0.5, 1.5, 9 if cfg.profile != "smoke" else 5)   # includes 0 and 1
 plane = A.task_vector_plane_loss(base, experts[0], experts[-1], cfg, images, y, coords)
 timings["fig 6a"] = time.time() - t0
@@ -239,7 +240,7 @@ record = {"profile": cfg.profile, "full": full, "N": N or cfg.num_ranges, "seeds
           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads",
           "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 with open(fig_dir / f"ablation_runs_{cfg.profile}.jsonl", "a") as f:   # one line per run: which run made what
-    f.write(__import__("json").dumps(record) + "\n")
+    f.write(json.dumps(record) + "\n")
 print({k: f"{v:.0f} s" for k, v in timings.items()})
 """),
 ]
