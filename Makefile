@@ -5,6 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 PROFILE ?= fmnist
 JOBS ?= 2          # independent training stages at once (one CPU thread each)
+FULL ?=            # FULL=1: notebook 06 with the sensitivity sweeps over N and p
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE ?= 1
 
@@ -30,7 +31,7 @@ data:
 	fi
 
 reproduce: setup
-	$(BIN)/python -m deme reproduce --profile $(PROFILE) --jobs $(JOBS)
+	$(BIN)/python -m deme reproduce --profile $(PROFILE) --jobs $(JOBS) $(if $(FULL),--full)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -21,18 +21,25 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"   # the notebooks 
 BASELINES = ("standard", "snr+1", "trunc-snr", "min-snr", "p2", "ant-uw", "ant-nash")
 
 
-def stages(cfg) -> list[tuple[str, str, dict]]:
+# papermill parameters that change how fast a stage runs, not what it computes: not part of a stage's record
+# comparison (a stage run with --jobs 2 is up to date for --jobs 8)
+SPEED_PARAMS = ("jobs",)
+
+
+def stages(cfg, full: bool = False, jobs: int = 1) -> list[tuple[str, str, dict]]:
     """(stage name, notebook, papermill parameters) in the order of DESIGN.md's data flow, for the notebooks
     that exist: 02 base → 01 analysis → 03 training jobs (baselines, then one job per range) → 04 merge → 05 →
     06 → 07. The training jobs are independent; the baselines (N×K steps each) come first so that, run side
-    by side, the short range jobs fill the end instead of one long baseline running alone."""
+    by side, the short range jobs fill the end instead of one long baseline running alone. ``full`` adds the
+    sensitivity sweeps to 06; ``jobs`` > 1 is passed on to 06, which trains its variants that many at once."""
     p = {"profile": cfg.profile}
+    p06 = {**p, **({"full": True} if full else {}), **({"jobs": jobs} if jobs > 1 else {})}
     plan = [("02_base_model", "02_base_model.ipynb", p), ("01_gradient_conflict", "01_gradient_conflict.ipynb", p)]
     if (NOTEBOOKS / "05_compare.ipynb").exists():
         plan += [(f"03_train_{m}", "03_train.ipynb", {**p, "method": m}) for m in BASELINES]
     plan += [(f"03_train_range{i}", "03_train.ipynb", {**p, "range": i}) for i in range(cfg.num_ranges)]
     plan += [("04_merge", "04_merge.ipynb", p), ("05_compare", "05_compare.ipynb", p),
-             ("06_ablation", "06_ablation.ipynb", p), ("07_gallery", "07_gallery.ipynb", p)]
+             ("06_ablation", "06_ablation.ipynb", p06), ("07_gallery", "07_gallery.ipynb", p)]
     return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
 
 
@@ -46,7 +53,9 @@ def _up_to_date(rec: dict, cfg, notebook: str, params: dict) -> bool:
     """Same config (fields added since the record count at their defaults) + same notebook source + same
     parameters → the stage is skipped."""
     from .config import normalized
-    return (rec.get("source") == _source_hash(notebook) and rec.get("params") == params
+    def same(a: dict) -> dict:
+        return {k: v for k, v in a.items() if k not in SPEED_PARAMS}
+    return (rec.get("source") == _source_hash(notebook) and same(rec.get("params", {})) == same(params)
             and normalized(rec.get("config", {})) == normalized(cfg.to_dict()))
 
 
@@ -63,15 +72,21 @@ def _groups(plan):
 
 
 def reproduce(profile: str | None = None, force: bool = False, only: list[str] | None = None,
-              update_notebooks: bool | None = None, jobs: int = 1) -> list[dict]:
+              update_notebooks: bool | None = None, jobs: int = 1, full: bool = False,
+              keep_going: bool = False) -> list[dict]:
     """Execute the notebooks in order with papermill; executed copies go to runs/<profile>/notebooks/.
 
     A stage whose record (runs/<profile>/stages/<stage>.json) matches the current config, notebook and
     parameters is skipped unless ``force``. ``jobs`` > 1 runs up to that many independent training stages
     (the N ranges, the baselines) at once, each kernel with one CPU thread (``OMP_NUM_THREADS=1``; on a
-    2-core CPU two one-thread jobs train ~1.6× faster together than one after another with two threads).
+    2-core CPU two one-thread jobs train ~1.6× faster together than one after another with two threads);
+    notebook 06 gets the same ``jobs``. ``full`` runs notebook 06 with its sensitivity sweeps (``-p full True``).
     For the embedded default the executed copies also replace the notebooks in notebooks/ (so the committed
     notebooks show the fmnist outputs), unless ``update_notebooks=False``.
+
+    A failing notebook stops the run, unless ``keep_going``: then the remaining stages still run (those that
+    need the failed stage's outputs fail in turn), the failed ones get no record (the next run redoes them),
+    and their records in the returned list carry ``failed`` with the error.
     """
     import os
     from concurrent.futures import ThreadPoolExecutor
@@ -83,15 +98,22 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     rec_dir = ROOT / "runs" / cfg.profile / "stages"
     out_dir.mkdir(parents=True, exist_ok=True)
     rec_dir.mkdir(parents=True, exist_ok=True)
-    plan = stages(cfg)
+    plan = stages(cfg, full=full, jobs=jobs)
     records = {}
 
     def run(k: int, name: str, notebook: str, params: dict) -> dict:
         print(f"[{k}/{len(plan)}] {name}: running {notebook} {params}", flush=True)
         target = out_dir / f"{name}.ipynb"
         t0 = time.time()
-        pm.execute_notebook(str(NOTEBOOKS / notebook), str(target), parameters=params, cwd=str(NOTEBOOKS),
-                            progress_bar=jobs == 1, kernel_name="python3")
+        try:
+            pm.execute_notebook(str(NOTEBOOKS / notebook), str(target), parameters=params, cwd=str(NOTEBOOKS),
+                                progress_bar=jobs == 1, kernel_name="python3")
+        except Exception as e:
+            if not keep_going:
+                raise
+            print(f"[{k}/{len(plan)}] {name}: FAILED after {time.time() - t0:.0f} s: {e}", flush=True)
+            return {"stage": name, "notebook": notebook, "params": params, "seconds": round(time.time() - t0, 1),
+                    "failed": f"{type(e).__name__}: {e}"[:4000]}
         rec = {"stage": name, "notebook": notebook, "params": params, "source": _source_hash(notebook),
                "config": json.loads(cfg.to_json()), "seconds": round(time.time() - t0, 1),
                "parallel_jobs": jobs if name.startswith("03_") else 1,
@@ -134,6 +156,9 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     ran = [r for r in out if not r.get("skipped")]
     print(f"reproduce {cfg.profile}: {len(out)} stages, {len(ran)} run this time in {time.time() - started:.0f} s "
           f"(wall clock; stage times summed: {sum(r['seconds'] for r in ran):.0f} s); executed notebooks in {out_dir}")
+    failed = [r["stage"] for r in out if r.get("failed")]
+    if failed:
+        print(f"FAILED stages ({len(failed)}): {', '.join(failed)} — see their notebooks in {out_dir}")
     return out
 
 
@@ -151,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--only", nargs="*", default=None, help="stage name prefixes, e.g. 03 04_merge")
     r.add_argument("--no-update-notebooks", action="store_true", help="do not copy executed notebooks into notebooks/")
     r.add_argument("--jobs", type=int, default=1, help="independent training stages run at once (one thread each)")
+    r.add_argument("--full", action="store_true", help="notebook 06 with the sensitivity sweeps over N and p")
+    r.add_argument("--keep-going", action="store_true", help="after a failed stage, run the remaining ones")
     sub.add_parser("train", help="one training job (python -m deme train --help)")
     sub.add_parser("profiles", help="list the profiles")
     a = p.parse_args(argv)
@@ -163,5 +190,8 @@ def main(argv: list[str] | None = None) -> None:
             get_profile(a.profile)
         except ValueError as e:
             raise SystemExit(str(e))
-        reproduce(a.profile, force=a.force, only=a.only, update_notebooks=False if a.no_update_notebooks else None,
-                  jobs=a.jobs)
+        out = reproduce(a.profile, force=a.force, only=a.only,
+                        update_notebooks=False if a.no_update_notebooks else None, jobs=a.jobs, full=a.full,
+                        keep_going=a.keep_going)
+        if any(r.get("failed") for r in out):
+            raise SystemExit(1)

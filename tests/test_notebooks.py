@@ -97,3 +97,46 @@ def test_papermill_range_out_of_bounds_stops_with_a_clear_error(smoke_root, tmp_
 def test_unknown_profile_on_the_command_line(tmp_path):
     proc = _run(["-m", "deme", "reproduce", "--profile", "nope"], tmp_path, timeout=120)
     assert proc.returncode != 0 and "valid profiles: smoke, fmnist" in proc.stderr
+
+
+def test_reproduce_full_and_jobs_reach_notebook_06_and_jobs_do_not_invalidate_records():
+    """--full and --jobs reach notebook 06's parameters; a record made with other jobs is still up to date."""
+    from deme.cli import _up_to_date, stages
+    from deme.config import get_profile
+    cfg = get_profile("smoke")
+    p06 = {name: params for name, _, params in stages(cfg, full=True, jobs=3)}["06_ablation"]
+    assert p06 == {"profile": "smoke", "full": True, "jobs": 3}
+    assert {name: params for name, _, params in stages(cfg)}["06_ablation"] == {"profile": "smoke"}
+    from deme.cli import _source_hash
+    rec = {"source": _source_hash("06_ablation.ipynb"), "params": {"profile": "smoke", "full": True, "jobs": 2},
+           "config": cfg.to_dict()}
+    assert _up_to_date(rec, cfg, "06_ablation.ipynb", p06)
+    assert not _up_to_date(rec, cfg, "06_ablation.ipynb", {"profile": "smoke", "jobs": 3})   # full differs
+
+
+def test_reproduce_keep_going_runs_the_stages_after_a_failure(tmp_path, monkeypatch):
+    """With keep_going a failing notebook is reported, gets no record, and the next stage still runs;
+    without it the failure stops the run."""
+    import nbformat
+    from deme import cli
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for name, code in (("02_base_model", "raise RuntimeError('planted failure')"),
+                       ("01_gradient_conflict", f"open({str(tmp_path / 'ran.txt')!r}, 'w').write('ok')")):
+        nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                               "display_name": "Python 3"}})
+        nb.cells = [nbformat.v4.new_code_cell("profile = None", metadata={"tags": ["parameters"]}),
+                    nbformat.v4.new_code_cell(code)]
+        nbformat.write(nb, nbs / f"{name}.ipynb")
+    monkeypatch.setattr(cli, "NOTEBOOKS", nbs)
+    monkeypatch.setattr(cli, "ROOT", tmp_path)
+    out = cli.reproduce("smoke", update_notebooks=False, keep_going=True)
+    assert [r["stage"] for r in out] == ["02_base_model", "01_gradient_conflict"]
+    assert "planted failure" in out[0]["failed"] and not out[1].get("failed")
+    assert (tmp_path / "ran.txt").read_text() == "ok"
+    stages_dir = tmp_path / "runs" / "smoke" / "stages"
+    assert not (stages_dir / "02_base_model.json").exists() and (stages_dir / "01_gradient_conflict.json").exists()
+    (tmp_path / "ran.txt").unlink()
+    with pytest.raises(Exception, match="planted failure"):
+        cli.reproduce("smoke", update_notebooks=False)
+    assert not (tmp_path / "ran.txt").exists()
