@@ -319,7 +319,7 @@ def activation_changes(base: nn.Module, finetuned: nn.Module, cfg: Config, image
     random (seeded), the reference with no channel or spatial structure.
     """
     sched = make_scheduler(cfg)
-    noise = fixed_noise(images.shape, seed)
+    noise = fixed_noise(images.shape, seed).to(images.device)   # drawn on the CPU, used where the images are
     tt = torch.full((len(images),), int(t), dtype=torch.long) if not torch.is_tensor(t) or t.ndim == 0 \
         else t.long()
     xt = sched.add_noise(images, noise, tt)
@@ -338,12 +338,12 @@ def activation_changes(base: nn.Module, finetuned: nn.Module, cfg: Config, image
     for name, a_base in acts[0].items():
         d = (acts[1][name] - a_base).abs()
         B = d.shape[0]
-        perm = torch.stack([torch.randperm(d[0].numel(), generator=g) for _ in range(B)])
+        perm = torch.stack([torch.randperm(d[0].numel(), generator=g) for _ in range(B)]).to(d.device)
         shuffled = torch.gather(d.reshape(B, -1), 1, perm).reshape(d.shape)
-        out[name] = {"per_position": d.mean(dim=1).reshape(-1).numpy(),
-                     "per_channel": d.mean(dim=(2, 3)).reshape(-1).numpy(),
-                     "per_position_shuffled": shuffled.mean(dim=1).reshape(-1).numpy(),
-                     "per_channel_shuffled": shuffled.mean(dim=(2, 3)).reshape(-1).numpy(),
+        out[name] = {"per_position": d.mean(dim=1).reshape(-1).cpu().numpy(),
+                     "per_channel": d.mean(dim=(2, 3)).reshape(-1).cpu().numpy(),
+                     "per_position_shuffled": shuffled.mean(dim=1).reshape(-1).cpu().numpy(),
+                     "per_channel_shuffled": shuffled.mean(dim=(2, 3)).reshape(-1).cpu().numpy(),
                      "shape": tuple(d.shape)}
     return out
 

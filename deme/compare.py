@@ -105,16 +105,18 @@ def cache_key(name: str) -> str:
 
 def run_comparison(cfg: Config, seeds, n: int, steps: int | None = None, out_dir: Path | None = None,
                    progress: bool = True, models: dict[str, Callable[[], torch.nn.Module]] | None = None,
-                   conditional: bool = True) -> pd.DataFrame:
+                   conditional: bool = True, device: str | torch.device | None = None) -> pd.DataFrame:
     """Evaluate every model of ``models`` (default: :func:`comparison_models`) for every seed, cached per
     model name, seed, sample count and DDIM steps under ``out_dir`` (default runs/<profile>/compare), so an
     interrupted evaluation resumes and notebooks that score the same model under the same name share the
-    result. ``conditional=False`` scores unconditional samples only (half the cost)."""
+    result. ``conditional=False`` scores unconditional samples only (half the cost). Each model is moved to
+    ``device`` for sampling (default: the GPU when there is one, else the CPU)."""
     from tqdm.auto import tqdm
     from .metrics import ensure_classifier, load_clip, reference_statistics
     from .stages import write_json
     out_dir = out_dir or ROOT / "runs" / cfg.profile / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     reference = reference_statistics(cfg, "train", n=cfg.fid_reference_size)
     conditional = conditional and bool(cfg.num_classes)
     classifier = ensure_classifier(cfg) if conditional and cfg.dataset in ("fmnist", "digits") else None
@@ -126,7 +128,7 @@ def run_comparison(cfg: Config, seeds, n: int, steps: int | None = None, out_dir
             path = out_dir / f"{cache_key(name)}_seed{seed}_n{n}_steps{steps or cfg.sample_steps}.json"
             rec = json.loads(path.read_text()) if path.exists() else None
             if rec is None or (conditional and "cond_fid" not in rec):
-                model = model or load()
+                model = model or load().to(device)
                 rec = evaluate_model(model, cfg, seed, n, reference, classifier, clip, steps, conditional)
                 write_json(path, rec)
             records.append({"model": name, **rec})

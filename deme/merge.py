@@ -41,7 +41,8 @@ def check_compatible(base: StateDict, experts: Sequence[StateDict]) -> None:
 def task_vectors(base: StateDict, experts: Sequence[StateDict]) -> list[dict[str, torch.Tensor]]:
     """τ_i = θ_i − θ for every floating-point tensor (float32, for inspection and TIES/DARE)."""
     check_compatible(base, experts)
-    return [{k: sd[k].float() - v.float() for k, v in base.items() if v.is_floating_point()} for sd in experts]
+    return [{k: sd[k].to(v.device).float() - v.float() for k, v in base.items() if v.is_floating_point()}
+            for sd in experts]
 
 
 def apply_task_vector(base: StateDict, delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,7 +65,7 @@ def task_arithmetic(base: StateDict, experts: Sequence[StateDict], weights: Sequ
         acc = v.double()
         for w, sd in zip(weights, experts):
             if w:
-                acc = acc + w * (sd[k].double() - v.double())
+                acc = acc + w * (sd[k].to(v.device).double() - v.double())
         out[k] = acc.to(v.dtype)
     return out
 
@@ -107,7 +108,7 @@ def dare(base: StateDict, experts: Sequence[StateDict], weights: Sequence[float]
     for tau in taus:
         out = {}
         for k in sorted(tau):
-            keep = (torch.rand(tau[k].shape, generator=g) >= drop).float()
+            keep = (torch.rand(tau[k].shape, generator=g) >= drop).float().to(tau[k].device)   # CPU stream
             out[k] = tau[k] * keep / (1 - drop)
         sparse.append(out)
     delta = {k: sum(w * tau[k].double() for w, tau in zip(weights, sparse)) for k in sparse[0]}

@@ -137,5 +137,5 @@ def image_grid(images: torch.Tensor, nrow: int = 10, pad: int = 1) -> np.ndarray
     """A grid of images in [−1, 1] as a uint8 array (H, W) or (H, W, 3), for plt.imshow / saving."""
     from torchvision.utils import make_grid
     g = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=pad, pad_value=1.0)
-    arr = (g.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    arr = (g.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     return arr[..., 0] if images.shape[1] == 1 else arr

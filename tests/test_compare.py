@@ -29,3 +29,25 @@ def test_paper_tables_match_paper_md():
     assert t2.loc["DeMe (after merge)", "COCO CLIP"] == 30.11
     assert t2.loc["P2", "ImageNet FID"] == 26.92
     assert len(t1) == len(t2) == 9
+
+
+def test_run_comparison_scores_each_model_on_the_evaluation_device(tmp_path, monkeypatch):
+    """Models load on the CPU and are moved to ``device`` before sampling (the GPU by default where there is
+    one); results are cached per model and seed, so a second call samples nothing."""
+    import torch
+    from deme import compare, metrics
+    from deme.config import get_profile
+    seen = []
+    monkeypatch.setattr(metrics, "reference_statistics", lambda *a, **k: None)
+    monkeypatch.setattr(metrics, "ensure_classifier", lambda *a, **k: None)
+    monkeypatch.setattr(metrics, "load_clip", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "evaluate_model", lambda model, cfg, seed, *a, **k:
+                        seen.append((next(model.parameters()).device.type, seed)) or {"seed": seed, "uncond_fid": 1.0,
+                                                                                        "cond_fid": 2.0})
+    cfg = get_profile("smoke")
+    df = compare.run_comparison(cfg, [0, 1], 4, out_dir=tmp_path, progress=False, device="meta",
+                                models={"a": lambda: torch.nn.Linear(2, 2)})
+    assert seen == [("meta", 0), ("meta", 1)] and list(df.uncond_fid) == [1.0, 1.0]
+    compare.run_comparison(cfg, [0, 1], 4, out_dir=tmp_path, progress=False, device="meta",
+                           models={"a": lambda: torch.nn.Linear(2, 2)})
+    assert len(seen) == 2
