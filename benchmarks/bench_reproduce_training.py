@@ -76,12 +76,20 @@ def main() -> None:
                 n += int(rows[-1]["step"]) if rows else 0
         return n, finished
 
-
     t0 = time.time()
     pool = ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn"))
     futures = [pool.submit(AB._train_job, c, 1) for c in plan]
     done_all = threading.Event()
-    threading.Thread(target=lambda: ([f.result() for f in futures], done_all.set()), daemon=True).start()
+    errors = []
+
+    def wait_all():
+        try:
+            for f in futures:
+                f.result()
+        except Exception as e:   # a run failed
+            errors.append(f"{type(e).__name__}: {e}")
+        done_all.set()
+    threading.Thread(target=wait_all, daemon=True).start()
     while not done_all.wait(timeout=a.every) and time.time() - t0 < a.limit:
         n, fin = steps_done()
         print(json.dumps({"t_s": round(time.time() - t0), "steps": n, "runs_finished": fin}), flush=True)
@@ -90,12 +98,14 @@ def main() -> None:
     summary = {"device": dev, "jobs": a.jobs, "elapsed_s": round(elapsed, 1), "steps_done": n, "steps_total": total,
                "runs_finished": fin, "runs": len(plan),
                "aggregate_images_per_s": round(n * cfg.device_batch / elapsed, 1)}
-    if done_all.is_set():
+    if errors:
+        summary["error"] = errors[0]
+    elif done_all.is_set():
         summary["measured_training_s"] = round(elapsed, 1)
     else:
         summary["extrapolated_training_s"] = round(total / max(n, 1) * elapsed, 1)
-        for proc in list(pool._processes.values()):
-            proc.terminate()
+    for proc in list(pool._processes.values()):   # stop what still runs (at the limit, or after an error)
+        proc.terminate()
     print(json.dumps(summary), flush=True)
     os._exit(0)
 
