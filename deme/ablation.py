@@ -109,7 +109,8 @@ def train_variants(variants: dict[str, Config], jobs: int = 1) -> pd.DataFrame:
         results = [_train_job(c, None) for _, c in plan]
     rows = {}
     for (name, c), (folder, sec, fresh) in zip(plan, results):
-        r = rows.setdefault(name, {"variant": name, "runs": 0, "steps per run": _run_steps(c), "trained now": 0, "seconds": 0.0,
+        r = rows.setdefault(name, {"variant": name, "runs": 0, "steps per run": _run_steps(c), "trained now": 0,
+                                   "seconds": 0.0,
                                    "folder": str(run_dir(c).parent if c.method == "deme" else run_dir(c))})
         r["runs"] += 1
         r["trained now"] += int(fresh)

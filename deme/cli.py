@@ -53,6 +53,7 @@ def _up_to_date(rec: dict, cfg, notebook: str, params: dict) -> bool:
     """Same config (fields added since the record count at their defaults) + same notebook source + same
     parameters → the stage is skipped."""
     from .config import normalized
+
     def same(a: dict) -> dict:
         return {k: v for k, v in a.items() if k not in SPEED_PARAMS}
     return (rec.get("source") == _source_hash(notebook) and same(rec.get("params", {})) == same(params)
