@@ -42,7 +42,8 @@ with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         out = train(c, Path(tmp) / mode, base=str(base), progress=False, force=True)
         total = time.time() - t0
-        rows = list(csv.DictReader(open(out / "loss.csv")))
+        with open(out / "loss.csv") as f:
+            rows = list(csv.DictReader(f))
         steady = [float(r["images_per_s"]) for r in rows[1:]]
         first_s = a.log_every * cfg.device_batch / float(rows[0]["images_per_s"])
         line = {"mode": mode, "device": device_name(dev), "steps": a.steps, "batch": cfg.device_batch,

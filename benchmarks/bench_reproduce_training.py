@@ -53,13 +53,9 @@ def main() -> None:
     variants.update(AB.table3_variants(cfg))
     variants.update({f"sweep {k}": v for k, v in AB.sweep_variants(cfg, "N").items()})
     variants.update({f"sweep {k}": v for k, v in AB.sweep_variants(cfg, "p").items()})
-    runs = {}
-    for v in variants.values():
-        for i in range(v.num_ranges if v.method == "deme" else 1):
-            c = v.replace(range_index=i) if v.method == "deme" else v
-            runs.setdefault(str(run_dir(c)), c)
-    plan = sorted(runs.values(), key=lambda c: -AB._run_steps(c))
-    total = sum(AB._run_steps(c) for c in plan)
+    runs = {str(run_dir(c)): c for _, c in AB.variant_runs(variants)}   # runs shared by variants: once
+    plan = sorted(runs.values(), key=lambda c: -AB.run_steps(c))
+    total = sum(AB.run_steps(c) for c in plan)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"device": dev, "runs": len(plan), "optimizer_steps": total, "jobs": a.jobs,
                       "batch": cfg.device_batch, "root": os.environ["DEME_ROOT"]}), flush=True)
@@ -70,9 +66,10 @@ def main() -> None:
         for c in plan:
             d = run_dir(c)
             if (d / "manifest.json").exists():
-                n, finished = n + AB._run_steps(c), finished + 1
+                n, finished = n + AB.run_steps(c), finished + 1
             elif (d / "loss.csv").exists():
-                rows = list(csv.DictReader(open(d / "loss.csv")))
+                with open(d / "loss.csv") as f:
+                    rows = list(csv.DictReader(f))
                 n += int(rows[-1]["step"]) if rows else 0
         return n, finished
 

@@ -83,9 +83,16 @@ def _train_job(cfg: Config, threads: int | None) -> tuple[str, float, bool]:
     return str(run_dir(cfg)), time.time() - t0, fresh
 
 
-def _run_steps(c: Config) -> int:
+def run_steps(c: Config) -> int:
     """Optimizer steps of one run: K for a range of a DeMe variant, N×K for a one-model run."""
     return c.steps_per_range if c.method == "deme" else total_steps(c)
+
+
+def variant_runs(variants: dict[str, Config]) -> list[tuple[str, Config]]:
+    """(variant name, run config) for every training run of ``variants``: one per range of a DeMe variant,
+    one for a one-model variant."""
+    return [(name, v if v.method != "deme" else v.replace(range_index=i))
+            for name, v in variants.items() for i in range(v.num_ranges if v.method == "deme" else 1)]
 
 
 def train_variants(variants: dict[str, Config], jobs: int = 1) -> pd.DataFrame:
@@ -96,20 +103,17 @@ def train_variants(variants: dict[str, Config], jobs: int = 1) -> pd.DataFrame:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
     from .train import run_dir
-    plan = [(name, v if v.method != "deme" else v.replace(range_index=i))
-            for name, v in variants.items() for i in range(v.num_ranges if v.method == "deme" else 1)]
+    plan = variant_runs(variants)
     if jobs > 1:   # longest runs first, so that short ones fill the end instead of one long run alone
-        order = sorted(range(len(plan)), key=lambda k: -_run_steps(plan[k][1]))
+        order = sorted(range(len(plan)), key=lambda k: -run_steps(plan[k][1]))
         with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-            done = list(pool.map(_train_job, [plan[k][1] for k in order], [1] * len(plan)))
-        results = [None] * len(plan)
-        for k, r in zip(order, done):
-            results[k] = r
+            done = dict(zip(order, pool.map(_train_job, [plan[k][1] for k in order], [1] * len(plan))))
+        results = [done[k] for k in range(len(plan))]
     else:
         results = [_train_job(c, None) for _, c in plan]
     rows = {}
     for (name, c), (folder, sec, fresh) in zip(plan, results):
-        r = rows.setdefault(name, {"variant": name, "runs": 0, "steps per run": _run_steps(c), "trained now": 0,
+        r = rows.setdefault(name, {"variant": name, "runs": 0, "steps per run": run_steps(c), "trained now": 0,
                                    "seconds": 0.0,
                                    "folder": str(run_dir(c).parent if c.method == "deme" else run_dir(c))})
         r["runs"] += 1

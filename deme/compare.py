@@ -112,11 +112,11 @@ def run_comparison(cfg: Config, seeds, n: int, steps: int | None = None, out_dir
     result. ``conditional=False`` scores unconditional samples only (half the cost). Each model is moved to
     ``device`` for sampling (default: the GPU when there is one, else the CPU)."""
     from tqdm.auto import tqdm
-    from .metrics import ensure_classifier, load_clip, reference_statistics
+    from .metrics import _default_device, ensure_classifier, load_clip, reference_statistics
     from .stages import write_json
     out_dir = out_dir or ROOT / "runs" / cfg.profile / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device) if device is not None else _default_device()
     reference = reference_statistics(cfg, "train", n=cfg.fid_reference_size)
     conditional = conditional and bool(cfg.num_classes)
     classifier = ensure_classifier(cfg) if conditional and cfg.dataset in ("fmnist", "digits") else None
