@@ -67,5 +67,6 @@ def main():
                           "ratio_vs_first": round(median[variants[0]] / median[v], 2),
                           "max_abs_diff_vs_first": float(abs(feats[v] - feats[variants[0]]).max())}), flush=True)
 
+
 if __name__ == "__main__":
     main()
