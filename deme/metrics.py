@@ -136,7 +136,7 @@ class InceptionFeatureExtractor(nn.Module):
     ``forward(x)``: float (N, 3, 299, 299) with values in [0, 255] → (N, 2048) float32. The network is run
     on ``(x − 128) / 128`` (the normalisation of clean-fid's "clean" mode and of the TF original).
     ``channels_last`` (default: on the CPU) feeds it NHWC input, which oneDNN convolves and pools faster
-    (``benchmarks/bench_sampling.py``); the features differ from NCHW's by summation order only (~1e-6).
+    (``benchmarks/bench_sampling.py``); the features differ from NCHW's by summation order only (≤ 1e-5).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, device: str | torch.device | None = None,
@@ -188,10 +188,9 @@ def inception_features(images: torch.Tensor | np.ndarray, batch_size: int | None
     from cleanfid.fid import get_batch_features
     from cleanfid.resize import build_resizer
 
-    if extractor is not None:
-        device = extractor.device
-    device = str(torch.device(device) if device is not None else _default_device())
-    model = extractor or inception_feature_extractor(device)
+    model = extractor or inception_feature_extractor(str(torch.device(device) if device is not None
+                                                         else _default_device()))
+    device = str(model.device)
     batch_size = batch_size or (250 if device.startswith("cuda") else 8)
     resize = build_resizer("clean")
     n = len(images)

@@ -101,13 +101,12 @@ def test_unknown_profile_on_the_command_line(tmp_path):
 
 def test_reproduce_full_and_jobs_reach_notebook_06_and_jobs_do_not_invalidate_records():
     """--full and --jobs reach notebook 06's parameters; a record made with other jobs is still up to date."""
-    from deme.cli import _up_to_date, stages
+    from deme.cli import _source_hash, _up_to_date, stages
     from deme.config import get_profile
     cfg = get_profile("smoke")
     p06 = {name: params for name, _, params in stages(cfg, full=True, jobs=3)}["06_ablation"]
     assert p06 == {"profile": "smoke", "full": True, "jobs": 3}
     assert {name: params for name, _, params in stages(cfg)}["06_ablation"] == {"profile": "smoke"}
-    from deme.cli import _source_hash
     rec = {"source": _source_hash("06_ablation.ipynb"), "params": {"profile": "smoke", "full": True, "jobs": 2},
            "config": cfg.to_dict()}
     assert _up_to_date(rec, cfg, "06_ablation.ipynb", p06)
