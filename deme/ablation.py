@@ -203,67 +203,83 @@ def merge_method_models(cfg: Config) -> list[tuple[str, str, Callable]]:
              lambda: TimestepEnsemble(load_experts(cfg), cfg.num_train_timesteps))]
 
 
-def score_variants(cfg: Config, variants: dict[str, Config], seeds, n: int, steps: int | None = None,
-                   progress: bool = False) -> pd.DataFrame:
-    """Unconditional FID/KID of every model of :func:`variant_models`, one row per (variant, kind, seed)."""
-    from .compare import run_comparison
+def variant_heldout(cfg: Config, variants: dict[str, Config], part: str = "evaluation",
+                    progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """The paired held-out loss (:mod:`deme.heldout`) of every model of :func:`variant_models`, against the
+    model before finetuning: :func:`deme.heldout.heldout_table` rows with the ``variant`` and ``kind``, and
+    the per-image losses (for :func:`step_effects`)."""
+    from .heldout import heldout_table, paired_losses
+    from .stages import load_base
     plan = variant_models(cfg, variants)
-    df = run_comparison(cfg, seeds, n, steps, models={key: load for _, _, key, load in plan},
-                        conditional=False, progress=progress)
+    models = {"Before finetuning": lambda: load_base(cfg, projection=False), **{key: load for _, _, key, load in plan}}
+    losses = paired_losses(models, cfg, part, progress=progress)
     kinds = pd.DataFrame([(name, kind, key) for name, kind, key, _ in plan], columns=["variant", "kind", "model"])
-    return kinds.merge(df, on="model")
+    return kinds.merge(heldout_table(losses, cfg), on="model"), losses
 
 
-def variant_table(scores: pd.DataFrame, metric: str = "uncond_fid", reference: float | None = None) -> pd.DataFrame:
-    """One row per variant: mean and std over seeds of ``metric`` for the merge and the ensemble (a single
-    model fills both), and, given the ``reference`` value (e.g. the model before finetuning), the change."""
-    rows = []
-    for name, g in scores.groupby("variant", sort=False):
-        row = {"variant": name}
-        for kind in ("merge", "ensemble"):
-            sub = g[g.kind.isin([kind, "model"])][metric]
-            row[f"{kind}"] = sub.mean()
-            row[f"{kind} std"] = sub.std(ddof=1) if len(sub) > 1 else 0.0
-            if reference is not None:
-                row[f"{kind} Δ"] = sub.mean() - reference
-        row["seeds"] = g.seed.nunique()
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("variant")
+def variant_summary(rows: pd.DataFrame, condition: str = "unconditional", rng: str = "all",
+                    digits: int = 2) -> pd.DataFrame:
+    """One row per variant, a column per kind (merged with w = 1/N, ensemble; a single model fills both):
+    held-out Δ% against before finetuning with its 95% interval, for ``condition`` and range ``rng``."""
+    t = rows[(rows.condition == condition) & (rows["range"] == rng)]
+    out = {}
+    for kind, label in (("merge", "merged (w = 1/N)"), ("ensemble", "ensemble")):
+        sub = t[t.kind.isin([kind, "model"])].set_index("variant")
+        out[label] = {v: f"{r.delta_pct:+.{digits}f} [{r.ci95_low:+.{digits}f}, {r.ci95_high:+.{digits}f}]"
+                      for v, r in sub.iterrows()}
+    return pd.DataFrame(out).loc[list(dict.fromkeys(t.variant))]
 
 
-def format_variant_table(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
-    """'mean ± std (Δ)' strings of :func:`variant_table` for Markdown / LaTeX."""
-    out = pd.DataFrame(index=table.index)
-    for kind in ("merge", "ensemble"):
-        delta = table.get(f"{kind} Δ")
-        out[f"FID, {'merged (w=1/N)' if kind == 'merge' else 'ensemble'}"] = [
-            f"{m:.{digits}f} ± {s:.{digits}f}" + (f" ({d:+.{digits}f})" if delta is not None else "")
-            for m, s, d in zip(table[kind], table[f"{kind} std"],
-                               delta if delta is not None else [0] * len(table))]
+def budget_variants(cfg: Config, budgets) -> dict[str, Config]:
+    """The budget study's runs: for each K in ``budgets`` (optimizer steps per range), ``standard`` for N×K
+    steps and DeMe's N ranges for K steps each — the equal-budget pair at that budget."""
+    out = {}
+    for k in budgets:
+        out[f"K={k}, standard"] = cfg.replace(method="standard", range_index=None, steps_per_range=k)
+        out[f"K={k}, DeMe"] = cfg.replace(method="deme", range_index=None, steps_per_range=k)
     return out
 
 
-def step_effects(scores: pd.DataFrame, kind: str = "merge", metric: str = "uncond_fid",
-                 alpha: float = 0.05) -> pd.DataFrame:
-    """What each added technique changes: for consecutive variants a → b (in ``scores``' order), the paired
-    per-seed difference b − a of ``metric`` for ``kind`` (a single model stands for both kinds): mean, its
-    standard error over the k seeds (std/√k), the paired t-test's two-sided p-value (k − 1 degrees of
-    freedom) and whether p < ``alpha``. With 3 seeds a change must exceed ~4.3 standard errors to count."""
-    import numpy as np
-    from scipy import stats
-    names = list(dict.fromkeys(scores["variant"]))
-    per = {v: g[g.kind.isin([kind, "model"])].set_index("seed")[metric] for v, g in scores.groupby("variant")}
-    rows = []
+def budget_study(cfg: Config, budgets, part: str = "evaluation", progress: bool = False) -> pd.DataFrame:
+    """Held-out Δ% against before finetuning, per budget K (steps per range; N×K per model): ``standard``,
+    DeMe's ensemble, its uniform merge and its merge with weights searched on the validation images
+    (:func:`deme.stages.merge_stage` at that budget). The runs must be trained (:func:`train_variants` of
+    :func:`budget_variants`). Rows: :func:`deme.heldout.heldout_table` plus ``steps_per_range`` and ``kind``."""
+    from .compare import merge_variants
+    from .heldout import heldout_table, paired_losses
+    from .models import load_unet
+    from .sampling import TimestepEnsemble
+    from .stages import load_base, load_experts, merge_dir, merge_stage
+    from .train import run_dir
+    models, kinds = {"Before finetuning": lambda: load_base(cfg, projection=False)}, []
+    for k in budgets:
+        c = cfg.replace(steps_per_range=k)
+        if not (merge_dir(c) / "model" / "config.json").exists():
+            merge_stage(c, progress=progress)
+        entries = {"standard": lambda c=c: load_unet(run_dir(c.replace(method="standard", range_index=None)) / "model"),
+                   "DeMe ensemble": lambda c=c: TimestepEnsemble(load_experts(c), c.num_train_timesteps),
+                   "DeMe merge, searched": lambda c=c: load_unet(merge_dir(c) / "model"),
+                   "DeMe merge, uniform 1/N": merge_variants(c)["DeMe merge, uniform 1/N"]}
+        for kind, load in entries.items():
+            models[f"K={k} {kind}"] = load
+            kinds.append((f"K={k} {kind}", k, kind))
+    table = heldout_table(paired_losses(models, cfg, part, progress=progress), cfg)
+    meta = pd.DataFrame(kinds, columns=["model", "steps_per_range", "kind"])
+    return meta.merge(table, on="model")
+
+
+def step_effects(rows: pd.DataFrame, losses: dict, kind: str = "merge", condition: str = "unconditional",
+                 level: float = 0.95) -> pd.DataFrame:
+    """What each added technique changes: for consecutive variants a → b (in ``rows``' order, from
+    :func:`variant_heldout`), the paired held-out Δ% of b against a over all t — the same evaluation images,
+    noise and timesteps — with its 95% interval and verdict. A single model stands for both kinds."""
+    from .heldout import relative_difference, verdict
+    t = rows[(rows["range"] == "all") & (rows.condition == condition) & rows.kind.isin([kind, "model"])]
+    key = dict(zip(t.variant, t.model))
+    names = list(dict.fromkeys(t.variant))
+    out = []
     for a, b in zip(names, names[1:]):
-        d = (per[b] - per[a]).dropna()
-        k, mean = len(d), float(d.mean())
-        se = float(d.std(ddof=1) / np.sqrt(k)) if k > 1 else float("nan")
-        if k < 2:
-            p = float("nan")
-        elif se == 0:
-            p = 1.0 if mean == 0 else 0.0
-        else:
-            p = float(2 * stats.t.sf(abs(mean / se), k - 1))
-        rows.append({"from": a, "to": b, "change": mean, "std error": se, "seeds": k, "p (paired t)": p,
-                     f"p < {alpha:g}": bool(p < alpha)})
-    return pd.DataFrame(rows)
+        d, lo, hi = relative_difference(losses[key[b]][condition], losses[key[a]][condition], level)
+        out.append({"from": a, "to": b, "delta_pct": d, "ci95_low": lo, "ci95_high": hi,
+                    "verdict": verdict(lo, hi)})
+    return pd.DataFrame(out)

@@ -3,7 +3,7 @@
 on the plane of two task vectors (Fig. 6a) and per-layer task-vector statistics (Fig. 6b).
 
 Every loss here is the diffusion ε-MSE on a FIXED batch: fixed images, fixed noise drawn from ``seed`` exactly
-as :func:`deme.train.heldout_loss` draws it (``torch.randn(images.shape, generator=manual_seed(seed))``, on
+as :func:`deme.heldout.heldout_loss` draws it (``torch.randn(images.shape, generator=manual_seed(seed))``, on
 the CPU), and fixed, stratified timesteps — so two evaluations differ only through the weights, and a value at
 the origin of a landscape equals the model's own loss on the same batch and noise.
 
@@ -51,7 +51,7 @@ TensorDict = dict[str, torch.Tensor]
 
 def fixed_noise(shape: Sequence[int], seed: int) -> torch.Tensor:
     """The fixed noise of an analysis batch: float32 N(0, 1) on the CPU from ``seed`` (as
-    :func:`deme.train.heldout_loss` draws it)."""
+    :func:`deme.heldout.heldout_loss` draws it)."""
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
 
 
@@ -101,8 +101,8 @@ def _forward(model: nn.Module, xt: torch.Tensor, t: torch.Tensor, labels: torch.
 def fixed_batch_loss(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
                      t_range: tuple[int, int] | None = None, seed: int = 0, batch_size: int = 256) -> float:
     """The diffusion loss on a fixed batch: noise from ``seed``, timesteps stratified inside ``t_range``
-    (default [0, T)) — :func:`deme.train.heldout_loss` restricted to ``t_range``."""
-    from .train import heldout_loss
+    (default [0, T)) — :func:`deme.heldout.heldout_loss` restricted to ``t_range``."""
+    from .heldout import heldout_loss
     return heldout_loss(model, cfg, images, labels, seed, t_range=t_range, batch_size=batch_size)["loss"]
 
 

@@ -19,6 +19,9 @@ from .config import ROOT, get_profile, profile_names
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"   # the notebooks ship beside the package
 BASELINES = ("standard", "snr+1", "trunc-snr", "min-snr", "p2", "ant-uw", "ant-nash")
+DEFAULT_BASELINES = ("standard",)
+"""The baselines of the default run: ``standard`` (plain ε-MSE, all timesteps, N×K steps) is the equal-budget
+comparison that decides whether DeMe helps; the six weighted baselines train with ``full`` (``--full``)."""
 
 
 # papermill parameters that change how fast a stage runs, not what it computes: not part of a stage's record
@@ -31,14 +34,16 @@ def stages(cfg, full: bool = False, jobs: int = 1) -> list[tuple[str, str, dict]
     that exist: 02 base → 01 analysis → 03 training jobs (baselines, then one job per range) → 04 merge → 05 →
     06 → 07. The training jobs are independent; the baselines (N×K steps each) come first so that, run side
     by side, the short range jobs fill the end instead of one long baseline running alone. ``full`` adds the
-    sensitivity sweeps to 06; ``jobs`` > 1 is passed on to 06, which trains its variants that many at once."""
+    six weighted baselines (trained, and compared in 05) and the budget study and sensitivity sweeps of 06; ``jobs`` > 1 is passed on to 06, which trains its variants that many at once."""
     p = {"profile": cfg.profile}
-    p06 = {**p, **({"full": True} if full else {}), **({"jobs": jobs} if jobs > 1 else {})}
+    pfull = {**p, **({"full": True} if full else {})}
+    p06 = {**pfull, **({"jobs": jobs} if jobs > 1 else {})}
     plan = [("02_base_model", "02_base_model.ipynb", p), ("01_gradient_conflict", "01_gradient_conflict.ipynb", p)]
     if (NOTEBOOKS / "05_compare.ipynb").exists():
-        plan += [(f"03_train_{m}", "03_train.ipynb", {**p, "method": m}) for m in BASELINES]
+        plan += [(f"03_train_{m}", "03_train.ipynb", {**p, "method": m})
+                 for m in (BASELINES if full else DEFAULT_BASELINES)]
     plan += [(f"03_train_range{i}", "03_train.ipynb", {**p, "range": i}) for i in range(cfg.num_ranges)]
-    plan += [("04_merge", "04_merge.ipynb", p), ("05_compare", "05_compare.ipynb", p),
+    plan += [("04_merge", "04_merge.ipynb", p), ("05_compare", "05_compare.ipynb", pfull),
              ("06_ablation", "06_ablation.ipynb", p06), ("07_gallery", "07_gallery.ipynb", p)]
     return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
 
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--only", nargs="*", default=None, help="stage name prefixes, e.g. 03 04_merge")
     r.add_argument("--no-update-notebooks", action="store_true", help="do not copy executed notebooks into notebooks/")
     r.add_argument("--jobs", type=int, default=1, help="independent training stages run at once (one thread each)")
-    r.add_argument("--full", action="store_true", help="notebook 06 with the sensitivity sweeps over N and p")
+    r.add_argument("--full", action="store_true", help="all seven baselines in 05, the budget study and sweeps over N and p in 06")
     r.add_argument("--keep-going", action="store_true", help="after a failed stage, run the remaining ones")
     sub.add_parser("train", help="one training job (python -m deme train --help)")
     sub.add_parser("profiles", help="list the profiles")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -41,8 +42,10 @@ PAPER_TABLE2 = pd.DataFrame({
 })
 
 
-def comparison_models(cfg: Config) -> dict[str, Callable[[], torch.nn.Module]]:
-    """Row name → loader of the model, in the paper's row order. Loading is lazy (one model in memory)."""
+def comparison_models(cfg: Config, baselines=tuple(BASELINE_NAMES)) -> dict[str, Callable[[], torch.nn.Module]]:
+    """Row name → loader of the model, in the paper's row order: before finetuning, the ``baselines`` (trained
+    by notebook 03), DeMe before merge (the ensemble) and after merge (notebook 04's weights). Loading is lazy
+    (one model in memory)."""
     from .models import load_unet
     from .sampling import TimestepEnsemble
     from .stages import load_base, load_experts, merge_dir
@@ -64,37 +67,66 @@ def comparison_models(cfg: Config) -> dict[str, Callable[[], torch.nn.Module]]:
         return load_unet(d)
 
     rows = {"Before finetuning": lambda: load_base(cfg, projection=False)}
-    rows.update({name: baseline(m) for m, name in BASELINE_NAMES.items()})
+    rows.update({BASELINE_NAMES[m]: baseline(m) for m in baselines})
     rows["DeMe (before merge)"] = lambda: TimestepEnsemble(load_experts(cfg), cfg.num_train_timesteps)
     rows["DeMe (after merge)"] = merged
     return rows
 
 
-def evaluate_model(model, cfg: Config, seed: int, n: int, reference, classifier=None, clip=None,
-                   steps: int | None = None, conditional: bool = True) -> dict:
-    """Sample ``n`` unconditional and (``conditional`` and a class-conditional profile) ``n`` class-conditional
-    images (classes cycled) with ``seed`` and score them: FID/KID of each set against ``reference``; the
-    classifier alignment (%) and the CLIP score of the conditional set. ``clip``: (model, preprocess,
-    tokenizer) or None (→ CLIP score None)."""
-    from .data import class_names
-    from .metrics import alignment_score, clip_score, compute_fid_kid
+def merge_variants(cfg: Config) -> dict[str, Callable[[], torch.nn.Module]]:
+    """The range models one by one and merged with fixed weights — uniform 1/N, the paper's LSUN-Church
+    weights (N = 4), plain sum (w = 1) — beside notebook 04's searched merge: held-out rows that show what each
+    range model does on its own range and elsewhere, and what the search adds."""
+    from .merge import merged_model, task_arithmetic
+    from .stages import PAPER_MERGE_WEIGHTS, load_base, load_experts
+    N = cfg.num_ranges
+
+    def expert(i):
+        return lambda: load_experts(cfg)[i]
+
+    def merge(w):
+        def load():
+            experts = load_experts(cfg)
+            sd = task_arithmetic(load_base(cfg, projection=cfg.projection).state_dict(),
+                                 [e.state_dict() for e in experts], w)
+            return merged_model(experts[0], sd)
+        return load
+
+    rows = {f"DeMe range {i} model": expert(i) for i in range(N)}
+    rows["DeMe merge, uniform 1/N"] = merge((1.0 / N,) * N)
+    if N == len(PAPER_MERGE_WEIGHTS):
+        rows["DeMe merge, paper weights"] = merge(PAPER_MERGE_WEIGHTS)
+    rows["DeMe merge, w = 1"] = merge((1.0,) * N)
+    return rows
+
+
+SAMPLE_METRICS = {   # metric → (display name, scale for display, digits, higher is better)
+    "fid": ("FID", 1.0, 2, False), "kid": ("KID ×10³", 1e3, 2, False),
+    "cond_fid": ("FID", 1.0, 2, False), "cond_kid": ("KID ×10³", 1e3, 2, False),
+    "alignment": ("alignment %", 1.0, 1, True), "classifier_fd": ("classifier FD", 1.0, 2, False),
+}
+
+
+def sample_outputs(model, cfg: Config, seed: int, n: int, steps: int | None = None, classifier=None,
+                   conditional: bool = True, cond_inception: bool = True) -> dict[str, np.ndarray]:
+    """What the sample metrics need from one model, all in float32: ``n`` unconditional DDIM samples from the
+    initial noise of ``seed`` → their Inception features (``uncond_inception``); with ``conditional`` (and a
+    class-conditional profile) ``n`` class-conditional samples (classes cycled, noise of ``seed + 10000``) →
+    Inception features (``cond_inception``, when ``cond_inception``), and with a ``classifier`` its
+    predicted labels (``cond_pred``) and features (``cond_classifier``); ``cond_labels`` the prompted labels.
+    Sample j of every model starts from the same noise, so the outputs are paired across models."""
+    from .metrics import classifier_features, inception_features, predict
     from .sampling import ddim_sample
-    out = {"seed": seed, "n": n}
-    t0 = time.time()
-    uncond = ddim_sample(model, cfg, n, seed=seed, steps=steps)
-    r = compute_fid_kid(uncond, reference, seed=seed)
-    out.update(uncond_fid=r["fid"], uncond_kid=r["kid"])
+    out = {"uncond_inception": inception_features(ddim_sample(model, cfg, n, seed=seed, steps=steps))}
     if cfg.num_classes and conditional:
         labels = torch.arange(n) % cfg.num_classes
         cond = ddim_sample(model, cfg, n, labels=labels, seed=seed + 10_000, steps=steps)
-        r = compute_fid_kid(cond, reference, seed=seed)
-        out.update(cond_fid=r["fid"], cond_kid=r["kid"])
+        out["cond_labels"] = labels.numpy()
+        if cond_inception:
+            out["cond_inception"] = inception_features(cond)
         if classifier is not None:
-            out["alignment"] = alignment_score(classifier, cond, labels)
-        names = class_names(cfg)
-        out["clip"] = (clip_score(cond, [f"a photo of a {names[int(y)]}" for y in labels], model=clip[0],
-                                  preprocess=clip[1], tokenizer=clip[2]) if clip is not None else None)
-    out["seconds"] = round(time.time() - t0, 1)
+            out["cond_pred"] = predict(classifier, cond).numpy()
+            out["cond_classifier"] = classifier_features(classifier, cond).double().numpy()
     return out
 
 
@@ -103,37 +135,88 @@ def cache_key(name: str) -> str:
     return name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("γ", "gamma")
 
 
-def run_comparison(cfg: Config, seeds, n: int, steps: int | None = None, out_dir: Path | None = None,
-                   progress: bool = True, models: dict[str, Callable[[], torch.nn.Module]] | None = None,
-                   conditional: bool = True, device: str | torch.device | None = None) -> pd.DataFrame:
-    """Evaluate every model of ``models`` (default: :func:`comparison_models`) for every seed, cached per
-    model name, seed, sample count and DDIM steps under ``out_dir`` (default runs/<profile>/compare), so an
-    interrupted evaluation resumes and notebooks that score the same model under the same name share the
-    result. ``conditional=False`` scores unconditional samples only (half the cost). Each model is moved to
-    ``device`` for sampling (default: the GPU when there is one, else the CPU)."""
+def collect_sample_outputs(cfg: Config, n: int, steps: int | None = None, seed: int = 0,
+                           models: dict[str, Callable[[], torch.nn.Module]] | None = None,
+                           conditional: bool = True, cond_inception: bool = True, out_dir: Path | None = None,
+                           device: str | torch.device | None = None, progress: bool = True) -> dict[str, dict]:
+    """:func:`sample_outputs` of every model (default :func:`comparison_models`), cached under ``out_dir``
+    (default runs/<profile>/compare) by the model's weights fingerprint, seed, n and steps — a retrained model
+    is never served old numbers, and notebooks scoring the same weights share the work. Each model is moved to
+    ``device`` (default: the GPU when there is one, else the CPU)."""
     from tqdm.auto import tqdm
-    from .metrics import _default_device, ensure_classifier, load_clip, reference_statistics
-    from .stages import write_json
+    from .heldout import model_fingerprint
+    from .metrics import _default_device, ensure_classifier
     out_dir = out_dir or ROOT / "runs" / cfg.profile / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else _default_device()
-    reference = reference_statistics(cfg, "train", n=cfg.fid_reference_size)
+    steps = steps or cfg.sample_steps
     conditional = conditional and bool(cfg.num_classes)
     classifier = ensure_classifier(cfg) if conditional and cfg.dataset in ("fmnist", "digits") else None
-    clip = load_clip() if conditional else None
-    records = []
-    for name, load in tqdm((models or comparison_models(cfg)).items(), disable=not progress, desc="models"):
-        model = None
-        for seed in seeds:
-            path = out_dir / f"{cache_key(name)}_seed{seed}_n{n}_steps{steps or cfg.sample_steps}.json"
-            rec = json.loads(path.read_text()) if path.exists() else None
-            if rec is None or (conditional and "cond_fid" not in rec):
-                model = model or load().to(device)
-                rec = evaluate_model(model, cfg, seed, n, reference, classifier, clip, steps, conditional)
-                write_json(path, rec)
-            records.append({"model": name, **rec})
+    need = {"uncond_inception"} | ({"cond_labels"} if conditional else set()) | \
+        ({"cond_inception"} if conditional and cond_inception else set()) | \
+        ({"cond_pred", "cond_classifier"} if classifier is not None else set())
+    results = {}
+    for name, load in tqdm((models or comparison_models(cfg)).items(), disable=not progress, desc="models",
+                           mininterval=30):
+        model = load()
+        path = out_dir / f"{model_fingerprint(model)}_seed{seed}_n{n}_steps{steps}.npz"
+        rec = dict(np.load(path)) if path.exists() else {}
+        if not need <= set(rec):
+            rec = sample_outputs(model.to(device), cfg, seed, n, steps, classifier, conditional, cond_inception)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, **rec)
+            tmp.replace(path)
+        results[name] = rec
         del model
-    return pd.DataFrame(records)
+    return results
+
+
+def paired_sample_table(outputs: dict[str, dict], cfg: Config, reference: str = "Before finetuning",
+                        num_bootstrap: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Every sample metric of every model as a paired difference against ``reference`` with its 95% interval:
+    columns ``model, metric, value, delta, ci95_low, ci95_high, n``. FID (unconditional ``fid``, conditional
+    ``cond_fid``, and ``classifier_fd`` in the classifier's feature space against the real test images'):
+    paired bootstrap over samples (:func:`deme.metrics.paired_fid`); KID: blocks of paired samples
+    (:func:`deme.metrics.paired_kid`); ``alignment`` (% of conditional samples the classifier assigns to
+    the prompted class): t-interval of the per-sample paired differences."""
+    from .data import heldout_split
+    from .metrics import (classifier_features, ensure_classifier, feature_statistics, paired_fid, paired_kid,
+                          reference_statistics, t_interval)
+    any_rec = next(iter(outputs.values()))
+    ref_stats = reference_statistics(cfg, "train", n=cfg.fid_reference_size)
+    per_metric = {}
+    for key, metric in (("uncond_inception", "fid"), ("cond_inception", "cond_fid")):
+        if key in any_rec:
+            feats = {k: r[key] for k, r in outputs.items()}
+            per_metric[metric] = paired_fid(feats, ref_stats.mu, ref_stats.sigma, reference, num_bootstrap, seed)
+            per_metric[metric.replace("fid", "kid")] = paired_kid(feats, ref_stats.kid_features, reference)
+    if "cond_classifier" in any_rec:
+        real, _ = heldout_split(cfg, "evaluation")
+        mu, sigma = feature_statistics(classifier_features(ensure_classifier(cfg), real).double().numpy())
+        per_metric["classifier_fd"] = paired_fid({k: r["cond_classifier"] for k, r in outputs.items()}, mu, sigma,
+                                                 reference, num_bootstrap, seed)
+        correct = {k: 100.0 * (r["cond_pred"] == r["cond_labels"]) for k, r in outputs.items()}
+        per_metric["alignment"] = {}
+        for k, c in correct.items():
+            d, lo, hi = t_interval(c - correct[reference]) if k != reference else (0.0, 0.0, 0.0)
+            per_metric["alignment"][k] = {"value": float(c.mean()), "delta": d, "low": lo, "high": hi}
+    rows = [{"model": k, "metric": m, "value": v["value"], "delta": v["delta"], "ci95_low": v["low"],
+             "ci95_high": v["high"], "n": len(outputs[k]["uncond_inception"])}
+            for m, res in per_metric.items() for k, v in res.items()]
+    return pd.DataFrame(rows)
+
+
+def format_paired(table: pd.DataFrame, metrics: list[str], digits: int | None = None) -> pd.DataFrame:
+    """One row per model, one column per metric: ``value (Δ [low, high])`` against the reference (KID ×10³)."""
+    out = {}
+    for m in metrics:
+        t = table[table.metric == m].set_index("model")
+        label, scale, d, _ = SAMPLE_METRICS[m]
+        d = digits if digits is not None else d
+        out[label] = [f"{scale * a:.{d}f} ({scale * b:+.{d}f} [{scale * lo:+.{d}f}, {scale * hi:+.{d}f}])"
+                      for a, b, lo, hi in zip(t.value, t.delta, t.ci95_low, t.ci95_high)]
+        index = t.index
+    return pd.DataFrame(out, index=index)
 
 
 def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, coco_images: str | None = None,
@@ -215,30 +298,6 @@ def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed
             records.append({"model": name, "prompts": set_name, **rec})
         del model
     return pd.DataFrame(records)
-
-
-def summarize(df: pd.DataFrame, metrics: list[str], baseline_row: str = "Before finetuning") -> pd.DataFrame:
-    """Mean ± std over seeds per model, and the change of the mean against ``baseline_row``."""
-    g = df.groupby("model", sort=False)[metrics]
-    mean, std = g.mean(), g.std(ddof=1).fillna(0.0)
-    table = pd.DataFrame(index=mean.index)
-    for m in metrics:
-        table[m] = mean[m]
-        table[m + " std"] = std[m]
-        table[m + " Δ"] = mean[m] - mean.loc[baseline_row, m]
-    return table
-
-
-def format_table(table: pd.DataFrame, metrics: list[str], digits: dict[str, int] | None = None,
-                 scale: dict[str, float] | None = None) -> pd.DataFrame:
-    """'mean ± std (Δ)' strings for Markdown / LaTeX."""
-    digits, scale = digits or {}, scale or {}
-    out = pd.DataFrame(index=table.index)
-    for m in metrics:
-        d, s = digits.get(m, 2), scale.get(m, 1.0)
-        out[m] = [f"{s * a:.{d}f} ± {s * b:.{d}f} ({s * c:+.{d}f})"
-                  for a, b, c in zip(table[m], table[m + " std"], table[m + " Δ"])]
-    return out
 
 
 def save_table(table: pd.DataFrame, formatted: pd.DataFrame, stem: Path, caption: str) -> None:

@@ -67,6 +67,8 @@ class Config:
     compile_mode: str | None = None       # torch.compile mode; "reduce-overhead" adds CUDA graphs (GPU only)
     gradient_checkpointing: bool | None = None   # recompute activations in backward; None: on for text-to-image
     ema_max_decay: float = 0.9999         # diffusers EMAModel, warmup with inv_gamma 1, power 3/4
+    ema_warmup: bool = True               # False: a fixed decay ema_max_decay from step 1, i.e. the EMA starts
+                                          # at the pretrained weights and averages ~1/(1-decay) steps
     ema_inv_gamma: float = 1.0
     ema_power: float = 0.75
     # -- DeMe (PAPER.md §2) -------------------------------------------------------------------------------
@@ -86,11 +88,14 @@ class Config:
     method: str = "deme"
     range_index: int | None = None
     seed: int = 0
+    shared_randomness: bool = False       # True: the N range runs draw the same data order, noise and timesteps
+                                          # (only the range differs); False: each range's stream is its own
     # -- bookkeeping ------------------------------------------------------------------------------------------
     checkpoint_every: int = 1000          # optimizer steps
     log_every: int = 50                   # optimizer steps between host syncs (loss log, finiteness check)
     heldout_every: int = 0                # optimizer steps between held-out loss evaluations (0: never)
     heldout_size: int = 256
+    validation_size: int = 2000           # test images for choices (merge weights, budgets); the rest judge
     num_workers: int = 4
     # -- evaluation -------------------------------------------------------------------------------------------
     sample_steps: int = 50                # DDIM steps, eta = 0
@@ -147,7 +152,7 @@ class Config:
 
 
 NOT_TRAINING = frozenset({
-    "data_dir", "check_images", "gradient_checkpointing", "compile", "compile_mode", "checkpoint_every", "log_every", "heldout_every", "heldout_size", "num_workers", "sample_steps",
+    "data_dir", "check_images", "gradient_checkpointing", "compile", "compile_mode", "checkpoint_every", "log_every", "heldout_every", "heldout_size", "validation_size", "num_workers", "sample_steps",
     "num_eval_samples", "fid_samples", "fid_reference_size", "eval_seeds", "guidance_scale", "merge_grid"})
 
 
@@ -200,7 +205,7 @@ PROFILES: dict[str, Config] = {
         unet=_SMOKE_UNET, pretrain_steps=60, pretrain_batch_size=64, pretrain_lr=1e-3,
         lr=2e-4, batch_size=16, grad_accum=1, mixed_precision="no",
         num_ranges=2, steps_per_range=4, p_global=0.3, checkpoint_every=2, log_every=2,
-        heldout_every=20, heldout_size=64, num_workers=0,
+        heldout_every=20, heldout_size=64, validation_size=120, num_workers=0,
         sample_steps=5, num_eval_samples=64, guidance_scale=2.0, merge_grid=(0.0, 0.5, 1.0),
         fid_samples=12, fid_reference_size=100, eval_seeds=(0, 1),
     ),

@@ -224,11 +224,32 @@ def training_batches(cfg: Config, batch_size: int, seed: int, device=None):
     raise ValueError(f"dataset {cfg.dataset!r} has no training loader here (Stable Diffusion: deme.sd)")
 
 
+def heldout_split(cfg: Config, part: str = "evaluation") -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split divided once by a fixed permutation (seed 1234): ``validation`` = its first
+    ``cfg.validation_size`` images (for every choice: merge weights, budgets), ``evaluation`` = the rest (for
+    judging), ``all`` = the whole split. In-memory datasets only (fmnist, digits)."""
+    if cfg.dataset not in ("fmnist", "digits"):
+        raise ValueError(f"{cfg.dataset!r} has no in-memory test split; use heldout_batch")
+    images, labels = load_tensor_dataset(cfg, "test")
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(1234))
+    if not 0 < cfg.validation_size < len(images):
+        raise ValueError(f"validation_size={cfg.validation_size} must lie in 1..{len(images) - 1} "
+                         f"(the {cfg.dataset} test split has {len(images)} images)")
+    parts = {"validation": idx[:cfg.validation_size], "evaluation": idx[cfg.validation_size:], "all": idx}
+    if part not in parts:
+        raise ValueError(f"part must be one of {', '.join(parts)}, got {part!r}")
+    return images[parts[part]], labels[parts[part]]
+
+
 def heldout_batch(cfg: Config, n: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed held-out batch (test split) for convergence curves and merge-weight search."""
+    """A fixed held-out batch for convergence curves and the merge-weight search: the first ``n`` images of
+    the validation part of the test split (in-memory datasets; never the evaluation part), else a batch of
+    the training data."""
     if cfg.dataset in ("fmnist", "digits"):
-        images, labels = load_tensor_dataset(cfg, "test")
-        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-        return images[idx], labels[idx]
+        images, labels = heldout_split(cfg, "validation")
+        if n > len(images):
+            raise ValueError(f"{n} held-out images requested; the validation part has {len(images)} "
+                             "(raise validation_size)")
+        return images[:n], labels[:n]
     batches = training_batches(cfg, n, seed)
     return batches.batch(0)

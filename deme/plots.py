@@ -185,3 +185,101 @@ def plot_activation_changes(changes: Mapping[str, Mapping[str, np.ndarray]], bin
         ax.set_xlabel("|ΔA| / mean")
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paired comparisons: differences against the model before finetuning with their 95% intervals
+# ---------------------------------------------------------------------------------------------------------
+
+VERDICT_COLOURS = {"better": "#1a7f37", "worse": "#b42318", "not resolved": "0.45"}
+
+
+def _verdict_colour(low: float, high: float, lower_is_better: bool = True) -> str:
+    from .heldout import verdict
+    return VERDICT_COLOURS[verdict(low, high, lower_is_better)]
+
+
+def plot_paired_deltas(panels: Mapping[str, "pd.DataFrame"], xlabel: str = "Δ vs before finetuning",
+                       lower_is_better: Mapping[str, bool] | None = None, width: float = 4.0):
+    """A forest plot per panel: one row per model, the paired difference against the reference (dot) and
+    its 95% interval (bar); green/red where the interval excludes 0 (better/worse), grey where it does not
+    (not resolved). Each panel is a frame with ``model, delta, low, high`` (the reference row is left out)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    lower_is_better = lower_is_better or {}
+    models = list(dict.fromkeys(m for t in panels.values() for m in t.model))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 0.42 * len(models) + 1.4),
+                             sharey=True, squeeze=False)
+    for ax, (title, t) in zip(axes[0], panels.items()):
+        lib = lower_is_better.get(title, True)
+        t = t.set_index("model").reindex(models)
+        y = np.arange(len(models))
+        for yi, (_, r) in zip(y, t.iterrows()):
+            if np.isnan(r.delta):
+                continue
+            c = _verdict_colour(r.low, r.high, lib)
+            ax.plot([r.low, r.high], [yi, yi], color=c, lw=2.2, solid_capstyle="butt")
+            ax.plot(r.delta, yi, "o", color=c, ms=5)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(y, models)
+        ax.invert_yaxis()
+        ax.set_title(title + (" (lower is better)" if lib else " (higher is better)"), fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+    handles = [Line2D([], [], color=c, marker="o", lw=2, label=k + (" (95% CI excludes 0)" if k != "not resolved"
+                                                                   else " (95% CI contains 0)"))
+               for k, c in VERDICT_COLOURS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False, bbox_to_anchor=(0.5, -0.02))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def plot_heldout_by_range(table, models: Sequence[str] | None = None, conditions=("unconditional", "conditional")):
+    """Held-out Δ% against before finetuning per timestep range (``all`` = [0, T), then each range), one
+    group of bars per range and one bar per model, with 95% intervals (:func:`deme.heldout.heldout_table`)."""
+    import matplotlib.pyplot as plt
+    models = list(models or [m for m in dict.fromkeys(table.model) if m != "Before finetuning"])
+    conditions = [c for c in conditions if c in set(table.condition)]
+    ranges = list(dict.fromkeys(table["range"]))
+    fig, axes = plt.subplots(len(conditions), 1, figsize=(9, 3.2 * len(conditions)), squeeze=False, sharex=True)
+    width = 0.8 / len(models)
+    for ax, cond in zip(axes[:, 0], conditions):
+        t = table[table.condition == cond].set_index(["model", "range"])
+        for k, m in enumerate(models):
+            x = np.arange(len(ranges)) + (k - (len(models) - 1) / 2) * width
+            r = t.loc[[(m, g) for g in ranges]]
+            ax.bar(x, r.delta_pct, width, color=f"C{k}", label=m)
+            ax.errorbar(x, r.delta_pct, yerr=[r.delta_pct - r.ci95_low, r.ci95_high - r.delta_pct], fmt="none",
+                        ecolor="k", elinewidth=0.8, capsize=2)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_ylabel("Δ held-out ε-MSE (%)")
+        ax.set_title(f"{cond} (null label)" if cond == "unconditional" else f"{cond} (true label)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1, 0].set_xticks(np.arange(len(ranges)), ["all t" if g == "all" else f"range {g}" for g in ranges])
+    axes[0, 0].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_budget_study(study, condition: str = "unconditional", rng: str = "all"):
+    """Δ held-out loss against before finetuning vs the budget (optimizer steps per model, N×K), one line per
+    method, with 95% intervals (:func:`deme.ablation.budget_study`)."""
+    import matplotlib.pyplot as plt
+    t = study[(study.condition == condition) & (study["range"] == rng)]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for k, (kind, g) in enumerate(t.groupby("kind", sort=False)):
+        g = g.sort_values("steps_per_range")
+        x = g.steps_per_range.to_numpy() * (1 + 0.02 * (k - 1.5))   # small offsets keep the bars apart
+        ax.errorbar(x, g.delta_pct, yerr=[g.delta_pct - g.ci95_low, g.ci95_high - g.delta_pct], marker="o",
+                    capsize=3, label=kind, color=f"C{k}")
+    ax.axhline(0, color="k", lw=0.8, label="before finetuning")
+    ax.set_xscale("log")
+    ks = sorted(set(t.steps_per_range))
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
+    ax.set(xlabel="budget: optimizer steps per range K (standard trains N×K)",
+           ylabel="Δ held-out ε-MSE (%)", title=f"held-out loss vs budget ({condition}, {'all t' if rng == 'all' else 'range ' + rng})")
+    ax.legend(fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -6,13 +6,18 @@ outputs exist for the same config.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .config import ROOT, Config
 from .models import base_model_path, load_unet
-from .train import heldout_loss, run_dir, train, variant_tag
+from .heldout import heldout_loss
+from .train import run_dir, train, variant_tag
 
 
 def ensure_base_model(cfg: Config) -> str:
@@ -69,7 +74,7 @@ def write_json(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 def heldout_inputs(cfg: Config, n: int, seed: int = 4321, device: str | torch.device | None = None):
-    """A fixed batch for the merge search's held-out loss: ``(x0, cond)`` for :func:`deme.train.heldout_loss`.
+    """A fixed batch for the merge search's held-out loss: ``(x0, cond)`` for :func:`deme.heldout.heldout_loss`.
 
     Class-conditional / unconditional profiles: ``n`` test-split images with the null label (the
     unconditional loss the paper's DDPMs are trained on). Text-to-image profiles: latents and caption
@@ -129,50 +134,119 @@ def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = No
     return score, f"Inception FID ({n} samples, DDIM-{steps})"
 
 
-def search_merge_weights(cfg: Config, top_k: int = 4, quality_samples: int = 1000, quality_steps: int | None = None,
-                         heldout_size: int = 256, progress: bool = True, *, base: torch.nn.Module | None = None,
-                         experts: list[torch.nn.Module] | None = None, device: str | torch.device | None = None,
-                         quality=None):
-    """Notebook 04's search. Stage 1: every weighting of the grid ``cfg.merge_grid``^N scored by the
-    held-out diffusion loss on :func:`heldout_inputs` (cheap). Stage 2: the ``top_k`` of stage 1, uniform
-    averaging and the base re-scored by sample quality (``quality``: ``(score(model), name)``, default
-    :func:`sample_quality_fn`); the best of stage 2 is chosen. ``base``/``experts`` default to the profile's
-    (the base with identity projections when ``cfg.projection``); models are evaluated on ``device``
-    (default: CUDA when available) while merging happens on the CPU in float64.
+PAPER_MERGE_WEIGHTS = (0.1, 0.1, 0.2, 0.5)
+"""The only merge weights the paper gives (LSUN-Church, N = 4, low → high noise; PAPER.md §3)."""
 
-    Returns (grid table, stage-2 table, chosen weights, merged state dict, base, experts).
+
+def validation_inputs(cfg: Config, device: str | torch.device | None = None):
+    """The merge search's inputs ``(x0, cond)`` for :func:`deme.heldout.heldout_losses`: the validation part
+    of the test split (never the images the evaluation judges with). Class-conditional models see both paths
+    equally: even images with the null label (what unconditional sampling uses), odd ones with their label.
+    Other profiles: :func:`heldout_inputs` (``cfg.validation_size`` inputs)."""
+    if cfg.dataset in ("fmnist", "digits"):
+        from .data import heldout_split
+        x, y = heldout_split(cfg, "validation")
+        if cfg.num_classes:
+            y = torch.where(torch.arange(len(y)) % 2 == 0, torch.full_like(y, cfg.num_classes), y)
+        return x, (y if cfg.num_classes else None)
+    return heldout_inputs(cfg, cfg.validation_size, device=device)
+
+
+@dataclass
+class MergeResult:
+    """What the merge stage produced: the chosen ``weights``, every evaluated weighting with its validation
+    loss and paired Δ% against the base (``candidates``), the merged state dict and where it was saved."""
+
+    weights: tuple[float, ...]
+    candidates: pd.DataFrame
+    state_dict: dict
+    criterion: str
+    folder: Path | None = None
+
+
+def search_merge_weights(cfg: Config, *, base: torch.nn.Module | None = None,
+                         experts: list[torch.nn.Module] | None = None, grid: tuple[float, ...] | None = None,
+                         rounds: int = 2, device: str | torch.device | None = None,
+                         progress: bool = True) -> MergeResult:
+    """Notebook 04's search: merge weights w that minimise the held-out loss of θ + Σ w_i τ_i on the
+    validation images (:func:`validation_inputs`; fixed noise and stratified timesteps over [0, T), so every
+    candidate is scored on the same draws and differences between candidates are paired).
+
+    Coordinate descent over ``grid`` (default ``cfg.merge_grid``) from w = 0: each round sets each w_i in
+    turn to its best grid value given the others (``rounds`` rounds, stopping early when nothing changes).
+    The base (w = 0), uniform averaging (1/N), the paper's LSUN weights (N = 4) and plain sums (w = 1) are
+    scored beside it; the lowest loss among all evaluated weightings is chosen. ``base``/``experts`` default
+    to the profile's (the base with identity projections when ``cfg.projection``); models are evaluated on
+    ``device`` (default: CUDA when available), merged on the CPU.
     """
-    import pandas as pd
-    from .merge import grid_search, merged_model, task_arithmetic, weight_grid
+    from .heldout import heldout_losses, relative_difference
+    from .merge import merged_model, task_arithmetic
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    grid = tuple(grid or cfg.merge_grid)
     base = base if base is not None else load_base(cfg, projection=cfg.projection)
     experts = experts if experts is not None else load_experts(cfg)
     cpu = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}
     base_sd, expert_sds = cpu(base), [cpu(e) for e in experts]
     template = merged_model(experts[0], expert_sds[0]).to(device).eval()
-    x, cond = heldout_inputs(cfg, heldout_size, device=device)
+    x, cond = validation_inputs(cfg, device=device)
+    N = len(experts)
+    scored: dict[tuple[float, ...], tuple[str, np.ndarray]] = {}
 
-    def model_for(w):
-        template.load_state_dict(task_arithmetic(base_sd, expert_sds, w))
-        return template
+    def score(w, kind):
+        w = tuple(float(v) for v in w)
+        if w not in scored:
+            template.load_state_dict(task_arithmetic(base_sd, expert_sds, w))
+            scored[w] = (kind, heldout_losses(template, cfg, x, cond)[0].numpy())
+        return scored[w][1].mean()
 
-    def loss_of(w):
-        return heldout_loss(model_for(w), cfg, x, cond)["loss"]
-
-    ranked = grid_search(weight_grid(cfg.num_ranges, cfg.merge_grid), loss_of, progress=progress)
-    grid = pd.DataFrame([{**{f"w{i}": wi for i, wi in enumerate(w)}, "heldout_loss": s} for w, s in ranked])
-    uniform = tuple([1.0 / cfg.num_ranges] * cfg.num_ranges)
-    candidates = [w for w, _ in ranked[:top_k]]
-    candidates = [w for w in candidates if any(w)]          # the base is a reference, not a merge
-    if uniform not in candidates:
-        candidates.append(uniform)
-    quality, name = quality or sample_quality_fn(cfg, quality_samples, steps=quality_steps, device=device)
+    named = {"base (reference)": (0.0,) * N, "uniform 1/N": (1.0 / N,) * N, "sum (w = 1)": (1.0,) * N}
+    if N == len(PAPER_MERGE_WEIGHTS):
+        named["paper (LSUN-Church)"] = PAPER_MERGE_WEIGHTS
+    for kind, w in named.items():
+        score(w, kind)
+    w = [0.0] * N
+    bar = tqdm(total=rounds * N, disable=not progress, desc="merge search", mininterval=30)
+    for _ in range(rounds):
+        before = list(w)
+        for i in range(N):
+            w[i] = min(grid, key=lambda v: score(w[:i] + [v] + w[i + 1:], "coordinate search"))
+            bar.update()
+        if w == before:
+            break
+    bar.close()
+    ref = scored[named["base (reference)"]][1]
     rows = []
-    for w in candidates + [tuple([0.0] * cfg.num_ranges)]:
-        rows.append({"weights": tuple(round(v, 4) for v in w), "heldout_loss": loss_of(w),
-                     name: quality(model_for(w)),
-                     "kind": "uniform" if w == uniform else "base (reference)" if not any(w) else "grid top-k"})
-    stage2 = pd.DataFrame(rows).sort_values(name).reset_index(drop=True)
-    chosen = stage2[stage2.kind != "base (reference)"].iloc[0]
-    best = candidates[[r["weights"] for r in rows].index(chosen["weights"])]
-    return grid, stage2, best, task_arithmetic(base_sd, expert_sds, best), base, experts
+    for wt, (kind, per) in scored.items():
+        d, lo, hi = relative_difference(per, ref)
+        rows.append({"weights": wt, "kind": kind, "loss": float(per.mean()), "delta_pct": d, "ci95_low": lo,
+                     "ci95_high": hi})
+    table = pd.DataFrame(rows).sort_values("loss", kind="stable").reset_index(drop=True)
+    table.loc[table.weights == tuple(float(v) for v in w), "kind"] += " (its result)"
+    best = tuple(table.weights.iloc[0])
+    criterion = (f"held-out ε-MSE over [0, T) on the {len(x)} validation images (null label on half, true label "
+                 f"on the other half)" if cfg.num_classes else f"held-out ε-MSE on {len(x)} validation inputs")
+    return MergeResult(best, table, task_arithmetic(base_sd, expert_sds, best), criterion)
+
+
+def merge_stage(cfg: Config, **search_kwargs) -> MergeResult:
+    """The merge stage (notebook 04): search the weights (:func:`search_merge_weights`), save the merged model
+    (``model/``), the candidates (``candidates.csv``) and the record (``weights.json``) under
+    :func:`merge_dir`, and return the result (``folder`` set)."""
+    from .merge import merged_model
+    experts = search_kwargs.pop("experts", None) or load_experts(cfg)
+    res = search_merge_weights(cfg, experts=experts, **search_kwargs)
+    out = merge_dir(cfg)
+    merged_model(experts[0], res.state_dict).save_pretrained(out / "model")
+    res.candidates.to_csv(out / "candidates.csv", index=False)
+    write_json(out / "weights.json", {"weights": list(res.weights), "criterion": res.criterion,
+                                      "grid": list(cfg.merge_grid)})
+    res.folder = out
+    return res
+
+
+def merge_weights(cfg: Config) -> tuple[float, ...]:
+    """The weights the merge stage chose for the range models of ``cfg`` (its ``weights.json``)."""
+    path = merge_dir(cfg) / "weights.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no merge record at {path}: run notebooks/04_merge.ipynb")
+    return tuple(float(v) for v in json.loads(path.read_text())["weights"])

@@ -58,7 +58,7 @@ def sample_timesteps(batch: int, interval: tuple[int, int], num_timesteps: int, 
 def stratified_timesteps(n: int, t_range: tuple[int, int]) -> torch.Tensor:
     """``n`` timesteps spread evenly over ``[lo, hi)``: image j gets ``lo + ⌊(j + ½)(hi − lo)/n⌋``.
 
-    The timesteps of :func:`deme.train.heldout_loss` (a deterministic estimate of the loss over the range)."""
+    The timesteps of :func:`deme.heldout.heldout_loss` (a deterministic estimate of the loss over the range)."""
     lo, hi = int(t_range[0]), int(t_range[1])
     if not 0 <= lo < hi:
         raise ValueError(f"t_range must be (lo, hi) with 0 <= lo < hi, got {t_range}")

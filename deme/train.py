@@ -29,9 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ROOT, Config, get_profile, METHODS, training_identity
+from .heldout import heldout_loss
 from .losses import consistency_loss, loss_weight, per_sample_mse, snr
 from .models import base_model_path, build_unet, load_unet, make_scheduler
-from .timesteps import antithetic, sample_timesteps, stratified_timesteps, timestep_ranges
+from .timesteps import antithetic, sample_timesteps, timestep_ranges
 
 
 class NonFiniteLossError(RuntimeError):
@@ -133,44 +134,6 @@ def drop_labels(labels: torch.Tensor, num_classes: int | None, p: float, generat
     return labels
 
 
-@torch.no_grad()
-def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor | dict | None, seed: int = 0,
-                 num_ranges: int | None = None, batch_size: int = 256,
-                 t_range: tuple[int, int] | None = None) -> dict[str, float]:
-    """The diffusion loss on fixed images with fixed noise (from ``seed``) and stratified timesteps.
-
-    Timesteps are spread evenly over ``t_range`` (default [0, T); image j gets t = lo + ⌊(j + ½)(hi − lo)/n⌋),
-    so the value is a deterministic estimate of the ε-MSE over the range; over the full range, ``range_k``
-    entries give the same loss restricted to each of ``num_ranges`` ranges. ``labels``: class labels, used as
-    given (pass the null token for the unconditional loss), or a dict of per-image model inputs (e.g.
-    ``{"encoder_hidden_states": ...}`` for Stable Diffusion), or None. The model is evaluated in eval mode
-    (its mode restored).
-    """
-    T = cfg.num_train_timesteps
-    t_range = t_range or (0, T)
-    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
-    t = stratified_timesteps(len(images), t_range)
-    sched = make_scheduler(cfg)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    losses = []
-    for i in range(0, len(images), batch_size):
-        x0, eps, tt = images[i:i + batch_size].to(device), noise[i:i + batch_size].to(device), t[i:i + batch_size].to(device)
-        xt = sched.add_noise(x0, eps, tt)
-        cond = labels if isinstance(labels, dict) else {"class_labels": labels} if labels is not None else {}
-        kw = {k: v[i:i + batch_size].to(device) for k, v in cond.items()}
-        losses.append(per_sample_mse(model(xt, tt, **kw).sample, eps).cpu())
-    model.train(was_training)
-    per = torch.cat(losses)
-    out = {"loss": per.mean().item()}
-    if tuple(t_range) == (0, T):
-        for k, (lo, hi) in enumerate(timestep_ranges(T, num_ranges or cfg.num_ranges)):
-            m = (t >= lo) & (t < hi)
-            out[f"range_{k}"] = per[m].mean().item()
-    return out
-
-
 def step_loss(student, teacher, x0, noise, t, model_kwargs, alphas_cumprod, objective: Objective, step: int,
               params, consistency_weight: float = 1.0, autocast=contextlib.nullcontext):
     """The loss of one micro-batch — Eq. 4–5 for DeMe, the objective's weighting for the baselines.
@@ -253,6 +216,17 @@ def run_dir(cfg: Config, root: str | os.PathLike | None = None) -> Path:
     return d / (cfg.method + variant_tag(cfg))
 
 
+def stream_seed(cfg: Config) -> int:
+    """The seed of a run's random stream (data order, noise, timesteps, label dropout, Bernoulli draws).
+
+    DeMe's N range runs each get their own stream, ``seed + 1000·(i+1)`` for range i, so that what they share is
+    the pretrained model and the data distribution, not the same draws; ``shared_randomness=True`` gives every
+    range the stream of ``seed`` (then only the timestep range differs between the runs)."""
+    if cfg.method == "deme" and not cfg.shared_randomness and cfg.range_index is not None:
+        return cfg.seed + 1000 * (cfg.range_index + 1)
+    return cfg.seed
+
+
 def _schedule(cfg: Config) -> tuple[int, float, int, int]:
     """(optimizer steps, lr, micro-batch size, accumulation) of the run."""
     if cfg.method == "pretrain":
@@ -297,7 +271,8 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     if launched != world:   # e.g. torchrun on a machine without GPUs: every process would act as the main one
         raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but accelerate runs {world}; on CPUs "
                            "set ACCELERATE_USE_CPU=1 or launch with `accelerate launch --cpu --num_processes N`")
-    set_seed(cfg.seed)
+    seed = stream_seed(cfg)
+    set_seed(seed)
 
     # -- models --------------------------------------------------------------------------------------------
     base = base or base_model_path(cfg)
@@ -320,8 +295,15 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     sched = make_scheduler(cfg)
     alphas_cumprod = sched.alphas_cumprod.to(device)
     objective = make_objective(cfg, alphas_cumprod)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
-                   power=cfg.ema_power, foreach=True, model_cls=type(model), model_config=model.config)
+    # With warmup (diffusers' recipe) the EMA restarts: decay 1-(1+step)^-3/4 averages only the last ~steps/4
+    # steps; without it, a fixed decay from the first step keeps the pretrained weights in the average.
+    ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=cfg.ema_warmup,
+                   inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power,
+                   min_decay=0.0 if cfg.ema_warmup else cfg.ema_max_decay,
+                   foreach=True, model_cls=type(model), model_config=model.config)
+    if not cfg.ema_warmup:
+        ema.optimization_step = 1   # diffusers copies the model at the first update (decay 0); start the
+                                    # average at the weights it was built from (the pretrained θ) instead
 
     params = list(model.parameters()) + list(objective.extra_parameters)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
@@ -354,7 +336,7 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     teacher_fwd = maybe_compile(teacher, cfg.compile, mode) if teacher is not None else None
 
     from .data import heldout_batch, training_batches
-    batches = training_batches(cfg, micro_bs, cfg.seed, device=device)
+    batches = training_batches(cfg, micro_bs, seed, device=device)
     if hasattr(batches, "images") and device.type == "cuda":   # small in-memory sets live on the GPU
         batches.images, batches.labels = batches.images.to(device), batches.labels.to(device)
     heldout = None
@@ -394,8 +376,8 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     for step in bar:
         for micro in range(accum):
             index = (step * accum + micro) * world + rank       # which batch of data / randomness
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)   # timesteps, label dropout
-            gd = g if device.type == "cpu" else torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + index)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + index)   # timesteps, label dropout
+            gd = g if device.type == "cpu" else torch.Generator(device).manual_seed(seed * 1_000_003 + index)
             x0, cond = batches.batch(index)
             x0 = x0.to(device, non_blocking=True)
             t = objective.timesteps(len(x0), g)

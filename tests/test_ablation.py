@@ -62,40 +62,37 @@ def test_a_variant_run_does_not_touch_the_profile_run(tmp_path):
     assert (main / "model" / "diffusion_pytorch_model.safetensors").read_bytes() == before
 
 
-def _scores():
-    # variant a: one model (fills merge and ensemble); b, c: merge + ensemble; 3 seeds
-    rows = []
-    fid = {("a", "model"): [10.0, 12.0, 11.0], ("b", "merge"): [9.0, 10.0, 11.0], ("b", "ensemble"): [8.0, 9.0, 7.0],
-           ("c", "merge"): [9.0, 10.0, 11.0], ("c", "ensemble"): [8.5, 9.5, 7.5]}
-    for (v, kind), vals in fid.items():
-        rows += [{"variant": v, "kind": kind, "seed": s, "uncond_fid": x} for s, x in enumerate(vals)]
-    return pd.DataFrame(rows)
+def _rows_and_losses():
+    # variant a: one model (fills merge and ensemble); b: merge + ensemble; per-image losses on 4 images
+    from deme.heldout import heldout_table
+    cfg = get_profile("smoke")
+    t = np.array([100, 300, 600, 900])
+    ref = np.array([1.0, 2.0, 3.0, 4.0])
+    losses = {"Before finetuning": {"unconditional": ref, "t": t}, "A": {"unconditional": 1.5 * ref, "t": t},
+              "B merge": {"unconditional": 1.2 * ref, "t": t}, "B ens": {"unconditional": ref + 0.1, "t": t}}
+    table = heldout_table(losses, cfg)
+    kinds = pd.DataFrame([("a", "model", "A"), ("b", "merge", "B merge"), ("b", "ensemble", "B ens")],
+                         columns=["variant", "kind", "model"])
+    return kinds.merge(table, on="model"), losses
 
 
-def test_step_effects_are_paired_per_seed_differences():
-    eff = AB.step_effects(_scores(), "merge")
-    # a -> b: per seed 9-10, 10-12, 11-11 = -1, -2, 0: mean -1, std 1, SE 1/sqrt(3)
-    ab = eff.iloc[0]
-    assert (ab["from"], ab["to"]) == ("a", "b")
-    assert ab["change"] == pytest.approx(-1.0) and ab["std error"] == pytest.approx(1 / math.sqrt(3))
-    # t = -1 / (1/sqrt(3)) = -sqrt(3) with 2 degrees of freedom; for df = 2 the t distribution's CDF is
-    # 1/2 + t / (2 sqrt(t^2 + 2)), so the two-sided p = 1 - |t| / sqrt(t^2 + 2)
-    t = math.sqrt(3)
-    assert ab["p (paired t)"] == pytest.approx(1 - t / math.sqrt(t * t + 2)) and not ab["p < 0.05"]
-    # b -> c merge: identical -> 0 change, p 1; ensemble: +0.5 on every seed -> no spread, p 0
-    assert eff.iloc[1]["change"] == 0.0 and eff.iloc[1]["p (paired t)"] == 1.0
-    ens = AB.step_effects(_scores(), "ensemble").iloc[1]
-    assert ens["change"] == pytest.approx(0.5) and ens["std error"] == pytest.approx(0.0) and ens["p < 0.05"]
+def test_step_effects_are_paired_differences_between_consecutive_variants():
+    rows, losses = _rows_and_losses()
+    eff = AB.step_effects(rows, losses, "merge").iloc[0]
+    # b merge = 1.2 ref, a = 1.5 ref: every image -20 % -> exactly -20 with a zero-width interval
+    assert (eff["from"], eff["to"]) == ("a", "b")
+    assert eff.delta_pct == pytest.approx(-20.0) and eff.ci95_low == pytest.approx(-20.0) and eff.verdict == "better"
+    ens = AB.step_effects(rows, losses, "ensemble").iloc[0]
+    # ensemble: ref + 0.1 against 1.5 ref: mean difference (0.1*4 - 0.5*10)/4 = -1.15 over mean 15/4
+    assert ens.delta_pct == pytest.approx(100 * -1.15 / 3.75)
 
 
-def test_variant_table_fills_both_columns_for_a_single_model():
-    t = AB.variant_table(_scores(), reference=11.0)
-    assert t.loc["a", "merge"] == t.loc["a", "ensemble"] == pytest.approx(11.0)
-    assert t.loc["a", "merge std"] == pytest.approx(1.0)
-    assert t.loc["b", "ensemble"] == pytest.approx(8.0) and t.loc["b", "ensemble Δ"] == pytest.approx(-3.0)
-    assert list(t.seeds) == [3, 3, 3]
-    fmt = AB.format_variant_table(t)
-    assert fmt.loc["b"].iloc[1] == "8.00 ± 1.00 (-3.00)"
+def test_variant_summary_fills_both_columns_for_a_single_model():
+    rows, _ = _rows_and_losses()
+    s = AB.variant_summary(rows)
+    assert list(s.index) == ["a", "b"]
+    assert s.loc["a", "merged (w = 1/N)"] == s.loc["a", "ensemble"] == "+50.00 [+50.00, +50.00]"
+    assert s.loc["b", "merged (w = 1/N)"] == "+20.00 [+20.00, +20.00]"
 
 
 def test_records_written_before_a_field_existed_still_match():

@@ -3,21 +3,16 @@
 import pandas as pd
 import pytest
 
-from deme.compare import PAPER_TABLE1, PAPER_TABLE2, format_table, summarize
+from deme.compare import PAPER_TABLE1, PAPER_TABLE2, format_paired
 
 
-def test_summarize_means_stds_and_deltas_by_hand():
-    df = pd.DataFrame({"model": ["Before finetuning"] * 3 + ["DeMe (after merge)"] * 3,
-                       "fid": [10.0, 12.0, 14.0, 8.0, 9.0, 10.0]})
-    t = summarize(df, ["fid"])
-    assert t.loc["Before finetuning", "fid"] == pytest.approx(12.0)
-    assert t.loc["Before finetuning", "fid std"] == pytest.approx(2.0)          # sample std of 10, 12, 14
-    assert t.loc["DeMe (after merge)", "fid"] == pytest.approx(9.0)
-    assert t.loc["DeMe (after merge)", "fid std"] == pytest.approx(1.0)
-    assert t.loc["DeMe (after merge)", "fid Δ"] == pytest.approx(-3.0)
-    assert list(t.index) == ["Before finetuning", "DeMe (after merge)"]        # row order kept
-    s = format_table(t, ["fid"], digits={"fid": 1})
-    assert s.loc["DeMe (after merge)", "fid"] == "9.0 ± 1.0 (-3.0)"
+def test_format_paired_shows_value_delta_and_interval_with_kid_scaled():
+    t = pd.DataFrame({"model": ["Before finetuning", "m"] * 2, "metric": ["fid"] * 2 + ["kid"] * 2,
+                      "value": [10.0, 9.5, 0.002, 0.0015], "delta": [0.0, -0.5, 0.0, -0.0005],
+                      "ci95_low": [0.0, -0.8, 0.0, -0.0009], "ci95_high": [0.0, -0.2, 0.0, -0.0001]})
+    f = format_paired(t, ["fid", "kid"])
+    assert f.loc["m", "FID"] == "9.50 (-0.50 [-0.80, -0.20])"
+    assert f.loc["m", "KID ×10³"] == "1.50 (-0.50 [-0.90, -0.10])"
 
 
 def test_paper_tables_match_paper_md():
@@ -31,23 +26,27 @@ def test_paper_tables_match_paper_md():
     assert len(t1) == len(t2) == 9
 
 
-def test_run_comparison_scores_each_model_on_the_evaluation_device(tmp_path, monkeypatch):
-    """Models load on the CPU and are moved to ``device`` before sampling (the GPU by default where there is
-    one); results are cached per model and seed, so a second call samples nothing."""
+def test_sample_outputs_are_collected_on_the_evaluation_device_and_cached_by_weights(tmp_path, monkeypatch):
+    """Models are moved to ``device`` before sampling (the GPU by default where there is one); outputs are
+    cached by the weights' fingerprint, so a second call, or the same weights under another name, sample nothing."""
+    import copy
+    import numpy as np
     import torch
     from deme import compare, metrics
     from deme.config import get_profile
     seen = []
-    monkeypatch.setattr(metrics, "reference_statistics", lambda *a, **k: None)
     monkeypatch.setattr(metrics, "ensure_classifier", lambda *a, **k: None)
-    monkeypatch.setattr(metrics, "load_clip", lambda *a, **k: None)
-    monkeypatch.setattr(compare, "evaluate_model", lambda model, cfg, seed, *a, **k:
-                        seen.append((next(model.parameters()).device.type, seed)) or {"seed": seed, "uncond_fid": 1.0,
-                                                                                        "cond_fid": 2.0})
+
+    def fake(model, cfg, seed, n, *a, **k):
+        seen.append((next(model.parameters()).device.type, seed))
+        return {"uncond_inception": np.ones((n, 3)), "cond_labels": np.arange(n), "cond_inception": np.ones((n, 3))}
+    monkeypatch.setattr(compare, "sample_outputs", fake)
     cfg = get_profile("smoke")
-    df = compare.run_comparison(cfg, [0, 1], 4, out_dir=tmp_path, progress=False, device="meta",
-                                models={"a": lambda: torch.nn.Linear(2, 2)})
-    assert seen == [("meta", 0), ("meta", 1)] and list(df.uncond_fid) == [1.0, 1.0]
-    compare.run_comparison(cfg, [0, 1], 4, out_dir=tmp_path, progress=False, device="meta",
-                           models={"a": lambda: torch.nn.Linear(2, 2)})
-    assert len(seen) == 2
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2, 2)
+    out = compare.collect_sample_outputs(cfg, 4, seed=1, out_dir=tmp_path, progress=False, device="meta",
+                                         models={"a": lambda: copy.deepcopy(lin)})
+    assert seen == [("meta", 1)] and out["a"]["uncond_inception"].shape == (4, 3)
+    compare.collect_sample_outputs(cfg, 4, seed=1, out_dir=tmp_path, progress=False, device="meta",
+                                   models={"renamed": lambda: copy.deepcopy(lin)})
+    assert len(seen) == 1

@@ -82,8 +82,8 @@ def test_deme_finetuning_lowers_the_range_loss(tmp_path):
     cfg = get_profile("smoke", method="deme", range_index=0, steps_per_range=40, lr=1e-3, p_global=0.0,
                       checkpoint_every=40, log_every=10, heldout_every=0)
     out = train(cfg, tmp_path / "r0", base=str(base), progress=False)
-    from deme.data import heldout_batch
-    x, y = heldout_batch(cfg, 256)
+    from deme.data import heldout_split
+    x, y = heldout_split(cfg, "all")
     before = heldout_loss(load_unet(base), cfg, x, y)
     after = heldout_loss(load_unet(out / "model"), cfg, x, y)
     assert after["range_0"] < before["range_0"]
