@@ -648,6 +648,28 @@ def text_image_batches(cfg: Config, batch_size: int, seed: int, device: str | to
                             num_workers=cfg.num_workers)
 
 
+def reference_pairs_features(cfg: Config, n: int, seed: int, *, size: int = 256, chunk: int = 256,
+                             device: str | torch.device | None = None) -> tuple[np.ndarray, list[str]]:
+    """Inception features at ``size`` px (:func:`features_256`) of ``n`` real images of the profile's data and
+    their captions: the pairs of batch 0 of :func:`text_image_batches` with ``seed``, centre-cropped to
+    ``cfg.image_size``, no caption dropout (the pairs :func:`deme.stages.heldout_inputs` uses).
+
+    Streams: images are decoded and embedded ``chunk`` at a time, so host memory holds one chunk of pixels
+    (256 × 512² × 3 bytes = 0.2 GB at SD's size), never all ``n``. Returns (features (n, 2048), captions)."""
+    source = open_image_captions(data_source(cfg), check_images=cfg.check_images)
+    pairs = TextImageBatches(source, None, n, seed, image_size=cfg.image_size, random_crop=False)
+    records = pairs.records(0)
+    feats, captions = [], []
+    for start in range(0, n, chunk):
+        images = []
+        for r in records[start:start + chunk]:
+            image, caption = pairs._load(r)          # a corrupt image is replaced as in training batches
+            images.append(resize_crop(image, cfg.image_size))
+            captions.append(caption)
+        feats.append(features_256(np.stack(images), size, device=device))
+    return np.concatenate(feats), captions
+
+
 def prepare_unet_for_training(unet: nn.Module, cfg: Config) -> nn.Module:
     """Memory-aware settings for finetuning Stable Diffusion's UNet on one 80 GB GPU: gradient checkpointing
     (``cfg.gradient_checkpointing``, default on for text-to-image profiles) — recomputes block activations
@@ -748,6 +770,16 @@ def initial_latents(n: int, shape: tuple[int, ...], seed: int, start: int = 0) -
         int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))) for i in range(start, start + n)])
 
 
+def _unet_on(unet: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``unet`` itself when it already sits on ``device`` in ``dtype``, else a converted copy (``Module.to``
+    converts in place: the caller's module must keep its device and dtype)."""
+    p = next(unet.parameters())
+    if p.dtype == dtype and p.device.type == device.type and device.index in (None, p.device.index):
+        return unet
+    import copy
+    return copy.deepcopy(unet).to(device, dtype)
+
+
 def _set_scheduler(pipe, scheduler: str):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
     kinds = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
@@ -764,7 +796,7 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
              steps: int = 25, seed: int = 0, batch_size: int = 8, scheduler: str = "pndm",
              height: int | None = None, width: int | None = None, out_dir: str | os.PathLike | None = None,
              device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-             progress: bool = False) -> np.ndarray | list[Path]:
+             safety_checker: bool = False, progress: bool = False) -> np.ndarray | list[Path]:
     """Images for ``prompts`` with ``StableDiffusionPipeline`` — PNDM, 25 steps, guidance 7.5 (BK-SDM's and the
     paper's protocol; all configurable) — image ``i`` started from latents seeded by (seed, i), so two models
     given the same seed start from the same noise.
@@ -773,19 +805,26 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
     :class:`deme.sampling.TimestepEnsemble`) used inside the pipeline ``base``. ``height``/``width``: default
     the UNet's ``sample_size`` × the VAE factor (512 for SD v1.4). Returns uint8 (N, H, W, 3), or, with
     ``out_dir``, writes ``00000.png …`` and returns their paths; images already there are kept (resumable).
+
+    A UNet given here is never changed: when it is not already on ``device`` in ``dtype`` (default fp16 on a
+    GPU), a converted copy runs instead (the merge search reuses one template UNet for every candidate). A
+    pipeline object given as ``pipe_or_unet``/``base`` is moved and converted in place, as diffusers' ``to``
+    does. ``safety_checker``: off by default — this is the evaluation path (Table 2, the merge search), and
+    the checker returns flagged images black, which raises FID and lowers the CLIP score; benchmarks of this
+    kind (BK-SDM) run without it. ``True`` keeps the checker the pipeline ships.
     """
     from diffusers import StableDiffusionPipeline
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if isinstance(pipe_or_unet, nn.Module) and not isinstance(pipe_or_unet, StableDiffusionPipeline):
-        if base is None:
-            raise ValueError("a UNet was given: pass base= (the pipeline folder, hub id or pipeline) to run it in")
-        pipe = load_pipeline(base, unet=pipe_or_unet)
-    else:
-        pipe = load_pipeline(pipe_or_unet)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    pipe = pipe.to(dev) if pipe.unet.dtype == dtype else pipe.to(dev, dtype)
+    if isinstance(pipe_or_unet, nn.Module) and not isinstance(pipe_or_unet, StableDiffusionPipeline):
+        if base is None:
+            raise ValueError("a UNet was given: pass base= (the pipeline folder, hub id or pipeline) to run it in")
+        pipe = load_pipeline(base, unet=_unet_on(pipe_or_unet, dev, dtype), safety_checker=safety_checker)
+    else:
+        pipe = load_pipeline(pipe_or_unet, safety_checker=safety_checker)
+    pipe = pipe.to(dev, dtype)                   # the UNet given is already there (a copy when it was not)
     old_scheduler = pipe.scheduler
     _set_scheduler(pipe, scheduler)
     cfg_unet = pipe.unet.config

@@ -447,3 +447,73 @@ def test_table2_protocol_on_a_tiny_sd_model(pipe_dir, tmp_path):
     again = run_text_to_image_comparison(cfg, sets, models=models, out_dir=tmp_path / "out", clip=clip, progress=False)
     assert list(again.fid_256.fillna(-1)) == list(df.fid_256.fillna(-1))
     assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+# --------------------------------------------------------------------------------------------- merge search on a GPU
+
+def _pixel_features(monkeypatch):
+    """Replace Inception by the first 2048 pixel values of each image (cheap, and exact to compare)."""
+    import deme.metrics as M
+    seen = []
+
+    def fake(x, device=None):
+        seen.append(x.shape)
+        return x.reshape(len(x), -1)[:, :M.FEATURE_DIM].astype(np.float32)
+    monkeypatch.setattr(M, "inception_features", fake)
+    return seen
+
+
+def test_generation_and_quality_scoring_never_convert_the_template(pipe_dir, folder, monkeypatch):
+    """Stage 2 of the merge search generates with the shared template UNet in fp16 on a GPU; the template
+    must come back unchanged, or the next candidate's held-out loss fails ("mat1 and mat2 must have the same
+    dtype"). On the CPU the same conversion is simulated with bf16."""
+    from deme.stages import heldout_inputs, sample_quality_fn
+    from deme.train import heldout_loss
+    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    _pixel_features(monkeypatch)
+    cfg = _cfg(pipe_dir, sample_steps=2, guidance_scale=2.0)
+    template = load_unet(pipe_dir, projection=True)
+    before = {k: v.clone() for k, v in template.state_dict().items()}
+    x, cond = heldout_inputs(cfg, 4, device="cpu")
+    loss = heldout_loss(template, cfg, x, cond)["loss"]
+
+    images = sd.generate(template, PROMPTS[:2], base=pipe_dir, steps=2, seed=0, device="cpu", dtype=torch.bfloat16)
+    assert images.shape == (2, 16, 16, 3)
+    score, _ = sample_quality_fn(cfg, 4, device="cpu", dtype=torch.bfloat16)
+    assert np.isfinite(score(template))
+    assert {p.dtype for p in template.parameters()} == {torch.float32}
+    for k, v in template.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert heldout_loss(template, cfg, x, cond)["loss"] == loss
+    # a UNet already in the target dtype is used as it is (no copy) and left as it is
+    a = sd.generate(template, PROMPTS[:2], base=pipe_dir, steps=2, seed=0, device="cpu")
+    assert a.shape == (2, 16, 16, 3) and next(template.parameters()).dtype == torch.float32
+
+
+def test_text_to_image_quality_count_capped_and_reference_streamed(pipe_dir, folder, monkeypatch):
+    """Notebook 04 passes the profile's 30K for sd14: the search lowers it to TEXT_TO_IMAGE_QUALITY_CAP, and
+    the real images' features are computed chunk by chunk — equal to those of the whole batch at once."""
+    import deme.stages as stages
+    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    seen = _pixel_features(monkeypatch)
+    cfg = _cfg(pipe_dir, sample_steps=2)
+    assert stages.TEXT_TO_IMAGE_QUALITY_CAP <= 5000
+    monkeypatch.setattr(stages, "TEXT_TO_IMAGE_QUALITY_CAP", 6)
+    generated = []
+    monkeypatch.setattr(sd, "generate", lambda model, captions, **kw: generated.append(list(captions)) or
+                        np.zeros((len(captions), 16, 16, 3), np.uint8))
+    with pytest.warns(UserWarning, match="TEXT_TO_IMAGE_QUALITY_CAP"):
+        score, _ = stages.sample_quality_fn(cfg, 30_000, device="cpu")
+    score(None)
+    assert len(generated[0]) == 6
+
+    # streamed reference features == features of the same pairs taken as one batch (the former path)
+    seen.clear()
+    feats, captions = sd.reference_pairs_features(cfg, 6, 4321, size=32, chunk=4)
+    assert [s[0] for s in seen] == [4, 2] and feats.shape == (6, 2048)
+    pixels, whole_captions = sd.text_image_batches(cfg.replace(label_dropout=0.0, center_crop=True), 6, 4321,
+                                                   device="cpu").pixels(0)
+    real = ((pixels.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    expected = np.stack([sd.resize_crop(Image.fromarray(a), 32) for a in real]).reshape(6, -1)[:, :2048]
+    assert captions == whole_captions
+    np.testing.assert_array_equal(feats, expected.astype(np.float32))
