@@ -517,3 +517,35 @@ def test_text_to_image_quality_count_capped_and_reference_streamed(pipe_dir, fol
     expected = np.stack([sd.resize_crop(Image.fromarray(a), 32) for a in real]).reshape(6, -1)[:, :2048]
     assert captions == whole_captions
     np.testing.assert_array_equal(feats, expected.astype(np.float32))
+
+
+def test_safety_checker_off_for_evaluation(pipe_dir, tmp_path):
+    """A pipeline that ships a safety checker (here a tiny one that flags every image) blacks out flagged
+    images; generate — the evaluation path — runs without it unless asked, and then matches the pipeline
+    without a checker."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=16)).eval()
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-10.0)          # every image is "flagged"
+        checker.special_care_embeds_weights.fill_(-10.0)
+    plain = StableDiffusionPipeline.from_pretrained(str(pipe_dir))
+    comps = {**plain.components, "safety_checker": checker,
+             "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})}
+    checked_dir = tmp_path / "with_checker"
+    StableDiffusionPipeline(**comps, requires_safety_checker=True).save_pretrained(str(checked_dir))
+
+    unet = load_unet(pipe_dir)
+    reference = sd.generate(unet, PROMPTS[:2], base=pipe_dir, steps=2, seed=0, device="cpu")
+    assert reference.max() > 0
+    default = sd.generate(unet, PROMPTS[:2], base=checked_dir, steps=2, seed=0, device="cpu")
+    np.testing.assert_array_equal(default, reference)
+    kept = sd.generate(unet, PROMPTS[:2], base=checked_dir, steps=2, seed=0, device="cpu", safety_checker=True)
+    assert kept.max() == 0                                     # the checker ran and blacked out both images
+    assert sd.load_pipeline(checked_dir).safety_checker is not None
+    assert sd.load_pipeline(checked_dir, safety_checker=False).safety_checker is None
