@@ -353,14 +353,14 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     student_fwd = maybe_compile(model, cfg.compile, mode)
     teacher_fwd = maybe_compile(teacher, cfg.compile, mode) if teacher is not None else None
 
-    from .data import heldout_batch, training_batches
+    from .data import training_batches
     batches = training_batches(cfg, micro_bs, cfg.seed, device=device)
     if hasattr(batches, "images") and device.type == "cuda":   # small in-memory sets live on the GPU
         batches.images, batches.labels = batches.images.to(device), batches.labels.to(device)
     heldout = None
-    if cfg.heldout_every:
-        hx, hy = heldout_batch(cfg, cfg.heldout_size)
-        heldout = (hx, torch.full_like(hy, cfg.num_classes) if cfg.num_classes else None)
+    if cfg.heldout_every:   # (images, null labels), or (latents, caption embeddings) for text-to-image
+        from .stages import heldout_inputs
+        heldout = heldout_inputs(cfg, cfg.heldout_size, device=device)
 
     log_path = out / "loss.csv"
     fields = ["step", "loss", "eps_mse", "consistency", "lr", "images_per_s", "heldout_loss"]

@@ -2,6 +2,7 @@
 tokenizer, latent DeMe finetuning through the one training loop, merge, sampling, evaluation mechanics, and
 the validation of image–caption folders."""
 
+import csv
 import json
 import logging
 
@@ -549,3 +550,19 @@ def test_safety_checker_off_for_evaluation(pipe_dir, tmp_path):
     assert kept.max() == 0                                     # the checker ran and blacked out both images
     assert sd.load_pipeline(checked_dir).safety_checker is not None
     assert sd.load_pipeline(checked_dir, safety_checker=False).safety_checker is None
+
+
+def test_heldout_loss_during_text_to_image_training(pipe_dir, folder, tmp_path, monkeypatch):
+    """``heldout_every > 0`` on a text-to-image profile: the held-out loss uses the caption embeddings of
+    heldout_inputs (it called the UNet without encoder_hidden_states before); the last logged value is the
+    held-out loss of the saved (EMA) model."""
+    from deme.stages import heldout_inputs
+    from deme.train import heldout_loss, train
+    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    cfg = _cfg(pipe_dir, heldout_every=1, heldout_size=4).replace(method="deme", range_index=1)
+    out = train(cfg, tmp_path / "run", base=str(pipe_dir), progress=False)
+    with open(out / "loss.csv") as f:
+        logged = [float(r["heldout_loss"]) for r in csv.DictReader(f)]
+    assert len(logged) == 2 and all(np.isfinite(logged))
+    x, cond = heldout_inputs(cfg, 4, device="cpu")
+    assert logged[-1] == pytest.approx(heldout_loss(load_unet(out / "model"), cfg, x, cond)["loss"], rel=1e-6)
