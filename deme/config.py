@@ -151,6 +151,30 @@ NOT_TRAINING = frozenset({
     "num_eval_samples", "fid_samples", "fid_reference_size", "eval_seeds", "guidance_scale", "merge_grid"})
 
 
+def check_field(name: str, value: Any) -> Any:
+    """``value`` for the Config field ``name``, checked against the field's type (a JSON list becomes a tuple,
+    an integral float an int, an int a float). An unknown name or a value of the wrong type raises
+    ``ValueError`` listing the valid fields with their types, or saying the expected type."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(Config)}
+    if name not in types:
+        raise ValueError(f"unknown Config field {name!r}; valid fields: "
+                         + ", ".join(f"{k} ({t})" for k, t in types.items()))
+    for option in (o.strip() for o in types[name].split("|")):
+        kind = option.split("[")[0]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if option == "None" and value is None or kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "int" and number and float(value).is_integer():
+            return int(value)
+        if kind == "float" and number:
+            return float(value)
+        if kind == "str" and isinstance(value, str) or kind == "dict" and isinstance(value, dict):
+            return value
+        if kind == "tuple" and isinstance(value, (list, tuple)):
+            return tuple(value)
+    raise ValueError(f"field {name!r} expects {types[name]}, got {value!r}")
+
+
 def normalized(d: dict[str, Any]) -> dict[str, Any]:
     """A stored config dict (manifest, checkpoint, stage record) in JSON form, with the fields it lacks —
     fields added to :class:`Config` after it was written — at their defaults, so adding a field with a

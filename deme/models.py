@@ -212,6 +212,20 @@ def base_model_path(cfg: Config) -> str:
     return str(ROOT / "runs" / cfg.profile / "base" / "model")
 
 
+def require_base_model(cfg: Config, base: str | os.PathLike) -> None:
+    """Stop with the command that makes it when ``base`` is the missing base model of a profile the project
+    pretrains itself (no ``cfg.pretrained``: fmnist, smoke). Other paths are left to :func:`load_unet`."""
+    if cfg.pretrained or str(base) != base_model_path(cfg) or (Path(base) / "config.json").exists():
+        return
+    out = "" if Path(base).parent == ROOT / "runs" / cfg.profile / "base" else \
+        f" --out {os.path.relpath(Path(base).parent, ROOT)}"
+    raise WeightsMissingError(
+        f"the base model of profile {cfg.profile!r} is missing ({base}). Pretrain it first, from the repository "
+        f"root: `python -m deme train --profile {cfg.profile} --method pretrain{out}`, or run notebook 02 "
+        f"(`papermill notebooks/02_base_model.ipynb out.ipynb -p profile {cfg.profile}`; "
+        f"`python -m deme reproduce --profile {cfg.profile}` runs it first).")
+
+
 def make_scheduler(cfg: Config, kind: str = "ddpm"):
     """The training (DDPM) or sampling (DDIM, eta 0) scheduler of the profile: linear betas, ε-prediction."""
     common = dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
