@@ -226,15 +226,57 @@ def require_base_model(cfg: Config, base: str | os.PathLike) -> None:
         f"`python -m deme reproduce --profile {cfg.profile}` runs it first).")
 
 
+SUPPORTED_PREDICTION = "epsilon"
+"""The prediction type the training loss supports: the target is always the noise ε (Eq. 4–5)."""
+
+
+@functools.lru_cache(maxsize=16)
+def _pretrained_scheduler_config(pretrained: str) -> tuple | None:
+    """The scheduler config of a pretrained model, as sorted items: ``scheduler/scheduler_config.json`` (a
+    pipeline, e.g. SD) or ``scheduler_config.json`` at its root (google/ddpm-*); None when neither is there."""
+    for sub in ("scheduler", None):
+        try:
+            return tuple(sorted(DDPMScheduler.load_config(pretrained, subfolder=sub).items()))
+        except Exception:
+            continue
+    return None
+
+
 def make_scheduler(cfg: Config, kind: str = "ddpm"):
-    """The training (DDPM) or sampling (DDIM, eta 0) scheduler of the profile: linear betas, ε-prediction."""
+    """The training (DDPM) or sampling (DDIM, eta 0) scheduler of the profile, ε-prediction.
+
+    With ``cfg.pretrained``, the noise schedule (betas) comes from the pretrained model's own scheduler config
+    (``scheduler/`` of a pipeline, or the root ``scheduler_config.json``), as diffusers' training scripts
+    take it; a field that differs from ``cfg`` is used as the model has it, with a warning. A pretrained model
+    that predicts anything but ε (``v_prediction``, ``sample``) stops with ``ValueError``: the loss here
+    trains ε only. Without a pretrained model (or one without a scheduler config): ``cfg``'s schedule."""
     common = dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                  beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type="epsilon",
-                  clip_sample=cfg.beta_schedule == "linear")
+                  beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+    pre = dict(_pretrained_scheduler_config(str(cfg.pretrained)) or ()) if cfg.pretrained else {}
+    if pre:
+        prediction = pre.get("prediction_type", "epsilon")
+        if prediction != SUPPORTED_PREDICTION:
+            raise ValueError(
+                f"{cfg.pretrained}: its scheduler config has prediction_type={prediction!r}, but DeMe's loss here "
+                "trains ε-prediction only (the target is the noise, Eq. 4-5). Use an ε-prediction model (e.g. "
+                "Stable Diffusion v1.x, the google/ddpm-* models).")
+        theirs = {k: pre[k] for k in common if k in pre}
+        if theirs.get("num_train_timesteps", cfg.num_train_timesteps) != cfg.num_train_timesteps:
+            raise ValueError(f"{cfg.pretrained} was trained with T={theirs['num_train_timesteps']} timesteps; "
+                             f"set num_train_timesteps={theirs['num_train_timesteps']} in the profile")
+        differs = {k: (common[k], v) for k, v in theirs.items() if common[k] != v}
+        if differs:
+            import warnings
+            warnings.warn(f"{cfg.pretrained}: noise schedule taken from its scheduler config, which differs from "
+                          f"the profile (profile, model): {differs}", stacklevel=2)
+        common.update(theirs)
+        if pre.get("trained_betas") is not None:
+            common["trained_betas"] = pre["trained_betas"]
+    common.update(prediction_type=SUPPORTED_PREDICTION, clip_sample=common["beta_schedule"] == "linear")
     if kind == "ddpm":
         return DDPMScheduler(**common)
     if kind == "ddim":
-        return DDIMScheduler(**common, set_alpha_to_one=cfg.beta_schedule == "linear")
+        return DDIMScheduler(**common, set_alpha_to_one=common["beta_schedule"] == "linear")
     raise ValueError(f"unknown scheduler kind {kind!r}")
 
 

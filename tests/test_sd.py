@@ -566,3 +566,31 @@ def test_heldout_loss_during_text_to_image_training(pipe_dir, folder, tmp_path, 
     assert len(logged) == 2 and all(np.isfinite(logged))
     x, cond = heldout_inputs(cfg, 4, device="cpu")
     assert logged[-1] == pytest.approx(heldout_loss(load_unet(out / "model"), cfg, x, cond)["loss"], rel=1e-6)
+
+
+def test_noise_scheduler_from_the_pipeline_and_prediction_type_guard(pipe_dir, tmp_path):
+    """For a pretrained model the noise schedule is the pipeline's own (scheduler/scheduler_config.json), not
+    the profile's numbers; a v-prediction or sample-prediction model stops with a clear error."""
+    import shutil
+    from diffusers import DDPMScheduler
+    from deme.models import make_scheduler
+    same = make_scheduler(_cfg(pipe_dir))
+    torch.testing.assert_close(same.alphas_cumprod, DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod)
+
+    other = tmp_path / "pipe"
+    shutil.copytree(pipe_dir, other)
+    path = other / "scheduler" / "scheduler_config.json"
+    conf = json.loads(path.read_text())
+    path.write_text(json.dumps({**conf, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}))
+    with pytest.warns(UserWarning, match="beta_end"):
+        ddpm, ddim = make_scheduler(_cfg(other)), make_scheduler(_cfg(other), "ddim")
+    expected = DDPMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02).alphas_cumprod
+    torch.testing.assert_close(ddpm.alphas_cumprod, expected)
+    torch.testing.assert_close(ddim.alphas_cumprod, expected)
+    for prediction in ("v_prediction", "sample"):
+        d = tmp_path / prediction
+        shutil.copytree(pipe_dir, d)
+        (d / "scheduler" / "scheduler_config.json").write_text(json.dumps({**conf, "prediction_type": prediction}))
+        with pytest.raises(ValueError, match=f"prediction_type='{prediction}'.*ε-prediction only"):
+            make_scheduler(_cfg(d))
