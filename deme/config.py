@@ -37,10 +37,17 @@ class Config:
     image_size: int
     channels: int
     num_classes: int | None = None        # class-conditional models: labels 0..K-1, K = "no label" token
-    label_dropout: float = 0.0            # p(label -> null token) in training, for classifier-free guidance
+    label_dropout: float = 0.0            # p(label -> null token) in training, for classifier-free guidance;
+                                          # text-to-image: p(caption -> "") — a choice: diffusers'
+                                          # train_text_to_image.py and BK-SDM use none (0.0)
     data_dir: str | None = None           # text-to-image: image-caption folder (imagefolder + metadata.jsonl) or
                                           # hub dataset id; None: $DEME_SD_DATA (see deme.sd.data_source)
-    center_crop: bool = False             # text-to-image: centre crops instead of random crops
+    center_crop: bool = False             # text-to-image: centre crops instead of random crops (random: the
+                                          # paper's "resize + random crop" and diffusers' default)
+    random_flip: bool = False             # text-to-image: horizontal flip with p = 0.5 (diffusers' --random_flip;
+                                          # the paper: no flip)
+    resize_filter: str = "bicubic"        # text-to-image: resize of the shorter side, "bicubic" (our choice) |
+                                          # "bilinear" (diffusers' train_text_to_image.py)
     check_images: str = "header"          # text-to-image data check at start: "none" | "header" | "full" decode
     # -- model -------------------------------------------------------------------------------------------
     pretrained: str | None = None         # hub id / local path of the pretrained model (paper profiles)
@@ -100,6 +107,9 @@ class Config:
     eval_seeds: tuple[int, ...] = (0,)   # sampling seeds of the comparison tables (mean ± std over them)
     guidance_scale: float = 1.0           # classifier-free guidance for class-conditional sampling
     merge_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    coco_fid_reference: str = "chosen"    # text-to-image MS-COCO FID reference: "chosen" (the images of the chosen
+                                          # captions, shorter side to 256 + centre crop) | "bk-sdm" (the paper's
+                                          # protocol: all 40,504 val2014 images resized to 256x256)
 
     # ---------------------------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> "Config":
@@ -148,7 +158,8 @@ class Config:
 
 NOT_TRAINING = frozenset({
     "data_dir", "check_images", "gradient_checkpointing", "compile", "compile_mode", "checkpoint_every", "log_every", "heldout_every", "heldout_size", "num_workers", "sample_steps",
-    "num_eval_samples", "fid_samples", "fid_reference_size", "eval_seeds", "guidance_scale", "merge_grid"})
+    "num_eval_samples", "fid_samples", "fid_reference_size", "eval_seeds", "guidance_scale", "merge_grid",
+    "coco_fid_reference"})
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -253,10 +264,12 @@ PROFILES: dict[str, Config] = {
         pretrained="google/ddpm-ema-bedroom-256", num_workers=8, sample_steps=50, num_eval_samples=50_000,
     ),
     "sd14": Config(
-        profile="sd14", dataset="laion", image_size=512, channels=4, label_dropout=0.1,
+        profile="sd14", dataset="laion", image_size=512, channels=4,
+        label_dropout=0.0,                # no caption dropout, as diffusers' script and BK-SDM (0.1: a choice)
         pretrained="CompVis/stable-diffusion-v1-4", beta_schedule="scaled_linear", beta_start=0.00085,
-        beta_end=0.012, mixed_precision="bf16", num_workers=8, sample_steps=25, num_eval_samples=30_000,
-        guidance_scale=7.5,
+        beta_end=0.012,
+        mixed_precision="bf16",           # the paper: fp16; bf16 needs no loss scaling (same range as fp32)
+        num_workers=8, sample_steps=25, num_eval_samples=30_000, guidance_scale=7.5,
     ),
 }
 

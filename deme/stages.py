@@ -73,12 +73,12 @@ def heldout_inputs(cfg: Config, n: int, seed: int = 4321, device: str | torch.de
 
     Class-conditional / unconditional profiles: ``n`` test-split images with the null label (the
     unconditional loss the paper's DDPMs are trained on). Text-to-image profiles: latents and caption
-    embeddings of ``n`` image–caption pairs of the data (centre crops, no caption dropout; the frozen encoders
+    embeddings of ``n`` image–caption pairs of the data (centre crops, no flip or caption dropout; the frozen encoders
     run on ``device``).
     """
     from .sd import is_text_to_image, text_image_batches
     if is_text_to_image(cfg):
-        fixed = cfg.replace(label_dropout=0.0, center_crop=True)
+        fixed = cfg.replace(label_dropout=0.0, center_crop=True, random_flip=False)
         return text_image_batches(fixed, n, seed, device=device).batch(0)
     from .data import heldout_batch
     x, y = heldout_batch(cfg, n)

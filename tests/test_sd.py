@@ -594,3 +594,64 @@ def test_noise_scheduler_from_the_pipeline_and_prediction_type_guard(pipe_dir, t
         (d / "scheduler" / "scheduler_config.json").write_text(json.dumps({**conf, "prediction_type": prediction}))
         with pytest.raises(ValueError, match=f"prediction_type='{prediction}'.*ε-prediction only"):
             make_scheduler(_cfg(d))
+
+
+def test_flip_and_resize_filter_options(pipe_dir, tmp_path, monkeypatch):
+    """random_flip mirrors about half the images and leaves every other draw (crops, captions) unchanged;
+    resize_filter picks PIL's filter; the sd14 profile follows diffusers' script and BK-SDM by default."""
+    from PIL import Image as PILImage
+    noisy = tmp_path / "noisy"                                   # images that differ from their mirror image
+    noisy.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)).save(noisy / f"{i}.png")
+    (noisy / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"noise {i}"}) + "\n"
+                                                  for i in range(8)))
+    monkeypatch.setenv(sd.SD_DATA_ENV, str(noisy))
+    cfg = _cfg(pipe_dir)
+    assert get_profile("sd14").label_dropout == 0.0 and not get_profile("sd14").random_flip
+    plain = sd.text_image_batches(cfg, 4, seed=3, device="cpu")
+    flipped = sd.text_image_batches(cfg.replace(random_flip=True), 4, seed=3, device="cpu")
+    n_flipped = 0
+    for i in range(6):
+        (a, ca), (b, cb) = plain.pixels(i), flipped.pixels(i)
+        assert ca == cb
+        for x, y in zip(a, b):
+            same, mirrored = torch.equal(x, y), torch.equal(x.flip(-1), y)
+            assert same or mirrored
+            n_flipped += mirrored and not same
+    assert 4 <= n_flipped <= 20                                  # 24 images, p = 0.5
+
+    img = PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    for name, flt in (("bicubic", PILImage.BICUBIC), ("bilinear", PILImage.BILINEAR)):
+        expected = np.asarray(img.resize((24, 16), flt))[:, 4:20]
+        np.testing.assert_array_equal(sd.resize_crop(img, 16, resample=name), expected)
+    with pytest.raises(ValueError, match="bilinear"):
+        sd.resize_crop(img, 16, resample="lanczos")
+
+
+def test_coco_fid_reference_of_the_paper_protocol(pipe_dir, tmp_path):
+    """coco_fid_reference="bk-sdm": every val2014 image (with or without a chosen caption) squashed to
+    256x256, as BK-SDM's protocol; "chosen": the chosen captions' images, centre crops."""
+    from deme.compare import text_to_image_prompt_sets
+    images = tmp_path / "val2014"
+    images.mkdir()
+    rng = np.random.default_rng(2)
+    arrays = {f"COCO_{i}.jpg": rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8) for i in range(4)}
+    for name, a in arrays.items():
+        Image.fromarray(a).save(images / name)
+    ims = [{"id": i, "file_name": f"COCO_{i}.jpg"} for i in range(2)]          # captions for 2 of the 4 images
+    anns = [{"id": 10 + i, "image_id": i, "caption": f"photo {i}"} for i in range(2)]
+    (tmp_path / "captions.json").write_text(json.dumps({"images": ims, "annotations": anns}))
+    kw = dict(coco_captions=str(tmp_path / "captions.json"), coco_images=str(images), n_coco=2)
+    cfg = _cfg(pipe_dir)
+    chosen = text_to_image_prompt_sets(cfg, out_dir=tmp_path / "a", **kw)["MS-COCO"]
+    assert len(sd.image_files(chosen["reference"])) == 2 and "reference_tag" not in chosen
+    paper = text_to_image_prompt_sets(cfg.replace(coco_fid_reference="bk-sdm"), out_dir=tmp_path / "b", **kw)["MS-COCO"]
+    files = sd.image_files(paper["reference"])
+    assert [f.stem for f in files] == [f"COCO_{i}" for i in range(4)] and paper["reference_tag"] == "bk-sdm"
+    for f in files:
+        src = Image.open(images / f"{f.stem}.jpg").convert("RGB")
+        np.testing.assert_array_equal(np.asarray(Image.open(f)), np.asarray(src.resize((256, 256), Image.BICUBIC)))
+    with pytest.raises(ValueError, match="bk-sdm"):
+        text_to_image_prompt_sets(cfg, out_dir=tmp_path / "c", coco_fid_reference="clean", **kw)
