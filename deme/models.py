@@ -130,6 +130,65 @@ def without_projections(unet: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Export for stock diffusers
+# ---------------------------------------------------------------------------------------------------------
+
+EXPORT_MODULE = "deme_unet"
+"""The module file (``unet/deme_unet.py``) an exported pipeline carries its projected UNet class in."""
+
+
+def _export_module_source() -> str:
+    """A self-contained module (diffusers and torch only) defining the projected UNet classes: the source of
+    this module's own definitions, so the exported code is the code that was trained and tested."""
+    import inspect
+    parts = [ChannelProjection, _project_main_path, projection_channels, attach_channel_projections,
+             ProjectedUNet2DModel, ProjectedUNet2DConditionModel]
+    head = ('"""DeMe\'s channel-wise projections (CVPR 2025, Decouple-Then-Merge, Eq. 7) on diffusers UNets.\n\n'
+            'Written by deme.models.export_for_diffusers; diffusers loads it with trust_remote_code=True."""\n\n'
+            "import functools\n\nimport torch\nfrom torch import nn\n"
+            "from diffusers import UNet2DConditionModel, UNet2DModel\n")
+    return head + "".join("\n\n" + inspect.getsource(p) for p in parts)
+
+
+def export_for_diffusers(unet: nn.Module, base, out_dir: str | os.PathLike) -> Path:
+    """Save ``unet`` (e.g. the merged DeMe UNet) inside a copy of the diffusers pipeline ``base`` (folder, hub
+    id or pipeline object; its other components are kept as they are) so that stock diffusers loads it with
+    the projections intact::
+
+        pipe = StableDiffusionPipeline.from_pretrained(out_dir, trust_remote_code=True)
+
+    A projected UNet is a subclass diffusers does not ship, so the folder carries its code: ``unet/`` holds the
+    weights and config (``_class_name``: ``ProjectedUNet2DConditionModel``) and ``deme_unet.py`` (torch and
+    diffusers only, no ``deme`` import), and ``model_index.json`` names that module for the unet — diffusers'
+    custom-component mechanism, hence ``trust_remote_code=True``. Without it diffusers refuses to run the
+    file; ``UNet2DConditionModel.from_pretrained(out_dir, subfolder="unet")`` loads the weights but drops the
+    projections (with a warning), which changes the outputs.
+
+    Folding the projections into neighbouring convolutions, to get a plain ``UNet2DConditionModel``, is not
+    offered because it is not exact: every projected output is followed by a GroupNorm (the next block's
+    first ResNet, after the concatenation with a skip in the up path, ``conv_norm_out``), and a down block's
+    projected output is also the skip tensor it hands to the up path, unprojected. A UNet without
+    projections (or with identity ones) is saved as the plain diffusers class. Returns ``out_dir``.
+    """
+    import json
+    from diffusers import DiffusionPipeline
+    pipe = base if isinstance(base, DiffusionPipeline) else DiffusionPipeline.from_pretrained(str(base))
+    projected = any(not torch.equal(p.weight.detach().cpu(), torch.eye(p.weight.shape[0]))
+                    for p in channel_projections(unet).values())
+    comps = {**pipe.components, "unet": unet if projected else without_projections(unet)}
+    if "requires_safety_checker" in pipe.config:
+        comps["requires_safety_checker"] = pipe.config["requires_safety_checker"]
+    out = Path(out_dir)
+    type(pipe)(**comps).save_pretrained(str(out))
+    if projected:
+        (out / "unet" / f"{EXPORT_MODULE}.py").write_text(_export_module_source(), encoding="utf-8")
+        index = json.loads((out / "model_index.json").read_text())
+        index["unet"] = [EXPORT_MODULE, type(unet).__name__]
+        (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Building and loading
 # ---------------------------------------------------------------------------------------------------------
 

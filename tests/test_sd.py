@@ -655,3 +655,41 @@ def test_coco_fid_reference_of_the_paper_protocol(pipe_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(f)), np.asarray(src.resize((256, 256), Image.BICUBIC)))
     with pytest.raises(ValueError, match="bk-sdm"):
         text_to_image_prompt_sets(cfg, out_dir=tmp_path / "c", coco_fid_reference="clean", **kw)
+
+
+def test_export_for_diffusers_loads_with_the_projections_intact(pipe_dir, tmp_path):
+    """A pipeline saved with a (non-identity) projected UNet loads in stock diffusers with
+    trust_remote_code=True and computes what the projected model computes; the plain class alone would drop
+    the projections and compute something else."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from deme.models import export_for_diffusers
+    unet = load_unet(pipe_dir, projection=True).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in channel_projections(unet).values():
+            p.weight.add_(0.1 * torch.randn_like(p.weight))   # as after finetuning: W ≠ I
+    out = export_for_diffusers(unet, pipe_dir, tmp_path / "export")
+    code = (out / "unet" / "deme_unet.py").read_text()
+    assert "import deme" not in code and "from deme" not in code and "from ." not in code
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
+    loaded = pipe.unet.eval()
+    assert type(loaded).__name__ == "ProjectedUNet2DConditionModel" and type(loaded) is not type(unet)
+    names = sorted(k for k in loaded.state_dict() if "channel_projection" in k)   # its own class, not deme's
+    assert names == sorted(k for k in unet.state_dict() if "channel_projection" in k) and len(names) == 5
+    for k in names:
+        assert torch.equal(loaded.state_dict()[k], unet.state_dict()[k]), k
+    g = torch.Generator().manual_seed(0)
+    x, emb, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([10, 700])
+    with torch.no_grad():
+        want = unet(x, t, encoder_hidden_states=emb).sample
+        torch.testing.assert_close(loaded(x, t, encoder_hidden_states=emb).sample, want)
+        plain = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet").eval()
+        assert (plain(x, t, encoder_hidden_states=emb).sample - want).abs().max() > 1e-3
+    images = sd.generate(pipe, PROMPTS[:2], steps=2, seed=0, device="cpu")
+    np.testing.assert_array_equal(images, sd.generate(unet, PROMPTS[:2], base=pipe_dir, steps=2, seed=0, device="cpu"))
+
+    # identity projections: a plain pipeline, loaded without custom code
+    plain_out = export_for_diffusers(load_unet(pipe_dir, projection=True), pipe_dir, tmp_path / "plain")
+    assert not (plain_out / "unet" / "deme_unet.py").exists()
+    assert type(StableDiffusionPipeline.from_pretrained(str(plain_out)).unet) is UNet2DConditionModel
