@@ -222,27 +222,38 @@ def format_paired(table: pd.DataFrame, metrics: list[str], digits: int | None = 
 def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, coco_images: str | None = None,
                               parti: str | None = None, imagenet_classes: str | None = None,
                               imagenet_images: str | None = None, n_coco: int = 30_000, seed: int = 0,
-                              out_dir: Path | None = None) -> dict[str, dict]:
+                              out_dir: Path | None = None, coco_fid_reference: str | None = None) -> dict[str, dict]:
     """Table 2's prompt sets for a text-to-image profile, from the files given (a set whose file is not given
     is left out; a given file that is missing stops with what to provide):
 
     - ``MS-COCO``: ``n_coco`` val captions, one per image (``coco_captions``: captions_val2014.json), FID at
-      256 px against those images (``coco_images``: the val2014 folder; reference PNGs are written once under
-      ``out_dir``), CLIP score;
+      256 px against the reference ``coco_fid_reference`` (default ``cfg.coco_fid_reference``; see
+      :data:`deme.sd.COCO_FID_REFERENCES`): ``"chosen"`` — those captions' images, ``"bk-sdm"`` — all val2014
+      images resized to 256 (the paper's protocol) — from ``coco_images`` (the val2014 folder; reference PNGs
+      are written once under ``out_dir``), CLIP score;
     - ``ImageNet``: "a photo of a {class}" per line of ``imagenet_classes`` (a text file of class names), FID
       against ``imagenet_images`` when given, CLIP score;
     - ``PartiPrompts``: the prompts of ``parti`` (PartiPrompts.tsv), CLIP score only.
 
     Returns ``{name: {"prompts": [...], "reference": folder or None}}``.
     """
-    from .sd import coco_captions as read_coco, imagenet_prompts, parti_prompts, prepare_reference_folder
+    from .sd import (COCO_FID_REFERENCES, coco_captions as read_coco, imagenet_prompts, parti_prompts,
+                     prepare_reference_folder, prepare_val2014_reference)
     out_dir = Path(out_dir or ROOT / "runs" / cfg.profile / "compare")
+    mode = coco_fid_reference or cfg.coco_fid_reference
+    if mode not in COCO_FID_REFERENCES:
+        raise ValueError(f"coco_fid_reference must be one of {', '.join(COCO_FID_REFERENCES)}, got {mode!r}")
     sets: dict[str, dict] = {}
     if coco_captions:
         rows = read_coco(coco_captions, n_coco, seed)
-        ref = (prepare_reference_folder(coco_images, [f for _, f, _ in rows], out_dir / f"coco_reference_{len(rows)}")
-               if coco_images else None)
-        sets["MS-COCO"] = {"prompts": [c for _, _, c in rows], "reference": ref}
+        if not coco_images:
+            ref = None
+        elif mode == "bk-sdm":
+            ref = prepare_val2014_reference(coco_images, out_dir / "coco_reference_val2014_256")
+        else:
+            ref = prepare_reference_folder(coco_images, [f for _, f, _ in rows], out_dir / f"coco_reference_{len(rows)}")
+        sets["MS-COCO"] = {"prompts": [c for _, _, c in rows], "reference": ref,
+                           **({"reference_tag": mode} if mode != "chosen" else {})}
     if imagenet_classes:
         path = Path(imagenet_classes)
         if not path.is_file():
@@ -280,7 +291,8 @@ def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed
         model = None
         for set_name, spec in prompt_sets.items():
             prompts, reference = spec["prompts"], spec.get("reference")
-            key = f"{cache_key(name)}_{cache_key(set_name)}_n{len(prompts)}_seed{seed}"
+            tag = f"_{spec['reference_tag']}" if spec.get("reference_tag") else ""   # another FID reference
+            key = f"{cache_key(name)}_{cache_key(set_name)}{tag}_n{len(prompts)}_seed{seed}"
             path = out_dir / f"{key}.json"
             rec = json.loads(path.read_text()) if path.exists() else None
             if rec is None or (reference is not None and rec.get("fid_256") is None):
@@ -291,7 +303,7 @@ def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed
                          steps=cfg.sample_steps, seed=seed, batch_size=batch_size, out_dir=samples)
                 clip_model, clip_preprocess, clip_tokenizer = clip if clip is not None else (None, None, None)
                 rec = evaluate(samples, prompts, reference=reference,
-                               reference_cache=out_dir / f"reference_{cache_key(set_name)}_{len(prompts)}.npz",
+                               reference_cache=out_dir / f"reference_{cache_key(set_name)}{tag}_{len(prompts)}.npz",
                                clip_model=clip_model, clip_preprocess=clip_preprocess, clip_tokenizer=clip_tokenizer)
                 rec.update(seed=seed, seconds=round(time.time() - t0, 1))
                 write_json(path, rec)

@@ -37,10 +37,17 @@ class Config:
     image_size: int
     channels: int
     num_classes: int | None = None        # class-conditional models: labels 0..K-1, K = "no label" token
-    label_dropout: float = 0.0            # p(label -> null token) in training, for classifier-free guidance
+    label_dropout: float = 0.0            # p(label -> null token) in training, for classifier-free guidance;
+                                          # text-to-image: p(caption -> "") — a choice: diffusers'
+                                          # train_text_to_image.py and BK-SDM use none (0.0)
     data_dir: str | None = None           # text-to-image: image-caption folder (imagefolder + metadata.jsonl) or
                                           # hub dataset id; None: $DEME_SD_DATA (see deme.sd.data_source)
-    center_crop: bool = False             # text-to-image: centre crops instead of random crops
+    center_crop: bool = False             # text-to-image: centre crops instead of random crops (random: the
+                                          # paper's "resize + random crop" and diffusers' default)
+    random_flip: bool = False             # text-to-image: horizontal flip with p = 0.5 (diffusers' --random_flip;
+                                          # the paper: no flip)
+    resize_filter: str = "bicubic"        # text-to-image: resize of the shorter side, "bicubic" (our choice) |
+                                          # "bilinear" (diffusers' train_text_to_image.py)
     check_images: str = "header"          # text-to-image data check at start: "none" | "header" | "full" decode
     # -- model -------------------------------------------------------------------------------------------
     pretrained: str | None = None         # hub id / local path of the pretrained model (paper profiles)
@@ -105,6 +112,9 @@ class Config:
     eval_seeds: tuple[int, ...] = (0,)   # sampling seeds of the comparison tables (mean ± std over them)
     guidance_scale: float = 1.0           # classifier-free guidance for class-conditional sampling
     merge_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    coco_fid_reference: str = "chosen"    # text-to-image MS-COCO FID reference: "chosen" (the images of the chosen
+                                          # captions, shorter side to 256 + centre crop) | "bk-sdm" (the paper's
+                                          # protocol: all 40,504 val2014 images resized to 256x256)
 
     # ---------------------------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> "Config":
@@ -152,8 +162,34 @@ class Config:
 
 
 NOT_TRAINING = frozenset({
-    "data_dir", "check_images", "gradient_checkpointing", "compile", "compile_mode", "checkpoint_every", "log_every", "heldout_every", "heldout_size", "validation_size", "num_workers", "sample_steps",
-    "num_eval_samples", "fid_samples", "fid_reference_size", "eval_seeds", "guidance_scale", "merge_grid"})
+    "data_dir", "check_images", "gradient_checkpointing", "compile", "compile_mode", "checkpoint_every",
+    "log_every", "heldout_every", "heldout_size", "validation_size", "num_workers", "sample_steps",
+    "num_eval_samples", "fid_samples", "fid_reference_size", "eval_seeds", "guidance_scale", "merge_grid",
+    "coco_fid_reference"})
+
+
+def check_field(name: str, value: Any) -> Any:
+    """``value`` for the Config field ``name``, checked against the field's type (a JSON list becomes a tuple,
+    an integral float an int, an int a float). An unknown name or a value of the wrong type raises
+    ``ValueError`` listing the valid fields with their types, or saying the expected type."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(Config)}
+    if name not in types:
+        raise ValueError(f"unknown Config field {name!r}; valid fields: "
+                         + ", ".join(f"{k} ({t})" for k, t in types.items()))
+    for option in (o.strip() for o in types[name].split("|")):
+        kind = option.split("[")[0]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if option == "None" and value is None or kind == "bool" and isinstance(value, bool):
+            return value
+        if kind == "int" and number and float(value).is_integer():
+            return int(value)
+        if kind == "float" and number:
+            return float(value)
+        if kind == "str" and isinstance(value, str) or kind == "dict" and isinstance(value, dict):
+            return value
+        if kind == "tuple" and isinstance(value, (list, tuple)):
+            return tuple(value)
+    raise ValueError(f"field {name!r} expects {types[name]}, got {value!r}")
 
 
 def normalized(d: dict[str, Any]) -> dict[str, Any]:
@@ -234,10 +270,12 @@ PROFILES: dict[str, Config] = {
         pretrained="google/ddpm-ema-bedroom-256", num_workers=8, sample_steps=50, num_eval_samples=50_000,
     ),
     "sd14": Config(
-        profile="sd14", dataset="laion", image_size=512, channels=4, label_dropout=0.1,
+        profile="sd14", dataset="laion", image_size=512, channels=4,
+        label_dropout=0.0,                # no caption dropout, as diffusers' script and BK-SDM (0.1: a choice)
         pretrained="CompVis/stable-diffusion-v1-4", beta_schedule="scaled_linear", beta_start=0.00085,
-        beta_end=0.012, mixed_precision="bf16", num_workers=8, sample_steps=25, num_eval_samples=30_000,
-        guidance_scale=7.5,
+        beta_end=0.012,
+        mixed_precision="bf16",           # the paper: fp16; bf16 needs no loss scaling (same range as fp32)
+        num_workers=8, sample_steps=25, num_eval_samples=30_000, guidance_scale=7.5,
     ),
 }
 

@@ -29,7 +29,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .config import ROOT, Config
-from .data import heldout_split
+from .data import heldout_batch, heldout_split
 from .losses import per_sample_mse
 from .metrics import _default_device
 from .models import make_scheduler
@@ -80,6 +80,22 @@ def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor 
         for k, (lo, hi) in enumerate(timestep_ranges(T, num_ranges or cfg.num_ranges)):
             out[f"range_{k}"] = per[(t >= lo) & (t < hi)].mean().item()
     return out
+
+
+def heldout_inputs(cfg: Config, n: int, seed: int = 4321, device: str | torch.device | None = None):
+    """A fixed batch for the merge search's held-out loss: ``(x0, cond)`` for :func:`deme.heldout.heldout_loss`.
+
+    Class-conditional / unconditional profiles: ``n`` test-split images with the null label (the
+    unconditional loss the paper's DDPMs are trained on). Text-to-image profiles: latents and caption
+    embeddings of ``n`` image–caption pairs of the data (centre crops, no flip or caption dropout; the frozen encoders
+    run on ``device``).
+    """
+    if cfg.dataset in ("laion", "imagefolder"):
+        from .sd import text_image_batches   # transformers and the SD encoders: only for text-to-image
+        fixed = cfg.replace(label_dropout=0.0, center_crop=True, random_flip=False)
+        return text_image_batches(fixed, n, seed, device=device).batch(0)
+    x, y = heldout_batch(cfg, n)
+    return x, (torch.full_like(y, cfg.num_classes) if cfg.num_classes else None)
 
 
 def relative_difference(losses: np.ndarray, reference: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:

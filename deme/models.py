@@ -130,6 +130,65 @@ def without_projections(unet: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Export for stock diffusers
+# ---------------------------------------------------------------------------------------------------------
+
+EXPORT_MODULE = "deme_unet"
+"""The module file (``unet/deme_unet.py``) an exported pipeline carries its projected UNet class in."""
+
+
+def _export_module_source() -> str:
+    """A self-contained module (diffusers and torch only) defining the projected UNet classes: the source of
+    this module's own definitions, so the exported code is the code that was trained and tested."""
+    import inspect
+    parts = [ChannelProjection, _project_main_path, projection_channels, attach_channel_projections,
+             ProjectedUNet2DModel, ProjectedUNet2DConditionModel]
+    head = ('"""DeMe\'s channel-wise projections (CVPR 2025, Decouple-Then-Merge, Eq. 7) on diffusers UNets.\n\n'
+            'Written by deme.models.export_for_diffusers; diffusers loads it with trust_remote_code=True."""\n\n'
+            "import functools\n\nimport torch\nfrom torch import nn\n"
+            "from diffusers import UNet2DConditionModel, UNet2DModel\n")
+    return head + "".join("\n\n" + inspect.getsource(p) for p in parts)
+
+
+def export_for_diffusers(unet: nn.Module, base, out_dir: str | os.PathLike) -> Path:
+    """Save ``unet`` (e.g. the merged DeMe UNet) inside a copy of the diffusers pipeline ``base`` (folder, hub
+    id or pipeline object; its other components are kept as they are) so that stock diffusers loads it with
+    the projections intact::
+
+        pipe = StableDiffusionPipeline.from_pretrained(out_dir, trust_remote_code=True)
+
+    A projected UNet is a subclass diffusers does not ship, so the folder carries its code: ``unet/`` holds the
+    weights and config (``_class_name``: ``ProjectedUNet2DConditionModel``) and ``deme_unet.py`` (torch and
+    diffusers only, no ``deme`` import), and ``model_index.json`` names that module for the unet — diffusers'
+    custom-component mechanism, hence ``trust_remote_code=True``. Without it diffusers refuses to run the
+    file; ``UNet2DConditionModel.from_pretrained(out_dir, subfolder="unet")`` loads the weights but drops the
+    projections (with a warning), which changes the outputs.
+
+    Folding the projections into neighbouring convolutions, to get a plain ``UNet2DConditionModel``, is not
+    offered because it is not exact: every projected output is followed by a GroupNorm (the next block's
+    first ResNet, after the concatenation with a skip in the up path, ``conv_norm_out``), and a down block's
+    projected output is also the skip tensor it hands to the up path, unprojected. A UNet without
+    projections (or with identity ones) is saved as the plain diffusers class. Returns ``out_dir``.
+    """
+    import json
+    from diffusers import DiffusionPipeline
+    pipe = base if isinstance(base, DiffusionPipeline) else DiffusionPipeline.from_pretrained(str(base))
+    projected = any(not torch.equal(p.weight.detach().cpu(), torch.eye(p.weight.shape[0]))
+                    for p in channel_projections(unet).values())
+    comps = {**pipe.components, "unet": unet if projected else without_projections(unet)}
+    if "requires_safety_checker" in pipe.config:
+        comps["requires_safety_checker"] = pipe.config["requires_safety_checker"]
+    out = Path(out_dir)
+    type(pipe)(**comps).save_pretrained(str(out))
+    if projected:
+        (out / "unet" / f"{EXPORT_MODULE}.py").write_text(_export_module_source(), encoding="utf-8")
+        index = json.loads((out / "model_index.json").read_text())
+        index["unet"] = [EXPORT_MODULE, type(unet).__name__]
+        (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Building and loading
 # ---------------------------------------------------------------------------------------------------------
 
@@ -212,15 +271,71 @@ def base_model_path(cfg: Config) -> str:
     return str(ROOT / "runs" / cfg.profile / "base" / "model")
 
 
+def require_base_model(cfg: Config, base: str | os.PathLike) -> None:
+    """Stop with the command that makes it when ``base`` is the missing base model of a profile the project
+    pretrains itself (no ``cfg.pretrained``: fmnist, smoke). Other paths are left to :func:`load_unet`."""
+    if cfg.pretrained or str(base) != base_model_path(cfg) or (Path(base) / "config.json").exists():
+        return
+    out = "" if Path(base).parent == ROOT / "runs" / cfg.profile / "base" else \
+        f" --out {os.path.relpath(Path(base).parent, ROOT)}"
+    raise WeightsMissingError(
+        f"the base model of profile {cfg.profile!r} is missing ({base}). Pretrain it first, from the repository "
+        f"root: `python -m deme train --profile {cfg.profile} --method pretrain{out}`, or run notebook 02 "
+        f"(`papermill notebooks/02_base_model.ipynb out.ipynb -p profile {cfg.profile}`; "
+        f"`python -m deme reproduce --profile {cfg.profile}` runs it first).")
+
+
+SUPPORTED_PREDICTION = "epsilon"
+"""The prediction type the training loss supports: the target is always the noise ε (Eq. 4–5)."""
+
+
+@functools.lru_cache(maxsize=16)
+def _pretrained_scheduler_config(pretrained: str) -> tuple | None:
+    """The scheduler config of a pretrained model, as sorted items: ``scheduler/scheduler_config.json`` (a
+    pipeline, e.g. SD) or ``scheduler_config.json`` at its root (google/ddpm-*); None when neither is there."""
+    for sub in ("scheduler", None):
+        try:
+            return tuple(sorted(DDPMScheduler.load_config(pretrained, subfolder=sub).items()))
+        except Exception:
+            continue
+    return None
+
+
 def make_scheduler(cfg: Config, kind: str = "ddpm"):
-    """The training (DDPM) or sampling (DDIM, eta 0) scheduler of the profile: linear betas, ε-prediction."""
+    """The training (DDPM) or sampling (DDIM, eta 0) scheduler of the profile, ε-prediction.
+
+    With ``cfg.pretrained``, the noise schedule (betas) comes from the pretrained model's own scheduler config
+    (``scheduler/`` of a pipeline, or the root ``scheduler_config.json``), as diffusers' training scripts
+    take it; a field that differs from ``cfg`` is used as the model has it, with a warning. A pretrained model
+    that predicts anything but ε (``v_prediction``, ``sample``) stops with ``ValueError``: the loss here
+    trains ε only. Without a pretrained model (or one without a scheduler config): ``cfg``'s schedule."""
     common = dict(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                  beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type="epsilon",
-                  clip_sample=cfg.beta_schedule == "linear")
+                  beta_start=cfg.beta_start, beta_end=cfg.beta_end)
+    pre = dict(_pretrained_scheduler_config(str(cfg.pretrained)) or ()) if cfg.pretrained else {}
+    if pre:
+        prediction = pre.get("prediction_type", "epsilon")
+        if prediction != SUPPORTED_PREDICTION:
+            raise ValueError(
+                f"{cfg.pretrained}: its scheduler config has prediction_type={prediction!r}, but DeMe's loss here "
+                "trains ε-prediction only (the target is the noise, Eq. 4-5). Use an ε-prediction model (e.g. "
+                "Stable Diffusion v1.x, the google/ddpm-* models).")
+        theirs = {k: pre[k] for k in common if k in pre}
+        if theirs.get("num_train_timesteps", cfg.num_train_timesteps) != cfg.num_train_timesteps:
+            raise ValueError(f"{cfg.pretrained} was trained with T={theirs['num_train_timesteps']} timesteps; "
+                             f"set num_train_timesteps={theirs['num_train_timesteps']} in the profile")
+        differs = {k: (common[k], v) for k, v in theirs.items() if common[k] != v}
+        if differs:
+            import warnings
+            warnings.warn(f"{cfg.pretrained}: noise schedule taken from its scheduler config, which differs from "
+                          f"the profile (profile, model): {differs}", stacklevel=2)
+        common.update(theirs)
+        if pre.get("trained_betas") is not None:
+            common["trained_betas"] = pre["trained_betas"]
+    common.update(prediction_type=SUPPORTED_PREDICTION, clip_sample=common["beta_schedule"] == "linear")
     if kind == "ddpm":
         return DDPMScheduler(**common)
     if kind == "ddim":
-        return DDIMScheduler(**common, set_alpha_to_one=cfg.beta_schedule == "linear")
+        return DDIMScheduler(**common, set_alpha_to_one=common["beta_schedule"] == "linear")
     raise ValueError(f"unknown scheduler kind {kind!r}")
 
 

@@ -6,10 +6,11 @@ source differs: :func:`text_image_batches` (called by :func:`deme.data.training_
 ``laion`` and ``imagefolder``) turns image–caption pairs into what the UNet sees —
 
 * latents ``z = vae.encode(x).latent_dist.sample() · vae.config.scaling_factor`` of the frozen VAE, for images
-  resized (shorter side) and cropped to ``cfg.image_size`` (random crop; centre crop with
-  ``cfg.center_crop``) and normalised to [−1, 1];
+  resized (shorter side, ``cfg.resize_filter``) and cropped to ``cfg.image_size`` (random crop; centre crop
+  with ``cfg.center_crop``), mirrored with p = ½ when ``cfg.random_flip``, and normalised to [−1, 1];
 * ``encoder_hidden_states``: the frozen CLIP text encoder's last hidden states of the caption, the caption
-  replaced by ``""`` with probability ``cfg.label_dropout`` (caption dropout, for classifier-free guidance).
+  replaced by ``""`` with probability ``cfg.label_dropout`` (caption dropout; sd14: 0, as diffusers'
+  ``train_text_to_image.py`` and BK-SDM — the options are choices, documented in :class:`deme.config.Config`).
 
 ``batch(index)`` is a pure function of (seed, index) — the image choice, crops, caption dropout and the VAE's
 posterior sample are all seeded by them — so a resumed run sees exactly the batches of the uninterrupted
@@ -519,16 +520,22 @@ def open_image_captions(source: str | os.PathLike, caption_column: str = "text",
 # Training batches: latents + text embeddings, a pure function of (seed, index)
 # ---------------------------------------------------------------------------------------------------------
 
-def resize_crop(image, size: int, fx: float | None = None, fy: float | None = None) -> np.ndarray:
-    """Resize the shorter side to ``size`` (bicubic, antialiased) and crop ``size``×``size``: the crop's
-    offset is the fraction ``fx``, ``fy`` ∈ [0, 1) of the free range (uniform), or the centre when None.
-    Returns uint8 (size, size, 3)."""
+RESIZE_FILTERS = ("bicubic", "bilinear")
+
+
+def resize_crop(image, size: int, fx: float | None = None, fy: float | None = None,
+                resample: str = "bicubic") -> np.ndarray:
+    """Resize the shorter side to ``size`` (``resample``: "bicubic" or "bilinear", PIL, antialiased) and crop
+    ``size``×``size``: the crop's offset is the fraction ``fx``, ``fy`` ∈ [0, 1) of the free range (uniform),
+    or the centre when None. Returns uint8 (size, size, 3)."""
     from PIL import Image
+    if resample not in RESIZE_FILTERS:
+        raise ValueError(f"resize filter must be one of {', '.join(RESIZE_FILTERS)}, got {resample!r}")
     w, h = image.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), Image.BICUBIC)
+        image = image.resize((nw, nh), Image.BICUBIC if resample == "bicubic" else Image.BILINEAR)
 
     def offset(free: int, f: float | None) -> int:
         return free // 2 if f is None else min(free, int(f * (free + 1)))
@@ -549,11 +556,13 @@ class TextImageBatches:
     """
 
     def __init__(self, source, encoders: FrozenEncoders, batch_size: int, seed: int, *, image_size: int,
-                 caption_dropout: float = 0.0, random_crop: bool = True, num_workers: int = 0, prefetch: int = 2):
+                 caption_dropout: float = 0.0, random_crop: bool = True, random_flip: bool = False,
+                 resize_filter: str = "bicubic", num_workers: int = 0, prefetch: int = 2):
         if len(source) < batch_size:
             raise ValueError(f"batch size {batch_size} exceeds the {len(source)} usable image-caption pairs")
         self.source, self.encoders, self.batch_size, self.seed = source, encoders, batch_size, seed
         self.image_size, self.caption_dropout, self.random_crop = image_size, caption_dropout, random_crop
+        self.random_flip, self.resize_filter = random_flip, resize_filter
         self.per_epoch = len(source) // batch_size
         self.report = source.report
         self._epoch, self._perm = -1, None
@@ -588,11 +597,13 @@ class TextImageBatches:
         rng = np.random.default_rng([self.seed, index, 17])
         frac = rng.random((self.batch_size, 2))
         drop = rng.random(self.batch_size) < self.caption_dropout
+        flip = rng.random(self.batch_size) < 0.5              # drawn last: the draws above do not change
         images, captions = [], []
         for j, i in enumerate(self.records(index)):
             image, caption = self._load(i)
             fx, fy = (frac[j, 0], frac[j, 1]) if self.random_crop else (None, None)
-            images.append(resize_crop(image, self.image_size, fx, fy))
+            img = resize_crop(image, self.image_size, fx, fy, self.resize_filter)
+            images.append(img[:, ::-1] if self.random_flip and flip[j] else img)
             captions.append("" if drop[j] else caption)
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
         return x, captions
@@ -633,7 +644,8 @@ def text_image_batches(cfg: Config, batch_size: int, seed: int, device: str | to
 
     Data from :func:`data_source` (``cfg.data_dir`` / ``$DEME_SD_DATA``); the frozen VAE and text encoder from
     the pipeline ``base`` (default ``cfg.pretrained``) on ``device``; caption dropout ``cfg.label_dropout``;
-    random crops unless ``cfg.center_crop``; ``cfg.num_workers`` decoding threads.
+    random crops unless ``cfg.center_crop``; horizontal flips with ``cfg.random_flip``; resize filter
+    ``cfg.resize_filter``; ``cfg.num_workers`` decoding threads.
     """
     base = base or cfg.pretrained
     if not base:
@@ -645,7 +657,31 @@ def text_image_batches(cfg: Config, batch_size: int, seed: int, device: str | to
     encoders = load_frozen_encoders(base, device, _encoder_dtype(cfg, device))
     return TextImageBatches(source, encoders, batch_size, seed, image_size=cfg.image_size,
                             caption_dropout=cfg.label_dropout, random_crop=not cfg.center_crop,
+                            random_flip=cfg.random_flip, resize_filter=cfg.resize_filter,
                             num_workers=cfg.num_workers)
+
+
+def reference_pairs_features(cfg: Config, n: int, seed: int, *, size: int = 256, chunk: int = 256,
+                             device: str | torch.device | None = None) -> tuple[np.ndarray, list[str]]:
+    """Inception features at ``size`` px (:func:`features_256`) of ``n`` real images of the profile's data and
+    their captions: the pairs of batch 0 of :func:`text_image_batches` with ``seed``, centre-cropped to
+    ``cfg.image_size``, no caption dropout (the pairs :func:`deme.heldout.heldout_inputs` uses).
+
+    Streams: images are decoded and embedded ``chunk`` at a time, so host memory holds one chunk of pixels
+    (256 × 512² × 3 bytes = 0.2 GB at SD's size), never all ``n``. Returns (features (n, 2048), captions)."""
+    source = open_image_captions(data_source(cfg), check_images=cfg.check_images)
+    pairs = TextImageBatches(source, None, n, seed, image_size=cfg.image_size, random_crop=False,
+                             resize_filter=cfg.resize_filter)
+    records = pairs.records(0)
+    feats, captions = [], []
+    for start in range(0, n, chunk):
+        images = []
+        for r in records[start:start + chunk]:
+            image, caption = pairs._load(r)          # a corrupt image is replaced as in training batches
+            images.append(resize_crop(image, cfg.image_size, resample=cfg.resize_filter))
+            captions.append(caption)
+        feats.append(features_256(np.stack(images), size, device=device))
+    return np.concatenate(feats), captions
 
 
 def prepare_unet_for_training(unet: nn.Module, cfg: Config) -> nn.Module:
@@ -748,6 +784,16 @@ def initial_latents(n: int, shape: tuple[int, ...], seed: int, start: int = 0) -
         int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))) for i in range(start, start + n)])
 
 
+def _unet_on(unet: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``unet`` itself when it already sits on ``device`` in ``dtype``, else a converted copy (``Module.to``
+    converts in place: the caller's module must keep its device and dtype)."""
+    p = next(unet.parameters())
+    if p.dtype == dtype and p.device.type == device.type and device.index in (None, p.device.index):
+        return unet
+    import copy
+    return copy.deepcopy(unet).to(device, dtype)
+
+
 def _set_scheduler(pipe, scheduler: str):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
     kinds = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}
@@ -764,7 +810,7 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
              steps: int = 25, seed: int = 0, batch_size: int = 8, scheduler: str = "pndm",
              height: int | None = None, width: int | None = None, out_dir: str | os.PathLike | None = None,
              device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-             progress: bool = False) -> np.ndarray | list[Path]:
+             safety_checker: bool = False, progress: bool = False) -> np.ndarray | list[Path]:
     """Images for ``prompts`` with ``StableDiffusionPipeline`` — PNDM, 25 steps, guidance 7.5 (BK-SDM's and the
     paper's protocol; all configurable) — image ``i`` started from latents seeded by (seed, i), so two models
     given the same seed start from the same noise.
@@ -773,19 +819,26 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
     :class:`deme.sampling.TimestepEnsemble`) used inside the pipeline ``base``. ``height``/``width``: default
     the UNet's ``sample_size`` × the VAE factor (512 for SD v1.4). Returns uint8 (N, H, W, 3), or, with
     ``out_dir``, writes ``00000.png …`` and returns their paths; images already there are kept (resumable).
+
+    A UNet given here is never changed: when it is not already on ``device`` in ``dtype`` (default fp16 on a
+    GPU), a converted copy runs instead (the merge search reuses one template UNet for every candidate). A
+    pipeline object given as ``pipe_or_unet``/``base`` is moved and converted in place, as diffusers' ``to``
+    does. ``safety_checker``: off by default — this is the evaluation path (Table 2, the merge search), and
+    the checker returns flagged images black, which raises FID and lowers the CLIP score; benchmarks of this
+    kind (BK-SDM) run without it. ``True`` keeps the checker the pipeline ships.
     """
     from diffusers import StableDiffusionPipeline
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if isinstance(pipe_or_unet, nn.Module) and not isinstance(pipe_or_unet, StableDiffusionPipeline):
-        if base is None:
-            raise ValueError("a UNet was given: pass base= (the pipeline folder, hub id or pipeline) to run it in")
-        pipe = load_pipeline(base, unet=pipe_or_unet)
-    else:
-        pipe = load_pipeline(pipe_or_unet)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    pipe = pipe.to(dev) if pipe.unet.dtype == dtype else pipe.to(dev, dtype)
+    if isinstance(pipe_or_unet, nn.Module) and not isinstance(pipe_or_unet, StableDiffusionPipeline):
+        if base is None:
+            raise ValueError("a UNet was given: pass base= (the pipeline folder, hub id or pipeline) to run it in")
+        pipe = load_pipeline(base, unet=_unet_on(pipe_or_unet, dev, dtype), safety_checker=safety_checker)
+    else:
+        pipe = load_pipeline(pipe_or_unet, safety_checker=safety_checker)
+    pipe = pipe.to(dev, dtype)                   # the UNet given is already there (a copy when it was not)
     old_scheduler = pipe.scheduler
     _set_scheduler(pipe, scheduler)
     cfg_unet = pipe.unet.config
@@ -912,6 +965,37 @@ def prepare_reference_folder(images_dir: str | os.PathLike, file_names: Sequence
                                    f"(e.g. val2014.zip from https://cocodataset.org/#download) in {images_dir}")
         with Image.open(src) as im:
             Image.fromarray(resize_crop(im.convert("RGB"), size)).save(dst)
+    return out
+
+
+COCO_FID_REFERENCES = ("chosen", "bk-sdm")
+"""The MS-COCO FID references: ``"chosen"`` — the val2014 images of the chosen captions, shorter side
+resized to 256 and centre-cropped (:func:`prepare_reference_folder`); ``"bk-sdm"`` — the protocol of BK-SDM,
+which the paper's Table 2 follows: all 40,504 val2014 images resized (squashed) to 256×256
+(:func:`prepare_val2014_reference`). Their absolute FIDs are not comparable with each other; BK-SDM also
+computes FID with pytorch-fid, where :func:`fid_256` uses clean-fid's resize, so even "bk-sdm" numbers can
+differ slightly from published ones."""
+
+
+def prepare_val2014_reference(images_dir: str | os.PathLike, out_dir: str | os.PathLike, size: int = 256,
+                              progress: bool = False) -> Path:
+    """BK-SDM's FID reference (``"bk-sdm"`` in :data:`COCO_FID_REFERENCES`): every ``.jpg`` of ``images_dir``
+    (the unpacked val2014.zip: 40,504 images) resized to ``size``×``size`` without keeping the aspect ratio
+    (PIL bicubic, as ``img.resize((256, 256))`` in BK-SDM's ``change_img_size``), saved as PNG under
+    ``out_dir``. Existing outputs are kept (resumable)."""
+    from PIL import Image
+    images_dir, out = Path(images_dir), Path(out_dir)
+    files = sorted(p for p in images_dir.glob("*") if p.suffix.lower() in (".jpg", ".jpeg")) \
+        if images_dir.is_dir() else []
+    if not files:
+        raise DataMissingError(f"no val2014 .jpg images in {images_dir}: unpack val2014.zip from "
+                               "https://cocodataset.org/#download (images.cocodataset.org/zips/val2014.zip) there")
+    out.mkdir(parents=True, exist_ok=True)
+    for src in tqdm(files, disable=not progress, desc="val2014 reference images"):
+        dst = out / (src.stem + ".png")
+        if not dst.is_file():
+            with Image.open(src) as im:
+                im.convert("RGB").resize((size, size), Image.BICUBIC).save(dst)
     return out
 
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import ROOT, Config
 from .models import base_model_path, load_unet
-from .heldout import heldout_loss
+from .heldout import heldout_inputs, heldout_loss
 from .train import run_dir, train, variant_tag
 
 
@@ -73,47 +73,45 @@ def write_json(path: Path, obj) -> None:
 # Merge-weight search (notebook 04)
 # ---------------------------------------------------------------------------------------------------------
 
-def heldout_inputs(cfg: Config, n: int, seed: int = 4321, device: str | torch.device | None = None):
-    """A fixed batch for the merge search's held-out loss: ``(x0, cond)`` for :func:`deme.heldout.heldout_loss`.
-
-    Class-conditional / unconditional profiles: ``n`` test-split images with the null label (the
-    unconditional loss the paper's DDPMs are trained on). Text-to-image profiles: latents and caption
-    embeddings of ``n`` image–caption pairs of the data (centre crops, no caption dropout; the frozen encoders
-    run on ``device``).
-    """
-    from .sd import is_text_to_image, text_image_batches
-    if is_text_to_image(cfg):
-        fixed = cfg.replace(label_dropout=0.0, center_crop=True)
-        return text_image_batches(fixed, n, seed, device=device).batch(0)
-    from .data import heldout_batch
-    x, y = heldout_batch(cfg, n)
-    return x, (torch.full_like(y, cfg.num_classes) if cfg.num_classes else None)
+TEXT_TO_IMAGE_QUALITY_CAP = 2000
+"""The most samples per candidate the merge search's sample-quality stage generates for a text-to-image
+profile (:func:`sample_quality_fn` lowers larger counts to it, with a warning). Stage 2 generates for 6
+candidates (top-k 4, uniform, the base): 6 × 2000 images at 25 steps with guidance is ~12K SD v1.4
+generations, roughly an hour on one A100 (estimate, not measured), where the profile's 30K (the Table 2
+count) would be 180K. The candidates share captions, seeds and reference, so their FIDs are compared paired;
+the absolute value at 2000 samples is biased upwards and is not a Table 2 number."""
 
 
 def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = None,
-                      device: str | torch.device | None = None):
+                      device: str | torch.device | None = None, dtype: torch.dtype | None = None):
     """A sample-quality criterion for the merge search (lower is better).
 
     Profiles with a project classifier (fmnist, smoke): the Fréchet distance between classifier features of
     ``n`` unconditional DDIM samples and of ``n`` real test images ("classifier FD" — cheap, and it scores
     samples, unlike the held-out loss). Text-to-image profiles: FID at 256 px between images generated for
     ``n`` captions of the data (:func:`deme.sd.generate`, guidance ``cfg.guidance_scale``) and those captions'
-    real images (centre crops). Other profiles: Inception FID against the training set statistics.
+    real images (centre crops); ``n`` is capped at :data:`TEXT_TO_IMAGE_QUALITY_CAP`, the real images'
+    features are computed once, in chunks (:func:`deme.sd.reference_pairs_features`), and the scored model
+    is never converted in place (generation in ``dtype``, default fp16 on a GPU, runs on a copy). Other
+    profiles: Inception FID against the training set statistics.
     Returns ``score(model) -> float`` and the criterion's name.
     """
     from .data import heldout_batch
     from .metrics import fid_from_features
     from .sampling import ddim_sample
-    from .sd import fid_256, generate, is_text_to_image, text_image_batches
+    from .sd import fid_256, generate, is_text_to_image, reference_pairs_features
     steps = steps or cfg.sample_steps
     if is_text_to_image(cfg):
-        pixels, captions = text_image_batches(cfg.replace(label_dropout=0.0, center_crop=True), n, 4321,
-                                              device=device).pixels(0)
-        real = ((pixels.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        if n > TEXT_TO_IMAGE_QUALITY_CAP:
+            import warnings
+            warnings.warn(f"{n} sample-quality samples per candidate lowered to TEXT_TO_IMAGE_QUALITY_CAP = "
+                          f"{TEXT_TO_IMAGE_QUALITY_CAP} for the text-to-image merge search", stacklevel=2)
+            n = TEXT_TO_IMAGE_QUALITY_CAP
+        real, captions = reference_pairs_features(cfg, n, 4321, device=device)
 
         def score(model) -> float:
             fake = generate(model, captions, base=cfg.pretrained, guidance_scale=cfg.guidance_scale, steps=steps,
-                            seed=seed, device=device)
+                            seed=seed, device=device, dtype=dtype)
             return fid_256(fake, real, device=device)
         return score, f"FID@256 vs data ({n} captions, {steps} steps, guidance {cfg.guidance_scale})"
     if cfg.dataset in ("fmnist", "digits"):

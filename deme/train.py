@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import ROOT, Config, get_profile, METHODS, training_identity
-from .heldout import heldout_loss
+from .config import ROOT, Config, check_field, get_profile, METHODS, training_identity
+from .heldout import heldout_inputs, heldout_loss
 from .losses import consistency_loss, loss_weight, per_sample_mse, snr
-from .models import base_model_path, build_unet, load_unet, make_scheduler
+from .models import base_model_path, build_unet, load_unet, make_scheduler, require_base_model
 from .timesteps import antithetic, sample_timesteps, timestep_ranges
 
 
@@ -190,6 +190,22 @@ def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _load_latest_intact(ckpt_dir: Path) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that loads and its state ((None, None) when there is none). A newer one that
+    does not load (e.g. truncated by a full disk or a killed copy) is renamed ``*.pt.corrupt``, kept for
+    inspection, and named in a warning."""
+    import warnings
+    for path in sorted(ckpt_dir.glob("step_*.pt"), reverse=True):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            with contextlib.suppress(OSError):   # another process of the run may have renamed it already
+                path.replace(path.with_name(path.name + ".corrupt"))
+            warnings.warn(f"skipping checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); renamed to "
+                          f"{path.name}.corrupt, resuming from the newest intact one (if any)", stacklevel=3)
+    return None, None
+
+
 def variant_tag(cfg: Config, *, with_num_ranges: bool = True) -> str:
     """The training fields of ``cfg`` that differ from its profile, as a folder-name suffix:
     ``"__consistency_weight=0.0__p_global=0.1"`` ("" for the profile's own settings). ``num_ranges`` is left
@@ -258,6 +274,8 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
         done = json.loads(manifest_path.read_text())
         if training_identity(done.get("config", {})) == cfg.training_identity():
             return out
+    if cfg.method != "pretrain":   # a profile whose base is trained here: say the command that makes it
+        require_base_model(cfg, base or base_model_path(cfg))
     ckpt_dir = out / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
 
@@ -317,9 +335,8 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
 
     # -- resume ----------------------------------------------------------------------------------------------
     start = 0
-    latest = _latest_checkpoint(ckpt_dir)
+    latest, state = _load_latest_intact(ckpt_dir)
     if latest is not None:
-        state = torch.load(latest, map_location="cpu", weights_only=False)
         if training_identity(state["config"]) != cfg.training_identity():
             raise ValueError(f"{latest} was written by a run with another config; use another out_dir or "
                              "delete the checkpoints to start over")
@@ -335,14 +352,13 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     student_fwd = maybe_compile(model, cfg.compile, mode)
     teacher_fwd = maybe_compile(teacher, cfg.compile, mode) if teacher is not None else None
 
-    from .data import heldout_batch, training_batches
+    from .data import training_batches
     batches = training_batches(cfg, micro_bs, seed, device=device)
     if hasattr(batches, "images") and device.type == "cuda":   # small in-memory sets live on the GPU
         batches.images, batches.labels = batches.images.to(device), batches.labels.to(device)
     heldout = None
-    if cfg.heldout_every:
-        hx, hy = heldout_batch(cfg, cfg.heldout_size)
-        heldout = (hx, torch.full_like(hy, cfg.num_classes) if cfg.num_classes else None)
+    if cfg.heldout_every:   # (images, null labels), or (latents, caption embeddings) for text-to-image
+        heldout = heldout_inputs(cfg, cfg.heldout_size, device=device)
 
     log_path = out / "loss.csv"
     fields = ["step", "loss", "eps_mse", "consistency", "lr", "images_per_s", "heldout_loss"]
@@ -460,7 +476,10 @@ def parse_overrides(items: list[str]) -> dict:
             val = json.loads(raw)
         except json.JSONDecodeError:
             val = raw
-        out[key.strip()] = tuple(val) if isinstance(val, list) else val
+        try:
+            out[key.strip()] = check_field(key.strip(), val)
+        except ValueError as e:
+            raise SystemExit(f"--set {item}: {e}") from None
     return out
 
 

@@ -2,6 +2,7 @@
 tokenizer, latent DeMe finetuning through the one training loop, merge, sampling, evaluation mechanics, and
 the validation of image–caption folders."""
 
+import csv
 import json
 import logging
 
@@ -374,28 +375,25 @@ def test_fid_256_plumbing(tmp_path, monkeypatch):
 
 
 def test_merge_weight_search_on_a_tiny_sd_model(pipe_dir, folder, tmp_path, monkeypatch):
-    """Notebook 04's search for a text-to-image profile: the held-out loss of stage 1 is the loss on caption
-    embeddings (weights 0 give the base's loss, a unit vector the expert's), stage 2 generates for the data's
-    captions and scores FID at 256 px against their images."""
-    from deme.stages import heldout_inputs, search_merge_weights
-    from deme.train import heldout_loss, train
+    """Notebook 04's search for a text-to-image profile scores the held-out loss on caption embeddings of
+    validation pairs: weights 0 give the base's loss, a unit vector the expert's, and the lowest is chosen."""
+    from deme.heldout import heldout_inputs, heldout_loss
+    from deme.stages import search_merge_weights
+    from deme.train import train
     monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
-    cfg = _cfg(pipe_dir, steps_per_range=1, merge_grid=(0.0, 1.0), sample_steps=2, guidance_scale=2.0)
+    cfg = _cfg(pipe_dir, steps_per_range=1, merge_grid=(0.0, 1.0), sample_steps=2, guidance_scale=2.0,
+               validation_size=4)
     outs = [train(cfg.replace(method="deme", range_index=i), tmp_path / f"r{i}", base=str(pipe_dir), progress=False)
             for i in range(2)]
     base = load_unet(pipe_dir, projection=True)
     experts = [load_unet(o / "model") for o in outs]
     x, cond = heldout_inputs(cfg, 4, device="cpu")
     assert x.shape == (4, 4, 8, 8) and set(cond) == {"encoder_hidden_states"}
-    grid, stage2, w, merged_sd, _, _ = search_merge_weights(cfg, top_k=2, quality_samples=4, heldout_size=4,
-                                                            progress=False, base=base, experts=experts, device="cpu")
-    losses = {tuple(r[["w0", "w1"]]): r.heldout_loss for _, r in grid.iterrows()}
-    assert len(losses) == 4
+    res = search_merge_weights(cfg, progress=False, base=base, experts=experts, device="cpu")
+    losses = dict(zip(res.candidates.weights, res.candidates.loss))
     assert losses[(0.0, 0.0)] == pytest.approx(heldout_loss(base, cfg, x, cond)["loss"], rel=1e-5)
     assert losses[(1.0, 0.0)] == pytest.approx(heldout_loss(experts[0], cfg, x, cond)["loss"], rel=1e-5)
-    fid_col = [c for c in stage2.columns if c.startswith("FID@256")][0]
-    assert np.isfinite(stage2[fid_col]).all() and "uniform" in set(stage2.kind)
-    assert any(w) and tuple(w) in [tuple(r) for r in stage2.weights]
+    assert losses[res.weights] == min(losses.values())
 
 
 def test_table2_protocol_on_a_tiny_sd_model(pipe_dir, tmp_path):
@@ -447,3 +445,249 @@ def test_table2_protocol_on_a_tiny_sd_model(pipe_dir, tmp_path):
     again = run_text_to_image_comparison(cfg, sets, models=models, out_dir=tmp_path / "out", clip=clip, progress=False)
     assert list(again.fid_256.fillna(-1)) == list(df.fid_256.fillna(-1))
     assert [f.stat().st_mtime_ns for f in files] == mtimes
+
+
+# --------------------------------------------------------------------------------------------- merge search on a GPU
+
+def _pixel_features(monkeypatch):
+    """Replace Inception by the first 2048 pixel values of each image (cheap, and exact to compare)."""
+    import deme.metrics as M
+    seen = []
+
+    def fake(x, device=None):
+        seen.append(x.shape)
+        return x.reshape(len(x), -1)[:, :M.FEATURE_DIM].astype(np.float32)
+    monkeypatch.setattr(M, "inception_features", fake)
+    return seen
+
+
+def test_generation_and_quality_scoring_never_convert_the_template(pipe_dir, folder, monkeypatch):
+    """Stage 2 of the merge search generates with the shared template UNet in fp16 on a GPU; the template
+    must come back unchanged, or the next candidate's held-out loss fails ("mat1 and mat2 must have the same
+    dtype"). On the CPU the same conversion is simulated with bf16."""
+    from deme.heldout import heldout_inputs
+    from deme.stages import sample_quality_fn
+    from deme.train import heldout_loss
+    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    _pixel_features(monkeypatch)
+    cfg = _cfg(pipe_dir, sample_steps=2, guidance_scale=2.0)
+    template = load_unet(pipe_dir, projection=True)
+    before = {k: v.clone() for k, v in template.state_dict().items()}
+    x, cond = heldout_inputs(cfg, 4, device="cpu")
+    loss = heldout_loss(template, cfg, x, cond)["loss"]
+
+    images = sd.generate(template, PROMPTS[:2], base=pipe_dir, steps=2, seed=0, device="cpu", dtype=torch.bfloat16)
+    assert images.shape == (2, 16, 16, 3)
+    score, _ = sample_quality_fn(cfg, 4, device="cpu", dtype=torch.bfloat16)
+    assert np.isfinite(score(template))
+    assert {p.dtype for p in template.parameters()} == {torch.float32}
+    for k, v in template.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    assert heldout_loss(template, cfg, x, cond)["loss"] == loss
+    # a UNet already in the target dtype is used as it is (no copy) and left as it is
+    a = sd.generate(template, PROMPTS[:2], base=pipe_dir, steps=2, seed=0, device="cpu")
+    assert a.shape == (2, 16, 16, 3) and next(template.parameters()).dtype == torch.float32
+
+
+def test_text_to_image_quality_count_capped_and_reference_streamed(pipe_dir, folder, monkeypatch):
+    """Notebook 04 passes the profile's 30K for sd14: the search lowers it to TEXT_TO_IMAGE_QUALITY_CAP, and
+    the real images' features are computed chunk by chunk — equal to those of the whole batch at once."""
+    import deme.stages as stages
+    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    seen = _pixel_features(monkeypatch)
+    cfg = _cfg(pipe_dir, sample_steps=2)
+    assert stages.TEXT_TO_IMAGE_QUALITY_CAP <= 5000
+    monkeypatch.setattr(stages, "TEXT_TO_IMAGE_QUALITY_CAP", 6)
+    generated = []
+    monkeypatch.setattr(sd, "generate", lambda model, captions, **kw: generated.append(list(captions)) or
+                        np.zeros((len(captions), 16, 16, 3), np.uint8))
+    with pytest.warns(UserWarning, match="TEXT_TO_IMAGE_QUALITY_CAP"):
+        score, _ = stages.sample_quality_fn(cfg, 30_000, device="cpu")
+    score(None)
+    assert len(generated[0]) == 6
+
+    # streamed reference features == features of the same pairs taken as one batch (the former path)
+    seen.clear()
+    feats, captions = sd.reference_pairs_features(cfg, 6, 4321, size=32, chunk=4)
+    assert [s[0] for s in seen] == [4, 2] and feats.shape == (6, 2048)
+    pixels, whole_captions = sd.text_image_batches(cfg.replace(label_dropout=0.0, center_crop=True), 6, 4321,
+                                                   device="cpu").pixels(0)
+    real = ((pixels.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    expected = np.stack([sd.resize_crop(Image.fromarray(a), 32) for a in real]).reshape(6, -1)[:, :2048]
+    assert captions == whole_captions
+    np.testing.assert_array_equal(feats, expected.astype(np.float32))
+
+
+def test_safety_checker_off_for_evaluation(pipe_dir, tmp_path):
+    """A pipeline that ships a safety checker (here a tiny one that flags every image) blacks out flagged
+    images; generate — the evaluation path — runs without it unless asked, and then matches the pipeline
+    without a checker."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=16)).eval()
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-10.0)          # every image is "flagged"
+        checker.special_care_embeds_weights.fill_(-10.0)
+    plain = StableDiffusionPipeline.from_pretrained(str(pipe_dir))
+    comps = {**plain.components, "safety_checker": checker,
+             "feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})}
+    checked_dir = tmp_path / "with_checker"
+    StableDiffusionPipeline(**comps, requires_safety_checker=True).save_pretrained(str(checked_dir))
+
+    unet = load_unet(pipe_dir)
+    reference = sd.generate(unet, PROMPTS[:2], base=pipe_dir, steps=2, seed=0, device="cpu")
+    assert reference.max() > 0
+    default = sd.generate(unet, PROMPTS[:2], base=checked_dir, steps=2, seed=0, device="cpu")
+    np.testing.assert_array_equal(default, reference)
+    kept = sd.generate(unet, PROMPTS[:2], base=checked_dir, steps=2, seed=0, device="cpu", safety_checker=True)
+    assert kept.max() == 0                                     # the checker ran and blacked out both images
+    assert sd.load_pipeline(checked_dir).safety_checker is not None
+    assert sd.load_pipeline(checked_dir, safety_checker=False).safety_checker is None
+
+
+def test_heldout_loss_during_text_to_image_training(pipe_dir, folder, tmp_path, monkeypatch):
+    """``heldout_every > 0`` on a text-to-image profile: the held-out loss uses the caption embeddings of
+    heldout_inputs (it called the UNet without encoder_hidden_states before); the last logged value is the
+    held-out loss of the saved (EMA) model."""
+    from deme.heldout import heldout_inputs
+    from deme.train import heldout_loss, train
+    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    cfg = _cfg(pipe_dir, heldout_every=1, heldout_size=4).replace(method="deme", range_index=1)
+    out = train(cfg, tmp_path / "run", base=str(pipe_dir), progress=False)
+    with open(out / "loss.csv") as f:
+        logged = [float(r["heldout_loss"]) for r in csv.DictReader(f)]
+    assert len(logged) == 2 and all(np.isfinite(logged))
+    x, cond = heldout_inputs(cfg, 4, device="cpu")
+    assert logged[-1] == pytest.approx(heldout_loss(load_unet(out / "model"), cfg, x, cond)["loss"], rel=1e-6)
+
+
+def test_noise_scheduler_from_the_pipeline_and_prediction_type_guard(pipe_dir, tmp_path):
+    """For a pretrained model the noise schedule is the pipeline's own (scheduler/scheduler_config.json), not
+    the profile's numbers; a v-prediction or sample-prediction model stops with a clear error."""
+    import shutil
+    from diffusers import DDPMScheduler
+    from deme.models import make_scheduler
+    same = make_scheduler(_cfg(pipe_dir))
+    torch.testing.assert_close(same.alphas_cumprod, DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod)
+
+    other = tmp_path / "pipe"
+    shutil.copytree(pipe_dir, other)
+    path = other / "scheduler" / "scheduler_config.json"
+    conf = json.loads(path.read_text())
+    path.write_text(json.dumps({**conf, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}))
+    with pytest.warns(UserWarning, match="beta_end"):
+        ddpm, ddim = make_scheduler(_cfg(other)), make_scheduler(_cfg(other), "ddim")
+    expected = DDPMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02).alphas_cumprod
+    torch.testing.assert_close(ddpm.alphas_cumprod, expected)
+    torch.testing.assert_close(ddim.alphas_cumprod, expected)
+    for prediction in ("v_prediction", "sample"):
+        d = tmp_path / prediction
+        shutil.copytree(pipe_dir, d)
+        (d / "scheduler" / "scheduler_config.json").write_text(json.dumps({**conf, "prediction_type": prediction}))
+        with pytest.raises(ValueError, match=f"prediction_type='{prediction}'.*ε-prediction only"):
+            make_scheduler(_cfg(d))
+
+
+def test_flip_and_resize_filter_options(pipe_dir, tmp_path, monkeypatch):
+    """random_flip mirrors about half the images and leaves every other draw (crops, captions) unchanged;
+    resize_filter picks PIL's filter; the sd14 profile follows diffusers' script and BK-SDM by default."""
+    from PIL import Image as PILImage
+    noisy = tmp_path / "noisy"                                   # images that differ from their mirror image
+    noisy.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)).save(noisy / f"{i}.png")
+    (noisy / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"noise {i}"}) + "\n"
+                                                  for i in range(8)))
+    monkeypatch.setenv(sd.SD_DATA_ENV, str(noisy))
+    cfg = _cfg(pipe_dir)
+    assert get_profile("sd14").label_dropout == 0.0 and not get_profile("sd14").random_flip
+    plain = sd.text_image_batches(cfg, 4, seed=3, device="cpu")
+    flipped = sd.text_image_batches(cfg.replace(random_flip=True), 4, seed=3, device="cpu")
+    n_flipped = 0
+    for i in range(6):
+        (a, ca), (b, cb) = plain.pixels(i), flipped.pixels(i)
+        assert ca == cb
+        for x, y in zip(a, b):
+            same, mirrored = torch.equal(x, y), torch.equal(x.flip(-1), y)
+            assert same or mirrored
+            n_flipped += mirrored and not same
+    assert 4 <= n_flipped <= 20                                  # 24 images, p = 0.5
+
+    img = PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    for name, flt in (("bicubic", PILImage.BICUBIC), ("bilinear", PILImage.BILINEAR)):
+        expected = np.asarray(img.resize((24, 16), flt))[:, 4:20]
+        np.testing.assert_array_equal(sd.resize_crop(img, 16, resample=name), expected)
+    with pytest.raises(ValueError, match="bilinear"):
+        sd.resize_crop(img, 16, resample="lanczos")
+
+
+def test_coco_fid_reference_of_the_paper_protocol(pipe_dir, tmp_path):
+    """coco_fid_reference="bk-sdm": every val2014 image (with or without a chosen caption) squashed to
+    256x256, as BK-SDM's protocol; "chosen": the chosen captions' images, centre crops."""
+    from deme.compare import text_to_image_prompt_sets
+    images = tmp_path / "val2014"
+    images.mkdir()
+    rng = np.random.default_rng(2)
+    arrays = {f"COCO_{i}.jpg": rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8) for i in range(4)}
+    for name, a in arrays.items():
+        Image.fromarray(a).save(images / name)
+    ims = [{"id": i, "file_name": f"COCO_{i}.jpg"} for i in range(2)]          # captions for 2 of the 4 images
+    anns = [{"id": 10 + i, "image_id": i, "caption": f"photo {i}"} for i in range(2)]
+    (tmp_path / "captions.json").write_text(json.dumps({"images": ims, "annotations": anns}))
+    kw = dict(coco_captions=str(tmp_path / "captions.json"), coco_images=str(images), n_coco=2)
+    cfg = _cfg(pipe_dir)
+    chosen = text_to_image_prompt_sets(cfg, out_dir=tmp_path / "a", **kw)["MS-COCO"]
+    assert len(sd.image_files(chosen["reference"])) == 2 and "reference_tag" not in chosen
+    paper = text_to_image_prompt_sets(cfg.replace(coco_fid_reference="bk-sdm"), out_dir=tmp_path / "b", **kw)["MS-COCO"]
+    files = sd.image_files(paper["reference"])
+    assert [f.stem for f in files] == [f"COCO_{i}" for i in range(4)] and paper["reference_tag"] == "bk-sdm"
+    for f in files:
+        src = Image.open(images / f"{f.stem}.jpg").convert("RGB")
+        np.testing.assert_array_equal(np.asarray(Image.open(f)), np.asarray(src.resize((256, 256), Image.BICUBIC)))
+    with pytest.raises(ValueError, match="bk-sdm"):
+        text_to_image_prompt_sets(cfg, out_dir=tmp_path / "c", coco_fid_reference="clean", **kw)
+
+
+def test_export_for_diffusers_loads_with_the_projections_intact(pipe_dir, tmp_path):
+    """A pipeline saved with a (non-identity) projected UNet loads in stock diffusers with
+    trust_remote_code=True and computes what the projected model computes; the plain class alone would drop
+    the projections and compute something else."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from deme.models import export_for_diffusers
+    unet = load_unet(pipe_dir, projection=True).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in channel_projections(unet).values():
+            p.weight.add_(0.1 * torch.randn_like(p.weight))   # as after finetuning: W ≠ I
+    out = export_for_diffusers(unet, pipe_dir, tmp_path / "export")
+    code = (out / "unet" / "deme_unet.py").read_text()
+    assert "import deme" not in code and "from deme" not in code and "from ." not in code
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
+    loaded = pipe.unet.eval()
+    assert type(loaded).__name__ == "ProjectedUNet2DConditionModel" and type(loaded) is not type(unet)
+    names = sorted(k for k in loaded.state_dict() if "channel_projection" in k)   # its own class, not deme's
+    assert names == sorted(k for k in unet.state_dict() if "channel_projection" in k) and len(names) == 5
+    for k in names:
+        assert torch.equal(loaded.state_dict()[k], unet.state_dict()[k]), k
+    g = torch.Generator().manual_seed(0)
+    x, emb, t = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([10, 700])
+    with torch.no_grad():
+        want = unet(x, t, encoder_hidden_states=emb).sample
+        torch.testing.assert_close(loaded(x, t, encoder_hidden_states=emb).sample, want)
+        plain = UNet2DConditionModel.from_pretrained(str(out), subfolder="unet").eval()
+        assert (plain(x, t, encoder_hidden_states=emb).sample - want).abs().max() > 1e-3
+    images = sd.generate(pipe, PROMPTS[:2], steps=2, seed=0, device="cpu")
+    np.testing.assert_array_equal(images, sd.generate(unet, PROMPTS[:2], base=pipe_dir, steps=2, seed=0, device="cpu"))
+
+    # identity projections: a plain pipeline, loaded without custom code
+    plain_out = export_for_diffusers(load_unet(pipe_dir, projection=True), pipe_dir, tmp_path / "plain")
+    assert not (plain_out / "unet" / "deme_unet.py").exists()
+    assert type(StableDiffusionPipeline.from_pretrained(str(plain_out)).unet) is UNet2DConditionModel

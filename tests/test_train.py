@@ -167,3 +167,65 @@ def test_fmnist_loader_and_a_clear_error_when_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "FMNIST_DIRS", (str(tmp_path),))
     with pytest.raises(DataMissingError, match="dataset-fashion-mnist"):
         load_fmnist_raw("train")
+
+
+def test_resume_skips_a_truncated_latest_checkpoint(tmp_path):
+    """The latest checkpoint cut to 300 bytes, the previous one intact: the run resumes from the intact one,
+    says which it skipped, and ends with the weights of the uninterrupted run."""
+    cfg = _pretrain_cfg()
+    whole = _weights(train(cfg, tmp_path / "whole", progress=False))
+    cut = train(cfg, tmp_path / "cut", max_steps=4, progress=False)
+    latest = cut / "checkpoints" / "step_0000004.pt"
+    assert (cut / "checkpoints" / "step_0000002.pt").exists()
+    latest.write_bytes(latest.read_bytes()[:300])
+    with pytest.warns(UserWarning, match="step_0000004.pt"):
+        train(cfg, cut, progress=False)
+    assert (cut / "checkpoints" / "step_0000004.pt.corrupt").exists()
+    resumed = _weights(cut)
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    assert [int(r["step"]) for r in _csv(cut / "loss.csv")] == [2, 4, 6]
+
+
+def test_set_overrides_are_checked_against_the_config_fields():
+    from deme.config import Config
+    from deme.train import main, parse_overrides
+    assert parse_overrides(["lr=1e-4", "steps_per_range=1e3", "adam_betas=[0.9,0.99]", "mixed_precision=no",
+                            "pretrained=null", "center_crop=true", "seed=3"]) == {
+        "lr": 1e-4, "steps_per_range": 1000, "adam_betas": (0.9, 0.99), "mixed_precision": "no",
+        "pretrained": None, "center_crop": True, "seed": 3}
+    with pytest.raises(SystemExit) as e:
+        parse_overrides(["nosuchfield=1"])
+    msg = str(e.value)
+    assert "nosuchfield" in msg and "lr (float)" in msg and "range_index (int | None)" in msg
+    assert all(f in msg for f in Config.__dataclass_fields__)
+    for item, expected in (("lr=abc", "float"), ("steps_per_range=2.5", "int"), ("projection=1", "bool"),
+                           ("adam_betas=0.9", "tuple")):
+        with pytest.raises(SystemExit, match=expected) as e:
+            parse_overrides([item])
+        assert item.split("=")[0] in str(e.value)
+    with pytest.raises(SystemExit, match="valid fields"):
+        main(["--profile", "smoke", "--set", "nosuchfield=1"])
+
+
+def test_a_missing_base_model_says_the_command_that_makes_it(tmp_path, monkeypatch):
+    """Profiles whose base the project pretrains (smoke, fmnist): training a range without it stops with the
+    command; running that command (shortened) makes the base where the range job looks for it."""
+    import deme.models as models
+    from deme.cli import main as cli_main
+    from deme.models import WeightsMissingError, base_model_path
+    monkeypatch.setattr(models, "ROOT", tmp_path)
+    monkeypatch.setattr(train_mod, "ROOT", tmp_path)
+    fm = get_profile("fmnist", method="deme", range_index=0)
+    with pytest.raises(WeightsMissingError, match=r"--profile fmnist --method pretrain --out data/fmnist_base`"):
+        train(fm, tmp_path / "fm", progress=False)
+    cfg = get_profile("smoke", method="deme", range_index=0, steps_per_range=2, heldout_every=0)
+    with pytest.raises(WeightsMissingError) as e:
+        train(cfg, tmp_path / "r0", progress=False)
+    command = str(e.value).split("`")[1]
+    assert command == "python -m deme train --profile smoke --method pretrain"
+    monkeypatch.chdir(tmp_path)
+    cli_main(command.split()[3:] + ["--set", "pretrain_steps=2", "--set", "heldout_every=0"])
+    assert (tmp_path / "runs" / "smoke" / "base" / "model" / "config.json").exists()
+    assert base_model_path(cfg) == str(tmp_path / "runs" / "smoke" / "base" / "model")
+    assert (train(cfg, tmp_path / "r0", progress=False) / "manifest.json").exists()
