@@ -5,11 +5,10 @@ live in their own folders (:func:`deme.train.run_dir` appends the changed fields
 the profile's own runs. *Equal budget*: every variant trains N×K = the profile's ``num_ranges ×
 steps_per_range`` optimizer steps in total (N' ranges get K' = N×K / N' steps each).
 
-Each variant is scored as the paper's rows are: the merged model (task arithmetic) and the timestep-wise
-ensemble ("before merge"), unconditional DDIM samples, FID/KID against the training set, mean ± std over
-sampling seeds — through :func:`deme.compare.run_comparison`, whose per-model cache is shared with
-notebook 05 for the models both notebooks score (the base, ``standard``, the profile's DeMe ensemble and its
-searched merge).
+Each variant is scored as the paper's rows are — the merged model (task arithmetic, w = 1/N) and the
+timestep-wise ensemble ("before merge") — by the paired held-out loss of :mod:`deme.heldout` against the
+model before finetuning (and, in notebook 06's full run, by paired sample metrics); caches are keyed by the
+weights, so models notebook 05 scored too are not scored twice.
 """
 
 from __future__ import annotations
@@ -186,21 +185,21 @@ def merge_models(cfg: Config, methods=("searched", "uniform", "ties", "dare"), t
     return out
 
 
-def merge_method_models(cfg: Config) -> list[tuple[str, str, Callable]]:
-    """The merge-method comparison on the profile's own range models: (method, cache name, loader) for
-    searched task arithmetic (notebook 04's model, shared with notebook 05), uniform averaging, TIES, DARE
-    and the timestep-wise ensemble (shared with notebook 05)."""
+def merge_method_heldout(cfg: Config, part: str = "evaluation", progress: bool = False) -> pd.DataFrame:
+    """The merge methods on the profile's own range models — task arithmetic with notebook 04's searched
+    weights, uniform averaging, TIES, DARE — and the ensemble, by paired held-out loss against before
+    finetuning (:func:`deme.heldout.heldout_table` rows)."""
+    from .heldout import heldout_table, paired_losses
     from .sampling import TimestepEnsemble
-    from .stages import load_experts
-    tag = f"ablation deme N{cfg.num_ranges}"
+    from .stages import load_base, load_experts
+
     def one(method):
         return lambda: next(iter(merge_models(cfg, (method,)).values()))
-    return [("task arithmetic, searched (04)", "DeMe (after merge)", one("searched")),
-            ("uniform average (w=1/N)", f"{tag} uniform merge", one("uniform")),
-            ("TIES (density 0.2)", f"{tag} ties", one("ties")),
-            ("DARE (drop 0.5, w=1/N)", f"{tag} dare", one("dare")),
-            ("ensemble (before merge)", "DeMe (before merge)",
-             lambda: TimestepEnsemble(load_experts(cfg), cfg.num_train_timesteps))]
+    models = {"Before finetuning": lambda: load_base(cfg, projection=False),
+              "task arithmetic, searched (04)": one("searched"), "uniform average (w = 1/N)": one("uniform"),
+              "TIES (density 0.2)": one("ties"), "DARE (drop 0.5, w = 1/N)": one("dare"),
+              "ensemble (before merge)": lambda: TimestepEnsemble(load_experts(cfg), cfg.num_train_timesteps)}
+    return heldout_table(paired_losses(models, cfg, part, progress=progress), cfg)
 
 
 def variant_heldout(cfg: Config, variants: dict[str, Config], part: str = "evaluation",

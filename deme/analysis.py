@@ -34,6 +34,7 @@ import time
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -353,7 +354,6 @@ def activation_change_summary(changes: Mapping[str, Mapping[str, np.ndarray]]):
     change, ``cv_ratio`` = CV(per channel) / CV(per position), and ``cv_ratio_shuffled``, the same ratio for
     the structure-free reference (entries permuted). ``cv_ratio`` well above ``cv_ratio_shuffled``: the change
     is organised by channel more than by position."""
-    import pandas as pd
     def cv(v):
         v = np.asarray(v, dtype=np.float64)
         return float(v.std() / max(v.mean(), 1e-30))
@@ -477,7 +477,6 @@ def landscape_summary(landscapes: Mapping[str, np.ndarray], coords):
     """One row per landscape: the loss at the origin, the grid's max and mean, ``max_ratio`` = max / origin,
     and the curvature at the origin along each direction by central differences with the grid points
     nearest to it, ``(L(h) + L(−h) − 2 L(0)) / h²`` (absolute, and relative to the loss at the origin)."""
-    import pandas as pd
     a, b = grid_coords(coords)
     ia, ib = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(b)))
     rows = []
@@ -564,7 +563,6 @@ def task_vector_stats(base: nn.Module | Mapping[str, torch.Tensor],
     linear interpolation; ``q0``/``q100`` are min and max) — enough for box plots drawn from statistics
     (:func:`deme.plots.plot_task_vector_boxes`).
     """
-    import pandas as pd
     from .merge import check_compatible
     as_sd = lambda m: {k: v.detach().cpu() for k, v in (m.state_dict() if isinstance(m, nn.Module) else m).items()}
     expert_sds = [as_sd(e) for e in experts]
@@ -588,3 +586,18 @@ def task_vector_stats(base: nn.Module | Mapping[str, torch.Tensor],
             row.update({f"q{100 * q:g}": float(x) for q, x in zip(quantiles, qs)})
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def range_labels(cfg: Config) -> list[str]:
+    """``"range i (t ∈ [lo, hi))"`` for each of the profile's N ranges."""
+    from .timesteps import timestep_ranges
+    return [f"range {i} (t ∈ [{lo}, {hi}))" for i, (lo, hi) in
+            enumerate(timestep_ranges(cfg.num_train_timesteps, cfg.num_ranges))]
+
+
+def task_vector_spread(stats: pd.DataFrame) -> pd.Series:
+    """The 5–95% spread of τ per range, averaged over blocks weighted by their parameter counts
+    (:func:`task_vector_stats` rows), in range order."""
+    spread = {r: float(np.average(g["q95"] - g["q5"], weights=g["n"])) for r, g in stats.groupby("range", sort=False)}
+    return pd.Series(spread)
+

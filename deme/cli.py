@@ -100,6 +100,9 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     from .stages import write_json
     cfg = get_profile(profile)
     update = cfg.profile == "fmnist" if update_notebooks is None else update_notebooks
+    # the executed notebooks are read on GitHub and in Colab, where progress bars render as stray widgets or
+    # stderr lines: the kernels run without them (tqdm reads TQDM_DISABLE), the stage lines below show progress
+    os.environ.setdefault("TQDM_DISABLE", "1")
     out_dir = ROOT / "runs" / cfg.profile / "notebooks"
     rec_dir = ROOT / "runs" / cfg.profile / "stages"
     out_dir.mkdir(parents=True, exist_ok=True)

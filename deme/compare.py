@@ -206,15 +206,17 @@ def paired_sample_table(outputs: dict[str, dict], cfg: Config, reference: str = 
     return pd.DataFrame(rows)
 
 
-def format_paired(table: pd.DataFrame, metrics: list[str], digits: int | None = None) -> pd.DataFrame:
+def format_paired(table: pd.DataFrame, metrics: list[str], digits: int | None = None,
+                  reference: str = "Before finetuning") -> pd.DataFrame:
     """One row per model, one column per metric: ``value (Δ [low, high])`` against the reference (KID ×10³)."""
     out = {}
     for m in metrics:
         t = table[table.metric == m].set_index("model")
         label, scale, d, _ = SAMPLE_METRICS[m]
         d = digits if digits is not None else d
-        out[label] = [f"{scale * a:.{d}f} ({scale * b:+.{d}f} [{scale * lo:+.{d}f}, {scale * hi:+.{d}f}])"
-                      for a, b, lo, hi in zip(t.value, t.delta, t.ci95_low, t.ci95_high)]
+        out[label] = [f"{scale * a:.{d}f} (reference)" if name == reference else
+                      f"{scale * a:.{d}f} ({scale * b:+.{d}f} [{scale * lo:+.{d}f}, {scale * hi:+.{d}f}])"
+                      for name, a, b, lo, hi in zip(t.index, t.value, t.delta, t.ci95_low, t.ci95_high)]
         index = t.index
     return pd.DataFrame(out, index=index)
 
@@ -317,3 +319,40 @@ def save_table(table: pd.DataFrame, formatted: pd.DataFrame, stem: Path, caption
     table.to_csv(stem.with_suffix(".csv"))
     stem.with_suffix(".md").write_text(f"{caption}\n\n" + formatted.to_markdown() + "\n")
     stem.with_suffix(".tex").write_text(formatted.to_latex(caption=caption, escape=True))
+
+
+def paired_between(losses: dict, outputs: dict | None, cfg: Config, a: str, b: str,
+                   num_bootstrap: int = 200) -> dict[str, tuple[float, float, float]]:
+    """Model ``a`` against model ``b`` on the same draws: held-out Δ% over all t for each condition
+    (:func:`deme.heldout.relative_difference`), and, when ``outputs`` holds both, unconditional FID difference
+    with its paired bootstrap interval. Returns ``{measure: (delta, low, high)}``."""
+    from .heldout import CONDITIONS, relative_difference
+    from .metrics import paired_fid, reference_statistics
+    out = {}
+    for c in CONDITIONS:
+        if c in losses[a]:
+            out[f"held-out loss, {c} (Δ%)"] = relative_difference(losses[a][c], losses[b][c])
+    if outputs and a in outputs and b in outputs:
+        ref = reference_statistics(cfg, "train", n=cfg.fid_reference_size)
+        r = paired_fid({a: outputs[a]["uncond_inception"], b: outputs[b]["uncond_inception"]}, ref.mu, ref.sigma,
+                       b, num_bootstrap)[a]
+        out["FID, unconditional (Δ)"] = (r["delta"], r["low"], r["high"])
+    return out
+
+
+def claims(losses: dict, outputs: dict | None, cfg: Config, baselines: list[str]) -> pd.DataFrame:
+    """The paper's comparative claims on this profile, each as a paired difference with its 95% interval and
+    a verdict (``better``/``worse`` only when the interval excludes 0): (b) DeMe merged vs before finetuning,
+    (c) merged vs every equal-budget baseline, (d) merge vs ensemble (the paper: the merge is at least as
+    good on DDPM FID). Lower is better for every measure here."""
+    from .heldout import verdict
+    pairs = [("(b) merged vs before finetuning", "DeMe (after merge)", "Before finetuning")]
+    pairs += [(f"(c) merged vs {b}", "DeMe (after merge)", b) for b in baselines]
+    pairs += [("(d) merged vs ensemble", "DeMe (after merge)", "DeMe (before merge)"),
+              ("ensemble vs before finetuning", "DeMe (before merge)", "Before finetuning")]
+    rows = []
+    for claim, a, b in pairs:
+        for measure, (d, lo, hi) in paired_between(losses, outputs, cfg, a, b).items():
+            rows.append({"claim": claim, "measure": measure, "delta": d, "ci95_low": lo, "ci95_high": hi,
+                         "verdict": verdict(lo, hi)})
+    return pd.DataFrame(rows)

@@ -90,6 +90,7 @@ class Config:
     p2_k: float = 1.0
     p2_gamma: float = 1.0
     ant_clusters: int = 5
+    ant_uw_lr: float = 0.025              # ANT-UW: lr of the log-variances (own group, no weight decay; ANT's value)
     nash_every: int = 25
     # -- run identity -----------------------------------------------------------------------------------------
     method: str = "deme"
@@ -106,10 +107,8 @@ class Config:
     num_workers: int = 4
     # -- evaluation -------------------------------------------------------------------------------------------
     sample_steps: int = 50                # DDIM steps, eta = 0
-    num_eval_samples: int = 50_000       # samples per candidate in the merge-weight re-scoring
     fid_samples: int = 50_000            # samples per model and seed in the comparison tables (notebook 05)
     fid_reference_size: int = 50_000     # real images behind the cached reference statistics
-    eval_seeds: tuple[int, ...] = (0,)   # sampling seeds of the comparison tables (mean ± std over them)
     guidance_scale: float = 1.0           # classifier-free guidance for class-conditional sampling
     merge_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     coco_fid_reference: str = "chosen"    # text-to-image MS-COCO FID reference: "chosen" (the images of the chosen
@@ -155,7 +154,7 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
         d = dict(d)
-        for k in ("adam_betas", "merge_grid", "eval_seeds"):
+        for k in ("adam_betas", "merge_grid"):
             if k in d and isinstance(d[k], list):
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -164,7 +163,7 @@ class Config:
 NOT_TRAINING = frozenset({
     "data_dir", "check_images", "gradient_checkpointing", "compile", "compile_mode", "checkpoint_every",
     "log_every", "heldout_every", "heldout_size", "validation_size", "num_workers", "sample_steps",
-    "num_eval_samples", "fid_samples", "fid_reference_size", "eval_seeds", "guidance_scale", "merge_grid",
+    "fid_samples", "fid_reference_size", "guidance_scale", "merge_grid",
     "coco_fid_reference"})
 
 
@@ -207,8 +206,10 @@ def normalized(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def training_identity(d: dict[str, Any]) -> dict[str, Any]:
-    """:meth:`Config.training_identity` of a stored config dict (e.g. from a checkpoint or manifest)."""
-    return {k: v for k, v in normalized(d).items() if k not in NOT_TRAINING}
+    """:meth:`Config.training_identity` of a stored config dict (e.g. from a checkpoint or manifest). Fields
+    the dict has but :class:`Config` no longer has (removed evaluation settings) are ignored."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    return {k: v for k, v in normalized(d).items() if k in fields and k not in NOT_TRAINING}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,32 +243,35 @@ PROFILES: dict[str, Config] = {
         lr=2e-4, batch_size=16, grad_accum=1, mixed_precision="no",
         num_ranges=2, steps_per_range=4, p_global=0.3, checkpoint_every=2, log_every=2,
         heldout_every=20, heldout_size=64, validation_size=120, num_workers=0,
-        sample_steps=5, num_eval_samples=64, guidance_scale=2.0, merge_grid=(0.0, 0.5, 1.0),
-        fid_samples=12, fid_reference_size=100, eval_seeds=(0, 1),
+        sample_steps=5, guidance_scale=2.0, merge_grid=(0.0, 0.5, 1.0),
+        fid_samples=12, fid_reference_size=100,
     ),
-    # The embedded default: 16x16 Fashion-MNIST, class-conditional, pretrained by notebook 02.
+    # The embedded default: 16x16 Fashion-MNIST, class-conditional, pretrained by notebook 02. Finetuning in
+    # float32 (bf16 autocast is ~15x slower on CPUs without native bf16, and rounds small updates away), with an
+    # EMA that starts at the pretrained weights (decay 0.999, no warmup) and lr 2e-5 — the setting the
+    # probe in the README found to degrade plain finetuning least; see the budget study of notebook 06.
     "fmnist": Config(
         profile="fmnist", dataset="fmnist", image_size=16, channels=1, num_classes=10, label_dropout=0.1,
         unet=_FMNIST_UNET, pretrain_steps=20_000, pretrain_batch_size=256, pretrain_lr=5e-4,
         pretrain_warmup=500,
-        lr=5e-5, batch_size=32, grad_accum=2, mixed_precision="bf16",
+        lr=2e-5, batch_size=32, grad_accum=2, mixed_precision="no", ema_warmup=False, ema_max_decay=0.999,
         num_ranges=4, steps_per_range=300, p_global=0.3, checkpoint_every=100, log_every=25,
-        heldout_every=1000, heldout_size=512, num_workers=0,
-        sample_steps=50, num_eval_samples=1000, guidance_scale=1.0,
-        merge_grid=(0.0, 0.25, 0.5, 1.0), fid_samples=200, fid_reference_size=10_000, eval_seeds=(0, 1, 2),
+        heldout_every=0, heldout_size=512, validation_size=2000, num_workers=0,
+        sample_steps=50, guidance_scale=1.0,
+        merge_grid=(0.0, 0.25, 0.5, 0.75, 1.0), fid_samples=1000, fid_reference_size=10_000,
     ),
     # The paper's settings (PAPER.md §4): pretrained models from the hub, GPU and internet.
     "cifar10": Config(
         profile="cifar10", dataset="cifar10", image_size=32, channels=3, pretrained="google/ddpm-cifar10-32",
-        num_workers=8, sample_steps=100, num_eval_samples=50_000,
+        num_workers=8, sample_steps=100,
     ),
     "church": Config(
         profile="church", dataset="lsun-church", image_size=256, channels=3,
-        pretrained="google/ddpm-ema-church-256", num_workers=8, sample_steps=50, num_eval_samples=50_000,
+        pretrained="google/ddpm-ema-church-256", num_workers=8, sample_steps=50,
     ),
     "bedroom": Config(
         profile="bedroom", dataset="lsun-bedroom", image_size=256, channels=3,
-        pretrained="google/ddpm-ema-bedroom-256", num_workers=8, sample_steps=50, num_eval_samples=50_000,
+        pretrained="google/ddpm-ema-bedroom-256", num_workers=8, sample_steps=50,
     ),
     "sd14": Config(
         profile="sd14", dataset="laion", image_size=512, channels=4,
@@ -275,7 +279,7 @@ PROFILES: dict[str, Config] = {
         pretrained="CompVis/stable-diffusion-v1-4", beta_schedule="scaled_linear", beta_start=0.00085,
         beta_end=0.012,
         mixed_precision="bf16",           # the paper: fp16; bf16 needs no loss scaling (same range as fp32)
-        num_workers=8, sample_steps=25, num_eval_samples=30_000, guidance_scale=7.5,
+        num_workers=8, sample_steps=25, guidance_scale=7.5,
     ),
 }
 

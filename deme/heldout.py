@@ -184,12 +184,13 @@ def verdict(low: float, high: float, lower_is_better: bool = True) -> str:
     return "not resolved"
 
 
-def format_heldout(table: pd.DataFrame, condition: str = "unconditional", digits: int = 2) -> pd.DataFrame:
+def format_heldout(table: pd.DataFrame, condition: str = "unconditional", digits: int = 2,
+                   reference: str = "Before finetuning") -> pd.DataFrame:
     """A readable pivot of :func:`heldout_table`: one row per model, one column per range, cells
     ``Δ% [low, high]`` against the reference."""
     t = table[table.condition == condition]
-    cell = [f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]" for d, lo, hi in
-            zip(t.delta_pct, t.ci95_low, t.ci95_high)]
+    cell = ["reference" if m == reference else f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+            for m, d, lo, hi in zip(t.model, t.delta_pct, t.ci95_low, t.ci95_high)]
     out = t.assign(cell=cell).pivot(index="model", columns="range", values="cell")
     cols = ["all"] + sorted((c for c in out.columns if c != "all"), key=int)
     out = out.loc[list(dict.fromkeys(t.model)), cols]

@@ -133,3 +133,16 @@ def grid_search(candidates: Sequence[tuple[float, ...]], score: Callable[[tuple[
     from tqdm.auto import tqdm
     results = [(tuple(w), float(score(tuple(w)))) for w in tqdm(candidates, disable=not progress, desc="grid")]
     return sorted(results, key=lambda r: r[1])
+
+
+def task_vector_norms(base: StateDict, experts: Sequence[StateDict]) -> "pd.DataFrame":
+    """How far each expert moved: ‖τ_i‖₂ over every floating-point tensor, max |τ_i|, and ‖W_i − I‖ of its
+    channel projections (0 without them), one row per range."""
+    import pandas as pd
+    rows = []
+    for i, tau in enumerate(task_vectors(base, experts)):
+        flat = torch.cat([v.flatten() for v in tau.values()])
+        proj = [v.flatten() for k, v in tau.items() if "channel_projection" in k]
+        rows.append({"range": i, "‖τ‖": flat.norm().item(), "max |τ|": flat.abs().max().item(),
+                     "‖W − I‖ (projections)": torch.cat(proj).norm().item() if proj else 0.0})
+    return pd.DataFrame(rows).set_index("range")

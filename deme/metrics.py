@@ -821,6 +821,8 @@ def paired_kid(features: dict[str, np.ndarray], reference_features: np.ndarray, 
     over blocks, conservative for the whole-set value it is centred on). The real-real term is common to all
     models and cancels in the differences."""
     r = np.asarray(reference_features, np.float64)
+    n = min(len(f) for f in features.values())
+    blocks = max(2, min(blocks, n // 20))   # blocks of ≥ 20 samples where there are enough (≥ 2 per block always)
     k_rr = _poly_kernel(r, r)
     rr = (k_rr.sum() - np.trace(k_rr)) / (len(r) * (len(r) - 1))
 

@@ -283,3 +283,82 @@ def plot_budget_study(study, condition: str = "unconditional", rng: str = "all")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def plot_merge_search(candidates, top: int = 12):
+    """The merge search (:func:`deme.stages.search_merge_weights`): validation held-out Δ% against the base
+    with 95% intervals for the best ``top`` weightings and every named one (base, uniform, paper, sum, the
+    search's result), named ones labelled; the chosen weighting (lowest loss) in bold."""
+    import matplotlib.pyplot as plt
+    t = candidates.copy()
+    keep = t.index < top
+    keep |= t.kind != "coordinate search"
+    t = t[keep].reset_index(drop=True)
+    fig, ax = plt.subplots(figsize=(7, 0.34 * len(t) + 1.4))
+    y = np.arange(len(t))
+    for yi, r in t.iterrows():
+        named = r.kind != "coordinate search"
+        c = "C3" if yi == 0 else ("C0" if named else "0.55")
+        ax.plot([r.ci95_low, r.ci95_high], [yi, yi], color=c, lw=2)
+        ax.plot(r.delta_pct, yi, "o", color=c, ms=5)
+    labels = [f"w = ({', '.join(f'{v:g}' for v in r.weights)})" + ("" if r.kind == "coordinate search" else f"  [{r.kind}]")
+              for _, r in t.iterrows()]
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.get_yticklabels()[0].set_fontweight("bold")
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("Δ validation held-out ε-MSE vs the base, % (dot; bar: 95% CI over images)")
+    ax.set_title("merge-weight search (chosen: first row, lowest loss)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_labels: Sequence[str] | None = None):
+    """Image grids of several models that sampled from the same noise (``rows``: name → images (n, H, W[, C])
+    in [0, 255] or [-1, 1] tensors), one panel per model, and below each non-reference panel the per-pixel
+    difference to ``reference`` on one symmetric colour scale (red brighter, blue darker)."""
+    import matplotlib.pyplot as plt
+    import torch
+    arrays = {}
+    for k, v in rows.items():
+        v = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        if v.ndim == 4 and v.shape[1] in (1, 3):   # (n, C, H, W) in [-1, 1]
+            v = np.transpose((v.clip(-1, 1) + 1) * 127.5, (0, 2, 3, 1))
+        arrays[k] = np.asarray(v, np.float64)
+    names = list(arrays)
+    n = len(arrays[reference])
+    ncol = int(np.ceil(np.sqrt(n))) if row_labels is None else n // len(row_labels)
+
+    def grid(a):
+        h, w = a.shape[1:3]
+        c = a.shape[3] if a.ndim == 4 else 1
+        a = a.reshape(n, h, w, c)
+        nrow = int(np.ceil(n / ncol))
+        out = np.zeros((nrow * h, ncol * w, c))
+        for i in range(n):
+            out[(i // ncol) * h:(i // ncol + 1) * h, (i % ncol) * w:(i % ncol + 1) * w] = a[i]
+        return out[..., 0] if c == 1 else out
+
+    diffs = {k: arrays[k] - arrays[reference] for k in names if k != reference}
+    vmax = max([np.abs(d).max() for d in diffs.values()] + [1.0])
+    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 6.6), squeeze=False)
+    for j, k in enumerate(names):
+        g = grid(arrays[k])
+        axes[0, j].imshow(g / 255 if g.ndim == 3 else g, cmap="gray", vmin=0, vmax=255)
+        axes[0, j].set_title(k, fontsize=9)
+        if k in diffs:
+            d = grid(diffs[k])
+            im = axes[1, j].imshow(d.mean(-1) if d.ndim == 3 else d, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+            axes[1, j].set_title(f"{k} − {reference}", fontsize=8)
+        else:
+            axes[1, j].axis("off")
+        for a in axes[:, j]:
+            a.set_xticks([])
+            a.set_yticks([])
+    if row_labels is not None:
+        h = arrays[reference].shape[1]
+        axes[0, 0].set_yticks([(i + 0.5) * h for i in range(len(row_labels))], row_labels, fontsize=7)
+    if diffs:
+        fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8, label="pixel difference (0–255 scale)")
+    return fig

@@ -140,3 +140,29 @@ def image_grid(images: torch.Tensor, nrow: int = 10, pad: int = 1) -> np.ndarray
     g = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=pad, pad_value=1.0)
     arr = (g.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
     return arr[..., 0] if images.shape[1] == 1 else arr
+
+
+def gallery_samples(cfg: Config, models: dict[str, nn.Module], seed: int = 0, per_prompt: int = 4,
+                    conditional: bool = True) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Side-by-side samples of several models from the same starting noise: ``(images per model, row labels)``.
+
+    Text-to-image profiles: the paper's Fig. 5 prompts (:data:`deme.sd.PAPER_PROMPTS`), ``per_prompt`` images
+    each (:func:`deme.sd.generate`, guidance ``cfg.guidance_scale``). Class-conditional profiles with
+    ``conditional``: one "prompt" per class ("a photo of a sneaker", ...), ``per_prompt`` images each;
+    otherwise ``per_prompt`` rows of unconditional samples. Images are uint8 (n, H, W, C)."""
+    if cfg.dataset in ("laion", "imagefolder"):
+        from .sd import PAPER_PROMPTS, generate   # transformers + the SD pipeline: text-to-image only
+        prompts = [p for p in PAPER_PROMPTS for _ in range(per_prompt)]
+        return ({k: np.asarray(generate(m, prompts, base=cfg.pretrained, guidance_scale=cfg.guidance_scale,
+                                        steps=cfg.sample_steps, seed=seed)) for k, m in models.items()},
+                [p[:40] + "…" for p in PAPER_PROMPTS])
+    if conditional and cfg.num_classes:
+        from .data import class_names
+        names = class_names(cfg)
+        labels = torch.arange(len(names)).repeat_interleave(per_prompt)
+        rows = [("a photo of the digit {}" if cfg.dataset == "digits" else "a photo of {}").format(
+            n if cfg.dataset == "digits" else ("an " if n[0].lower() in "aeiou" else "a ") + n) for n in names]
+    else:
+        labels, rows = None, [f"sample row {i}" for i in range(per_prompt)]
+    n = len(labels) if labels is not None else per_prompt * 8
+    return {k: to_uint8(ddim_sample(m, cfg, n, labels=labels, seed=seed)) for k, m in models.items()}, rows

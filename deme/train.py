@@ -323,8 +323,11 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
         ema.optimization_step = 1   # diffusers copies the model at the first update (decay 0); start the
                                     # average at the weights it was built from (the pretrained θ) instead
 
-    params = list(model.parameters()) + list(objective.extra_parameters)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
+    groups = [{"params": list(model.parameters())}]
+    if objective.extra_parameters:   # ANT-UW's log-variances: their own lr, no weight decay (as the ANT authors)
+        groups.append({"params": list(objective.extra_parameters), "lr": cfg.ant_uw_lr, "weight_decay": 0.0})
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                                   eps=cfg.adam_eps, fused=device.type == "cuda" and all(p.is_cuda for p in params))
     if cfg.method == "pretrain" and cfg.pretrain_warmup:
         w = cfg.pretrain_warmup   # linear warmup, then cosine decay to 10% of the peak

@@ -139,3 +139,11 @@ def test_parallel_variant_training_matches_one_process(tmp_path, monkeypatch):
         again = load_unet(run_dir(variants["a"].replace(range_index=i)) / "model").state_dict()
         for k, v in weights[i].items():
             assert torch.equal(v, again[k]), k
+
+
+def test_fields_removed_from_config_do_not_invalidate_finished_runs():
+    import json
+    from deme.config import training_identity
+    cfg = get_profile("smoke", range_index=0)
+    stored = {**json.loads(cfg.to_json()), "eval_seeds": [0, 1], "num_eval_samples": 64}   # fields of older versions
+    assert training_identity(stored) == cfg.training_identity()

@@ -13,6 +13,7 @@ def test_format_paired_shows_value_delta_and_interval_with_kid_scaled():
     f = format_paired(t, ["fid", "kid"])
     assert f.loc["m", "FID"] == "9.50 (-0.50 [-0.80, -0.20])"
     assert f.loc["m", "KID ×10³"] == "1.50 (-0.50 [-0.90, -0.10])"
+    assert f.loc["Before finetuning", "FID"] == "10.00 (reference)"
 
 
 def test_paper_tables_match_paper_md():

@@ -40,28 +40,41 @@ def test_reproduce_runs_every_notebook_in_order(smoke_root):
         assert (root / "runs" / "smoke" / "notebooks" / f"{name}.ipynb").exists(), name
         rec = json.loads((root / "runs" / "smoke" / "stages" / f"{name}.json").read_text())
         assert rec["seconds"] > 0 and rec["parallel_jobs"] == (2 if name.startswith("03_") else 1)
-    # the stages' outputs: ranges, merged model, its weights
+    # the stages' outputs: ranges, merged model, its weights and the candidates the search scored
+    import pandas as pd
     for i in range(2):
         assert (root / "runs" / "smoke" / "deme" / "N2" / f"range_{i}" / "model" / "config.json").exists()
     merged = root / "runs" / "smoke" / "merge" / "N2"
     assert (merged / "model" / "config.json").exists()
     w = json.loads((merged / "weights.json").read_text())["weights"]
-    assert len(w) == 2 and any(w)
+    cands = pd.read_csv(merged / "candidates.csv")
+    assert len(w) == 2 and cands.loss.iloc[0] == cands.loss.min() and "base (reference)" in set(cands.kind)
     figs = root / "runs" / "smoke" / "figures"
-    assert (figs / "merge_samples_smoke.png").exists()
-    # notebook 06: Table 3 with the five rows, merge methods, Figs. 2 and 6
-    import pandas as pd
-    t3 = pd.read_csv(figs / "table3_smoke.csv", index_col=0)
-    assert list(t3.index) == ["N=1, nothing", "N=1, +CP", "N=2, +PS", "N=2, +PS +CL", "N=2, +PS +CL +CP"]
-    assert t3["merge"].notna().all() and t3["ensemble"].notna().all() and (t3.seeds == 2).all()
-    assert len(pd.read_csv(figs / "merge_methods_smoke.csv")) == 5
-    for f in ("fig2_activation_change_smoke.png", "fig6a_task_vector_plane_smoke.png", "fig6b_task_vector_boxes_smoke.png"):
+    for f in ("merge_samples_smoke.png", "merge_search_smoke.png", "heldout_loss_smoke.png", "compare_smoke.png",
+              "gallery_smoke.png", "fig2_activation_change_smoke.png", "fig6a_task_vector_plane_smoke.png",
+              "fig6b_task_vector_boxes_smoke.png"):
         assert (figs / f).exists(), f
+    # notebook 05: the paired held-out table (every model, range all + each range, both conditions), samples
+    ho = pd.read_csv(figs / "heldout_loss_smoke.csv")
+    assert list(ho.columns) == ["model", "range", "condition", "loss", "delta_pct", "ci95_low", "ci95_high"]
+    assert set(ho["range"].astype(str)) == {"all", "0", "1"} and set(ho.condition) == {"unconditional", "conditional"}
+    assert {"Before finetuning", "Standard (uniform)", "DeMe (before merge)", "DeMe (after merge)"} <= set(ho.model)
+    assert (ho[ho.model == "Before finetuning"].delta_pct == 0).all() and (ho.ci95_low <= ho.ci95_high).all()
+    samples = pd.read_csv(figs / "samples_smoke.csv")
+    assert {"fid", "kid", "alignment", "classifier_fd"} <= set(samples.metric) and (samples.n == 12).all()
+    claims = pd.read_csv(figs / "claims_smoke.csv")
+    assert set(claims.verdict) <= {"better", "worse", "not resolved"} and claims.claim.str.startswith("(b)").any()
+    # notebook 06: Table 3 with the five rows, merge methods
+    t3 = pd.read_csv(figs / "table3_smoke.csv")
+    assert list(dict.fromkeys(t3.variant)) == ["N=1, nothing", "N=1, +CP", "N=2, +PS", "N=2, +PS +CL",
+                                               "N=2, +PS +CL +CP"]
+    assert t3.delta_pct.notna().all()
+    assert set(pd.read_csv(figs / "merge_methods_smoke.csv").model) >= {"TIES (density 0.2)", "ensemble (before merge)"}
 
 
-def test_ablation_full_sweeps_run_headlessly(smoke_root, tmp_path):
-    """`papermill 06_ablation.ipynb -p full True`: the N and p sweeps train, score, and write their tables, and
-    the run is recorded as a full one."""
+def test_ablation_full_runs_headlessly(smoke_root, tmp_path):
+    """`papermill 06_ablation.ipynb -p full True`: the budget study, the N and p sweeps and the sample metrics of
+    Table 3 train, score and write their tables, and the run is recorded as a full one."""
     root, _ = smoke_root
     proc = _run(["-m", "papermill", str(REPO / "notebooks" / "06_ablation.ipynb"), str(tmp_path / "out.ipynb"),
                  "-p", "full", "True", "--cwd", str(REPO / "notebooks")], root, timeout=900)
@@ -69,13 +82,15 @@ def test_ablation_full_sweeps_run_headlessly(smoke_root, tmp_path):
     import pandas as pd
     figs = root / "runs" / "smoke" / "figures"
     for what, rows in (("N", ["N=1", "N=2", "N=4", "N=8"]), ("p", ["p=0", "p=0.1", "p=0.3", "p=0.5", "p=1"])):
-        tab = pd.read_csv(figs / f"sensitivity_{what}_smoke.csv", index_col=0)
-        assert list(tab.index) == rows and tab["merge"].notna().all() and (tab.seeds == 2).all()
-    p1 = pd.read_csv(figs / "sensitivity_p_smoke.csv", index_col=0).loc["p=1"]
-    assert p1["merge"] == pytest.approx(p1["ensemble"], abs=1e-6)   # p = 1: identical range models
-    assert (figs / "sensitivity_smoke.png").exists()
+        tab = pd.read_csv(figs / f"sensitivity_{what}_smoke.csv")
+        assert list(dict.fromkeys(tab.variant)) == rows and tab.delta_pct.notna().all()
+    study = pd.read_csv(figs / "budget_study_smoke.csv")
+    assert sorted(set(study.steps_per_range)) == [1, 2, 4]
+    assert set(study.kind) == {"standard", "DeMe ensemble", "DeMe merge, searched", "DeMe merge, uniform 1/N"}
+    assert (figs / "budget_study_unconditional_smoke.png").exists()
+    assert set(pd.read_csv(figs / "table3_samples_smoke.csv").metric) == {"fid", "kid"}
     last = json.loads((figs / "ablation_runs_smoke.jsonl").read_text().splitlines()[-1])
-    assert last["full"] is True and "sweep scoring" in last["seconds"]
+    assert last["full"] is True and "budget study" in last["seconds"] and "sweeps" in last["seconds"]
 
 
 def test_a_second_reproduce_skips_every_stage(smoke_root):
@@ -104,8 +119,10 @@ def test_reproduce_full_and_jobs_reach_notebook_06_and_jobs_do_not_invalidate_re
     from deme.cli import _source_hash, _up_to_date, stages
     from deme.config import get_profile
     cfg = get_profile("smoke")
-    p06 = {name: params for name, _, params in stages(cfg, full=True, jobs=3)}["06_ablation"]
-    assert p06 == {"profile": "smoke", "full": True, "jobs": 3}
+    plan = {name: params for name, _, params in stages(cfg, full=True, jobs=3)}
+    p06 = plan["06_ablation"]
+    assert p06 == {"profile": "smoke", "full": True, "jobs": 3} and plan["05_compare"]["full"] is True
+    assert "03_train_ant-nash" in plan and "03_train_ant-nash" not in {s[0] for s in stages(cfg)}
     assert {name: params for name, _, params in stages(cfg)}["06_ablation"] == {"profile": "smoke"}
     rec = {"source": _source_hash("06_ablation.ipynb"), "params": {"profile": "smoke", "full": True, "jobs": 2},
            "config": cfg.to_dict()}

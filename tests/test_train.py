@@ -229,3 +229,29 @@ def test_a_missing_base_model_says_the_command_that_makes_it(tmp_path, monkeypat
     assert (tmp_path / "runs" / "smoke" / "base" / "model" / "config.json").exists()
     assert base_model_path(cfg) == str(tmp_path / "runs" / "smoke" / "base" / "model")
     assert (train(cfg, tmp_path / "r0", progress=False) / "manifest.json").exists()
+
+
+def test_range_runs_draw_their_own_randomness_unless_shared(tmp_path):
+    """With p = 1 every range draws its timesteps from all of [0, T): ranges that share their random stream
+    (``shared_randomness``) then train identical weights, ranges with their own streams (the default) do not."""
+    base = train(_pretrain_cfg(), tmp_path / "base", progress=False) / "model"
+    cfg = get_profile("smoke", method="deme", steps_per_range=2, p_global=1.0, checkpoint_every=2, log_every=1,
+                      heldout_every=0)
+    w = {}
+    for shared in (True, False):
+        for i in range(2):
+            c = cfg.replace(range_index=i, shared_randomness=shared)
+            w[shared, i] = _weights(train(c, tmp_path / f"s{int(shared)}r{i}", base=str(base), progress=False))
+    assert all(torch.equal(w[True, 0][k], w[True, 1][k]) for k in w[True, 0])
+    assert not all(torch.equal(w[False, 0][k], w[False, 1][k]) for k in w[False, 0])
+
+
+def test_ema_without_warmup_starts_at_the_pretrained_weights(tmp_path):
+    """ema_warmup=False: after k steps the EMA is d^k·θ + (1−d)·Σ d^(k−j) θ_j — with d = 1 it stays exactly the
+    pretrained θ (diffusers would copy the first step's weights instead)."""
+    base = train(_pretrain_cfg(), tmp_path / "base", progress=False) / "model"
+    cfg = get_profile("smoke", method="standard", steps_per_range=1, checkpoint_every=2, log_every=1,
+                      heldout_every=0, ema_warmup=False, ema_max_decay=1.0)
+    out = train(cfg, tmp_path / "std", base=str(base), progress=False)
+    before, after = load_unet(base).state_dict(), _weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
