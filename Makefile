@@ -9,7 +9,7 @@ FULL ?=            # FULL=1: notebook 06 with the sensitivity sweeps over N and 
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: reproduce test setup data clean-runs
+.PHONY: reproduce test setup data clean-runs lab
 
 $(BIN)/.installed: pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -34,7 +34,11 @@ reproduce: setup
 	$(BIN)/python -m deme reproduce --profile $(PROFILE) --jobs $(JOBS) $(if $(FULL),--full)
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+lab: setup
+	$(BIN)/python -m jupyter lab notebooks/
 
 clean-runs:
 	rm -rf runs/smoke

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if __name__ == "__main__" and "DEME_ROOT" not in os.environ:   # fresh runs; the committed base model, classifier and data stay readable
+# fresh runs; the committed base model, classifier and data stay readable
+if __name__ == "__main__" and "DEME_ROOT" not in os.environ:
     scratch = Path(tempfile.mkdtemp(prefix="deme_bench_"))
     (scratch / "data").symlink_to(REPO / "data")
     os.environ["DEME_ROOT"] = str(scratch)

@@ -34,7 +34,8 @@ def stages(cfg, full: bool = False, jobs: int = 1) -> list[tuple[str, str, dict]
     that exist: 02 base → 01 analysis → 03 training jobs (baselines, then one job per range) → 04 merge → 05 →
     06 → 07. The training jobs are independent; the baselines (N×K steps each) come first so that, run side
     by side, the short range jobs fill the end instead of one long baseline running alone. ``full`` adds the
-    six weighted baselines (trained, and compared in 05) and the budget study and sensitivity sweeps of 06; ``jobs`` > 1 is passed on to 06, which trains its variants that many at once."""
+    six weighted baselines (trained, and compared in 05) and the budget study and sensitivity sweeps of 06;
+    ``jobs`` > 1 is passed on to 06, which trains its variants that many at once."""
     p = {"profile": cfg.profile}
     pfull = {**p, **({"full": True} if full else {})}
     p06 = {**pfull, **({"jobs": jobs} if jobs > 1 else {})}
@@ -180,12 +181,14 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("reproduce", help="execute the notebooks in order (papermill)")
-    r.add_argument("--profile", default=None, help=f"one of {', '.join(profile_names())} (default: $DEME_PROFILE or fmnist)")
+    r.add_argument("--profile", default=None,
+                   help=f"one of {', '.join(profile_names())} (default: $DEME_PROFILE or fmnist)")
     r.add_argument("--force", action="store_true", help="redo stages whose outputs exist")
     r.add_argument("--only", nargs="*", default=None, help="stage name prefixes, e.g. 03 04_merge")
     r.add_argument("--no-update-notebooks", action="store_true", help="do not copy executed notebooks into notebooks/")
     r.add_argument("--jobs", type=int, default=1, help="independent training stages run at once (one thread each)")
-    r.add_argument("--full", action="store_true", help="all seven baselines in 05, the budget study and sweeps over N and p in 06")
+    r.add_argument("--full", action="store_true",
+                   help="all seven baselines in 05, the budget study and sweeps over N and p in 06")
     r.add_argument("--keep-going", action="store_true", help="after a failed stage, run the remaining ones")
     sub.add_parser("train", help="one training job (python -m deme train --help)")
     sub.add_parser("profiles", help="list the profiles")

@@ -253,7 +253,8 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
         elif mode == "bk-sdm":
             ref = prepare_val2014_reference(coco_images, out_dir / "coco_reference_val2014_256")
         else:
-            ref = prepare_reference_folder(coco_images, [f for _, f, _ in rows], out_dir / f"coco_reference_{len(rows)}")
+            ref = prepare_reference_folder(coco_images, [f for _, f, _ in rows],
+                                           out_dir / f"coco_reference_{len(rows)}")
         sets["MS-COCO"] = {"prompts": [c for _, _, c in rows], "reference": ref,
                            **({"reference_tag": mode} if mode != "chosen" else {})}
     if imagenet_classes:

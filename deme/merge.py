@@ -135,7 +135,7 @@ def grid_search(candidates: Sequence[tuple[float, ...]], score: Callable[[tuple[
     return sorted(results, key=lambda r: r[1])
 
 
-def task_vector_norms(base: StateDict, experts: Sequence[StateDict]) -> "pd.DataFrame":
+def task_vector_norms(base: StateDict, experts: Sequence[StateDict]):
     """How far each expert moved: ‖τ_i‖₂ over every floating-point tensor, max |τ_i|, and ‖W_i − I‖ of its
     channel projections (0 without them), one row per range."""
     import pandas as pd

@@ -410,7 +410,8 @@ def reference_statistics(cfg: Config, split: str = "train", n: int | None = None
                          device: str | torch.device | None = None, seed: int = 0,
                          progress: bool = True) -> ReferenceStatistics:
     """Inception statistics of ``n`` real images (default :func:`reference_size`, i.e.
-    ``cfg.fid_reference_size``; a seeded random subset) of ``cfg.dataset``/``split`` at the resolution the model generates
+    ``cfg.fid_reference_size``; a seeded random subset) of ``cfg.dataset``/``split`` at the resolution the model
+    generates
     (``cfg.image_size``), computed once and cached as an .npz keyed by dataset, image size, split and n
     (:func:`reference_cache_path`). Fashion-MNIST / digits come from ``deme.data.load_tensor_dataset``;
     CIFAR-10 / LSUN from the training loader (split "train" only).

@@ -129,7 +129,8 @@ def _check_bounds(bounds: Bounds, num_timesteps: int) -> Bounds:
     ok = bounds and bounds[0][0] == 0 and bounds[-1][1] == num_timesteps and all(
         lo < hi for lo, hi in bounds) and all(bounds[i][1] == bounds[i + 1][0] for i in range(len(bounds) - 1))
     if not ok:
-        raise ValueError(f"cluster bounds {bounds} are not non-empty contiguous intervals covering [0, {num_timesteps})")
+        raise ValueError(f"cluster bounds {bounds} are not non-empty contiguous intervals covering "
+                         f"[0, {num_timesteps})")
     return bounds
 
 

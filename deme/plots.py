@@ -104,7 +104,8 @@ def plot_task_vector_plane(loss: np.ndarray, coords, merge_point: tuple[float, f
     i, j = np.unravel_index(np.argmin(loss), loss.shape)
     ax.plot(a[i], b[j], "w*", mec="k", ms=12, label=f"grid minimum ({a[i]:.2g}, {b[j]:.2g})")
     if merge_point is not None:
-        ax.plot(*merge_point, "P", color="C2", mec="k", ms=10, label=f"merge ({merge_point[0]:.2g}, {merge_point[1]:.2g})")
+        ax.plot(*merge_point, "P", color="C2", mec="k", ms=10,
+                label=f"merge ({merge_point[0]:.2g}, {merge_point[1]:.2g})")
     ax.set(xlabel=f"a (along τ of {labels[0]})", ylabel=f"b (along τ of {labels[1]})",
            title="loss on the plane of two task vectors")
     ax.legend(fontsize=7, loc="upper right")
@@ -199,7 +200,7 @@ def _verdict_colour(low: float, high: float, lower_is_better: bool = True) -> st
     return VERDICT_COLOURS[verdict(low, high, lower_is_better)]
 
 
-def plot_paired_deltas(panels: Mapping[str, "pd.DataFrame"], xlabel: str = "Δ vs before finetuning",
+def plot_paired_deltas(panels: Mapping, xlabel: str = "Δ vs before finetuning",
                        lower_is_better: Mapping[str, bool] | None = None, width: float = 4.0):
     """A forest plot per panel: one row per model, the paired difference against the reference (dot) and
     its 95% interval (bar); green/red where the interval excludes 0 (better/worse), grey where it does not
@@ -278,7 +279,8 @@ def plot_budget_study(study, condition: str = "unconditional", rng: str = "all")
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.minorticks_off()
     ax.set(xlabel="budget: optimizer steps per range K (standard trains N×K)",
-           ylabel="Δ held-out ε-MSE (%)", title=f"held-out loss vs budget ({condition}, {'all t' if rng == 'all' else 'range ' + rng})")
+           ylabel="Δ held-out ε-MSE (%)",
+           title=f"held-out loss vs budget ({condition}, {'all t' if rng == 'all' else 'range ' + rng})")
     ax.legend(fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -301,8 +303,8 @@ def plot_merge_search(candidates, top: int = 12):
         c = "C3" if yi == 0 else ("C0" if named else "0.55")
         ax.plot([r.ci95_low, r.ci95_high], [yi, yi], color=c, lw=2)
         ax.plot(r.delta_pct, yi, "o", color=c, ms=5)
-    labels = [f"w = ({', '.join(f'{v:g}' for v in r.weights)})" + ("" if r.kind == "coordinate search" else f"  [{r.kind}]")
-              for _, r in t.iterrows()]
+    labels = [f"w = ({', '.join(f'{v:g}' for v in r.weights)})"
+              + ("" if r.kind == "coordinate search" else f"  [{r.kind}]") for _, r in t.iterrows()]
     ax.set_yticks(y, labels, fontsize=8)
     ax.get_yticklabels()[0].set_fontweight("bold")
     ax.invert_yaxis()
@@ -342,7 +344,7 @@ def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_label
 
     diffs = {k: arrays[k] - arrays[reference] for k in names if k != reference}
     vmax = max([np.abs(d).max() for d in diffs.values()] + [1.0])
-    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names), 6.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names) + 1.6, 7.0), squeeze=False, layout="constrained")
     for j, k in enumerate(names):
         g = grid(arrays[k])
         axes[0, j].imshow(g / 255 if g.ndim == 3 else g, cmap="gray", vmin=0, vmax=255)
@@ -350,7 +352,7 @@ def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_label
         if k in diffs:
             d = grid(diffs[k])
             im = axes[1, j].imshow(d.mean(-1) if d.ndim == 3 else d, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-            axes[1, j].set_title(f"{k} − {reference}", fontsize=8)
+            axes[1, j].set_title(f"{k}\nminus {reference}", fontsize=8)
         else:
             axes[1, j].axis("off")
         for a in axes[:, j]:
@@ -360,5 +362,5 @@ def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_label
         h = arrays[reference].shape[1]
         axes[0, 0].set_yticks([(i + 0.5) * h for i in range(len(row_labels))], row_labels, fontsize=7)
     if diffs:
-        fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8, label="pixel difference (0–255 scale)")
+        fig.colorbar(im, ax=axes[1, -1], shrink=0.9, label="pixel difference (0–255 scale)")
     return fig

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .config import ROOT, Config
 from .models import base_model_path, load_unet
-from .heldout import heldout_inputs, heldout_loss
+from .heldout import heldout_inputs
 from .train import run_dir, train, variant_tag
 
 

@@ -1,6 +1,5 @@
 """Ablation variants (notebook 06): equal budgets, their own run folders, and the paired statistics."""
 
-import math
 
 import numpy as np
 import pandas as pd

@@ -91,7 +91,8 @@ def test_conflicting_timesteps_give_cosine_minus_one():
     s = A.similarity_summary(sim, [100, 200, 700, 900], T)
     assert s["negative_fraction"] == pytest.approx(4 / 6) and s["min"] == pytest.approx(-1, abs=1e-6)
     assert s["adjacent_mean"] == pytest.approx((1 - 1 + 1) / 3, abs=1e-6)
-    assert s["distant_mean"] == pytest.approx(-1, abs=1e-6)        # pairs >= 500 apart: (100,700),(100,900),(200,700),(200,900)
+    # pairs >= 500 apart: (100,700),(100,900),(200,700),(200,900)
+    assert s["distant_mean"] == pytest.approx(-1, abs=1e-6)
     np.testing.assert_allclose(s["early_pairs"], [1.0], atol=1e-6)  # only (100, 200) lies inside [0, 250)
 
 
@@ -242,16 +243,19 @@ def test_activation_changes_of_a_channel_scaled_block():
 def test_task_vector_stats_hand_computed():
     base = nn.Linear(2, 2)
     with torch.no_grad():
-        base.weight.zero_(); base.bias.zero_()
+        base.weight.zero_()
+        base.bias.zero_()
     e1, e2 = copy.deepcopy(base), copy.deepcopy(base)
     with torch.no_grad():
-        e1.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]])); e1.bias.copy_(torch.tensor([-1.0, 1.0]))
+        e1.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        e1.bias.copy_(torch.tensor([-1.0, 1.0]))
         e2.weight.copy_(torch.tensor([[-2.0, 0.0], [0.0, 2.0]]))
     st = A.task_vector_stats(base, [e1, e2])
     r = st.set_index(["layer", "range"])
     w1 = r.loc[("weight", 0)]
     assert (w1.n, w1["mean"], w1.q0, w1.q100) == (4, 2.5, 1.0, 4.0)
-    assert w1["std"] == pytest.approx(math.sqrt(1.25)) and w1.q25 == pytest.approx(1.75) and w1.q50 == pytest.approx(2.5)
+    assert w1["std"] == pytest.approx(math.sqrt(1.25))
+    assert w1.q25 == pytest.approx(1.75) and w1.q50 == pytest.approx(2.5)
     assert w1.abs_mean == pytest.approx(2.5) and w1.q5 == pytest.approx(1.15)      # 1 + 0.05·3
     b1 = r.loc[("bias", 0)]
     assert b1["mean"] == 0 and b1.abs_mean == 1 and b1.q0 == -1 and b1.q100 == 1
@@ -293,7 +297,8 @@ def test_plots_render(tmp_path, monkeypatch):
     assert sorted(["up_blocks.10", "conv_out", "mid_block", "up_blocks.2", "conv_in"], key=plots.unet_order) == \
         ["conv_in", "mid_block", "up_blocks.2", "up_blocks.10", "conv_out"]
     rng = np.random.default_rng(0)
-    figs.append(plots.plot_activation_changes({"mid_block": {"per_position": rng.random(20), "per_channel": rng.random(8)}}))
+    figs.append(plots.plot_activation_changes({"mid_block": {"per_position": rng.random(20),
+                                                             "per_channel": rng.random(8)}}))
     monkeypatch.setattr(plots, "figures_dir", lambda cfg: tmp_path)
     paths = plots.save_figure(figs[0], CFG, "heat")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)

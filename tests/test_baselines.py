@@ -302,7 +302,8 @@ def test_ant_training_and_resume(method, nash_every, tiny_base, tmp_path, one_th
         # their own group at lr 0.025 (no weight decay): 4 Adam steps move them far more than the model's
         # lr 2e-4 could (at most 4 × 2e-4 = 8e-4 each)
         assert s.abs().max() > 0.02
-        assert ref["optimizer"]["param_groups"][1]["lr"] == 0.025 and ref["optimizer"]["param_groups"][1]["weight_decay"] == 0
+        group = ref["optimizer"]["param_groups"][1]
+        assert group["lr"] == 0.025 and group["weight_decay"] == 0
     else:
         assert state["last_refresh"] == 3 and (state["alpha"] > 0).all()
 

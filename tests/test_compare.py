@@ -1,7 +1,6 @@
 """Comparison tables: mean ± std over seeds and deltas, checked by hand; the paper's numbers stay separate."""
 
 import pandas as pd
-import pytest
 
 from deme.compare import PAPER_TABLE1, PAPER_TABLE2, format_paired
 
