@@ -33,7 +33,7 @@ from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from multiprocessing import get_context  # noqa: E402
 
 from deme import ablation as AB  # noqa: E402
-from deme.cli import BASELINES  # noqa: E402
+from deme.methods import baselines  # noqa: E402
 from deme.config import get_profile  # noqa: E402
 from deme.stages import ensure_base_model  # noqa: E402
 from deme.train import run_dir  # noqa: E402
@@ -49,7 +49,7 @@ def main() -> None:
     a = p.parse_args()
     cfg = get_profile(a.profile)
     ensure_base_model(cfg)
-    variants = {m: cfg.replace(method=m) for m in BASELINES}
+    variants = {m: cfg.replace(method=m) for m in baselines()}
     variants["DeMe"] = cfg
     variants.update(AB.table3_variants(cfg))
     variants.update({f"sweep {k}": v for k, v in AB.sweep_variants(cfg, "N").items()})

@@ -21,7 +21,8 @@ from diffusers.training_utils import EMAModel
 
 from deme.config import get_profile
 from deme.models import build_unet, with_projections
-from deme.train import DeMeObjective, maybe_compile, step_loss
+from deme.objectives import DeMeObjective
+from deme.train import maybe_compile, step_loss
 
 # google/ddpm-cifar10-32's UNet config (35.7M parameters), built from the config with random weights
 CIFAR10_DDPM = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,

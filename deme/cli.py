@@ -16,12 +16,9 @@ import time
 from pathlib import Path
 
 from .config import ROOT, get_profile, profile_names
+from .methods import baselines
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"   # the notebooks ship beside the package
-BASELINES = ("standard", "snr+1", "trunc-snr", "min-snr", "p2", "ant-uw", "ant-nash")
-DEFAULT_BASELINES = ("standard",)
-"""The baselines of the default run: ``standard`` (plain ε-MSE, all timesteps, N×K steps) is the equal-budget
-comparison that decides whether DeMe helps; the six weighted baselines train with ``full`` (``--full``)."""
 
 
 # papermill parameters that change how fast a stage runs, not what it computes: not part of a stage's record
@@ -42,7 +39,7 @@ def stages(cfg, full: bool = False, jobs: int = 1) -> list[tuple[str, str, dict]
     plan = [("02_base_model", "02_base_model.ipynb", p), ("01_gradient_conflict", "01_gradient_conflict.ipynb", p)]
     if (NOTEBOOKS / "05_compare.ipynb").exists():
         plan += [(f"03_train_{m}", "03_train.ipynb", {**p, "method": m})
-                 for m in (BASELINES if full else DEFAULT_BASELINES)]
+                 for m in baselines(default_only=not full)]
     plan += [(f"03_train_range{i}", "03_train.ipynb", {**p, "range": i}) for i in range(cfg.num_ranges)]
     plan += [("04_merge", "04_merge.ipynb", p), ("05_compare", "05_compare.ipynb", pfull),
              ("06_ablation", "06_ablation.ipynb", p06), ("07_gallery", "07_gallery.ipynb", p)]

@@ -19,9 +19,8 @@ import pandas as pd
 import torch
 
 from .config import ROOT, Config
+from .methods import baselines as all_baselines, get_method
 
-BASELINE_NAMES = {"standard": "Standard (uniform)", "snr+1": "SNR+1", "trunc-snr": "Trun-SNR",
-                  "min-snr": "Min-SNR-γ", "p2": "P2", "ant-uw": "ANT-UW", "ant-nash": "ANT-NashMTL"}
 
 # The paper's numbers (PAPER.md §6), shown beside ours in separate, labelled tables — never mixed with ours.
 PAPER_ROWS = ["Before finetuning", "SNR+1", "Trun-SNR", "Min-SNR-γ", "P2", "ANT-NashMTL", "ANT-UW",
@@ -42,7 +41,7 @@ PAPER_TABLE2 = pd.DataFrame({
 })
 
 
-def comparison_models(cfg: Config, baselines=tuple(BASELINE_NAMES)) -> dict[str, Callable[[], torch.nn.Module]]:
+def comparison_models(cfg: Config, baselines: tuple[str, ...] | None = None) -> dict[str, Callable[[], torch.nn.Module]]:
     """Row name → loader of the model, in the paper's row order: before finetuning, the ``baselines`` (trained
     by notebook 03), DeMe before merge (the ensemble) and after merge (notebook 04's weights). Loading is lazy
     (one model in memory)."""
@@ -67,7 +66,7 @@ def comparison_models(cfg: Config, baselines=tuple(BASELINE_NAMES)) -> dict[str,
         return load_unet(d)
 
     rows = {"Before finetuning": lambda: load_base(cfg, projection=False)}
-    rows.update({BASELINE_NAMES[m]: baseline(m) for m in baselines})
+    rows.update({get_method(m).display: baseline(m) for m in (all_baselines() if baselines is None else baselines)})
     rows["DeMe (before merge)"] = lambda: TimestepEnsemble(load_experts(cfg), cfg.num_train_timesteps)
     rows["DeMe (after merge)"] = merged
     return rows

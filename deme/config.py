@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .methods import get_method
+
 ROOT = Path(os.environ.get("DEME_ROOT", Path(__file__).resolve().parents[1]))
 """The repository root: data/, figures/ and runs/ live here (override with DEME_ROOT)."""
 
-METHODS = ("pretrain", "deme", "standard", "snr+1", "trunc-snr", "min-snr", "p2", "ant-uw", "ant-nash")
-"""Training objectives known to :func:`deme.train.train`. All but ``pretrain`` and ``deme`` are the
-equal-budget baselines of PAPER.md §5 (``standard`` = plain ε-MSE on all timesteps)."""
 
 
 @dataclass(frozen=True)
@@ -121,8 +120,7 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        get_method(self.method)   # an unknown name stops with the registered ones (deme.methods)
         if self.sampling not in ("antithetic", "iid"):
             raise ValueError(f"sampling must be 'antithetic' or 'iid', got {self.sampling!r}")
         if not 0.0 <= self.p_global <= 1.0:

@@ -1,15 +1,16 @@
 """Training objectives: the ε-MSE, DeMe's consistency loss (Eq. 4–5) and the SNR weightings of the baselines
 (PAPER.md §5).
 
-Every weighting multiplies the per-sample ε-MSE (mean over C, H, W); SNR(t) = ᾱ_t / (1 − ᾱ_t).
-Normalisation: none — the weights are used exactly as the formulas give them (with linear betas the SNR+1 and
-Trun-SNR weights reach ~2.5e4 at t = 999; the paper does not say whether it normalised them, and the
-grad-norm clip of the recipe bounds the update size either way).
+The weightings themselves live in the method registry (:mod:`deme.methods`), one entry per method.
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
+
+from .methods import get_method
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -25,22 +26,13 @@ def snr(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def loss_weight(method: str, snr_t: torch.Tensor, *, min_snr_gamma: float = 5.0, p2_k: float = 1.0,
                 p2_gamma: float = 1.0) -> torch.Tensor:
-    """Per-sample weight of the ε-MSE for the SNR-based baselines (PAPER.md §5).
-
-    ``standard``/``deme``: 1; ``snr+1``: 1 + 1/SNR; ``trunc-snr``: max(1, 1/SNR); ``min-snr``: min(1, γ/SNR);
-    ``p2``: 1/(k + SNR)^γ.
-    """
-    if method in ("standard", "deme", "pretrain", "ant-uw", "ant-nash"):
+    """Per-sample weight of the ε-MSE for ``method`` (its registry entry in :mod:`deme.methods`; 1 for methods
+    without a weighting): ``standard`` 1; ``snr+1`` 1 + 1/SNR; ``trunc-snr`` max(1, 1/SNR); ``min-snr``
+    min(1, γ/SNR); ``p2`` 1/(k + SNR)^γ."""
+    weight = get_method(method).weight
+    if weight is None:
         return torch.ones_like(snr_t)
-    if method == "snr+1":
-        return 1 + 1 / snr_t
-    if method == "trunc-snr":
-        return torch.clamp(1 / snr_t, min=1.0)
-    if method == "min-snr":
-        return torch.clamp(min_snr_gamma / snr_t, max=1.0)
-    if method == "p2":
-        return 1 / (p2_k + snr_t) ** p2_gamma
-    raise ValueError(f"no loss weighting for method {method!r}")
+    return weight(snr_t, SimpleNamespace(min_snr_gamma=min_snr_gamma, p2_k=p2_k, p2_gamma=p2_gamma))
 
 
 def consistency_loss(student_eps: torch.Tensor, teacher_eps: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .train import Objective
+from .objectives import Objective
 
 __all__ = [
     "cluster_bounds", "interval_clusters", "cluster_index", "cluster_timesteps", "cluster_losses",

@@ -28,11 +28,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import ROOT, Config, check_field, get_profile, METHODS, training_identity
+from .config import ROOT, Config, check_field, get_profile, training_identity
 from .heldout import heldout_inputs, heldout_loss
-from .losses import consistency_loss, loss_weight, per_sample_mse, snr
+from .losses import consistency_loss, per_sample_mse
+from .methods import METHODS, get_method
+from .mtl import make_ant_objective
+from .objectives import DeMeObjective, Objective, PretrainObjective
 from .models import base_model_path, build_unet, load_unet, make_scheduler, require_base_model
-from .timesteps import antithetic, sample_timesteps, timestep_ranges
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,69 +42,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Objectives: how a method draws timesteps and turns per-sample ε-MSEs into the scalar loss
+# Objectives (classes in deme.objectives and deme.mtl; which one a method uses: deme.methods)
 # ---------------------------------------------------------------------------------------------------------
 
-class Objective:
-    """Uniform timesteps over [0, T) and a per-sample weight (the SNR baselines; ``standard``: weight 1)."""
-
-    extra_parameters: list[torch.nn.Parameter] = []
-
-    def __init__(self, cfg: Config, alphas_cumprod: torch.Tensor):
-        self.cfg, self.alphas_cumprod = cfg, alphas_cumprod
-
-    def timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, self.cfg.num_train_timesteps, (batch,), generator=generator)
-
-    def combine(self, eps_mse: torch.Tensor, t: torch.Tensor, step: int, shared_params) -> torch.Tensor:
-        w = loss_weight(self.cfg.method, snr(self.alphas_cumprod, t), min_snr_gamma=self.cfg.min_snr_gamma,
-                        p2_k=self.cfg.p2_k, p2_gamma=self.cfg.p2_gamma)
-        return (w * eps_mse).mean()
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class DeMeObjective(Objective):
-    """DeMe range i: probabilistic sampling (Eq. 6) and the plain ε-MSE (the consistency term is added by the
-    loop, since it needs the teacher)."""
-
-    def __init__(self, cfg: Config, alphas_cumprod: torch.Tensor):
-        super().__init__(cfg, alphas_cumprod)
-        if cfg.range_index is None:
-            raise ValueError(f"method 'deme' needs a range index in 0..{cfg.num_ranges - 1}")
-        self.interval = timestep_ranges(cfg.num_train_timesteps, cfg.num_ranges)[cfg.range_index]
-
-    def timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        c = self.cfg
-        return sample_timesteps(batch, self.interval, c.num_train_timesteps, c.p_global, c.sampling, generator)
-
-    def combine(self, eps_mse, t, step, shared_params):
-        return eps_mse.mean()
-
-
-class PretrainObjective(Objective):
-    """Pretraining: antithetic uniform timesteps over [0, T), plain ε-MSE."""
-
-    def timesteps(self, batch, generator):
-        return antithetic(0, self.cfg.num_train_timesteps, batch, generator)
-
-    def combine(self, eps_mse, t, step, shared_params):
-        return eps_mse.mean()
-
-
 def make_objective(cfg: Config, alphas_cumprod: torch.Tensor) -> Objective:
-    if cfg.method == "pretrain":
-        return PretrainObjective(cfg, alphas_cumprod)
-    if cfg.method == "deme":
-        return DeMeObjective(cfg, alphas_cumprod)
-    if cfg.method in ("ant-uw", "ant-nash"):
-        from .mtl import make_ant_objective
+    """The loop objective of ``cfg.method`` (its registry entry's ``objective`` kind, :mod:`deme.methods`)."""
+    kind = get_method(cfg.method).objective
+    if kind in ("ant-uw", "ant-nash"):
         return make_ant_objective(cfg, alphas_cumprod)
-    return Objective(cfg, alphas_cumprod)
+    return {"weighted": Objective, "deme": DeMeObjective, "pretrain": PretrainObjective}[kind](cfg, alphas_cumprod)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -489,7 +437,7 @@ def parse_overrides(items: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default=None, help="profile name (default: $DEME_PROFILE or fmnist)")
-    p.add_argument("--method", default="deme", choices=METHODS)
+    p.add_argument("--method", default="deme", choices=list(METHODS))
     p.add_argument("--range", dest="range_index", type=int, default=None, help="range index 0..N-1 (deme)")
     p.add_argument("--num-ranges", type=int, default=None)
     p.add_argument("--p-global", type=float, default=None)

@@ -6,7 +6,8 @@ import torch
 
 from deme.config import get_profile
 from deme.models import build_unet, make_scheduler, with_projections
-from deme.train import DeMeObjective, step_loss
+from deme.objectives import DeMeObjective
+from deme.train import step_loss
 
 
 def _batch(cfg, n=16):
