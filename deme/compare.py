@@ -41,7 +41,8 @@ PAPER_TABLE2 = pd.DataFrame({
 })
 
 
-def comparison_models(cfg: Config, baselines: tuple[str, ...] | None = None) -> dict[str, Callable[[], torch.nn.Module]]:
+def comparison_models(cfg: Config,
+                      baselines: tuple[str, ...] | None = None) -> dict[str, Callable[[], torch.nn.Module]]:
     """Row name → loader of the model, in the paper's row order: before finetuning, the ``baselines`` (trained
     by notebook 03), DeMe before merge (the ensemble) and after merge (notebook 04's weights). Loading is lazy
     (one model in memory)."""

@@ -176,7 +176,8 @@ def run_dir(cfg: Config, root: str | os.PathLike | None = None) -> Path:
     if cfg.method == "pretrain":
         return d / "base"
     if cfg.method == "deme":
-        return d / "deme" / (f"N{cfg.num_ranges}" + variant_tag(cfg, with_num_ranges=False)) / f"range_{cfg.range_index}"
+        folder = f"N{cfg.num_ranges}" + variant_tag(cfg, with_num_ranges=False)
+        return d / "deme" / folder / f"range_{cfg.range_index}"
     return d / (cfg.method + variant_tag(cfg))
 
 
