@@ -19,7 +19,14 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from .compare import merge_variants
 from .config import Config
+from .heldout import heldout_table, paired_losses, relative_difference, verdict
+from .merge import MERGE_METHODS, merged_model
+from .models import load_unet
+from .sampling import TimestepEnsemble
+from .stages import load_base, load_experts, merge_dir, merge_stage
+from .train import run_dir, train, variant_tag
 
 # The paper's Table 3 (PAPER.md §6): CIFAR-10, 100-step DDIM, FID ↓. N=8 there.
 PAPER_TABLE3 = pd.DataFrame({
@@ -73,7 +80,6 @@ def sweep_variants(cfg: Config, what: str) -> dict[str, Config]:
 
 def _train_job(cfg: Config, threads: int | None) -> tuple[str, float, bool]:
     """One training run (in a worker process when jobs run in parallel): (folder, seconds, trained now)."""
-    from .train import run_dir, train
     if threads:
         torch.set_num_threads(threads)
     fresh = not (run_dir(cfg) / "manifest.json").exists()
@@ -101,7 +107,6 @@ def train_variants(variants: dict[str, Config], jobs: int = 1) -> pd.DataFrame:
     per run, runs trained now and their summed training seconds."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
-    from .train import run_dir
     plan = variant_runs(variants)
     if jobs > 1:   # longest runs first, so that short ones fill the end instead of one long run alone
         order = sorted(range(len(plan)), key=lambda k: -run_steps(plan[k][1]))
@@ -122,7 +127,6 @@ def train_variants(variants: dict[str, Config], jobs: int = 1) -> pd.DataFrame:
 
 
 def _is_profile_run(cfg: Config, v: Config) -> bool:
-    from .train import variant_tag
     return v.num_ranges == cfg.num_ranges and not variant_tag(v)
 
 
@@ -132,10 +136,6 @@ def variant_models(cfg: Config, variants: dict[str, Config]) -> list[tuple[str, 
     merge-method table) and ``ensemble``; a single model (N=1 or a baseline) is one row of kind ``model``,
     which is both its merge and its ensemble. Models that notebook 05 scores keep 05's names so the cache
     is shared."""
-    from .models import load_unet
-    from .sampling import TimestepEnsemble
-    from .stages import load_experts
-    from .train import run_dir, variant_tag
     out = []
     for name, v in variants.items():
         if v.method != "deme":
@@ -155,17 +155,13 @@ def variant_models(cfg: Config, variants: dict[str, Config]) -> list[tuple[str, 
     return out
 
 
-def merge_models(cfg: Config, methods=("searched", "uniform", "ties", "dare"), ties_density: float = 0.2,
-                 dare_drop: float = 0.5, seed: int = 0) -> dict[str, torch.nn.Module]:
-    """The range models of ``cfg`` merged by each method: task arithmetic with notebook 04's searched
-    weights (the saved merged model), uniform averaging (w_i = 1/N), TIES (top ``ties_density`` by magnitude,
-    elected sign, disjoint mean) and DARE (drop ``dare_drop``, rescale, uniform weights; seeded)."""
-    from .merge import dare, merged_model, ties, uniform_average
-    from .models import load_unet
-    from .stages import load_base, load_experts, merge_dir
+def merge_models(cfg: Config, methods=None) -> dict[str, torch.nn.Module]:
+    """The range models of ``cfg`` merged by each method of :data:`deme.merge.MERGE_METHODS` (default: all
+    of them), and ``"searched"``: task arithmetic with notebook 04's weights (its saved model). Keys: the
+    methods' labels."""
+    methods = list(MERGE_METHODS) if methods is None else list(methods)
     experts = load_experts(cfg)
     base_sd, sds = load_base(cfg, projection=cfg.projection).state_dict(), [e.state_dict() for e in experts]
-    n = len(sds)
     out = {}
     for m in methods:
         if m == "searched":
@@ -173,31 +169,22 @@ def merge_models(cfg: Config, methods=("searched", "uniform", "ties", "dare"), t
             if not (d / "config.json").exists():
                 raise FileNotFoundError(f"no searched merge at {d}: run notebooks/04_merge.ipynb first")
             out["task arithmetic, searched (04)"] = load_unet(d)
-        elif m == "uniform":
-            out["uniform average"] = merged_model(experts[0], uniform_average(base_sd, sds))
-        elif m == "ties":
-            out[f"TIES (density {ties_density:g})"] = merged_model(experts[0], ties(base_sd, sds, ties_density))
-        elif m == "dare":
-            out[f"DARE (drop {dare_drop:g}, w=1/N)"] = merged_model(
-                experts[0], dare(base_sd, sds, [1.0 / n] * n, drop=dare_drop, seed=seed))
+        elif m in MERGE_METHODS:
+            out[MERGE_METHODS[m].label] = merged_model(experts[0], MERGE_METHODS[m].merge(base_sd, sds))
         else:
-            raise ValueError(f"unknown merge method {m!r}")
+            raise ValueError(f"unknown merge method {m!r}; registered: searched, {', '.join(MERGE_METHODS)}")
     return out
 
 
 def merge_method_heldout(cfg: Config, part: str = "evaluation", progress: bool = False) -> pd.DataFrame:
     """The merge methods on the profile's own range models — task arithmetic with notebook 04's searched
-    weights, uniform averaging, TIES, DARE — and the ensemble, by paired held-out loss against before
-    finetuning (:func:`deme.heldout.heldout_table` rows)."""
-    from .heldout import heldout_table, paired_losses
-    from .sampling import TimestepEnsemble
-    from .stages import load_base, load_experts
-
+    weights and every method of :data:`deme.merge.MERGE_METHODS` (uniform, TIES, DARE, ...) — and the
+    ensemble, by paired held-out loss against before finetuning (:func:`deme.heldout.heldout_table` rows)."""
     def one(method):
         return lambda: next(iter(merge_models(cfg, (method,)).values()))
     models = {"Before finetuning": lambda: load_base(cfg, projection=False),
-              "task arithmetic, searched (04)": one("searched"), "uniform average (w = 1/N)": one("uniform"),
-              "TIES (density 0.2)": one("ties"), "DARE (drop 0.5, w = 1/N)": one("dare"),
+              "task arithmetic, searched (04)": one("searched"),
+              **{m.label: one(name) for name, m in MERGE_METHODS.items()},
               "ensemble (before merge)": lambda: TimestepEnsemble(load_experts(cfg), cfg.num_train_timesteps)}
     return heldout_table(paired_losses(models, cfg, part, progress=progress), cfg)
 
@@ -207,8 +194,6 @@ def variant_heldout(cfg: Config, variants: dict[str, Config], part: str = "evalu
     """The paired held-out loss (:mod:`deme.heldout`) of every model of :func:`variant_models`, against the
     model before finetuning: :func:`deme.heldout.heldout_table` rows with the ``variant`` and ``kind``, and
     the per-image losses (for :func:`step_effects`)."""
-    from .heldout import heldout_table, paired_losses
-    from .stages import load_base
     plan = variant_models(cfg, variants)
     models = {"Before finetuning": lambda: load_base(cfg, projection=False), **{key: load for _, _, key, load in plan}}
     losses = paired_losses(models, cfg, part, progress=progress)
@@ -244,12 +229,6 @@ def budget_study(cfg: Config, budgets, part: str = "evaluation", progress: bool 
     DeMe's ensemble, its uniform merge and its merge with weights searched on the validation images
     (:func:`deme.stages.merge_stage` at that budget). The runs must be trained (:func:`train_variants` of
     :func:`budget_variants`). Rows: :func:`deme.heldout.heldout_table` plus ``steps_per_range`` and ``kind``."""
-    from .compare import merge_variants
-    from .heldout import heldout_table, paired_losses
-    from .models import load_unet
-    from .sampling import TimestepEnsemble
-    from .stages import load_base, load_experts, merge_dir, merge_stage
-    from .train import run_dir
     models, kinds = {"Before finetuning": lambda: load_base(cfg, projection=False)}, []
     for k in budgets:
         c = cfg.replace(steps_per_range=k)
@@ -272,7 +251,6 @@ def step_effects(rows: pd.DataFrame, losses: dict, kind: str = "merge", conditio
     """What each added technique changes: for consecutive variants a → b (in ``rows``' order, from
     :func:`variant_heldout`), the paired held-out Δ% of b against a over all t — the same evaluation images,
     noise and timesteps — with its 95% interval and verdict. A single model stands for both kinds."""
-    from .heldout import relative_difference, verdict
     t = rows[(rows["range"] == "all") & (rows.condition == condition) & rows.kind.isin([kind, "model"])]
     key = dict(zip(t.variant, t.model))
     names = list(dict.fromkeys(t.variant))

@@ -19,7 +19,16 @@ import pandas as pd
 import torch
 
 from .config import ROOT, Config
+from .data import heldout_split
+from .heldout import CONDITIONS, model_fingerprint, relative_difference, verdict
+from .merge import merged_model, task_arithmetic
 from .methods import baselines as all_baselines, get_method
+from .metrics import (_default_device, classifier_features, ensure_classifier, feature_statistics, inception_features,
+                      load_clip, paired_fid, paired_kid, predict, reference_statistics, t_interval)
+from .models import load_unet
+from .sampling import TimestepEnsemble, ddim_sample
+from .stages import PAPER_MERGE_WEIGHTS, load_base, load_experts, merge_dir, write_json
+from .train import run_dir
 
 
 # The paper's numbers (PAPER.md §6), shown beside ours in separate, labelled tables — never mixed with ours.
@@ -46,10 +55,6 @@ def comparison_models(cfg: Config,
     """Row name → loader of the model, in the paper's row order: before finetuning, the ``baselines`` (trained
     by notebook 03), DeMe before merge (the ensemble) and after merge (notebook 04's weights). Loading is lazy
     (one model in memory)."""
-    from .models import load_unet
-    from .sampling import TimestepEnsemble
-    from .stages import load_base, load_experts, merge_dir
-    from .train import run_dir
 
     def baseline(method):
         def load():
@@ -77,8 +82,6 @@ def merge_variants(cfg: Config) -> dict[str, Callable[[], torch.nn.Module]]:
     """The range models one by one and merged with fixed weights — uniform 1/N, the paper's LSUN-Church
     weights (N = 4), plain sum (w = 1) — beside notebook 04's searched merge: held-out rows that show what each
     range model does on its own range and elsewhere, and what the search adds."""
-    from .merge import merged_model, task_arithmetic
-    from .stages import PAPER_MERGE_WEIGHTS, load_base, load_experts
     N = cfg.num_ranges
 
     def expert(i):
@@ -115,8 +118,6 @@ def sample_outputs(model, cfg: Config, seed: int, n: int, steps: int | None = No
     Inception features (``cond_inception``, when ``cond_inception``), and with a ``classifier`` its
     predicted labels (``cond_pred``) and features (``cond_classifier``); ``cond_labels`` the prompted labels.
     Sample j of every model starts from the same noise, so the outputs are paired across models."""
-    from .metrics import classifier_features, inception_features, predict
-    from .sampling import ddim_sample
     out = {"uncond_inception": inception_features(ddim_sample(model, cfg, n, seed=seed, steps=steps))}
     if cfg.num_classes and conditional:
         labels = torch.arange(n) % cfg.num_classes
@@ -144,8 +145,6 @@ def collect_sample_outputs(cfg: Config, n: int, steps: int | None = None, seed: 
     is never served old numbers, and notebooks scoring the same weights share the work. Each model is moved to
     ``device`` (default: the GPU when there is one, else the CPU)."""
     from tqdm.auto import tqdm
-    from .heldout import model_fingerprint
-    from .metrics import _default_device, ensure_classifier
     out_dir = out_dir or ROOT / "runs" / cfg.profile / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else _default_device()
@@ -179,9 +178,6 @@ def paired_sample_table(outputs: dict[str, dict], cfg: Config, reference: str = 
     paired bootstrap over samples (:func:`deme.metrics.paired_fid`); KID: blocks of paired samples
     (:func:`deme.metrics.paired_kid`); ``alignment`` (% of conditional samples the classifier assigns to
     the prompted class): t-interval of the per-sample paired differences."""
-    from .data import heldout_split
-    from .metrics import (classifier_features, ensure_classifier, feature_statistics, paired_fid, paired_kid,
-                          reference_statistics, t_interval)
     any_rec = next(iter(outputs.values()))
     ref_stats = reference_statistics(cfg, "train", n=cfg.fid_reference_size)
     per_metric = {}
@@ -284,9 +280,7 @@ def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed
     and the CLIP score (``clip`` = (model, preprocess, tokenizer); None → :func:`deme.metrics.load_clip`,
     and ``None`` scores when no weights exist). Scores are cached per model, set, size and seed."""
     from tqdm.auto import tqdm
-    from .metrics import load_clip
     from .sd import evaluate, generate
-    from .stages import write_json
     out_dir = Path(out_dir or ROOT / "runs" / cfg.profile / "compare")
     clip = clip if clip is not None else load_clip()
     records = []
@@ -327,8 +321,6 @@ def paired_between(losses: dict, outputs: dict | None, cfg: Config, a: str, b: s
     """Model ``a`` against model ``b`` on the same draws: held-out Δ% over all t for each condition
     (:func:`deme.heldout.relative_difference`), and, when ``outputs`` holds both, unconditional FID difference
     with its paired bootstrap interval. Returns ``{measure: (delta, low, high)}``."""
-    from .heldout import CONDITIONS, relative_difference
-    from .metrics import paired_fid, reference_statistics
     out = {}
     for c in CONDITIONS:
         if c in losses[a]:
@@ -346,7 +338,6 @@ def claims(losses: dict, outputs: dict | None, cfg: Config, baselines: list[str]
     a verdict (``better``/``worse`` only when the interval excludes 0): (b) DeMe merged vs before finetuning,
     (c) merged vs every equal-budget baseline, (d) merge vs ensemble (the paper: the merge is at least as
     good on DDPM FID). Lower is better for every measure here."""
-    from .heldout import verdict
     pairs = [("(b) merged vs before finetuning", "DeMe (after merge)", "Before finetuning")]
     pairs += [(f"(c) merged vs {b}", "DeMe (after merge)", b) for b in baselines]
     pairs += [("(d) merged vs ensemble", "DeMe (after merge)", "DeMe (before merge)"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -113,6 +114,40 @@ def dare(base: StateDict, experts: Sequence[StateDict], weights: Sequence[float]
         sparse.append(out)
     delta = {k: sum(w * tau[k].double() for w, tau in zip(weights, sparse)) for k in sparse[0]}
     return apply_task_vector(base, delta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The merge-method registry: one entry per method; the ablations' merge-method table reads it
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A way to combine N experts with the base: ``merge(base, experts)`` → state dict, with the method's
+    settings fixed in the entry (so its ``label`` says exactly what was merged)."""
+
+    name: str
+    label: str
+    source: str
+    merge: Callable[[StateDict, Sequence[StateDict]], dict[str, torch.Tensor]]
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in (
+    MergeMethod("uniform", "uniform average (w = 1/N)", "task arithmetic with equal weights",
+                uniform_average),
+    MergeMethod("ties", "TIES (density 0.2)", "Yadav et al., NeurIPS 2023",
+                lambda base, experts: ties(base, experts, density=0.2)),
+    MergeMethod("dare", "DARE (drop 0.5, w = 1/N)", "Yu et al., ICML 2024",
+                lambda base, experts: dare(base, experts, [1.0 / len(experts)] * len(experts), drop=0.5, seed=0)),
+)}
+"""Merge methods compared beside DeMe's searched task arithmetic (whose weights come from notebook 04)."""
+
+
+def register_merge_method(method: MergeMethod) -> MergeMethod:
+    """Add a merge method; the merge-method comparison of notebook 06 scores it from then on."""
+    if method.name in MERGE_METHODS:
+        raise ValueError(f"a merge method named {method.name!r} is already registered")
+    MERGE_METHODS[method.name] = method
+    return method
 
 
 def merged_model(template: nn.Module, state: StateDict) -> nn.Module:

@@ -27,63 +27,93 @@ def save_figure(fig, cfg: Config, name: str, dpi: int = 150) -> list[Path]:
     return paths
 
 
-def plot_similarity_heatmap(sim: np.ndarray, timesteps: Sequence[int], ax=None, max_ticks: int = 10,
-                            title: str = "cosine similarity of loss gradients"):
-    """Fig. 1a (left): the K×K gradient-similarity matrix as a heat map (diverging colours centred at 0)."""
+def plot_similarity_heatmap(sim: np.ndarray, timesteps: Sequence[int], ax=None, num_timesteps: int = 1000,
+                            range_bounds: Sequence[int] = (), title: str = "cosine similarity of loss gradients",
+                            colorbar: bool = True):
+    """Fig. 1a (left): the K×K gradient-similarity matrix on the timestep axis [0, T) (each grid point a cell
+    of width T/K), diverging colours centred at 0, round ticks and dashed lines at ``range_bounds`` (DeMe's
+    range boundaries)."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.6, 4.6))
-    ts = np.asarray(timesteps)
-    step = max(1, int(np.ceil(len(ts) / max_ticks)))
-    labels = [str(t) if i % step == 0 else "" for i, t in enumerate(ts)]
-    sns.heatmap(sim, ax=ax, cmap="RdBu_r", vmin=-1, vmax=1, square=True, xticklabels=labels,
-                yticklabels=labels, cbar_kws={"label": "cosine similarity"})
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 4.6))
+    im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1, origin="upper", interpolation="nearest",
+                   extent=(0, num_timesteps, num_timesteps, 0))
+    ticks = np.linspace(0, num_timesteps, 5)
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    for b in range_bounds:
+        ax.axvline(b, color="k", ls="--", lw=0.8)
+        ax.axhline(b, color="k", ls="--", lw=0.8)
     ax.set(xlabel="timestep t", ylabel="timestep t", title=title)
+    if colorbar:
+        fig.colorbar(im, ax=ax, shrink=0.85, label="cosine similarity")
     return fig
 
 
-def plot_similarity_histograms(summary: Mapping, ax=None, bins: int = 30):
-    """Fig. 1a (right): histograms of the pairwise similarity over all pairs vs pairs inside [0, T/4)."""
+def plot_similarity_histograms(summary: Mapping, ax=None, bins: int = 40):
+    """Fig. 1a (right): distributions of the pairwise similarity over all pairs vs pairs inside [0, T/4), as
+    outlines (no blended fills), means marked."""
     import matplotlib.pyplot as plt
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 3.6))
     lo, hi = summary["early_range"]
     edges = np.linspace(-1, 1, bins + 1)
-    ax.hist(summary["all_pairs"], bins=edges, density=True, alpha=0.55, color="C0",
-            label=f"all pairs (mean {summary['all_pairs_mean']:.2f})")
-    if len(summary["early_pairs"]):
-        ax.hist(summary["early_pairs"], bins=edges, density=True, alpha=0.55, color="C3",
-                label=f"pairs inside [{lo}, {hi}) (mean {summary['early_pairs_mean']:.2f})")
+    sets = [("all pairs", summary["all_pairs"], summary["all_pairs_mean"], "C0"),
+            (f"pairs inside [{lo}, {hi})", summary["early_pairs"], summary["early_pairs_mean"], "C3")]
+    for name, values, mean, c in sets:
+        if len(values):
+            ax.hist(values, bins=edges, density=True, histtype="step", lw=2, color=c, label=f"{name} (mean {mean:.2f})")
+            ax.axvline(mean, color=c, ls=":", lw=1.2)
     ax.axvline(0, color="k", lw=0.8)
-    ax.set(xlabel="cosine similarity", ylabel="density", title="distribution over timestep pairs")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="cosine similarity of the two timesteps' gradients", ylabel="density (per unit similarity)",
+           title="distribution over timestep pairs (dotted: means)")
+    ax.legend(fontsize=8, loc="upper left", frameon=False)
     return fig
 
 
-def plot_landscapes(landscapes: Mapping[str, np.ndarray], coords, levels: int = 15, mode: str = "ratio"):
-    """Fig. 4: one contour panel per timestep range (the full range first), each with its own colour scale.
-
-    ``mode``: ``"ratio"`` plots L/L(θ) (panels of very different loss levels compare by shape: a steep
-    range rises by a larger factor), ``"delta"`` plots L − L(θ), ``"raw"`` the loss itself."""
+def plot_gradient_conflict(panels: Mapping[str, tuple[np.ndarray, Sequence[int]]], summary: Mapping,
+                           num_timesteps: int = 1000, range_bounds: Sequence[int] = ()):
+    """Fig. 1a: one heat map per conditioning (e.g. true labels and the null label) and the histograms of the
+    first, on one shared colour scale."""
     import matplotlib.pyplot as plt
+    n = len(panels)
+    fig, axes = plt.subplots(1, n + 1, figsize=(4.4 * n + 5.2, 4.4), layout="constrained",
+                             gridspec_kw={"width_ratios": [1] * n + [1.2]})
+    for k, (ax, (name, (sim, ts))) in enumerate(zip(axes, panels.items())):
+        plot_similarity_heatmap(sim, ts, ax=ax, num_timesteps=num_timesteps, range_bounds=range_bounds,
+                                title=name, colorbar=k == n - 1)
+    plot_similarity_histograms(summary, ax=axes[-1])
+    return fig
+
+
+def plot_landscapes(landscapes: Mapping[str, np.ndarray], coords, upsample: int = 8):
+    """Fig. 4: the loss around θ per timestep range (the full range first) as L/L(θ) on ONE shared
+    logarithmic colour scale, so a range that rises 1,000-fold looks steeper than one that rises 10-fold.
+    The grid is interpolated (cubic, ``upsample``×) for smooth contours; θ is the star."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+    from scipy.ndimage import zoom
     from .analysis import grid_coords
-    if mode not in ("ratio", "delta", "raw"):
-        raise ValueError(f"mode must be 'ratio', 'delta' or 'raw', got {mode!r}")
     a, b = grid_coords(coords)
-    n = len(landscapes)
-    fig, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.2), squeeze=False)
     ia, ib = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(b)))
-    label = {"ratio": "L / L(θ)", "delta": "L − L(θ)", "raw": "L"}[mode]
-    for ax, (name, z) in zip(axes[0], landscapes.items()):
-        z0 = z[ia, ib]
-        zz = z / z0 if mode == "ratio" else z - z0 if mode == "delta" else z
-        cs = ax.contourf(b, a, zz, levels=levels, cmap="viridis")
-        ax.contour(b, a, zz, levels=levels, colors="k", linewidths=0.3)
+    ratios = {name: np.clip(z / z[ia, ib], 1e-3, None) for name, z in landscapes.items()}
+    vmax = max(r.max() for r in ratios.values())
+    norm = LogNorm(vmin=min(1.0, min(r.min() for r in ratios.values())), vmax=vmax)
+    levels = np.geomspace(norm.vmin, vmax, 16)
+    n = len(ratios)
+    ncol = min(n, 3)
+    nrow = int(np.ceil(n / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol + 1.2, 3.4 * nrow), squeeze=False, layout="constrained")
+    fine_a, fine_b = np.linspace(a[0], a[-1], len(a) * upsample), np.linspace(b[0], b[-1], len(b) * upsample)
+    for ax, (name, r) in zip(axes.flat, ratios.items()):
+        fine = np.exp(zoom(np.log(r), upsample, order=3))
+        cs = ax.contourf(fine_b, fine_a, np.clip(fine, norm.vmin, vmax), levels=levels, norm=norm, cmap="viridis")
+        ax.contour(fine_b, fine_a, fine, levels=levels, colors="k", linewidths=0.3)
         ax.plot([b[ib]], [a[ia]], "r*", ms=9)
-        ax.set_title(f"t ∈ {name}\nL(θ) = {z0:.3g}, max L/L(θ) = {z.max() / z0:.3g}", fontsize=9)
+        ax.set_title(f"t ∈ {name}: L(θ) = {landscapes[name][ia, ib]:.3g}, max ×{r.max():.3g}", fontsize=9)
         ax.set_xlabel("β (direction 2)")
-        fig.colorbar(cs, ax=ax, shrink=0.85, label=label)
-    axes[0][0].set_ylabel("α (direction 1)")
-    fig.tight_layout()
+        ax.set_ylabel("α (direction 1)")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(cs, ax=axes, shrink=0.8, label="L / L(θ) (log scale, shared by all panels)")
     return fig
 
 

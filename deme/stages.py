@@ -15,8 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ROOT, Config
+from .data import heldout_batch, heldout_split
+from .heldout import heldout_inputs, heldout_losses, relative_difference
+from .merge import merged_model, task_arithmetic
+from .metrics import (classifier_features, compute_fid_kid, ensure_classifier, fid_from_features,
+                      reference_statistics)
 from .models import base_model_path, load_unet
-from .heldout import heldout_inputs
+from .sampling import ddim_sample
 from .train import run_dir, train, variant_tag
 
 
@@ -96,9 +101,6 @@ def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = No
     profiles: Inception FID against the training set statistics.
     Returns ``score(model) -> float`` and the criterion's name.
     """
-    from .data import heldout_batch
-    from .metrics import fid_from_features
-    from .sampling import ddim_sample
     from .sd import fid_256, generate, is_text_to_image, reference_pairs_features
     steps = steps or cfg.sample_steps
     if is_text_to_image(cfg):
@@ -115,7 +117,6 @@ def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = No
             return fid_256(fake, real, device=device)
         return score, f"FID@256 vs data ({n} captions, {steps} steps, guidance {cfg.guidance_scale})"
     if cfg.dataset in ("fmnist", "digits"):
-        from .metrics import classifier_features, ensure_classifier
         clf = ensure_classifier(cfg)
         real, _ = heldout_batch(cfg, n, seed=4321)
         real_f = classifier_features(clf, real).double().numpy()
@@ -124,7 +125,6 @@ def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = No
             fake = ddim_sample(model, cfg, n, seed=seed, steps=steps)
             return fid_from_features(classifier_features(clf, fake).double().numpy(), real_f)
         return score, f"classifier FD ({n} samples, DDIM-{steps})"
-    from .metrics import compute_fid_kid, reference_statistics
     ref = reference_statistics(cfg, "train")
 
     def score(model) -> float:
@@ -142,7 +142,6 @@ def validation_inputs(cfg: Config, device: str | torch.device | None = None):
     equally: even images with the null label (what unconditional sampling uses), odd ones with their label.
     Other profiles: :func:`heldout_inputs` (``cfg.validation_size`` inputs)."""
     if cfg.dataset in ("fmnist", "digits"):
-        from .data import heldout_split
         x, y = heldout_split(cfg, "validation")
         if cfg.num_classes:
             y = torch.where(torch.arange(len(y)) % 2 == 0, torch.full_like(y, cfg.num_classes), y)
@@ -177,8 +176,6 @@ def search_merge_weights(cfg: Config, *, base: torch.nn.Module | None = None,
     to the profile's (the base with identity projections when ``cfg.projection``); models are evaluated on
     ``device`` (default: CUDA when available), merged on the CPU.
     """
-    from .heldout import heldout_losses, relative_difference
-    from .merge import merged_model, task_arithmetic
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     grid = tuple(grid or cfg.merge_grid)
     base = base if base is not None else load_base(cfg, projection=cfg.projection)
@@ -230,7 +227,6 @@ def merge_stage(cfg: Config, **search_kwargs) -> MergeResult:
     """The merge stage (notebook 04): search the weights (:func:`search_merge_weights`), save the merged model
     (``model/``), the candidates (``candidates.csv``) and the record (``weights.json``) under
     :func:`merge_dir`, and return the result (``folder`` set)."""
-    from .merge import merged_model
     experts = search_kwargs.pop("experts", None) or load_experts(cfg)
     res = search_merge_weights(cfg, experts=experts, **search_kwargs)
     out = merge_dir(cfg)

@@ -291,6 +291,21 @@ def test_plots_render(tmp_path, monkeypatch):
     z = {"[0, 1000)": np.arange(9.0).reshape(3, 3) + 1, "[0, 500)": np.ones((3, 3))}
     figs.append(plots.plot_landscapes(z, np.array([-1, 0, 1.0])))
     figs.append(plots.plot_task_vector_plane(np.arange(9.0).reshape(3, 3), np.array([0, 0.5, 1.0]), (0.3, 0.5)))
+    figs.append(plots.plot_gradient_conflict({"a": (sim, [50, 150, 800]), "b": (-sim, [50, 150, 800])}, s, T, [500]))
+    t = pd.DataFrame({"model": ["m1", "m2"], "delta": [-1.0, 0.5], "low": [-2.0, -0.5], "high": [-0.5, 1.5]})
+    figs.append(plots.plot_paired_deltas({"FID": t, "alignment %": t}, lower_is_better={"alignment %": False}))
+    ho = pd.DataFrame([{"model": m, "range": r, "condition": c, "delta_pct": d, "ci95_low": d - 1, "ci95_high": d + 1}
+                       for m, d in (("Before finetuning", 0.0), ("x", -1.0)) for r in ("all", "0")
+                       for c in ("unconditional", "conditional")])
+    figs.append(plots.plot_heldout_by_range(ho))
+    study = ho.assign(steps_per_range=[10, 10, 20, 20] * 2, kind=["a"] * 4 + ["b"] * 4)
+    figs.append(plots.plot_budget_study(study))
+    cands = pd.DataFrame({"weights": [(0.5, 0.0), (0.0, 0.0)], "kind": ["coordinate search", "base (reference)"],
+                          "loss": [1.0, 1.1], "delta_pct": [-1.0, 0.0], "ci95_low": [-1.5, 0.0],
+                          "ci95_high": [-0.5, 0.0]})
+    figs.append(plots.plot_merge_search(cands))
+    imgs = np.random.default_rng(1).integers(0, 255, (4, 8, 8, 1)).astype(np.uint8)
+    figs.append(plots.plot_sample_rows({"base": imgs, "other": imgs[::-1]}, "base", ["row 0", "row 1"]))
     st = pd.DataFrame([{"layer": l, "range": r, "range_label": f"range {r}", "q5": -1, "q25": -.5, "q50": 0,
                         "q75": .5, "q95": 1} for l in ("a", "b") for r in (0, 1)])
     figs.append(plots.plot_task_vector_boxes(st))

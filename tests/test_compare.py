@@ -32,10 +32,10 @@ def test_sample_outputs_are_collected_on_the_evaluation_device_and_cached_by_wei
     import copy
     import numpy as np
     import torch
-    from deme import compare, metrics
+    from deme import compare
     from deme.config import get_profile
     seen = []
-    monkeypatch.setattr(metrics, "ensure_classifier", lambda *a, **k: None)
+    monkeypatch.setattr(compare, "ensure_classifier", lambda *a, **k: None)
 
     def fake(model, cfg, seed, n, *a, **k):
         seen.append((next(model.parameters()).device.type, seed))

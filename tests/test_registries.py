@@ -51,3 +51,27 @@ def test_unknown_method_names_the_registered_ones():
 def test_registering_a_name_twice_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         methods.register(methods.Method("standard", "again"))
+
+
+def test_a_registered_merge_method_is_merged_and_scored_by_the_merge_method_table(monkeypatch):
+    import numpy as np
+    from deme import ablation as AB, merge as M
+    from deme.models import build_unet
+    cfg = get_profile("smoke")
+    torch.manual_seed(0)
+    base, experts = build_unet(cfg), [build_unet(cfg), build_unet(cfg)]
+    monkeypatch.setattr(AB, "load_experts", lambda c: experts)
+    monkeypatch.setattr(AB, "load_base", lambda c, projection: base)
+    monkeypatch.setitem(M.MERGE_METHODS, "first", M.MergeMethod("first", "first expert only", "a toy",
+                                                                lambda b, e: dict(e[0])))
+    merged = AB.merge_models(cfg, ["first"])["first expert only"]
+    assert all(torch.equal(v, experts[0].state_dict()[k]) for k, v in merged.state_dict().items())
+    seen = []
+
+    def fake_losses(models, cfg, part, progress):
+        seen.extend(models)
+        t = np.array([100, 700])
+        return {name: {"unconditional": np.array([1.0, 2.0]), "t": t} for name in models}
+    monkeypatch.setattr(AB, "paired_losses", fake_losses)
+    table = AB.merge_method_heldout(cfg)
+    assert "first expert only" in seen and "TIES (density 0.2)" in seen and "first expert only" in set(table.model)
