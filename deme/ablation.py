@@ -25,7 +25,7 @@ from .heldout import heldout_table, paired_losses, relative_difference, verdict
 from .merge import MERGE_METHODS, merged_model
 from .models import load_unet
 from .sampling import TimestepEnsemble
-from .stages import load_base, load_experts, merge_dir, merge_stage
+from .stages import load_base, load_experts, merge_dir
 from .train import run_dir, train, variant_tag
 
 # The paper's Table 3 (PAPER.md §6): CIFAR-10, 100-step DDIM, FID ↓. N=8 there.
@@ -123,7 +123,8 @@ def train_variants(variants: dict[str, Config], jobs: int = 1) -> pd.DataFrame:
         r["runs"] += 1
         r["trained now"] += int(fresh)
         r["seconds"] = round(r["seconds"] + sec, 1)
-    return pd.DataFrame(list(rows.values()))
+    return pd.DataFrame(list(rows.values()),
+                        columns=["variant", "runs", "steps per run", "trained now", "seconds", "folder"])
 
 
 def _is_profile_run(cfg: Config, v: Config) -> bool:
@@ -226,17 +227,14 @@ def budget_variants(cfg: Config, budgets) -> dict[str, Config]:
 
 def budget_study(cfg: Config, budgets, part: str = "evaluation", progress: bool = False) -> pd.DataFrame:
     """Held-out Δ% against before finetuning, per budget K (steps per range; N×K per model): ``standard``,
-    DeMe's ensemble, its uniform merge and its merge with weights searched on the validation images
-    (:func:`deme.stages.merge_stage` at that budget). The runs must be trained (:func:`train_variants` of
+    DeMe's ensemble and its uniform merge (w = 1/N, the rule Table 3 uses; no per-budget weight search, which
+    would cost a search per budget). The runs must be trained (:func:`train_variants` of
     :func:`budget_variants`). Rows: :func:`deme.heldout.heldout_table` plus ``steps_per_range`` and ``kind``."""
     models, kinds = {"Before finetuning": lambda: load_base(cfg, projection=False)}, []
     for k in budgets:
         c = cfg.replace(steps_per_range=k)
-        if not (merge_dir(c) / "model" / "config.json").exists():
-            merge_stage(c, progress=progress)
         entries = {"standard": lambda c=c: load_unet(run_dir(c.replace(method="standard", range_index=None)) / "model"),
                    "DeMe ensemble": lambda c=c: TimestepEnsemble(load_experts(c), c.num_train_timesteps),
-                   "DeMe merge, searched": lambda c=c: load_unet(merge_dir(c) / "model"),
                    "DeMe merge, uniform 1/N": merge_variants(c)["DeMe merge, uniform 1/N"]}
         for kind, load in entries.items():
             models[f"K={k} {kind}"] = load

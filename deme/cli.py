@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,15 @@ def stages(cfg, full: bool = False, jobs: int = 1) -> list[tuple[str, str, dict]
     plan += [("04_merge", "04_merge.ipynb", p), ("05_compare", "05_compare.ipynb", pfull),
              ("06_ablation", "06_ablation.ipynb", p06), ("07_gallery", "07_gallery.ipynb", p)]
     return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
+
+
+def publish(executed: Path, dest: Path) -> None:
+    """Copy an executed notebook to ``dest`` without papermill's machine paths (input/output path)."""
+    import nbformat
+    nb = nbformat.read(executed, as_version=4)
+    for key in ("input_path", "output_path"):
+        nb.metadata.get("papermill", {}).pop(key, None)
+    nbformat.write(nb, dest)
 
 
 def _source_hash(notebook: str) -> str:
@@ -128,7 +136,7 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
         write_json(rec_dir / f"{name}.json", rec)
         print(f"[{k}/{len(plan)}] {name}: done in {rec['seconds']:.0f} s", flush=True)
         if update and (notebook != "03_train.ipynb" or name == "03_train_range0"):
-            shutil.copyfile(target, NOTEBOOKS / notebook)
+            publish(target, NOTEBOOKS / notebook)
         return rec
 
     started = time.time()

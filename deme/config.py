@@ -286,6 +286,16 @@ def profile_names() -> list[str]:
     return list(PROFILES)
 
 
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` relative to the repository root when it lies inside it (what notebooks print, so executed
+    copies show no machine paths), else as given (e.g. a hub id)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(ROOT.resolve()))
+    except (ValueError, OSError):
+        return str(path)
+
+
 def figures_dir(cfg: Config) -> Path:
     """Where a profile's figures and tables go: figures/ for the embedded default and the paper profiles
     (committed), runs/<profile>/figures for smoke (tests must not touch the committed figures)."""

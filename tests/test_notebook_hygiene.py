@@ -3,6 +3,7 @@ paths, markdown without stray carriage returns, every table cell showing its tab
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ def test_committed_notebook_is_clean(path):
     nb = json.loads(path.read_text())
     assert nb["metadata"].get("kernelspec"), "papermill needs a kernelspec"
     assert any("parameters" in c["metadata"].get("tags", []) for c in nb["cells"]), "no tagged parameters cell"
+    assert not {"input_path", "output_path"} & set(nb["metadata"].get("papermill", {})), "machine paths in metadata"
     for i, cell in enumerate(nb["cells"]):
         source = "".join(cell["source"])
         if cell["cell_type"] == "markdown":
@@ -46,6 +48,7 @@ def test_committed_notebook_is_clean(path):
             text = _text(out)
             for bad in ("/tmp/", "site-packages", "ERROR:root", "Traceback", "Warning:"):
                 assert bad not in text, f"cell {i}: output contains {bad!r}"
+            assert not re.search(r"/[\w.-]+/(runs|data|figures|notebooks)/", text), f"cell {i}: an absolute path"
             if out["output_type"] == "stream":
                 assert out["name"] != "stderr" or not text.strip(), f"cell {i}: stderr output: {text[:200]!r}"
         if cell["cell_type"] == "code" and cell.get("execution_count") and _shows_a_value(source):
