@@ -150,7 +150,7 @@ def variant_models(cfg: Config, variants: dict[str, Config]) -> list[tuple[str, 
             continue
         ens_key = "DeMe (before merge)" if _is_profile_run(cfg, v) else f"{tag} ensemble"
         out.append((name, "merge", f"{tag} uniform merge",
-                    lambda v=v: merge_models(v, ("uniform",))["uniform average"]))
+                    lambda v=v: merge_models(v, ("uniform",))[MERGE_METHODS["uniform"].label]))
         out.append((name, "ensemble", ens_key,
                     lambda v=v: TimestepEnsemble(load_experts(v), v.num_train_timesteps)))
     return out

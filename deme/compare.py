@@ -165,7 +165,7 @@ def collect_sample_outputs(cfg: Config, n: int, steps: int | None = None, seed: 
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, **rec)
             tmp.replace(path)
-        results[name] = rec
+        results[name] = {k: rec[k] for k in need}   # the same keys for every model, whatever the cache holds
         del model
     return results
 

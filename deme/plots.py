@@ -113,7 +113,10 @@ def plot_landscapes(landscapes: Mapping[str, np.ndarray], coords, upsample: int 
         ax.set_ylabel("α (direction 1)")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.colorbar(cs, ax=axes, shrink=0.8, label="L / L(θ) (log scale, shared by all panels)")
+    cb = fig.colorbar(cs, ax=axes, shrink=0.8, label="L / L(θ) (log scale, shared by all panels)")
+    ticks = [v for v in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if norm.vmin <= v <= vmax]
+    cb.set_ticks(ticks, labels=[f"{v:g}" for v in ticks])
+    cb.minorticks_off()
     return fig
 
 
