@@ -79,17 +79,17 @@ def write_json(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 TEXT_TO_IMAGE_QUALITY_CAP = 2000
-"""The most samples per candidate the merge search's sample-quality stage generates for a text-to-image
-profile (:func:`sample_quality_fn` lowers larger counts to it, with a warning). Stage 2 generates for 6
-candidates (top-k 4, uniform, the base): 6 × 2000 images at 25 steps with guidance is ~12K SD v1.4
-generations, roughly an hour on one A100 (estimate, not measured), where the profile's 30K (the Table 2
-count) would be 180K. The candidates share captions, seeds and reference, so their FIDs are compared paired;
-the absolute value at 2000 samples is biased upwards and is not a Table 2 number."""
+"""The most samples per model :func:`sample_quality_fn` generates for a text-to-image profile (larger counts
+are lowered to it, with a warning): 2000 images at 25 steps with guidance is roughly 10 minutes of SD v1.4 on
+one A100 (estimate, not measured), where the profile's 30K (the Table 2 count) would be hours. Models scored
+with the same captions, seeds and reference compare paired; the absolute value at 2000 samples is biased
+upwards and is not a Table 2 number."""
 
 
 def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = None,
                       device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-    """A sample-quality criterion for the merge search (lower is better).
+    """A sample-quality score of a model (lower is better), e.g. to check a merge beyond the held-out loss
+    (the merge search itself ranks by held-out loss; :func:`search_merge_weights`).
 
     Profiles with a project classifier (fmnist, smoke): the Fréchet distance between classifier features of
     ``n`` unconditional DDIM samples and of ``n`` real test images ("classifier FD" — cheap, and it scores
