@@ -23,8 +23,9 @@ from .data import heldout_split
 from .heldout import CONDITIONS, model_fingerprint, relative_difference, verdict
 from .merge import merged_model, task_arithmetic
 from .methods import baselines as all_baselines, get_method
-from .metrics import (_default_device, classifier_features, ensure_classifier, feature_statistics, inception_features,
-                      load_clip, paired_fid, paired_kid, predict, reference_statistics, t_interval)
+from .metrics import (_default_device, classifier_features, ensure_classifier, feature_statistics, fid_bootstrap,
+                      inception_features, load_clip, paired_difference, paired_fid, paired_kid, predict,
+                      reference_statistics, t_interval)
 from .models import load_unet
 from .sampling import TimestepEnsemble, ddim_sample
 from .stages import PAPER_MERGE_WEIGHTS, load_base, load_experts, merge_dir, write_json
@@ -317,20 +318,26 @@ def save_table(table: pd.DataFrame, formatted: pd.DataFrame, stem: Path, caption
 
 
 def paired_between(losses: dict, outputs: dict | None, cfg: Config, a: str, b: str,
-                   num_bootstrap: int = 200) -> dict[str, tuple[float, float, float]]:
+                   num_bootstrap: int = 200, fid_draws: tuple | None = None) -> dict[str, tuple[float, float, float]]:
     """Model ``a`` against model ``b`` on the same draws: held-out Δ% over all t for each condition
     (:func:`deme.heldout.relative_difference`), and, when ``outputs`` holds both, unconditional FID difference
-    with its paired bootstrap interval. Returns ``{measure: (delta, low, high)}``."""
+    with its paired bootstrap interval (from ``fid_draws`` = :func:`deme.metrics.fid_bootstrap`'s output when
+    given, so that several pairs share one bootstrap). Returns ``{measure: (delta, low, high)}``."""
     out = {}
     for c in CONDITIONS:
         if c in losses[a]:
             out[f"held-out loss, {c} (Δ%)"] = relative_difference(losses[a][c], losses[b][c])
     if outputs and a in outputs and b in outputs:
-        ref = reference_statistics(cfg, "train", n=cfg.fid_reference_size)
-        r = paired_fid({a: outputs[a]["uncond_inception"], b: outputs[b]["uncond_inception"]}, ref.mu, ref.sigma,
-                       b, num_bootstrap)[a]
+        if fid_draws is None:
+            fid_draws = _uncond_fid_draws(outputs, cfg, [a, b], num_bootstrap)
+        r = paired_difference(*fid_draws, a, b)
         out["FID, unconditional (Δ)"] = (r["delta"], r["low"], r["high"])
     return out
+
+
+def _uncond_fid_draws(outputs: dict, cfg: Config, names: list[str], num_bootstrap: int = 200) -> tuple:
+    ref = reference_statistics(cfg, "train", n=cfg.fid_reference_size)
+    return fid_bootstrap({k: outputs[k]["uncond_inception"] for k in names}, ref.mu, ref.sigma, num_bootstrap)
 
 
 def claims(losses: dict, outputs: dict | None, cfg: Config, baselines: list[str]) -> pd.DataFrame:
@@ -343,8 +350,10 @@ def claims(losses: dict, outputs: dict | None, cfg: Config, baselines: list[str]
     pairs += [("(d) merged vs ensemble", "DeMe (after merge)", "DeMe (before merge)"),
               ("ensemble vs before finetuning", "DeMe (before merge)", "Before finetuning")]
     rows = []
+    scored = [m for m in dict.fromkeys(x for _, a, b in pairs for x in (a, b)) if outputs and m in outputs]
+    draws = _uncond_fid_draws(outputs, cfg, scored) if scored else None     # one bootstrap for every pair
     for claim, a, b in pairs:
-        for measure, (d, lo, hi) in paired_between(losses, outputs, cfg, a, b).items():
+        for measure, (d, lo, hi) in paired_between(losses, outputs, cfg, a, b, fid_draws=draws).items():
             rows.append({"claim": claim, "measure": measure, "delta": d, "ci95_low": lo, "ci95_high": hi,
                          "verdict": verdict(lo, hi)})
     return pd.DataFrame(rows)

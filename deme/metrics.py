@@ -783,12 +783,12 @@ class _FrechetBootstrap:
         return float(diff @ diff + tr_a + self.tr_r - 2 * tr_sqrt)
 
 
-def paired_fid(features: dict[str, np.ndarray], mu_r: np.ndarray, sigma_r: np.ndarray, reference: str,
-               num_bootstrap: int = 200, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
-    """FID of each model's features (rows paired across models: row j of every model comes from the same
-    initial noise) against (μr, Σr), and its difference to ``reference`` with a paired bootstrap interval:
-    every resample draws the same rows for every model, so noise the models share cancels. Returns
-    ``{name: {"value", "delta", "low", "high"}}`` (percentile interval of the resampled differences)."""
+def fid_bootstrap(features: dict[str, np.ndarray], mu_r: np.ndarray, sigma_r: np.ndarray,
+                  num_bootstrap: int = 200, seed: int = 0) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """FID of each model's features against (μr, Σr), and of ``num_bootstrap`` resamples of their rows, the
+    same rows for every model (row j of every model comes from the same initial noise). Returns
+    ``(full, draws)``: ``{name: FID}`` and ``{name: array of resampled FIDs}``; any two models' paired
+    difference is read from these (:func:`paired_fid`), so the eigendecompositions are done once per model."""
     n = {len(f) for f in features.values()}
     if len(n) != 1:
         raise ValueError(f"paired FID needs the same number of samples for every model, got {sorted(n)}")
@@ -796,18 +796,31 @@ def paired_fid(features: dict[str, np.ndarray], mu_r: np.ndarray, sigma_r: np.nd
     boots = {k: _FrechetBootstrap(f, mu_r, sigma_r) for k, f in features.items()}
     full = {k: b.fid() for k, b in boots.items()}
     rng = np.random.default_rng(seed)
-    draws = {k: [] for k in boots}
-    for _ in range(num_bootstrap):
+    draws = {k: np.empty(num_bootstrap) for k in boots}
+    for i in range(num_bootstrap):
         idx = rng.integers(0, n, n)
         for k, b in boots.items():
-            draws[k].append(b.fid(idx))
-    ref = np.asarray(draws[reference])
-    out = {}
-    for k in boots:
-        d = np.asarray(draws[k]) - ref
-        lo, hi = np.quantile(d, [0.5 - level / 2, 0.5 + level / 2]) if k != reference else (0.0, 0.0)
-        out[k] = {"value": full[k], "delta": full[k] - full[reference], "low": float(lo), "high": float(hi)}
-    return out
+            draws[k][i] = b.fid(idx)
+    return full, draws
+
+
+def paired_difference(full: dict[str, float], draws: dict[str, np.ndarray], name: str, reference: str,
+                      level: float = 0.95) -> dict[str, float]:
+    """``name`` against ``reference`` from :func:`fid_bootstrap`'s output: ``{"value", "delta", "low", "high"}``
+    (percentile interval of the resampled differences)."""
+    d = draws[name] - draws[reference]
+    lo, hi = np.quantile(d, [0.5 - level / 2, 0.5 + level / 2]) if name != reference else (0.0, 0.0)
+    return {"value": full[name], "delta": full[name] - full[reference], "low": float(lo), "high": float(hi)}
+
+
+def paired_fid(features: dict[str, np.ndarray], mu_r: np.ndarray, sigma_r: np.ndarray, reference: str,
+               num_bootstrap: int = 200, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, float]]:
+    """FID of each model's features (rows paired across models: row j of every model comes from the same
+    initial noise) against (μr, Σr), and its difference to ``reference`` with a paired bootstrap interval:
+    every resample draws the same rows for every model, so noise the models share cancels. Returns
+    ``{name: {"value", "delta", "low", "high"}}`` (percentile interval of the resampled differences)."""
+    full, draws = fid_bootstrap(features, mu_r, sigma_r, num_bootstrap, seed)
+    return {k: paired_difference(full, draws, k, reference, level) for k in features}
 
 
 def _poly_kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -108,6 +108,19 @@ def test_paired_fid_matches_the_frechet_formula_and_a_mean_shift_is_exact():
         paired_fid({"ref": a, "short": a[:10]}, mu, sigma, "ref")
 
 
+def test_a_bootstrap_shared_by_several_pairs_gives_each_pair_its_own_interval():
+    """compare.claims scores every pair from one bootstrap over all models: a pair's numbers must be those of
+    a bootstrap over that pair alone (the resampled rows depend only on n and the seed, not on the models)."""
+    from deme.metrics import fid_bootstrap, paired_difference
+    rng = np.random.default_rng(3)
+    mu, sigma = feature_statistics(rng.normal(size=(300, 8)))
+    feats = {k: rng.normal(size=(40, 8)) * s + s / 4 for k, s in (("a", 1.0), ("b", 1.3), ("c", 0.8))}
+    full, draws = fid_bootstrap(feats, mu, sigma, num_bootstrap=25)
+    for x, y in (("b", "a"), ("c", "b")):
+        alone = paired_fid({x: feats[x], y: feats[y]}, mu, sigma, y, num_bootstrap=25)[x]
+        assert paired_difference(full, draws, x, y) == pytest.approx(alone, rel=1e-12)
+
+
 def test_paired_kid_equals_clean_fid_kid_on_whole_sets():
     rng = np.random.default_rng(2)
     real = rng.normal(size=(50, 8))
