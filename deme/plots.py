@@ -397,3 +397,35 @@ def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_label
     if diffs:
         fig.colorbar(im, ax=axes[1, -1], shrink=0.9, label="pixel difference (0–255 scale)")
     return fig
+
+
+def plot_training_log(log, title: str | None = None):
+    """A training run's ``loss.csv``: ε-MSE and consistency loss (log scale; each point the mean over one
+    logging interval) and throughput per optimizer step."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3))
+    ax[0].plot(log.step, log.eps_mse, label="ε-MSE (Eq. 2)")
+    if "consistency" in log and log.consistency.abs().sum() > 0:
+        ax[0].plot(log.step, log.consistency, label="consistency loss (Eq. 5)")
+    ax[0].set(xlabel="optimizer step", ylabel="training loss", yscale="log")
+    ax[0].legend(frameon=False)
+    ax[1].plot(log.step, log.images_per_s)
+    ax[1].set(xlabel="optimizer step", ylabel="images / s", ylim=(0, None))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_timestep_draws(draws, interval: tuple[int, int], num_timesteps: int, p_global: float):
+    """Histogram of the timesteps a DeMe range trains on (Eq. 6), its own range shaded."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 2.4))
+    ax.hist(np.asarray(draws), bins=100, range=(0, num_timesteps), color="C0")
+    for edge in interval:
+        ax.axvline(edge, color="k", ls="--", lw=1)
+    ax.set(xlabel="timestep t", ylabel="draws", xlim=(0, num_timesteps), ylim=(0, None))
+    ax.set_title(f"timesteps drawn in training: own range [{interval[0]}, {interval[1]}) (dashed),\n"
+                 f"with probability p = {p_global} a micro-batch is drawn from all of [0, {num_timesteps})", fontsize=9)
+    fig.tight_layout()
+    return fig

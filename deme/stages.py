@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import ROOT, Config
+from .config import ROOT, Config, get_profile
 from .data import heldout_batch, heldout_split
 from .heldout import heldout_inputs, heldout_losses, relative_difference
 from .merge import merged_model, task_arithmetic
@@ -22,6 +22,7 @@ from .metrics import (classifier_features, compute_fid_kid, ensure_classifier, f
                       reference_statistics)
 from .models import base_model_path, load_unet
 from .sampling import ddim_sample
+from .timesteps import timestep_ranges
 from .train import run_dir, train, variant_tag
 
 
@@ -37,6 +38,36 @@ def ensure_base_model(cfg: Config) -> str:
         return path
     out = train(cfg.replace(method="pretrain"), Path(path).parent)
     return str(out / "model")
+
+
+def training_config(profile: str | None = None, method: str = "deme", range_index: int = 0,
+                    num_ranges: int | None = None, p_global: float | None = None, consistency: bool = True,
+                    projection: bool = True, steps_per_range: int | None = None, seed: int = 0) -> Config:
+    """The configuration of one training run (notebook 03's parameters): a DeMe range or a baseline, with the
+    ablation switches of Table 3. ``None`` keeps the profile's value; a range outside 0..N-1 stops here with a
+    clear error."""
+    overrides = dict(method=method, seed=seed, consistency_weight=1.0 if consistency else 0.0, projection=projection)
+    overrides.update({k: v for k, v in dict(num_ranges=num_ranges, p_global=p_global,
+                                            steps_per_range=steps_per_range).items() if v is not None})
+    if method == "deme":
+        overrides["range_index"] = range_index
+    return get_profile(profile, **overrides)
+
+
+def describe_training(cfg: Config) -> str:
+    """What a training run does, in two or three lines (printed by notebook 03)."""
+    ranges = timestep_ranges(cfg.num_train_timesteps, cfg.num_ranges)
+    lines = [f"profile={cfg.profile} method={cfg.method} N={cfg.num_ranges} ranges={ranges}"]
+    if cfg.method == "deme":
+        lines.append(f"range {cfg.range_index}: t in {ranges[cfg.range_index]}, p={cfg.p_global} ({cfg.sampling}), "
+                     f"consistency λ={cfg.consistency_weight}, projection={cfg.projection}, "
+                     f"K={cfg.steps_per_range} steps")
+    else:
+        lines.append(f"{cfg.num_ranges}×{cfg.steps_per_range} = {cfg.num_ranges * cfg.steps_per_range} steps over [0, "
+                     f"{cfg.num_train_timesteps}) (the DeMe ranges' total budget)")
+    lines.append(f"batch {cfg.batch_size} x accumulation {cfg.grad_accum}, lr {cfg.lr}, "
+                 f"mixed precision {cfg.mixed_precision}")
+    return "\n".join(lines)
 
 
 def expert_dir(cfg: Config, range_index: int) -> Path:

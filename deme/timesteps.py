@@ -55,6 +55,20 @@ def sample_timesteps(batch: int, interval: tuple[int, int], num_timesteps: int, 
     raise ValueError(f"unknown sampling mode {mode!r}; use 'antithetic' or 'iid'")
 
 
+def sampling_check(num_timesteps: int, num_ranges: int, range_index: int, p_global: float, batch: int,
+                   mode: str = "antithetic", num_batches: int = 2000,
+                   seed: int = 0) -> tuple[torch.Tensor, float, float]:
+    """Draw ``num_batches`` micro-batches of :func:`sample_timesteps` for one range and return
+    ``(draws, fraction inside the range, its expectation 1 − p + p/N)``: the probabilistic sampling of Eq. 6
+    as training sees it."""
+    interval = timestep_ranges(num_timesteps, num_ranges)[range_index]
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.cat([sample_timesteps(batch, interval, num_timesteps, p_global, mode, g)
+                       for _ in range(num_batches)])
+    inside = ((draws >= interval[0]) & (draws < interval[1])).float().mean().item()
+    return draws, inside, 1 - p_global + p_global / num_ranges
+
+
 def stratified_timesteps(n: int, t_range: tuple[int, int]) -> torch.Tensor:
     """``n`` timesteps spread evenly over ``[lo, hi)``: image j gets ``lo + ⌊(j + ½)(hi − lo)/n⌋``.
 

@@ -279,3 +279,21 @@ def test_ensemble_calls_the_expert_whose_range_holds_t():
     assert out[:, 0, 0, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     for tt, expect in ((0, 0), (333, 1), (999, 3)):
         assert ens(x[:2], torch.tensor(tt)).sample.unique().item() == expect
+
+
+def test_sampling_check_matches_eq6_and_training_config_applies_notebook_03s_switches():
+    from deme.stages import describe_training, training_config
+    from deme.timesteps import sampling_check
+    # p = 0: every draw inside the own range; p = 1: uniform over [0, T), so 1/N of the draws land inside
+    _, inside0, exp0 = sampling_check(1000, 4, 2, 0.0, 16, num_batches=50)
+    assert inside0 == 1.0 == exp0
+    draws, inside1, exp1 = sampling_check(1000, 4, 2, 1.0, 16, "iid", num_batches=500)
+    assert exp1 == 0.25 and abs(inside1 - 0.25) < 0.03 and draws.min() >= 0 and draws.max() < 1000
+    _, inside, expected = sampling_check(1000, 4, 1, 0.3, 16, "iid", num_batches=500)
+    assert expected == pytest.approx(0.775) and abs(inside - expected) < 0.03
+    cfg = training_config("smoke", "deme", 1, consistency=False, projection=False, steps_per_range=3)
+    assert (cfg.range_index, cfg.consistency_weight, cfg.projection, cfg.steps_per_range) == (1, 0.0, False, 3)
+    assert "range 1: t in (500, 1000)" in describe_training(cfg)
+    assert "8 steps over [0, 1000)" in describe_training(training_config("smoke", "standard"))
+    with pytest.raises(ValueError, match="outside"):
+        training_config("smoke", "deme", 5)
