@@ -12,7 +12,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .analysis import activation_change_summary
 from .config import Config, figures_dir
+from .weightspace import grid_coords
 
 
 def save_figure(fig, cfg: Config, name: str, dpi: int = 150) -> list[Path]:
@@ -91,7 +93,6 @@ def plot_landscapes(landscapes: Mapping[str, np.ndarray], coords, upsample: int 
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
     from scipy.ndimage import zoom
-    from .analysis import grid_coords
     a, b = grid_coords(coords)
     ia, ib = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(b)))
     ratios = {name: np.clip(z / z[ia, ib], 1e-3, None) for name, z in landscapes.items()}
@@ -125,7 +126,6 @@ def plot_task_vector_plane(loss: np.ndarray, coords, merge_point: tuple[float, f
     """Fig. 6a: training loss on the plane θ + a·τ_a + b·τ_b, with θ (0, 0), θ_a (1, 0), θ_b (0, 1), the grid's
     best point and, when given, a merge point (w_a, w_b)."""
     import matplotlib.pyplot as plt
-    from .analysis import grid_coords
     a, b = grid_coords(coords)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 4.4))
     cs = ax.contourf(a, b, loss.T, levels=levels, cmap="viridis")   # x = a, y = b
@@ -208,7 +208,6 @@ def plot_activation_changes(changes: Mapping[str, Mapping[str, np.ndarray]], bin
                 label=f"over space → per channel (CV {ch.std() / max(ch.mean(), 1e-30):.2f})")
         title = name
         if "per_channel_shuffled" in changes[name]:
-            from .analysis import activation_change_summary
             row = activation_change_summary({name: changes[name]}).iloc[0]
             title += f"\nCV ratio {row.cv_ratio:.2f} (entries shuffled: {row.cv_ratio_shuffled:.2f})"
         ax.set_title(title, fontsize=8)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from deme import analysis as A
+from deme import analysis as A, weightspace as W
 from deme.config import get_profile
 from deme.models import build_unet, make_scheduler, with_projections
 
@@ -146,17 +146,17 @@ def test_landscape_origin_equals_the_models_loss_computed_independently():
     from deme.train import heldout_loss
     model = smoke_unet(1)
     x, y = batch(8, seed=1)
-    d1, d2 = A.filter_normalized_direction(model, 1), A.filter_normalized_direction(model, 2)
+    d1, d2 = W.filter_normalized_direction(model, 1), W.filter_normalized_direction(model, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     coords = np.array([-0.2, 0.0, 0.2])
-    z = A.loss_landscape_2d(model, CFG, x, y, d1, d2, coords, seed=7)
+    z = W.loss_landscape_2d(model, CFG, x, y, d1, d2, coords, seed=7)
     assert z.shape == (3, 3)
     # full range: heldout_loss draws the same noise and stratified timesteps
     assert z[1, 1] == pytest.approx(heldout_loss(model, CFG, x, y, seed=7)["loss"], rel=1e-5)
     t_full = ((torch.arange(8) + 0.5) * T / 8).long()
     assert z[1, 1] == pytest.approx(hand_loss(model, x, y, t_full, 7), rel=1e-5)
     # a sub-range: timesteps lo + ⌊(j + ½)(hi − lo)/n⌋
-    zr = A.loss_landscape_2d(model, CFG, x, y, d1, d2, (np.array([0.0, 0.3]), np.array([0.0])), (500, 750), seed=7)
+    zr = W.loss_landscape_2d(model, CFG, x, y, d1, d2, (np.array([0.0, 0.3]), np.array([0.0])), (500, 750), seed=7)
     t_sub = 500 + ((torch.arange(8) + 0.5) * 250 / 8).long()
     assert zr[0, 0] == pytest.approx(hand_loss(model, x, y, t_sub, 7), rel=1e-5)
     # weights restored; a grid point equals the loss of θ + α d1 set by hand
@@ -172,7 +172,7 @@ def test_landscape_origin_equals_the_models_loss_computed_independently():
 
 def test_filter_normalized_direction_matches_filter_norms():
     model = smoke_unet(2, projection=True)
-    d = A.filter_normalized_direction(model, seed=0)
+    d = W.filter_normalized_direction(model, seed=0)
     params = dict(model.named_parameters())
     assert set(d) == set(params)
     for k, p in params.items():
@@ -183,7 +183,7 @@ def test_filter_normalized_direction_matches_filter_norms():
         torch.testing.assert_close(d[k].reshape(len(w), -1).norm(dim=1), w.reshape(len(w), -1).norm(dim=1),
                                    rtol=1e-5, atol=1e-6)
     assert not torch.equal(d["conv_in.weight"], params["conv_in.weight"].detach())   # random, not a copy
-    d_w = A.filter_normalized_direction(model, seed=0, one_dim="weight")
+    d_w = W.filter_normalized_direction(model, seed=0, one_dim="weight")
     torch.testing.assert_close(d_w["conv_in.bias"], params["conv_in.bias"].detach())
     torch.testing.assert_close(d_w["conv_in.weight"], d["conv_in.weight"])            # same seed, same draw
 
@@ -199,7 +199,7 @@ def test_task_vector_plane_corners_equal_the_models_losses():
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
         experts.append(e.eval())
     x, y = batch(6, seed=2)
-    z = A.task_vector_plane_loss(base, experts[0], experts[1], CFG, x, y, np.array([0.0, 0.5, 1.0]), seed=4)
+    z = W.task_vector_plane_loss(base, experts[0], experts[1], CFG, x, y, np.array([0.0, 0.5, 1.0]), seed=4)
     t = ((torch.arange(6) + 0.5) * T / 6).long()
     assert z[0, 0] == pytest.approx(hand_loss(base, x, y, t, 4), rel=1e-5)
     assert z[2, 0] == pytest.approx(hand_loss(experts[0], x, y, t, 4), rel=1e-5)
@@ -250,7 +250,7 @@ def test_task_vector_stats_hand_computed():
         e1.weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
         e1.bias.copy_(torch.tensor([-1.0, 1.0]))
         e2.weight.copy_(torch.tensor([[-2.0, 0.0], [0.0, 2.0]]))
-    st = A.task_vector_stats(base, [e1, e2])
+    st = W.task_vector_stats(base, [e1, e2])
     r = st.set_index(["layer", "range"])
     w1 = r.loc[("weight", 0)]
     assert (w1.n, w1["mean"], w1.q0, w1.q100) == (4, 2.5, 1.0, 4.0)
@@ -262,7 +262,7 @@ def test_task_vector_stats_hand_computed():
     w2 = r.loc[("weight", 1)]
     assert w2["mean"] == 0 and w2.abs_mean == 1 and w2.abs_max == 2 and w2.q50 == 0
     assert r.loc[("bias", 1)].abs_max == 0
-    grouped = A.task_vector_stats(base, [e1], group=lambda k: "all")
+    grouped = W.task_vector_stats(base, [e1], group=lambda k: "all")
     assert grouped.n.tolist() == [6] and grouped["mean"].iloc[0] == pytest.approx(10 / 6)
 
 
@@ -271,7 +271,7 @@ def test_task_vector_stats_counts_projections_from_identity():
     ft = with_projections(copy.deepcopy(base))
     with torch.no_grad():
         ft.mid_block.channel_projection.weight.add_(0.5)
-    st = A.task_vector_stats(base, [ft], group="block")
+    st = W.task_vector_stats(base, [ft], group="block")
     mid = st.set_index("layer").loc["mid_block"]
     assert mid.abs_max == pytest.approx(0.5)
     assert st.set_index("layer").loc["conv_in"].abs_max == 0
@@ -317,5 +317,24 @@ def test_plots_render(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "figures_dir", lambda cfg: tmp_path)
     paths = plots.save_figure(figs[0], CFG, "heat")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
-    assert A.landscape_summary(z, np.array([-1, 0, 1.0])).loc[0, "curvature_alpha"] == pytest.approx(0.0)
+    assert W.landscape_summary(z, np.array([-1, 0, 1.0])).loc[0, "curvature_alpha"] == pytest.approx(0.0)
     plt.close("all")
+
+
+def test_notebook_01_helpers_sizes_and_both_conditionings():
+    assert A.analysis_sizes(CFG)["batch"] == A.ANALYSIS_SIZES["smoke"]["batch"]
+    assert A.analysis_sizes(get_profile("fmnist"), batch=8)["batch"] == 8            # a given size wins
+    assert A.analysis_sizes(get_profile("cifar10")) == A.ANALYSIS_SIZES["default"]
+    with pytest.raises(ValueError, match="unknown analysis sizes"):
+        A.analysis_sizes(CFG, batchsize=8)
+    # SignModel ignores labels: both conditionings see the same exactly opposite gradients (cos ±1)
+    images, labels = torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 3])
+    cfg = CFG.replace(num_classes=10)
+    panels = A.conflict_panels(SignModel(), cfg, images, labels, [100, 700], conditional=False)
+    assert list(panels) == ["null label (unconditional)", "true labels"]
+    for sim, _ in panels.values():
+        np.testing.assert_allclose(sim, [[1, -1], [-1, 1]], atol=1e-6)
+    assert list(A.conflict_panels(SignModel(), CFG.replace(num_classes=None), images, labels, [100, 700])) == \
+        ["unconditional model"]
+    table = A.similarity_table(panels, T)
+    assert table.loc["min"].tolist() == pytest.approx([-1, -1]) and table.loc["negative_fraction"].tolist() == [1, 1]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from deme import analysis as A
+from deme import analysis as A, weightspace as W
 from deme.config import get_profile
 from deme.models import build_unet, load_unet, with_projections
 
@@ -84,14 +84,14 @@ def test_analyses_with_models_on_cuda():
             for k in ("per_position", "per_channel", "per_position_shuffled", "per_channel_shuffled"):
                 np.testing.assert_allclose(ch[name][k], c[k], rtol=1e-3, atol=1e-5)
     coords = np.array([0.0, 1.0])
-    plane = A.task_vector_plane_loss(gb, ge[0], ge[1], CFG, x, y, coords, seed=4)
-    np.testing.assert_allclose(plane, A.task_vector_plane_loss(base, *experts, CFG, x, y, coords, seed=4), rtol=1e-4)
-    lands = A.range_landscapes(gb, CFG, x, y, np.array([-0.1, 0.0, 0.1]), num_ranges=2)
-    ref = A.range_landscapes(base, CFG, x, y, np.array([-0.1, 0.0, 0.1]), num_ranges=2)
+    plane = W.task_vector_plane_loss(gb, ge[0], ge[1], CFG, x, y, coords, seed=4)
+    np.testing.assert_allclose(plane, W.task_vector_plane_loss(base, *experts, CFG, x, y, coords, seed=4), rtol=1e-4)
+    lands = W.range_landscapes(gb, CFG, x, y, np.array([-0.1, 0.0, 0.1]), num_ranges=2)
+    ref = W.range_landscapes(base, CFG, x, y, np.array([-0.1, 0.0, 0.1]), num_ranges=2)
     for k in ref:
         np.testing.assert_allclose(lands[k], ref[k], rtol=1e-4)
-    st = A.task_vector_stats(gb, ge, group="block")
-    pd_ref = A.task_vector_stats(base, experts, group="block")
+    st = W.task_vector_stats(gb, ge, group="block")
+    pd_ref = W.task_vector_stats(base, experts, group="block")
     np.testing.assert_allclose(st["abs_max"], pd_ref["abs_max"], rtol=1e-6)
 
 
