@@ -428,3 +428,43 @@ def plot_timestep_draws(draws, interval: tuple[int, int], num_timesteps: int, p_
                  f"with probability p = {p_global} a micro-batch is drawn from all of [0, {num_timesteps})", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def plot_base_convergence(log, steps: int, fraction: float = 0.2):
+    """Pretraining of the embedded base model: training loss per logged step and the held-out loss, the last
+    ``fraction`` of the run shaded (a converged base changes little there)."""
+    import matplotlib.pyplot as plt
+    held = log.dropna(subset=["heldout_loss"])
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
+    ax[0].plot(log.step, log.loss, lw=0.8)
+    ax[0].set(xlabel="optimizer step", ylabel="training loss (ε-MSE)", yscale="log", title="training loss")
+    ax[1].plot(held.step, held.heldout_loss, marker=".", lw=1)
+    ax[1].axvspan((1 - fraction) * steps, steps, color="0.9", label=f"last {fraction:.0%} of the run")
+    ax[1].set(xlabel="optimizer step", ylabel="held-out loss (ε-MSE, all t)", yscale="log",
+              title="held-out loss (fixed test images, noise and t)")
+    ax[1].legend(frameon=False, loc="upper right")
+    return fig
+
+
+def plot_base_samples(conditional, unconditional, class_names: Sequence[str] = (), per_class: int = 10):
+    """Samples of the base model: one row per class (labelled) beside a grid of unconditional samples."""
+    import matplotlib.pyplot as plt
+    from .sampling import image_grid
+    panels = [("class-conditional (one row per class)", conditional)] if conditional is not None else []
+    panels.append(("unconditional (null label)", unconditional))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5.6), layout="constrained", squeeze=False)
+    for ax, (title, images) in zip(axes[0], panels):
+        grid = image_grid(images, per_class)
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(title)
+        ax.set_xticks([])
+        rows = -(-len(images) // per_class)
+        if class_names and images is conditional:
+            step = grid.shape[0] / rows
+            ax.set_yticks([(i + 0.5) * step for i in range(rows)], list(class_names)[:rows], fontsize=8)
+            ax.tick_params(length=0)
+        else:
+            ax.set_yticks([])
+        for side in ax.spines.values():
+            side.set_visible(False)
+    return fig

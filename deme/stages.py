@@ -40,6 +40,23 @@ def ensure_base_model(cfg: Config) -> str:
     return str(out / "model")
 
 
+def base_training_log(base_path: str | Path) -> tuple[dict, pd.DataFrame]:
+    """The manifest and ``loss.csv`` of a base model pretrained by the project (the folder above ``model/``)."""
+    run = Path(base_path).parent
+    return json.loads((run / "manifest.json").read_text()), pd.read_csv(run / "loss.csv")
+
+
+def last_fraction_change(log: pd.DataFrame, steps: int, fraction: float = 0.2) -> tuple[float, float, float]:
+    """Held-out loss at the start and the end of the last ``fraction`` of a run, and the relative change: has
+    pretraining converged? Returns ``(first, last, (last − first) / first)``."""
+    held = log.dropna(subset=["heldout_loss"])
+    tail = held[held.step >= (1 - fraction) * steps].heldout_loss
+    if tail.empty:
+        raise ValueError(f"no held-out loss logged in the last {fraction:.0%} of {steps} steps")
+    first, last = float(tail.iloc[0]), float(tail.iloc[-1])
+    return first, last, (last - first) / first
+
+
 def training_config(profile: str | None = None, method: str = "deme", range_index: int = 0,
                     num_ranges: int | None = None, p_global: float | None = None, consistency: bool = True,
                     projection: bool = True, steps_per_range: int | None = None, seed: int = 0) -> Config:

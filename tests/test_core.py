@@ -297,3 +297,12 @@ def test_sampling_check_matches_eq6_and_training_config_applies_notebook_03s_swi
     assert "8 steps over [0, 1000)" in describe_training(training_config("smoke", "standard"))
     with pytest.raises(ValueError, match="outside"):
         training_config("smoke", "deme", 5)
+
+
+def test_last_fraction_change_reads_the_held_out_loss_of_the_runs_end():
+    import pandas as pd
+    from deme.stages import last_fraction_change
+    log = pd.DataFrame({"step": [10, 20, 80, 90, 100], "heldout_loss": [1.0, None, 0.5, None, 0.4]})
+    assert last_fraction_change(log, 100) == pytest.approx((0.5, 0.4, -0.2))     # steps >= 80: 0.5 -> 0.4
+    with pytest.raises(ValueError, match="no held-out loss"):
+        last_fraction_change(log.iloc[:2], 100)
