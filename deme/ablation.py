@@ -258,3 +258,13 @@ def step_effects(rows: pd.DataFrame, losses: dict, kind: str = "merge", conditio
         out.append({"from": a, "to": b, "delta_pct": d, "ci95_low": lo, "ci95_high": hi,
                     "verdict": verdict(lo, hi)})
     return pd.DataFrame(out)
+
+
+def step_table(rows: pd.DataFrame, losses: dict, kinds: tuple[str, ...] = ("merge", "ensemble")) -> pd.DataFrame:
+    """Claim (e) of the paper: :func:`step_effects` for every kind (merged, ensemble) and every condition
+    scored in ``rows``, in one long table (columns ``kind``, ``condition``, ``from``, ``to``, ``delta_pct``,
+    ``ci95_low``, ``ci95_high``, ``verdict``)."""
+    parts = [step_effects(rows, losses, k, c).assign(kind=k, condition=c)
+             for k in kinds for c in dict.fromkeys(rows.condition)]
+    out = pd.concat(parts, ignore_index=True)
+    return out[["kind", "condition", "from", "to", "delta_pct", "ci95_low", "ci95_high", "verdict"]]

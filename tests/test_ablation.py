@@ -84,6 +84,9 @@ def test_step_effects_are_paired_differences_between_consecutive_variants():
     ens = AB.step_effects(rows, losses, "ensemble").iloc[0]
     # ensemble: ref + 0.1 against 1.5 ref: mean difference (0.1*4 - 0.5*10)/4 = -1.15 over mean 15/4
     assert ens.delta_pct == pytest.approx(100 * -1.15 / 3.75)
+    both = AB.step_table(rows, losses)           # claim (e)'s table: one row per kind and condition
+    assert list(zip(both.kind, both.condition)) == [("merge", "unconditional"), ("ensemble", "unconditional")]
+    assert both.delta_pct.tolist() == pytest.approx([-20.0, 100 * -1.15 / 3.75])
 
 
 def test_variant_summary_fills_both_columns_for_a_single_model():
