@@ -203,7 +203,7 @@ def variant_heldout(cfg: Config, variants: dict[str, Config], part: str = "evalu
 
 
 def variant_summary(rows: pd.DataFrame, condition: str = "unconditional", rng: str = "all",
-                    digits: int = 2) -> pd.DataFrame:
+                    digits: int = 3) -> pd.DataFrame:
     """One row per variant, a column per kind (merged with w = 1/N, ensemble; a single model fills both):
     held-out Δ% against before finetuning with its 95% interval, for ``condition`` and range ``rng``."""
     t = rows[(rows.condition == condition) & (rows["range"] == rng)]

@@ -93,8 +93,8 @@ def test_variant_summary_fills_both_columns_for_a_single_model():
     rows, _ = _rows_and_losses()
     s = AB.variant_summary(rows)
     assert list(s.index) == ["a", "b"]
-    assert s.loc["a", "merged (w = 1/N)"] == s.loc["a", "ensemble"] == "+50.00 [+50.00, +50.00]"
-    assert s.loc["b", "merged (w = 1/N)"] == "+20.00 [+20.00, +20.00]"
+    assert s.loc["a", "merged (w = 1/N)"] == s.loc["a", "ensemble"] == "+50.000 [+50.000, +50.000]"
+    assert s.loc["b", "merged (w = 1/N)"] == "+20.000 [+20.000, +20.000]"
 
 
 def test_records_written_before_a_field_existed_still_match():
