@@ -24,8 +24,8 @@ Gradient conflict, the method (the paper does not give its procedure; this is ou
     CPU core — for small models the exact cosines are cheaper.
 
 Models: diffusers ``UNet2DModel`` (unconditional or class-conditional, with or without DeMe's projections), or
-any module called as ``model(x_t, t[, class_labels=...]).sample``. Text-conditioned UNets (Stable Diffusion)
-are not covered by these helpers.
+any module called as ``model(x_t, t[, class_labels=...]).sample``, and text-conditioned UNets (Stable Diffusion):
+their "labels" are caption embeddings, fed as ``encoder_hidden_states`` (:func:`deme.models.conditioning_kwargs`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from torch import nn
 
 from .config import Config
 from .losses import per_sample_mse
-from .models import make_scheduler
+from .models import conditioning_kwargs, make_scheduler
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -65,7 +65,10 @@ def timestep_grid(num_train_timesteps: int, k: int) -> np.ndarray:
 def model_labels(cfg: Config, labels: torch.Tensor, conditional: bool = False) -> torch.Tensor | None:
     """The ``class_labels`` to feed a model of ``cfg`` for a batch with ``labels``: None for unconditional
     profiles; the labels themselves when ``conditional``; otherwise the null token ``num_classes`` for every
-    image (the unconditional loss, as for the paper's unconditional DDPMs)."""
+    image (the unconditional loss, as for the paper's unconditional DDPMs). Text-to-image profiles: the caption
+    embeddings of :func:`analysis_batch` as they are (a float tensor: the captioned loss the model trains on)."""
+    if labels is not None and labels.is_floating_point():
+        return labels            # text-to-image: the caption embeddings (the conditioning the model trains on)
     if not cfg.num_classes:
         return None
     if conditional:
@@ -76,16 +79,16 @@ def model_labels(cfg: Config, labels: torch.Tensor, conditional: bool = False) -
 def analysis_batch(cfg: Config, n: int, seed: int = 0, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed batch of ``n`` real images and their labels (training split by default: the training loss is
     what the analyses probe). In-memory datasets are subsampled with a seeded permutation; the others take
-    the first batch of the seeded training stream."""
+    the first batch of the seeded training stream; for text-to-image profiles the "labels" are the captions'
+    text embeddings (B, 77, D) and the images the VAE latents."""
     from .data import load_tensor_dataset, training_batches
     if cfg.dataset in ("fmnist", "digits"):
         images, labels = load_tensor_dataset(cfg, split)
         idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
         return images[idx], labels[idx]
     x, cond = training_batches(cfg, n, seed).batch(0)
-    if not isinstance(cond, torch.Tensor):
-        raise NotImplementedError(f"profile {cfg.profile!r} conditions on {type(cond).__name__} (e.g. text "
-                                  "embeddings); the analyses cover unconditional and class-conditional UNets")
+    if isinstance(cond, dict):   # text-to-image: (latents, caption embeddings)
+        return x, cond["encoder_hidden_states"]
     return x, cond
 
 
@@ -94,8 +97,7 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _forward(model: nn.Module, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    kw = {"class_labels": labels} if labels is not None else {}
-    return model(xt, t, **kw).sample
+    return model(xt, t, **conditioning_kwargs(labels)).sample
 
 
 def fixed_batch_loss(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,

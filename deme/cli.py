@@ -1,8 +1,9 @@
-"""Command line: ``python -m deme reproduce|train|profiles``.
+"""Command line: ``python -m deme reproduce|rehearse|train|profiles``.
 
     python -m deme reproduce --profile fmnist          # the main job: every notebook that exists, in order
     python -m deme reproduce --profile fmnist --force   # redo stages whose outputs exist
     python -m deme train --profile fmnist --range 2     # one training job (see deme.train)
+    python -m deme rehearse --profile church            # a paper profile end to end on CPU stand-ins (deme.rehearse)
 """
 
 from __future__ import annotations
@@ -195,6 +196,12 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--full", action="store_true",
                    help="all seven baselines in 05, the budget study and sweeps over N and p in 06")
     r.add_argument("--keep-going", action="store_true", help="after a failed stage, run the remaining ones")
+    h = sub.add_parser("rehearse", help="run a paper profile's whole pipeline offline on CPU-sized stand-ins")
+    h.add_argument("--profile", required=True, choices=["cifar10", "church", "bedroom", "sd14"])
+    h.add_argument("--root", default=None, help="where the stand-ins and runs go (default: a temporary folder, "
+                                                  "removed afterwards unless --keep)")
+    h.add_argument("--keep", action="store_true", help="keep the temporary root")
+    h.add_argument("--jobs", type=int, default=2, help="training stages run at once (one thread each)")
     sub.add_parser("train", help="one training job (python -m deme train --help)")
     sub.add_parser("profiles", help="list the profiles")
     a = p.parse_args(argv)
@@ -202,6 +209,18 @@ def main(argv: list[str] | None = None) -> None:
         for name in profile_names():
             c = get_profile(name)
             print(f"{name:8s} {c.dataset:13s} {c.image_size:4d}px  {c.pretrained or 'base model trained here'}")
+    elif a.cmd == "rehearse":
+        import shutil
+        import tempfile
+        from .rehearse import rehearse
+        root = Path(a.root) if a.root else Path(tempfile.mkdtemp(prefix=f"deme_rehearse_{a.profile}_"))
+        try:
+            rec = rehearse(a.profile, root, jobs=a.jobs)
+        finally:
+            if not a.root and not a.keep:
+                shutil.rmtree(root, ignore_errors=True)
+        if rec["returncode"] or None in rec["stage_seconds"].values():
+            raise SystemExit(1)
     elif a.cmd == "reproduce":
         try:
             get_profile(a.profile)

@@ -218,6 +218,11 @@ def format_paired(table: pd.DataFrame, metrics: list[str], digits: int | None = 
     return pd.DataFrame(out, index=index)
 
 
+PROMPT_SET_ENV = {"coco_captions": "DEME_COCO_CAPTIONS", "coco_images": "DEME_COCO_IMAGES", "parti": "DEME_PARTI",
+                  "imagenet_classes": "DEME_IMAGENET_CLASSES", "imagenet_images": "DEME_IMAGENET_IMAGES"}
+"""The environment variables :func:`text_to_image_prompt_sets` reads the paths of Table 2's files from."""
+
+
 def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, coco_images: str | None = None,
                               parti: str | None = None, imagenet_classes: str | None = None,
                               imagenet_images: str | None = None, n_coco: int = 30_000, seed: int = 0,
@@ -234,8 +239,18 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
       against ``imagenet_images`` when given, CLIP score;
     - ``PartiPrompts``: the prompts of ``parti`` (PartiPrompts.tsv), CLIP score only.
 
+    A path not given here is taken from its environment variable (:data:`PROMPT_SET_ENV`: ``DEME_COCO_CAPTIONS``,
+    ``DEME_COCO_IMAGES``, ``DEME_IMAGENET_CLASSES``, ``DEME_IMAGENET_IMAGES``, ``DEME_PARTI``), so that
+    ``python -m deme reproduce --profile sd14`` — which passes notebook 05 no file paths — finds them.
+
     Returns ``{name: {"prompts": [...], "reference": folder or None}}``.
     """
+    import os
+    given = dict(coco_captions=coco_captions, coco_images=coco_images, parti=parti,
+                 imagenet_classes=imagenet_classes, imagenet_images=imagenet_images)
+    paths = {k: v or os.environ.get(PROMPT_SET_ENV[k]) or None for k, v in given.items()}
+    coco_captions, coco_images, parti = paths["coco_captions"], paths["coco_images"], paths["parti"]
+    imagenet_classes, imagenet_images = paths["imagenet_classes"], paths["imagenet_images"]
     from .sd import (COCO_FID_REFERENCES, coco_captions as read_coco, imagenet_prompts, parti_prompts,
                      prepare_reference_folder, prepare_val2014_reference)
     out_dir = Path(out_dir or ROOT / "runs" / cfg.profile / "compare")
@@ -265,8 +280,9 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
     if parti:
         sets["PartiPrompts"] = {"prompts": parti_prompts(parti), "reference": None}
     if not sets:
-        raise ValueError("no prompt set given: pass coco_captions=, imagenet_classes= and/or parti= "
-                         "(see deme.compare.text_to_image_prompt_sets)")
+        raise ValueError("no prompt set given: pass coco_captions=, imagenet_classes= and/or parti= (notebook 05's "
+                         "parameters), or set " + ", ".join(PROMPT_SET_ENV.values())
+                         + " (see deme.compare.text_to_image_prompt_sets)")
     return sets
 
 

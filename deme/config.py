@@ -282,6 +282,43 @@ PROFILES: dict[str, Config] = {
 }
 
 
+OVERRIDES_ENV = "DEME_PROFILE_OVERRIDES"
+"""Environment variable holding field overrides of profiles as JSON, ``{"<profile>": {"<field>": value}}``, applied
+to :data:`PROFILES` when this module is imported — in every process, including the notebook kernels that
+``python -m deme reproduce`` starts. It is how ``python -m deme rehearse`` scales a paper profile down to CPU
+size (:data:`deme.rehearse.REHEARSAL_OVERRIDES`) without a branch anywhere in the pipeline: the overridden
+profile *is* the profile (run folders, stage records and manifests carry its values)."""
+
+
+def apply_profile_overrides(profiles: dict[str, Config], spec: str | None) -> tuple[dict[str, Config], dict]:
+    """``profiles`` with the overrides of the JSON ``spec`` (see :data:`OVERRIDES_ENV`) applied, and the
+    checked overrides. An unknown profile, an unknown field or a value of the wrong type raises ``ValueError``
+    (:func:`check_field`)."""
+    if not spec:
+        return profiles, {}
+    try:
+        raw = json.loads(spec)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"${OVERRIDES_ENV} is not JSON ({e}): {spec[:200]!r}") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ValueError(f'${OVERRIDES_ENV} must map profile names to field overrides, {{"cifar10": {{"lr": 1e-4}}}}')
+    out, checked = dict(profiles), {}
+    for name, fields in raw.items():
+        if name not in profiles:
+            raise ValueError(f"${OVERRIDES_ENV} names unknown profile {name!r}; valid profiles: {', '.join(profiles)}")
+        checked[name] = {k: check_field(k, v) for k, v in fields.items()}
+        out[name] = profiles[name].replace(**checked[name])
+    return out, checked
+
+
+PROFILES, PROFILE_OVERRIDES = apply_profile_overrides(PROFILES, os.environ.get(OVERRIDES_ENV))
+if PROFILE_OVERRIDES:   # said once per process (each notebook shows it in its first output)
+    import sys
+    for _name, _fields in PROFILE_OVERRIDES.items():
+        print(f"deme: profile {_name!r} overridden by ${OVERRIDES_ENV}: "
+              + ", ".join(f"{k}={v!r}" for k, v in _fields.items()), file=sys.stderr)
+
+
 def profile_names() -> list[str]:
     return list(PROFILES)
 

@@ -194,6 +194,54 @@ def _hf_image_dataset(name: str, size: int):
     return _Wrapped()
 
 
+class CIFAR10Images(torch.utils.data.Dataset):
+    """CIFAR-10 training images from the python download layout (``<root>/cifar-10-batches-py/data_batch_1…5``:
+    pickled dicts whose ``data`` rows are 3072 uint8 values, channel-major, with ``labels``), read directly —
+    torchvision's ``CIFAR10`` also insists on the archive's md5 sums, which a copy re-pickled or written by
+    another tool does not have. Items: (image in [−1, 1] through :func:`_image_transform`, label)."""
+
+    def __init__(self, root: str | os.PathLike, size: int):
+        import pickle
+        folder = Path(root) / "cifar-10-batches-py"
+        batches = [folder / f"data_batch_{i}" for i in range(1, 6)]
+        missing = [p.name for p in batches if not p.is_file()]
+        if missing:
+            raise DataMissingError(f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}; run once with "
+                                   "internet (torchvision downloads it) or set DEME_DATA to a folder holding "
+                                   "cifar-10-batches-py")
+        data, labels = [], []
+        for p in batches:
+            with open(p, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+            data.append(np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32))
+            labels += list(d["labels"])
+        self.images = np.concatenate(data).transpose(0, 2, 3, 1)     # (N, 32, 32, 3)
+        self.labels = np.asarray(labels, np.int64)
+        self.transform = _image_transform(size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def cifar10_dataset(size: int) -> CIFAR10Images:
+    """The CIFAR-10 training set under ``$DEME_DATA`` (default runs/data under the repository root); downloaded
+    there by torchvision first when it is missing and the hub is not offline."""
+    from .config import ROOT
+    root = Path(os.environ.get("DEME_DATA") or ROOT / "runs" / "data")
+    if not (root / "cifar-10-batches-py" / "data_batch_1").is_file() and os.environ.get("HF_HUB_OFFLINE") != "1":
+        try:
+            from torchvision.datasets import CIFAR10
+            CIFAR10(str(root), train=True, download=True)
+        except Exception as e:
+            raise DataMissingError(f"CIFAR-10 not found under {root} and could not be downloaded ({e}); set "
+                                   "DEME_DATA to a folder holding cifar-10-batches-py") from e
+    return CIFAR10Images(root, size)
+
+
 LSUN_HF_IDS = {"lsun-church": "tglcourse/lsun_church_train", "lsun-bedroom": "pcuenq/lsun-bedrooms"}
 
 
@@ -208,16 +256,7 @@ def training_batches(cfg: Config, batch_size: int, seed: int, device=None):
         images, labels = load_tensor_dataset(cfg, "train")
         return TensorBatches(images, labels, batch_size, seed)
     if cfg.dataset == "cifar10":
-        from torchvision.datasets import CIFAR10
-        root = os.environ.get("DEME_DATA", "runs/data")
-        try:
-            ds = CIFAR10(root, train=True, download=os.environ.get("HF_HUB_OFFLINE") != "1",
-                         transform=_image_transform(cfg.image_size))
-        except Exception as e:
-            raise DataMissingError(f"CIFAR-10 not found under {root} and could not be downloaded ({e}); "
-                                   "run once with internet or set DEME_DATA to a folder holding "
-                                   "cifar-10-batches-py") from e
-        return LoaderBatches(ds, batch_size, seed, cfg.num_workers)
+        return LoaderBatches(cifar10_dataset(cfg.image_size), batch_size, seed, cfg.num_workers)
     if cfg.dataset in LSUN_HF_IDS:
         return LoaderBatches(_hf_image_dataset(os.environ.get("DEME_LSUN_ID", LSUN_HF_IDS[cfg.dataset]),
                                                cfg.image_size), batch_size, seed, cfg.num_workers)

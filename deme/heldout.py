@@ -32,7 +32,7 @@ from .config import ROOT, Config
 from .data import heldout_batch, heldout_split
 from .losses import per_sample_mse
 from .metrics import _default_device
-from .models import make_scheduler
+from .models import conditioning_kwargs, make_scheduler
 from .timesteps import stratified_timesteps, timestep_ranges
 
 CONDITIONS = ("unconditional", "conditional")
@@ -55,7 +55,7 @@ def heldout_losses(model, cfg: Config, images: torch.Tensor, cond: torch.Tensor 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    cond = cond if isinstance(cond, dict) else {"class_labels": cond} if cond is not None else {}
+    cond = conditioning_kwargs(cond)
     losses = []
     for i in range(0, len(images), batch_size):
         s = slice(i, i + batch_size)

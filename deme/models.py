@@ -339,6 +339,20 @@ def make_scheduler(cfg: Config, kind: str = "ddpm"):
     raise ValueError(f"unknown scheduler kind {kind!r}")
 
 
+def conditioning_kwargs(cond) -> dict:
+    """The UNet keyword arguments for a batch's conditioning: None → none; a dict → as given; an integer tensor
+    → ``class_labels`` (class-conditional UNet2DModel); a floating tensor (B, tokens, D) →
+    ``encoder_hidden_states`` (text embeddings of a UNet2DConditionModel, e.g. Stable Diffusion's). Tensors
+    keep the batch as their first dimension, so a batch's conditioning is sliced like its images."""
+    if cond is None:
+        return {}
+    if isinstance(cond, dict):
+        return dict(cond)
+    if torch.is_tensor(cond) and cond.is_floating_point():
+        return {"encoder_hidden_states": cond}
+    return {"class_labels": cond}
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

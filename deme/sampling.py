@@ -45,10 +45,13 @@ class TimestepEnsemble(nn.Module):
         t = t.expand(sample.shape[0]) if t.ndim == 0 else t
         which = range_of(t, self.num_train_timesteps, len(self.experts))
         out = torch.empty_like(sample)
+        n = sample.shape[0]
         for i in which.unique().tolist():
             m = which == i
             extra = {"class_labels": class_labels[m]} if class_labels is not None else {}
-            out[m] = self.experts[i](sample[m], t[m], **extra, **kw).sample.to(out.dtype)
+            # per-sample inputs (e.g. encoder_hidden_states) follow their samples to the expert
+            part = {k: v[m] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v for k, v in kw.items()}
+            out[m] = self.experts[i](sample[m], t[m], **extra, **part).sample.to(out.dtype)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
