@@ -41,7 +41,7 @@ class Config:
                                           # train_text_to_image.py and BK-SDM use none (0.0)
     data_dir: str | None = None           # text-to-image: image-caption folder (imagefolder + metadata.jsonl) or
                                           # hub dataset id; None: $DEME_SD_DATA (see deme.sd.data_source)
-    center_crop: bool = False             # text-to-image: centre crops instead of random crops (random: the
+    center_crop: bool = False             # centre crops instead of random crops (random: the
                                           # paper's "resize + random crop" and diffusers' default)
     random_flip: bool = False             # text-to-image: horizontal flip with p = 0.5 (diffusers' --random_flip;
                                           # the paper: no flip)
@@ -103,6 +103,9 @@ class Config:
     heldout_every: int = 0                # optimizer steps between held-out loss evaluations (0: never)
     heldout_size: int = 256
     validation_size: int = 2000           # test images for choices (merge weights, budgets); the rest judge
+    evaluation_size: int = 2000           # images that judge, for datasets without an in-memory test split (CIFAR-10,
+                                          # LSUN, text-to-image: a fixed sample of the training data after the
+                                          # validation images; deme.heldout.split_inputs)
     num_workers: int = 4
     # -- evaluation -------------------------------------------------------------------------------------------
     sample_steps: int = 50                # DDIM steps, eta = 0
@@ -160,7 +163,7 @@ class Config:
 
 NOT_TRAINING = frozenset({
     "data_dir", "check_images", "gradient_checkpointing", "compile", "compile_mode", "checkpoint_every",
-    "log_every", "heldout_every", "heldout_size", "validation_size", "num_workers", "sample_steps",
+    "log_every", "heldout_every", "heldout_size", "validation_size", "evaluation_size", "num_workers", "sample_steps",
     "fid_samples", "fid_reference_size", "guidance_scale", "merge_grid",
     "coco_fid_reference"})
 

@@ -164,14 +164,16 @@ class LoaderBatches:
         return images, labels
 
 
-def _image_transform(size: int):
+def _image_transform(size: int, center_crop: bool = False):
     from torchvision import transforms
-    # PAPER.md §4: resize + random crop, no flip, normalise to [-1, 1].
-    return transforms.Compose([transforms.Resize(size), transforms.RandomCrop(size), transforms.ToTensor(),
+    # PAPER.md §4: resize + random crop, no flip, normalise to [-1, 1]. Centre crops (cfg.center_crop) for held-out
+    # images: the same pixels in every process, so paired losses cached by one run stay paired with the next.
+    crop = transforms.CenterCrop(size) if center_crop else transforms.RandomCrop(size)
+    return transforms.Compose([transforms.Resize(size), crop, transforms.ToTensor(),
                                transforms.Normalize([0.5], [0.5])])
 
 
-def _hf_image_dataset(name: str, size: int):
+def _hf_image_dataset(name: str, size: int, center_crop: bool = False):
     """LSUN church/bedroom through Hugging Face ``datasets`` (needs internet or a local HF cache)."""
     try:
         import datasets
@@ -181,7 +183,7 @@ def _hf_image_dataset(name: str, size: int):
             f"could not load the Hugging Face dataset {name!r} ({type(e).__name__}: {e}). It needs internet, or "
             "a local copy in the HF cache; set HF_DATASETS_OFFLINE=0 and HF_HUB_OFFLINE=0 on a machine online.") \
             from e
-    tf = _image_transform(size)
+    tf = _image_transform(size, center_crop)
     key = "image" if "image" in ds.column_names else ds.column_names[0]
 
     class _Wrapped(torch.utils.data.Dataset):
@@ -200,7 +202,7 @@ class CIFAR10Images(torch.utils.data.Dataset):
     torchvision's ``CIFAR10`` also insists on the archive's md5 sums, which a copy re-pickled or written by
     another tool does not have. Items: (image in [−1, 1] through :func:`_image_transform`, label)."""
 
-    def __init__(self, root: str | os.PathLike, size: int):
+    def __init__(self, root: str | os.PathLike, size: int, center_crop: bool = False):
         import pickle
         folder = Path(root) / "cifar-10-batches-py"
         batches = [folder / f"data_batch_{i}" for i in range(1, 6)]
@@ -217,7 +219,7 @@ class CIFAR10Images(torch.utils.data.Dataset):
             labels += list(d["labels"])
         self.images = np.concatenate(data).transpose(0, 2, 3, 1)     # (N, 32, 32, 3)
         self.labels = np.asarray(labels, np.int64)
-        self.transform = _image_transform(size)
+        self.transform = _image_transform(size, center_crop)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -227,7 +229,7 @@ class CIFAR10Images(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def cifar10_dataset(size: int) -> CIFAR10Images:
+def cifar10_dataset(size: int, center_crop: bool = False) -> CIFAR10Images:
     """The CIFAR-10 training set under ``$DEME_DATA`` (default runs/data under the repository root); downloaded
     there by torchvision first when it is missing and the hub is not offline."""
     from .config import ROOT
@@ -239,7 +241,7 @@ def cifar10_dataset(size: int) -> CIFAR10Images:
         except Exception as e:
             raise DataMissingError(f"CIFAR-10 not found under {root} and could not be downloaded ({e}); set "
                                    "DEME_DATA to a folder holding cifar-10-batches-py") from e
-    return CIFAR10Images(root, size)
+    return CIFAR10Images(root, size, center_crop)
 
 
 LSUN_HF_IDS = {"lsun-church": "tglcourse/lsun_church_train", "lsun-bedroom": "pcuenq/lsun-bedrooms"}
@@ -256,10 +258,10 @@ def training_batches(cfg: Config, batch_size: int, seed: int, device=None):
         images, labels = load_tensor_dataset(cfg, "train")
         return TensorBatches(images, labels, batch_size, seed)
     if cfg.dataset == "cifar10":
-        return LoaderBatches(cifar10_dataset(cfg.image_size), batch_size, seed, cfg.num_workers)
+        return LoaderBatches(cifar10_dataset(cfg.image_size, cfg.center_crop), batch_size, seed, cfg.num_workers)
     if cfg.dataset in LSUN_HF_IDS:
         return LoaderBatches(_hf_image_dataset(os.environ.get("DEME_LSUN_ID", LSUN_HF_IDS[cfg.dataset]),
-                                               cfg.image_size), batch_size, seed, cfg.num_workers)
+                                               cfg.image_size, cfg.center_crop), batch_size, seed, cfg.num_workers)
     raise ValueError(f"dataset {cfg.dataset!r} has no training loader here (Stable Diffusion: deme.sd)")
 
 

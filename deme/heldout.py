@@ -19,6 +19,7 @@ judge them.
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -82,20 +83,79 @@ def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor 
     return out
 
 
+IN_MEMORY = ("fmnist", "digits")
+"""Datasets with an in-memory test split (:func:`deme.data.heldout_split`); the others are sampled by
+:func:`fixed_sample`."""
+
+
+def fixed_sample(cfg: Config, start: int, stop: int, seed: int = 4321, device: str | torch.device | None = None,
+                 chunk: int = 200):
+    """Items ``start … stop−1`` of a fixed, seeded order of the training data, for datasets without an in-memory
+    test split (CIFAR-10, LSUN, text-to-image): centre crops, no flip, no caption dropout, the same in every
+    process. Loaded and encoded ``chunk`` at a time (the text-to-image VAE never sees thousands of 512-px images
+    in one batch). Returns ``(x0, labels)`` — images and class labels (−1: none) — or, for text-to-image,
+    ``(latents, {"encoder_hidden_states": caption embeddings, "empty": the empty caption's embedding})``.
+
+    These are training images: the loaders of these datasets have no test split, and a finetuning run of the
+    paper's length sees every training image many times, so a held-out loss here measures fit, not
+    generalisation. Validation (choices) and evaluation (judging) still use disjoint items of the order."""
+    from .data import training_batches
+    fixed = cfg.replace(label_dropout=0.0, center_crop=True, random_flip=False)
+    if stop <= start:
+        raise ValueError(f"empty sample [{start}, {stop})")
+    step = math.gcd(start, chunk) if start else min(chunk, stop)   # batches of `step` tile [start, stop)
+    batches = training_batches(fixed, step, seed, device=device)
+    if getattr(batches, "per_epoch", 1) * step < stop:
+        raise ValueError(f"{cfg.dataset}: {stop} held-out items requested (validation_size + evaluation_size), "
+                         f"but one pass over the data gives {batches.per_epoch * step}; lower them")
+    xs, conds = [], []
+    for j in range(start // step, -(-stop // step)):
+        x, c = batches.batch(j)
+        xs.append(x.cpu())
+        conds.append(c)
+    lo = start - (start // step) * step
+    x = torch.cat(xs)[lo:lo + stop - start]
+    if isinstance(conds[0], dict):
+        emb = torch.cat([c["encoder_hidden_states"].cpu() for c in conds])[lo:lo + stop - start]
+        empty = batches.encoders.encode_text([""]).float().cpu()
+        return x, {"encoder_hidden_states": emb, "empty": empty.expand(len(x), *empty.shape[1:])}
+    return x, torch.cat([c.cpu() for c in conds])[lo:lo + stop - start]
+
+
 def heldout_inputs(cfg: Config, n: int, seed: int = 4321, device: str | torch.device | None = None):
     """A fixed batch for the merge search's held-out loss: ``(x0, cond)`` for :func:`deme.heldout.heldout_loss`.
 
-    Class-conditional / unconditional profiles: ``n`` test-split images with the null label (the
-    unconditional loss the paper's DDPMs are trained on). Text-to-image profiles: latents and caption
-    embeddings of ``n`` image–caption pairs of the data (centre crops, no flip or caption dropout; the frozen encoders
-    run on ``device``).
+    In-memory datasets: ``n`` validation images of the test split with the null label (the unconditional loss
+    the paper's DDPMs are trained on). Others: the first ``n`` items of :func:`fixed_sample` — images with
+    the null label (or none), or latents with their caption embeddings (the frozen encoders run on ``device``).
     """
-    if cfg.dataset in ("laion", "imagefolder"):
-        from .sd import text_image_batches   # transformers and the SD encoders: only for text-to-image
-        fixed = cfg.replace(label_dropout=0.0, center_crop=True, random_flip=False)
-        return text_image_batches(fixed, n, seed, device=device).batch(0)
-    x, y = heldout_batch(cfg, n)
-    return x, (torch.full_like(y, cfg.num_classes) if cfg.num_classes else None)
+    if cfg.dataset in IN_MEMORY:
+        x, y = heldout_batch(cfg, n)
+        return x, (torch.full_like(y, cfg.num_classes) if cfg.num_classes else None)
+    x, cond = fixed_sample(cfg, 0, n, seed, device=device)
+    if isinstance(cond, dict):
+        return x, {"encoder_hidden_states": cond["encoder_hidden_states"]}
+    return x, (torch.full_like(cond, cfg.num_classes) if cfg.num_classes else None)
+
+
+def split_inputs(cfg: Config, part: str = "evaluation", device: str | torch.device | None = None):
+    """The images of ``part`` of the held-out data and the model inputs of each condition: ``(x0, {condition:
+    inputs})`` for :func:`paired_losses`. In-memory datasets: the test split (:func:`deme.data.heldout_split`),
+    conditions of :func:`condition_inputs`. Others: :func:`fixed_sample` — ``validation`` its first
+    ``cfg.validation_size`` items (the merge search's, :func:`heldout_inputs`), ``evaluation`` the next
+    ``cfg.evaluation_size``, ``all`` both; text-to-image conditions are the empty caption (``unconditional``:
+    the branch classifier-free guidance starts from) and the image's caption (``conditional``)."""
+    if cfg.dataset in IN_MEMORY:
+        images, labels = heldout_split(cfg, part)
+        return images, condition_inputs(cfg, labels)
+    v, e = cfg.validation_size, cfg.evaluation_size
+    bounds = {"validation": (0, v), "evaluation": (v, v + e), "all": (0, v + e)}
+    if part not in bounds:
+        raise ValueError(f"part must be one of {', '.join(bounds)}, got {part!r}")
+    x, cond = fixed_sample(cfg, *bounds[part], device=device)
+    if isinstance(cond, dict):
+        return x, {"unconditional": cond["empty"], "conditional": cond["encoder_hidden_states"]}
+    return x, condition_inputs(cfg, cond)
 
 
 def relative_difference(losses: np.ndarray, reference: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
@@ -129,14 +189,14 @@ def condition_inputs(cfg: Config, labels: torch.Tensor | None) -> dict[str, torc
 def paired_losses(models: Mapping[str, Callable[[], torch.nn.Module]], cfg: Config, part: str = "evaluation",
                   seed: int = 0, cache_dir: Path | None = None, device: str | torch.device | None = None,
                   progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
-    """Per-image held-out losses of every model (``name → loader``) on the ``part`` of the test split, for
-    every condition, all on the same images, noise (``seed``) and timesteps. Cached per model fingerprint
+    """Per-image held-out losses of every model (``name → loader``) on the ``part`` of the held-out data
+    (:func:`split_inputs`: the test split, or a fixed sample of the training data), for every condition, all
+    on the same images, noise (``seed``) and timesteps. Cached per model fingerprint
     under ``cache_dir`` (default runs/<profile>/heldout). Returns ``{name: {condition: losses, "t": t}}``."""
     device = torch.device(device) if device is not None else _default_device()
     cache_dir = cache_dir or ROOT / "runs" / cfg.profile / "heldout"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    images, labels = heldout_split(cfg, part)
-    inputs = condition_inputs(cfg, labels)
+    images, inputs = split_inputs(cfg, part)
     out = {}
     for name, load in tqdm(models.items(), disable=not progress, desc="held-out loss", mininterval=30):
         model = load().to(device)

@@ -52,7 +52,7 @@ _CPU = dict(
     mixed_precision="no",                           # fp16/bf16 autocast is a GPU setting (slow on CPUs)
     checkpoint_every=1, log_every=1,
     num_workers=0,                                  # no DataLoader worker processes for a few images
-    heldout_size=8, validation_size=8,              # held-out / merge-search inputs
+    heldout_size=8, validation_size=8, evaluation_size=16,   # held-out / merge-search inputs
     sample_steps=3, fid_samples=12, fid_reference_size=24,
     merge_grid=(0.0, 0.5, 1.0),
 )

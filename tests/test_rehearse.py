@@ -221,6 +221,56 @@ def test_analyses_run_on_a_text_to_image_model(tiny_sd, tmp_path, monkeypatch):
     assert sd.is_text_to_image(cfg)
 
 
+def test_held_out_tables_on_datasets_without_an_in_memory_test_split(tmp_path, monkeypatch):
+    """Notebooks 05 and 06 score every model by paired held-out loss. Before the fix paired_losses read
+    heldout_split, which raises for CIFAR-10, LSUN and text-to-image data ("no in-memory test split"), so both
+    notebooks failed on every paper profile. Now: a fixed sample of the training data, validation items first
+    (the very images the merge search scores), evaluation items after them, disjoint, centre-cropped."""
+    from deme.heldout import heldout_inputs, paired_losses, split_inputs
+    from deme.models import load_unet
+    R.write_cifar10(tmp_path / "cifar", per_batch=8)
+    R.build_ddpm_standin(tmp_path / "hf", "google/ddpm-cifar10-32", 32)
+    monkeypatch.setenv("DEME_DATA", str(tmp_path / "cifar"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    cfg = PROFILES["cifar10"].replace(validation_size=4, evaluation_size=6, num_workers=0)
+    xv, cv = split_inputs(cfg, "validation")
+    xe, ce = split_inputs(cfg, "evaluation")
+    assert xv.shape == (4, 3, 32, 32) and xe.shape == (6, 3, 32, 32) and list(cv) == list(ce) == ["unconditional"]
+    x_merge, _ = heldout_inputs(cfg, 4, seed=4321)
+    torch.testing.assert_close(x_merge, xv)                         # the merge search's images = validation
+    flat = lambda x: {tuple(v.tolist()) for v in x.flatten(1)}
+    assert not flat(xv) & flat(xe) and len(flat(xe)) == 6           # disjoint, distinct images
+    raw = np.concatenate([pickle.load(open(tmp_path / "cifar" / "cifar-10-batches-py" / f"data_batch_{i}", "rb"),
+                                      encoding="latin1")["data"] for i in range(1, 6)])
+    rows = {tuple(r.tolist()) for r in raw}
+    assert all(tuple(v.tolist()) in rows for v in ((xe + 1) * 127.5).round().to(torch.uint8).flatten(1))
+    base = lambda: load_unet("google/ddpm-cifar10-32")
+    losses = paired_losses({"Before finetuning": base, "same weights": base}, cfg, cache_dir=tmp_path / "c",
+                           progress=False)
+    np.testing.assert_array_equal(losses["same weights"]["unconditional"], losses["Before finetuning"]["unconditional"])
+    assert losses["same weights"]["unconditional"].shape == (6,)
+
+
+def test_text_to_image_held_out_conditions_are_empty_and_true_captions(tiny_sd, tmp_path, monkeypatch):
+    """Text-to-image held-out conditions: the caption (``conditional``) and the empty caption
+    (``unconditional``, the branch classifier-free guidance starts from), both as the pipeline's text encoder
+    gives them."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from deme.heldout import split_inputs
+    monkeypatch.setenv("DEME_SD_DATA", str(R.write_caption_folder(tmp_path / "captions", n=8)))
+    cfg = PROFILES["sd14"].replace(pretrained=str(tiny_sd), image_size=16, num_workers=0, validation_size=2,
+                                   evaluation_size=3)
+    x, cond = split_inputs(cfg, "evaluation")
+    assert x.shape == (3, 4, 8, 8) and set(cond) == {"unconditional", "conditional"}
+    tok = CLIPTokenizer.from_pretrained(str(tiny_sd), subfolder="tokenizer")
+    enc = CLIPTextModel.from_pretrained(str(tiny_sd), subfolder="text_encoder").eval()
+    with torch.no_grad():
+        empty = enc(tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids)[0]
+    torch.testing.assert_close(cond["unconditional"], empty.expand(3, -1, -1))
+    assert not torch.allclose(cond["conditional"][0], empty[0])
+
+
 def test_prompt_sets_from_the_environment(tmp_path, monkeypatch):
     """`python -m deme reproduce --profile sd14` passes notebook 05 no file paths; before the fix Table 2 could
     only stop with "no prompt set given". The paths now come from DEME_COCO_CAPTIONS, DEME_PARTI, ..."""
