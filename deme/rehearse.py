@@ -99,7 +99,8 @@ SD14_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=307
                         projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
 SD14_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                       skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
-"""CompVis/stable-diffusion-v1-4: vae/, text_encoder/ (CLIP ViT-L/14's text tower) and scheduler/ (PNDM)."""
+"""CompVis/stable-diffusion-v1-4: vae/, text_encoder/ (CLIP ViT-L/14's text tower) and scheduler/ (PNDM; its file
+also carries ``clip_sample``, which PNDM ignores — hence ``from_config``, as diffusers loads it)."""
 
 
 def _narrow(channels, divisor: int) -> tuple[int, ...]:
@@ -182,7 +183,7 @@ def build_sd14_standin(hf_home: Path, image_size: int, seed: int = 0) -> Path:
     pipe = StableDiffusionPipeline(
         unet=UNet2DConditionModel(**cfgs["unet"]), vae=AutoencoderKL(**cfgs["vae"]),
         text_encoder=CLIPTextModel(CLIPTextConfig(**cfgs["text_encoder"])), tokenizer=tokenizer,
-        scheduler=PNDMScheduler(**SD14_SCHEDULER), safety_checker=checker.eval(),
+        scheduler=PNDMScheduler.from_config(SD14_SCHEDULER), safety_checker=checker.eval(),
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         requires_safety_checker=True)
     pipe.save_pretrained(str(snap))
@@ -371,10 +372,20 @@ def rehearse(profile: str, root: str | os.PathLike, jobs: int = 2, timeout: floa
     env = rehearsal_env(profile, root, standins)
     cmd = [sys.executable, "-m", "deme", "reproduce", "--profile", profile, "--no-update-notebooks",
            "--jobs", str(jobs)]
-    proc = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True, timeout=timeout)
-    print(proc.stdout[-6000:], end="")
+    lines = []
+    with open(root / "rehearsal_stderr.log", "w") as err:   # the kernels' warnings; the stage lines stream below
+        proc = subprocess.Popen(cmd, env=env, cwd=str(root), stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            for line in proc.stdout:
+                print(line, end="", flush=True)
+                lines.append(line)
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stdout, stderr = "".join(lines), (root / "rehearsal_stderr.log").read_text(errors="replace")
     if proc.returncode:
-        print(proc.stderr[-6000:], file=sys.stderr)
+        print(stderr[-6000:], file=sys.stderr)
     cfg = PROFILES[profile].replace(**REHEARSAL_OVERRIDES[profile])
     recs = {}
     for name, _, _ in stages(cfg):
@@ -384,7 +395,7 @@ def rehearse(profile: str, root: str | os.PathLike, jobs: int = 2, timeout: floa
               "command": " ".join(cmd[1:]), "returncode": proc.returncode, "stage_seconds": recs,
               "standin_seconds": round(built, 1), "seconds": round(time.time() - t0, 1),
               "clip_score": "not computed: no CLIP weights offline (the pipeline's n/a path)",
-              "stdout_tail": proc.stdout[-3000:], "stderr_tail": proc.stderr[-3000:]}
+              "stdout_tail": stdout[-3000:], "stderr_tail": stderr[-3000:]}
     (root / "rehearsal.json").write_text(json.dumps(record, indent=2))
     missing = [k for k, v in recs.items() if v is None]
     print(f"rehearsal of {profile!r}: {'OK' if not proc.returncode and not missing else 'FAILED'} in "

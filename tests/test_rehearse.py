@@ -226,7 +226,7 @@ def test_held_out_tables_on_datasets_without_an_in_memory_test_split(tmp_path, m
     heldout_split, which raises for CIFAR-10, LSUN and text-to-image data ("no in-memory test split"), so both
     notebooks failed on every paper profile. Now: a fixed sample of the training data, validation items first
     (the very images the merge search scores), evaluation items after them, disjoint, centre-cropped."""
-    from deme.heldout import heldout_inputs, paired_losses, split_inputs
+    from deme.heldout import paired_losses
     from deme.models import load_unet
     R.write_cifar10(tmp_path / "cifar", per_batch=8)
     R.build_ddpm_standin(tmp_path / "hf", "google/ddpm-cifar10-32", 32)
@@ -234,6 +234,12 @@ def test_held_out_tables_on_datasets_without_an_in_memory_test_split(tmp_path, m
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     cfg = PROFILES["cifar10"].replace(validation_size=4, evaluation_size=6, num_workers=0)
+    base = lambda: load_unet("google/ddpm-cifar10-32")
+    losses = paired_losses({"Before finetuning": base, "same weights": base}, cfg, cache_dir=tmp_path / "c",
+                           progress=False)
+    np.testing.assert_array_equal(losses["same weights"]["unconditional"], losses["Before finetuning"]["unconditional"])
+    assert losses["same weights"]["unconditional"].shape == (6,)
+    from deme.heldout import heldout_inputs, split_inputs
     xv, cv = split_inputs(cfg, "validation")
     xe, ce = split_inputs(cfg, "evaluation")
     assert xv.shape == (4, 3, 32, 32) and xe.shape == (6, 3, 32, 32) and list(cv) == list(ce) == ["unconditional"]
@@ -245,11 +251,6 @@ def test_held_out_tables_on_datasets_without_an_in_memory_test_split(tmp_path, m
                                       encoding="latin1")["data"] for i in range(1, 6)])
     rows = {tuple(r.tolist()) for r in raw}
     assert all(tuple(v.tolist()) in rows for v in ((xe + 1) * 127.5).round().to(torch.uint8).flatten(1))
-    base = lambda: load_unet("google/ddpm-cifar10-32")
-    losses = paired_losses({"Before finetuning": base, "same weights": base}, cfg, cache_dir=tmp_path / "c",
-                           progress=False)
-    np.testing.assert_array_equal(losses["same weights"]["unconditional"], losses["Before finetuning"]["unconditional"])
-    assert losses["same weights"]["unconditional"].shape == (6,)
 
 
 def test_text_to_image_held_out_conditions_are_empty_and_true_captions(tiny_sd, tmp_path, monkeypatch):
@@ -367,6 +368,11 @@ def test_rehearse_sd14(tmp_path):
     rec = _rehearse("sd14", tmp_path)
     figs = _check_common("sd14", tmp_path, rec)
     t2 = pd.read_csv(figs / "table2_sd14.csv", header=[0, 1], index_col=0)
-    assert set(t2.columns.get_level_values(1)) == {"MS-COCO", "ImageNet", "PartiPrompts"}
-    assert t2[("fid_256", "MS-COCO")].notna().all() and t2[("fid_256", "PartiPrompts")].isna().all()
-    assert "DeMe (after merge)" in t2.index and rec["clip_score"].startswith("not computed")
+    assert t2[("fid_256", "MS-COCO")].notna().all() and t2[("fid_256", "ImageNet")].notna().all()
+    assert {"Before finetuning", "DeMe (before merge)", "DeMe (after merge)"} <= set(t2.index)
+    scores = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "sd14" / "compare").glob("*_seed0.json")]
+    parti = [r for r in scores if r["n"] == 4 and r["fid_256"] is None]          # PartiPrompts: CLIP only
+    assert len(scores) == 3 * len(t2.index) and len(parti) == len(t2.index)
+    assert all(r["clip"] is None for r in scores) and rec["clip_score"].startswith("not computed")
+    assert len(list((tmp_path / "runs" / "sd14" / "compare" / "samples" / "deme_after_merge" / "ms-coco").glob(
+        "*.png"))) == 6
