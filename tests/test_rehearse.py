@@ -251,6 +251,9 @@ def test_held_out_tables_on_datasets_without_an_in_memory_test_split(tmp_path, m
                                       encoding="latin1")["data"] for i in range(1, 6)])
     rows = {tuple(r.tolist()) for r in raw}
     assert all(tuple(v.tolist()) in rows for v in ((xe + 1) * 127.5).round().to(torch.uint8).flatten(1))
+    from deme.heldout import fixed_sample           # loaded in chunks (SD: never thousands of images per VAE call)
+    x_chunked, _ = fixed_sample(cfg, 0, 10, chunk=3)
+    torch.testing.assert_close(x_chunked, torch.cat([xv, xe]))
 
 
 def test_text_to_image_held_out_conditions_are_empty_and_true_captions(tiny_sd, tmp_path, monkeypatch):
