@@ -250,7 +250,11 @@ def conflict_panels(model: nn.Module, cfg: Config, images: torch.Tensor, labels:
                     ) -> dict[str, tuple[np.ndarray, dict]]:
     """Fig. 1a's similarity matrices, ``{conditioning: (sim, info)}`` (:func:`gradient_similarity` on ``k``
     grid timesteps): the requested conditioning first and, for class-conditional models, the other one beside
-    it (true labels, and the null label that unconditional samples take)."""
+    it (true labels, and the null label that unconditional samples take). Text-to-image models: one panel,
+    the captions' embeddings (``labels`` from :func:`analysis_batch`)."""
+    if labels is not None and labels.is_floating_point():
+        return {"captions": gradient_similarity(model, cfg, images, labels, k, seed=seed,
+                                                projection_dim=projection_dim, progress=False)}
     if not cfg.num_classes:
         return {"unconditional model": gradient_similarity(model, cfg, images, None, k, seed=seed,
                                                            projection_dim=projection_dim, progress=False)}

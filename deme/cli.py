@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                                                   "removed afterwards unless --keep)")
     h.add_argument("--keep", action="store_true", help="keep the temporary root")
     h.add_argument("--jobs", type=int, default=2, help="training stages run at once (one thread each)")
+    h.add_argument("--full", action="store_true", help="rehearse reproduce --full (all baselines, Table 3, sweeps)")
     sub.add_parser("train", help="one training job (python -m deme train --help)")
     sub.add_parser("profiles", help="list the profiles")
     a = p.parse_args(argv)
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         from .rehearse import rehearse
         root = Path(a.root) if a.root else Path(tempfile.mkdtemp(prefix=f"deme_rehearse_{a.profile}_"))
         try:
-            rec = rehearse(a.profile, root, jobs=a.jobs)
+            rec = rehearse(a.profile, root, jobs=a.jobs, full=a.full)
         finally:
             if not a.root and not a.keep:
                 shutil.rmtree(root, ignore_errors=True)

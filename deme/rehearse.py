@@ -1,7 +1,8 @@
 """Rehearsal of a paper profile (cifar10, church, bedroom, sd14) offline, on CPU, in minutes.
 
     python -m deme rehearse --profile church            # a temporary root, removed afterwards
-    python -m deme rehearse --profile sd14 --root /tmp/r --keep
+    python -m deme rehearse --profile sd14 --root /tmp/r        # kept: runs, figures, executed notebooks
+    python -m deme rehearse --profile cifar10 --full            # as `reproduce --full`: every baseline, Table 3
 
 The paper profiles need GPUs, hub weights and large datasets, so most of their code paths would otherwise run
 for the first time on a user's cluster. A rehearsal runs the profile's whole notebook sequence — the plan of
@@ -48,7 +49,8 @@ PAPER_PROFILES = ("cifar10", "church", "bedroom", "sd14")
 # ---------------------------------------------------------------------------------------------------------
 
 _CPU = dict(
-    steps_per_range=2, batch_size=2, grad_accum=2,   # K = 2 optimizer steps of 2 micro-batches (baselines: N·K)
+    steps_per_range=4, batch_size=2, grad_accum=2,   # K = 4 optimizer steps of 2 micro-batches (baselines: N·K;
+                                                    # with --full the budget study's K/4 = 1)
     mixed_precision="no",                           # fp16/bf16 autocast is a GPU setting (slow on CPUs)
     checkpoint_every=1, log_every=1,
     num_workers=0,                                  # no DataLoader worker processes for a few images
@@ -353,11 +355,14 @@ def rehearsal_env(profile: str, root: Path, standins: dict[str, str]) -> dict[st
     return env
 
 
-def rehearse(profile: str, root: str | os.PathLike, jobs: int = 2, timeout: float | None = None) -> dict:
+def rehearse(profile: str, root: str | os.PathLike, jobs: int = 2, full: bool = False,
+             timeout: float | None = None) -> dict:
     """Build the stand-ins of ``profile`` under ``root`` and run its whole reproduction plan on them (a
-    ``python -m deme reproduce`` subprocess, every notebook through papermill). Returns the record also written
-    to ``root/rehearsal.json``: overrides, stand-in locations, stages with their times, the return code and the
-    end of the output. Raises nothing when a stage fails: ``returncode`` says it."""
+    ``python -m deme reproduce`` subprocess, every notebook through papermill); ``full`` rehearses
+    ``reproduce --full`` (all seven baselines, Table 3, the budget study and the sweeps of notebook 06).
+    Returns the record also written to ``root/rehearsal.json``: overrides, stand-in locations, stages with
+    their times, the return code and the end of the output. A failing stage raises nothing here: the
+    ``returncode`` says it."""
     from .cli import stages
     from .config import PROFILES
     root = Path(root).resolve()
@@ -371,7 +376,7 @@ def rehearse(profile: str, root: str | os.PathLike, jobs: int = 2, timeout: floa
     print(f"stand-ins built in {built:.0f} s: " + ", ".join(f"{k}={v}" for k, v in standins.items()), flush=True)
     env = rehearsal_env(profile, root, standins)
     cmd = [sys.executable, "-m", "deme", "reproduce", "--profile", profile, "--no-update-notebooks",
-           "--jobs", str(jobs)]
+           "--jobs", str(jobs)] + (["--full"] if full else [])
     lines = []
     with open(root / "rehearsal_stderr.log", "w") as err:   # the kernels' warnings; the stage lines stream below
         proc = subprocess.Popen(cmd, env=env, cwd=str(root), stdout=subprocess.PIPE, stderr=err, text=True)
@@ -388,10 +393,10 @@ def rehearse(profile: str, root: str | os.PathLike, jobs: int = 2, timeout: floa
         print(stderr[-6000:], file=sys.stderr)
     cfg = PROFILES[profile].replace(**REHEARSAL_OVERRIDES[profile])
     recs = {}
-    for name, _, _ in stages(cfg):
+    for name, _, _ in stages(cfg, full=full):
         p = root / "runs" / profile / "stages" / f"{name}.json"
         recs[name] = json.loads(p.read_text())["seconds"] if p.exists() else None
-    record = {"profile": profile, "overrides": REHEARSAL_OVERRIDES[profile], "standins": standins,
+    record = {"profile": profile, "full": full, "overrides": REHEARSAL_OVERRIDES[profile], "standins": standins,
               "command": " ".join(cmd[1:]), "returncode": proc.returncode, "stage_seconds": recs,
               "standin_seconds": round(built, 1), "seconds": round(time.time() - t0, 1),
               "clip_score": "not computed: no CLIP weights offline (the pipeline's n/a path)",
