@@ -380,3 +380,32 @@ def test_rehearse_sd14(tmp_path):
     assert all(r["clip"] is None for r in scores) and rec["clip_score"].startswith("not computed")
     assert len(list((tmp_path / "runs" / "sd14" / "compare" / "samples" / "deme_after_merge" / "ms-coco").glob(
         "*.png"))) == 6
+
+
+@pytest.mark.parametrize("profile", ["church", "sd14"])
+def test_every_baseline_trains_on_the_paper_model_structures(profile, tmp_path, monkeypatch):
+    """The seven equal-budget baselines (reproduce --full's 03 stages) on the LSUN 256 UNet structure and on SD
+    v1.4's text-conditioned UNet, loaded by hub id from the stand-in cache: each trains N·K steps, keeps the
+    pretrained architecture and ends with finite losses."""
+    from deme.methods import baselines
+    from deme.train import train
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    over = dict(R.REHEARSAL_OVERRIDES[profile], steps_per_range=1)
+    cfg = PROFILES[profile].replace(**over)
+    if profile == "sd14":
+        R.build_sd14_standin(tmp_path / "hf", cfg.image_size)
+        monkeypatch.setenv("DEME_SD_DATA", str(R.write_caption_folder(tmp_path / "captions", n=8)))
+    else:
+        R.build_ddpm_standin(tmp_path / "hf", cfg.pretrained, cfg.image_size)
+        monkeypatch.setenv("DEME_LSUN_ID", str(R.write_lsun(tmp_path / "lsun", n=8)))
+        monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
+    assert len(baselines()) == 7
+    for method in baselines():
+        out = train(cfg.replace(method=method), tmp_path / "runs" / method, progress=False)
+        man = json.loads((out / "manifest.json").read_text())
+        log = pd.read_csv(out / "loss.csv")
+        assert man["steps"] == 4 and len(log) == 4 and np.isfinite(log.loss).all(), method
+        assert json.loads((out / "model" / "config.json").read_text())["block_out_channels"] == \
+            list(R.scaled_sd14_configs(64)["unet"]["block_out_channels"] if profile == "sd14" else
+                 R.scaled_ddpm_config(cfg.pretrained, 32)["block_out_channels"])
