@@ -196,11 +196,13 @@ def paired_losses(models: Mapping[str, Callable[[], torch.nn.Module]], cfg: Conf
     device = torch.device(device) if device is not None else _default_device()
     cache_dir = cache_dir or ROOT / "runs" / cfg.profile / "heldout"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    images, inputs = split_inputs(cfg, part)
+    images, inputs = split_inputs(cfg, part, device=device)   # text-to-image: encoded on the device
+    # a fixed sample's evaluation items start after the validation ones: their offset is part of what they are
+    at = "" if cfg.dataset in IN_MEMORY else f"_at{cfg.validation_size if part == 'evaluation' else 0}"
     out = {}
     for name, load in tqdm(models.items(), disable=not progress, desc="held-out loss", mininterval=30):
         model = load().to(device)
-        path = cache_dir / f"{model_fingerprint(model)}_{part}_{len(images)}_seed{seed}.npz"
+        path = cache_dir / f"{model_fingerprint(model)}_{part}{at}_{len(images)}_seed{seed}.npz"
         if path.exists():
             out[name] = dict(np.load(path))
         else:
