@@ -1,6 +1,12 @@
 import os
+import tempfile
 
 # Tests never reach the hub (a look-up otherwise hangs ~46 s before failing) and use the smoke profile.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("DEME_PROFILE", "smoke")
+# A private, empty Hugging Face cache for the session, set before anything imports huggingface_hub (it reads
+# HF_HOME once): tests write stand-in models under real hub ids into it (tests/test_rehearse.py), which must
+# never land in a user's own cache.
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="deme_tests_hf_")

@@ -19,6 +19,7 @@ from deme import rehearse as R
 from deme.config import PROFILES, apply_profile_overrides
 
 REPO = Path(__file__).resolve().parents[1]
+HF_HOME = Path(os.environ["HF_HOME"])   # the session's private hub cache (conftest.py): stand-ins go there
 
 
 @pytest.fixture(autouse=True)
@@ -81,11 +82,9 @@ def test_ddpm_standins_have_the_real_structure_and_load_through_the_hub_cache(tm
     from diffusers import DDPMPipeline
     from deme.models import load_unet, make_scheduler, projection_channels
     for hub_id, levels in (("google/ddpm-cifar10-32", 4), ("google/ddpm-ema-church-256", 6)):
-        snap = R.build_ddpm_standin(tmp_path / "hf", hub_id, 32)
+        snap = R.build_ddpm_standin(HF_HOME, hub_id, 32)
         assert sorted(p.name for p in snap.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors",
                                                           "model_index.json", "scheduler_config.json"]
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     for hub_id, n_proj in (("google/ddpm-cifar10-32", 9), ("google/ddpm-ema-church-256", 13)):
         pipe = DDPMPipeline.from_pretrained(hub_id)
         real = R.DDPM_HUB_CONFIGS[hub_id]
@@ -125,8 +124,6 @@ def test_lsun_standin_is_a_dataset_folder_the_loader_reads(tmp_path, monkeypatch
     from deme.data import training_batches
     R.write_lsun(tmp_path / "lsun", n=12)
     monkeypatch.setenv("DEME_LSUN_ID", str(tmp_path / "lsun"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
     cfg = PROFILES["church"].replace(image_size=32, num_workers=0)
     x, y = training_batches(cfg, 4, 0).batch(0)
     assert x.shape == (4, 3, 32, 32) and -1 <= x.min() < x.max() <= 1 and (y == -1).all()
@@ -148,11 +145,9 @@ def test_sd14_standin_has_the_real_layout_and_loads_by_hub_id(tmp_path, monkeypa
     nine projections the paper counts."""
     from diffusers import StableDiffusionPipeline
     from deme.models import load_unet
-    snap = R.build_sd14_standin(tmp_path / "hf", 64)
+    snap = R.build_sd14_standin(HF_HOME, 64)
     assert {p.name for p in snap.iterdir()} == {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
                                                 "scheduler", "safety_checker", "feature_extractor"}
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     pipe = StableDiffusionPipeline.from_pretrained("CompVis/stable-diffusion-v1-4")
     assert pipe.safety_checker is not None and pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size == 8
     assert tuple(pipe.unet.config.down_block_types) == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
@@ -231,10 +226,8 @@ def test_held_out_tables_on_datasets_without_an_in_memory_test_split(tmp_path, m
     from deme.heldout import paired_losses
     from deme.models import load_unet
     R.write_cifar10(tmp_path / "cifar", per_batch=8)
-    R.build_ddpm_standin(tmp_path / "hf", "google/ddpm-cifar10-32", 32)
+    R.build_ddpm_standin(HF_HOME, "google/ddpm-cifar10-32", 32)
     monkeypatch.setenv("DEME_DATA", str(tmp_path / "cifar"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     cfg = PROFILES["cifar10"].replace(validation_size=4, evaluation_size=6, num_workers=0)
     base = lambda: load_unet("google/ddpm-cifar10-32")
     losses = paired_losses({"Before finetuning": base, "same weights": base}, cfg, cache_dir=tmp_path / "c",
@@ -389,18 +382,15 @@ def test_every_baseline_trains_on_the_paper_model_structures(profile, tmp_path, 
     pretrained architecture and ends with finite losses."""
     from deme.methods import baselines
     from deme.train import train
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     over = dict(R.REHEARSAL_OVERRIDES[profile], steps_per_range=1)
     cfg = PROFILES[profile].replace(**over)
     if profile == "sd14":
-        R.build_sd14_standin(tmp_path / "hf", cfg.image_size)
+        R.build_sd14_standin(HF_HOME, cfg.image_size)
         monkeypatch.setenv("DEME_SD_DATA", str(R.write_caption_folder(tmp_path / "captions", n=8)))
     else:
-        R.build_ddpm_standin(tmp_path / "hf", cfg.pretrained, cfg.image_size)
+        R.build_ddpm_standin(HF_HOME, cfg.pretrained, cfg.image_size)
         monkeypatch.setenv("DEME_LSUN_ID", str(R.write_lsun(tmp_path / "lsun", n=8)))
-        monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
-    assert len(baselines()) == 7
+        assert len(baselines()) == 7
     for method in baselines():
         out = train(cfg.replace(method=method), tmp_path / "runs" / method, progress=False)
         man = json.loads((out / "manifest.json").read_text())
