@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 # Tests never reach the hub (a look-up otherwise hangs ~46 s before failing) and use the smoke profile.
@@ -10,3 +12,4 @@ os.environ.setdefault("DEME_PROFILE", "smoke")
 # never land in a user's own cache.
 os.environ.pop("HF_HUB_CACHE", None)
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="deme_tests_hf_")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
