@@ -56,9 +56,9 @@ def test_overrides_reach_every_process_and_are_the_profile_itself():
     env = dict(os.environ, DEME_PROFILE_OVERRIDES=json.dumps({"cifar10": {"image_size": 16, "steps_per_range": 3}}),
                DEME_ROOT="/nonexistent/root")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    size, steps, folder = proc.stdout.split()
+    size, steps, folder = proc.stdout.strip().splitlines()[-1].split()
     assert (size, steps) == ("16", "3") and folder == "/nonexistent/root/runs/cifar10/deme/N4/range_1"
     assert "profile 'cifar10' overridden by $DEME_PROFILE_OVERRIDES: image_size=16, steps_per_range=3" in proc.stderr
 
