@@ -239,11 +239,10 @@ def plot_task_vector_plane(loss: np.ndarray, coords, merge_point: tuple[float, f
     if merge_point is not None:
         ax.plot(*merge_point, "P", color="C2", mec="k", ms=10,
                 label=f"merge weights ({merge_point[0]:.2g}, {merge_point[1]:.2g})")
-    ax.set_xlabel(f"a: weight of the task vector {sym[0]} − θ {desc[0]}".replace("θ ", r"$\theta$ ", 1)
-                  .replace(" − θ", r" − $\theta$"))
-    ax.set_ylabel(f"b: weight of the task vector {sym[1]} − θ {desc[1]}".replace(" − θ", r" − $\theta$"))
-    ax.set_title(f"Loss on the plane of two task vectors\n(L(θ) = {ref:.4g} on the analysis batch)"
-                 .replace("(θ)", r"($\theta$)"))
+    theta = r"$\theta$"
+    ax.set_xlabel(f"a: weight of the task vector {sym[0]} − {theta} {desc[0]}".strip())
+    ax.set_ylabel(f"b: weight of the task vector {sym[1]} − {theta} {desc[1]}".strip())
+    ax.set_title(f"Loss on the plane of two task vectors\n(L({theta}) = {ref:.4g} on the analysis batch)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8.5, handletextpad=0.4,
               columnspacing=1.2)
     if not own:
