@@ -212,7 +212,9 @@ def plot_task_vector_plane(loss: np.ndarray, coords, merge_point: tuple[float, f
     ia, ib = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(b)))
     loss = np.asarray(loss, dtype=float)
     ref = loss[ia, ib]
-    rel = 100 * (loss / ref - 1)                                     # % change against θ
+    pct = ref > 0                                                    # a loss: % change against θ
+    rel = 100 * (loss / ref - 1) if pct else loss - ref              # (any other surface: the difference)
+    unit = "%" if pct else ""
     vlim = max(float(np.abs(rel).max()), 1e-12)
     norm = Normalize(-vlim, vlim)
     own = ax is None
@@ -224,7 +226,7 @@ def plot_task_vector_plane(loss: np.ndarray, coords, merge_point: tuple[float, f
     cs = ax.contourf(fine_a, fine_b, np.clip(fine, -vlim, vlim).T, levels=lv, cmap="RdBu_r", norm=norm)
     ax.contour(fine_a, fine_b, fine.T, levels=lv, colors="k", linewidths=0.3, alpha=0.6)
     cb = fig.colorbar(cs, ax=ax, shrink=0.9)
-    cb.set_label("loss change vs θ (pretrained), %")
+    cb.set_label("loss change vs θ (pretrained), %" if pct else "loss − L(θ) (pretrained)")
     ticks = [v for v in MaxNLocator(6, symmetric=True).tick_values(-vlim, vlim) if abs(v) <= vlim * (1 + 1e-9)]
     cb.set_ticks(ticks, labels=["0" if abs(v) < vlim * 1e-6 else f"{v:+.2g}" for v in ticks])
     cb.minorticks_off()
@@ -235,7 +237,7 @@ def plot_task_vector_plane(loss: np.ndarray, coords, merge_point: tuple[float, f
     ax.plot(0, 1, "^", color="C4", mec="k", ms=8, label=math_label(labels[1]))
     i, j = np.unravel_index(np.argmin(loss), loss.shape)
     ax.plot(a[i], b[j], "*", color="w", mec="k", ms=13,
-            label=f"lowest grid point ({a[i]:.2g}, {b[j]:.2g}): {rel[i, j]:+.2g}%")
+            label=f"lowest grid point ({a[i]:.2g}, {b[j]:.2g}): {rel[i, j]:+.2g}{unit}")
     if merge_point is not None:
         ax.plot(*merge_point, "P", color="C2", mec="k", ms=10,
                 label=f"merge weights ({merge_point[0]:.2g}, {merge_point[1]:.2g})")
