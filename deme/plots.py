@@ -1,12 +1,18 @@
 """Figures of the analyses (matplotlib + seaborn): Fig. 1a (gradient conflict), Fig. 2 (activation change),
-Fig. 4 (loss landscapes per range), Fig. 6a (task-vector plane) and Fig. 6b (task-vector box plots).
+Fig. 4 (loss landscapes per range), Fig. 6a (task-vector plane), Fig. 6b (task-vector box plots), the base
+model's convergence and samples, the comparisons and the sensitivity sweeps.
 
-Each ``plot_*`` function takes the output of the matching :mod:`deme.analysis` function and returns the
-matplotlib figure; :func:`save_figure` writes it as PNG and PDF into :func:`deme.config.figures_dir`.
+Each ``plot_*`` function takes the output of the matching :mod:`deme.analysis` (or :mod:`deme.ablation`,
+:mod:`deme.heldout`) function and returns the matplotlib figure, drawn in one style (:data:`THEME`, applied
+while the figure is built; :func:`apply_theme` applies it to a notebook's own plots); :func:`save_figure`
+writes it as PNG and PDF into :func:`deme.config.figures_dir`. Figures are sized for the README: about 8.5
+inches wide at 150 dpi, so text stays at least ~9 px high when the PNG is shown 800 px wide.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -14,7 +20,70 @@ import numpy as np
 
 from .analysis import activation_change_summary
 from .config import Config, figures_dir
-from .weightspace import grid_coords
+from .weightspace import grid_coords, task_vector_spread
+
+THEME = {
+    "font.size": 9.5, "axes.titlesize": 10, "axes.labelsize": 9.5, "figure.titlesize": 11,
+    "xtick.labelsize": 8.5, "ytick.labelsize": 8.5, "legend.fontsize": 8.5, "legend.title_fontsize": 8.5,
+    "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False,
+    "axes.formatter.use_mathtext": True, "axes.formatter.limits": (-3, 4), "mathtext.default": "regular",
+    "grid.alpha": 0.3, "grid.linewidth": 0.6, "image.interpolation": "nearest",
+    "figure.dpi": 100, "savefig.dpi": 150,
+}
+"""The one style of every figure: font sizes that stay readable at the README's width, no top/right spines,
+frameless legends, mathtext for symbols (θ₀ rather than a literal ``θ_0``), powers of ten in the axis labels."""
+
+README_WIDTH_IN = 8.5   # the width figures are designed for (inches; 1,275 px at 150 dpi, shown ~800 px wide)
+
+
+def apply_theme() -> None:
+    """Use :data:`THEME` for every later figure of this session (e.g. a notebook's own quick plots)."""
+    import matplotlib.pyplot as plt
+    plt.rcParams.update(THEME)
+
+
+def themed(fn):
+    """Build the figure of ``fn`` under :data:`THEME` without changing the caller's matplotlib settings."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import matplotlib.pyplot as plt
+        with plt.rc_context(THEME):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+_GREEK = {"θ": r"\theta", "τ": r"\tau", "ε": r"\epsilon", "λ": r"\lambda"}
+
+
+def math_label(text: str) -> str:
+    """Symbols with subscripts written plainly (``θ_0``, ``τ_{12}``, ``θ_i``) as mathtext (``$\\theta_{0}$``), so
+    figures never show a literal underscore; other text is left as it is."""
+    def sub(m):
+        body = m.group(2).strip("{}")
+        return f"${_GREEK.get(m.group(1), m.group(1))}_{{{body}}}$"
+    return re.sub(r"([θτελ])_(\{[^}]*\}|\w+)", sub, text)
+
+
+def block_title(name: str) -> str:
+    """A UNet block name in words: ``down_blocks.1`` → ``down block 1``, ``mid_block`` → ``middle block``."""
+    parts = name.split(".")
+    words = {"down_blocks": "down block", "up_blocks": "up block", "mid_block": "middle block",
+             "conv_in": "input conv", "conv_out": "output conv", "conv_norm_out": "output norm",
+             "time_embedding": "time embedding", "class_embedding": "class embedding"}
+    head = words.get(parts[0], parts[0].replace("_", " "))
+    return " ".join([head] + parts[1:])
+
+
+def _sci_scale(values) -> tuple[float, str]:
+    """(factor, label suffix) that bring ``values`` to about 1-1000: (1e5, " (×10⁻⁵)") for values ~1e-5."""
+    v = np.abs(np.asarray(values, dtype=float))
+    v = v[np.isfinite(v) & (v > 0)]
+    if not len(v):
+        return 1.0, ""
+    e = int(np.floor(np.log10(v.max())))
+    if -2 <= e <= 3:
+        return 1.0, ""
+    return 10.0 ** -e, f" ($\\times 10^{{{e}}}$)"
 
 
 def save_figure(fig, cfg: Config, name: str, dpi: int = 150) -> list[Path]:
@@ -29,6 +98,7 @@ def save_figure(fig, cfg: Config, name: str, dpi: int = 150) -> list[Path]:
     return paths
 
 
+@themed
 def plot_similarity_heatmap(sim: np.ndarray, timesteps: Sequence[int], ax=None, num_timesteps: int = 1000,
                             range_bounds: Sequence[int] = (), title: str = "cosine similarity of loss gradients",
                             colorbar: bool = True):
@@ -51,6 +121,7 @@ def plot_similarity_heatmap(sim: np.ndarray, timesteps: Sequence[int], ax=None, 
     return fig
 
 
+@themed
 def plot_similarity_histograms(summary: Mapping, ax=None, bins: int = 40):
     """Fig. 1a (right): distributions of the pairwise similarity over all pairs vs pairs inside [0, T/4), as
     outlines (no blended fills), means marked."""
@@ -71,6 +142,7 @@ def plot_similarity_histograms(summary: Mapping, ax=None, bins: int = 40):
     return fig
 
 
+@themed
 def plot_gradient_conflict(panels: Mapping[str, tuple[np.ndarray, Sequence[int]]], summary: Mapping,
                            num_timesteps: int = 1000, range_bounds: Sequence[int] = ()):
     """Fig. 1a: one heat map per conditioning (e.g. true labels and the null label) and the histograms of the
@@ -86,6 +158,7 @@ def plot_gradient_conflict(panels: Mapping[str, tuple[np.ndarray, Sequence[int]]
     return fig
 
 
+@themed
 def plot_landscapes(landscapes: Mapping[str, np.ndarray], coords, upsample: int = 8):
     """Fig. 4: the loss around θ per timestep range (the full range first) as L/L(θ) on ONE shared
     logarithmic colour scale, so a range that rises 1,000-fold looks steeper than one that rises 10-fold.
@@ -121,28 +194,61 @@ def plot_landscapes(landscapes: Mapping[str, np.ndarray], coords, upsample: int 
     return fig
 
 
+@themed
 def plot_task_vector_plane(loss: np.ndarray, coords, merge_point: tuple[float, float] | None = None,
-                           labels: tuple[str, str] = ("θ_a", "θ_b"), levels: int = 20, ax=None):
-    """Fig. 6a: training loss on the plane θ + a·τ_a + b·τ_b, with θ (0, 0), θ_a (1, 0), θ_b (0, 1), the grid's
-    best point and, when given, a merge point (w_a, w_b)."""
+                           labels: tuple[str, str] = ("θ_a", "θ_b"), levels: int = 20, ax=None,
+                           upsample: int = 8):
+    """Fig. 6a: the loss on the plane θ + a·τ_a + b·τ_b (τ_x = θ_x − θ) as its change against θ in percent,
+    on a symmetric diverging scale (blue: lower than the pretrained model, red: higher), with θ (0, 0), θ_a
+    (1, 0), θ_b (0, 1), the grid's lowest point and, when given, a merge point (w_a, w_b). ``labels`` name the
+    two experts, e.g. ``("θ_0 (low noise)", "θ_3 (high noise)")`` (subscripts are set as math). The grid
+    (which must contain 0) is interpolated (cubic, ``upsample``×) for smooth contours; markers sit on the
+    computed points."""
     import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import MaxNLocator
+    from scipy.ndimage import zoom
     a, b = grid_coords(coords)
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.2, 4.4))
-    cs = ax.contourf(a, b, loss.T, levels=levels, cmap="viridis")   # x = a, y = b
-    ax.contour(a, b, loss.T, levels=levels, colors="k", linewidths=0.3)
-    fig.colorbar(cs, ax=ax, label="training loss")
-    ax.plot(0, 0, "wo", mec="k", ms=8, label="θ (pretrained)")
-    ax.plot(1, 0, "s", color="C1", mec="k", ms=8, label=labels[0])
-    ax.plot(0, 1, "^", color="C3", mec="k", ms=8, label=labels[1])
+    ia, ib = int(np.argmin(np.abs(a))), int(np.argmin(np.abs(b)))
+    loss = np.asarray(loss, dtype=float)
+    ref = loss[ia, ib]
+    pct = ref > 0                                                    # a loss: % change against θ
+    rel = 100 * (loss / ref - 1) if pct else loss - ref              # (any other surface: the difference)
+    unit = "%" if pct else ""
+    vlim = max(float(np.abs(rel).max()), 1e-12)
+    norm = Normalize(-vlim, vlim)
+    own = ax is None
+    fig, ax = plt.subplots(figsize=(6.2, 5.6), layout="constrained") if own else (ax.figure, ax)
+    fine_a = np.linspace(a[0], a[-1], (len(a) - 1) * upsample + 1) if upsample > 1 and len(a) > 3 else a
+    fine_b = np.linspace(b[0], b[-1], (len(b) - 1) * upsample + 1) if upsample > 1 and len(b) > 3 else b
+    fine = zoom(rel, (len(fine_a) / len(a), len(fine_b) / len(b)), order=3) if fine_a is not a else rel
+    lv = np.linspace(-vlim, vlim, levels + 1)
+    cs = ax.contourf(fine_a, fine_b, np.clip(fine, -vlim, vlim).T, levels=lv, cmap="RdBu_r", norm=norm)
+    ax.contour(fine_a, fine_b, fine.T, levels=lv, colors="k", linewidths=0.3, alpha=0.6)
+    cb = fig.colorbar(cs, ax=ax, shrink=0.9)
+    cb.set_label("loss change vs θ (pretrained), %" if pct else "loss − L(θ) (pretrained)")
+    ticks = [v for v in MaxNLocator(6, symmetric=True).tick_values(-vlim, vlim) if abs(v) <= vlim * (1 + 1e-9)]
+    cb.set_ticks(ticks, labels=["0" if abs(v) < vlim * 1e-6 else f"{v:+.2g}" for v in ticks])
+    cb.minorticks_off()
+    sym = [math_label(lab.split(" (")[0]) for lab in labels]
+    desc = [lab[len(lab.split(" (")[0]):].strip() for lab in labels]
+    ax.plot(0, 0, "o", color="w", mec="k", ms=8, label=r"$\theta$ (pretrained)")
+    ax.plot(1, 0, "s", color="C1", mec="k", ms=8, label=math_label(labels[0]))
+    ax.plot(0, 1, "^", color="C4", mec="k", ms=8, label=math_label(labels[1]))
     i, j = np.unravel_index(np.argmin(loss), loss.shape)
-    ax.plot(a[i], b[j], "w*", mec="k", ms=12, label=f"grid minimum ({a[i]:.2g}, {b[j]:.2g})")
+    ax.plot(a[i], b[j], "*", color="w", mec="k", ms=13,
+            label=f"lowest grid point ({a[i]:.2g}, {b[j]:.2g}): {rel[i, j]:+.2g}{unit}")
     if merge_point is not None:
         ax.plot(*merge_point, "P", color="C2", mec="k", ms=10,
-                label=f"merge ({merge_point[0]:.2g}, {merge_point[1]:.2g})")
-    ax.set(xlabel=f"a (along τ of {labels[0]})", ylabel=f"b (along τ of {labels[1]})",
-           title="loss on the plane of two task vectors")
-    ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
+                label=f"merge weights ({merge_point[0]:.2g}, {merge_point[1]:.2g})")
+    theta = r"$\theta$"
+    ax.set_xlabel(f"a: weight of the task vector {sym[0]} − {theta} {desc[0]}".strip())
+    ax.set_ylabel(f"b: weight of the task vector {sym[1]} − {theta} {desc[1]}".strip())
+    ax.set_title(f"Loss on the plane of two task vectors\n(L({theta}) = {ref:.4g} on the analysis batch)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8.5, handletextpad=0.4,
+              columnspacing=1.2)
+    if not own:
+        fig.tight_layout()
     return fig
 
 
@@ -158,65 +264,266 @@ def unet_order(name: str) -> tuple:
     return (head, tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts[1:]), name)
 
 
+def _whisker_text(whiskers: tuple[str, str]) -> str:
+    """``("q5", "q95")`` → ``"5th to 95th percentile"``; ``q0``/``q100`` are the minimum and maximum."""
+    qs = [float(w.lstrip("q")) for w in whiskers]
+    if all(0 < q < 100 for q in qs):
+        return f"{qs[0]:g}th to {qs[1]:g}th percentile"
+    name = lambda q: {0.0: "minimum", 100.0: "maximum"}.get(q, f"{q:g}th percentile")
+    return f"{name(qs[0])} to {name(qs[1])}"
+
+
+@themed
 def plot_task_vector_boxes(stats, layers: Sequence[str] | None = None, whiskers: tuple[str, str] = ("q5", "q95"),
                            ax=None):
-    """Fig. 6b: per-layer box plots of task-vector values, one box per range, drawn from the statistics of
-    :func:`deme.analysis.task_vector_stats` (box: quartiles, line: median, whiskers: 5th–95th percentiles
-    by default; outliers not drawn)."""
+    """Fig. 6b: per-block box plots of the task-vector entries τ_i = θ_i − θ, one box per range, drawn from
+    the statistics of :func:`deme.analysis.task_vector_stats` (box: quartiles, line: median, whiskers: 5th and
+    95th percentiles by default; no outliers drawn — all stated in the figure). The legend gives each range's
+    5–95% spread (parameter-weighted mean over blocks, :func:`deme.analysis.task_vector_spread`), the number
+    the paper compares across ranges."""
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
     layers = list(layers) if layers is not None else sorted(dict.fromkeys(stats["layer"]), key=unet_order)
     ranges = sorted(stats["range"].unique())
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(max(6, 0.9 * len(layers) + 2), 4))
+    cols = ["q25", "q50", "q75", *whiskers]
+    scale, suffix = _sci_scale(stats[stats["layer"].isin(layers)][cols].to_numpy())
+    own = ax is None
+    fig, ax = plt.subplots(figsize=(README_WIDTH_IN, 4.6), layout="constrained") if own else (ax.figure, ax)
     width = 0.8 / len(ranges)
+    spread = task_vector_spread(stats if "n" in stats else stats.assign(n=1))
     handles = []
     for r in ranges:
         sub = stats[stats["range"] == r].set_index("layer")
-        boxes = [{"med": sub.at[l, "q50"], "q1": sub.at[l, "q25"], "q3": sub.at[l, "q75"],
-                  "whislo": sub.at[l, whiskers[0]], "whishi": sub.at[l, whiskers[1]], "label": ""} for l in layers]
+        boxes = [{"med": sub.at[l, "q50"] * scale, "q1": sub.at[l, "q25"] * scale, "q3": sub.at[l, "q75"] * scale,
+                  "whislo": sub.at[l, whiskers[0]] * scale, "whishi": sub.at[l, whiskers[1]] * scale, "label": ""}
+                 for l in layers]
         pos = np.arange(len(layers)) + (r - (len(ranges) - 1) / 2) * width
-        art = ax.bxp(boxes, positions=pos, widths=width * 0.9, showfliers=False, patch_artist=True)
-        for patch in art["boxes"]:
-            patch.set_facecolor(f"C{r}")
-            patch.set_alpha(0.7)
-        handles.append((art["boxes"][0], sub["range_label"].iloc[0]))
-    ax.set_xticks(np.arange(len(layers)))
-    ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=8)
+        ax.bxp(boxes, positions=pos, widths=width * 0.85, showfliers=False, patch_artist=True,
+               boxprops={"facecolor": f"C{r}", "alpha": 0.75, "linewidth": 0.6},
+               medianprops={"color": "k", "linewidth": 1.2}, whiskerprops={"linewidth": 0.8},
+               capprops={"linewidth": 0.8})
+        label = sub["range_label"].iloc[0] if "range_label" in sub else f"range {r}"
+        handles.append(Patch(facecolor=f"C{r}", alpha=0.75, edgecolor="k", linewidth=0.6,
+                             label=f"{label}: spread {spread[r] * scale:.3g}"))
+    ax.set_xticks(np.arange(len(layers)), [block_title(l) for l in layers], rotation=35, ha="right",
+                  rotation_mode="anchor")
+    ax.set_xlim(-0.6, len(layers) - 0.4)
     ax.axhline(0, color="k", lw=0.6)
-    ax.set(ylabel="task-vector value θ_i − θ", title="task vectors per layer and range")
-    ax.legend(*zip(*handles), fontsize=8)
-    fig.tight_layout()
+    ax.grid(axis="y")
+    ax.set_ylabel(r"task-vector entry $\tau_i = \theta_i - \theta$" + suffix)
+    ax.set_title("Task vectors per block and timestep range\n"
+                 f"box: 25th to 75th percentile, line: median, whiskers: {_whisker_text(whiskers)} of the "
+                 "block's entries (no outliers drawn)", fontsize=9.5)
+    ax.legend(handles=handles, title=f"range i: spread = 5th to 95th percentile{suffix}, mean over blocks "
+              "weighted by their entries", loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2)
+    if not own:
+        fig.tight_layout()
     return fig
 
 
+@themed
 def plot_activation_changes(changes: Mapping[str, Mapping[str, np.ndarray]], bins: int = 40):
-    """Fig. 2: for each block, histograms of |A_ft − A_base| reduced over channels (one value per position)
-    and over space (one value per channel), each divided by its block mean so the spreads compare."""
+    """Fig. 2: how finetuning changed each block's activations (:func:`deme.analysis.activation_changes`).
+
+    Top: for every block, the spread ratio CV(per channel) ÷ CV(per position) (CV = std/mean of |A_ft − A_base|
+    reduced over space → one value per channel, or over channels → one value per position), beside the same
+    ratio after shuffling the entries (the reference without channel or spatial structure); a ratio above its
+    reference says the change is organised by channel. Below: the two distributions per block, each divided
+    by its block mean so the spreads compare; one shared legend under the panels."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     names = list(changes)
+    summary = activation_change_summary(changes).set_index("block")
     cols = min(4, len(names))
     rows = int(np.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        pos = np.asarray(changes[name]["per_position"])
-        ch = np.asarray(changes[name]["per_channel"])
+    mosaic = [["summary"] * cols] + [[names[r * cols + c] if r * cols + c < len(names) else "." for c in range(cols)]
+                                     for r in range(rows)]
+    fig, axd = plt.subplot_mosaic(mosaic, figsize=(README_WIDTH_IN, 2.2 + 2.0 * rows), layout="constrained",
+                                  height_ratios=[1.25] + [1] * rows)
+    s = axd["summary"]
+    x = np.arange(len(names))
+    s.bar(x - 0.2, summary.loc[names, "cv_ratio"], 0.4, color="C3", label="finetuned − base")
+    if "cv_ratio_shuffled" in summary:
+        s.bar(x + 0.2, summary.loc[names, "cv_ratio_shuffled"], 0.4, color="0.7",
+              label="same entries shuffled (no structure)")
+    s.axhline(1, color="k", lw=0.8, ls=":")
+    s.set_xticks(x, [block_title(n) for n in names])
+    s.set_ylabel("CV per channel ÷\nCV per position")
+    s.set_title("Is the activation change organised by channel? Ratio of spreads per block "
+                "(CV = std / mean; >1: channels differ more than positions)", fontsize=9.5)
+    s.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    for k, name in enumerate(names):
+        ax = axd[name]
+        pos = np.asarray(changes[name]["per_position"], dtype=float)
+        ch = np.asarray(changes[name]["per_channel"], dtype=float)
         pos_r, ch_r = pos / max(pos.mean(), 1e-30), ch / max(ch.mean(), 1e-30)
         hi = float(np.quantile(np.concatenate([pos_r, ch_r]), 0.995))
         edges = np.linspace(0, max(hi, 1e-6), bins + 1)
-        ax.hist(pos_r, bins=edges, density=True, alpha=0.55, color="C0",
-                label=f"over channels → per position (CV {pos.std() / max(pos.mean(), 1e-30):.2f})")
-        ax.hist(ch_r, bins=edges, density=True, alpha=0.55, color="C3",
-                label=f"over space → per channel (CV {ch.std() / max(ch.mean(), 1e-30):.2f})")
-        title = name
-        if "per_channel_shuffled" in changes[name]:
-            row = activation_change_summary({name: changes[name]}).iloc[0]
-            title += f"\nCV ratio {row.cv_ratio:.2f} (entries shuffled: {row.cv_ratio_shuffled:.2f})"
-        ax.set_title(title, fontsize=8)
-        ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(names):]:
-        ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("|ΔA| / mean")
-    fig.tight_layout()
+        ax.hist(ch_r, bins=edges, density=True, histtype="stepfilled", color="C3", alpha=0.25)
+        ax.hist(ch_r, bins=edges, density=True, histtype="step", color="C3", lw=1.4)
+        ax.hist(pos_r, bins=edges, density=True, histtype="step", color="C0", lw=1.4)
+        ax.axvline(1, color="k", lw=0.6, ls=":")
+        ax.set_title(f"{block_title(name)}: CV {summary.at[name, 'cv_per_channel']:.2f} vs "
+                     f"{summary.at[name, 'cv_per_position']:.2f}", fontsize=9)
+        if k % cols == 0:
+            ax.set_ylabel("density")
+        if k + cols >= len(names):
+            ax.set_xlabel("|ΔA| ÷ block mean")
+    handles = [Line2D([], [], color="C3", lw=1.6, label="per channel (mean over space)"),
+               Line2D([], [], color="C0", lw=1.6, label="per position (mean over channels)")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2,
+               title="|ΔA| = |activation after finetuning − before|, reduced to one value")
+    return fig
+
+
+@themed
+def plot_base_convergence(log, steps: int | None = None, fraction: float = 0.2):
+    """The base model's pretraining (notebook 02): training loss and held-out loss (all t) against the
+    optimizer step on log scales with plain tick labels, the last ``fraction`` of the ``steps`` shaded and its
+    relative change in the title (a converged base changes little there). ``log``: the run's ``loss.csv``
+    (columns ``step``, ``loss``, ``heldout_loss``)."""
+    import matplotlib.pyplot as plt
+    steps = int(steps or log.step.max())
+    held = log.dropna(subset=["heldout_loss"]) if "heldout_loss" in log else log.iloc[:0]
+    panels = 2 if len(held) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(README_WIDTH_IN, 3.3), layout="constrained", squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(log.step, log.loss, lw=1, color="C0")
+    ax.set(xlabel="optimizer step", ylabel="training ε-MSE (log scale)", yscale="log",
+           title="training loss (mean per logged interval)")
+    if len(held):
+        ax = axes[0, 1]
+        ax.plot(held.step, held.heldout_loss, marker=".", ms=4, lw=1, color="C0")
+        start = (1 - fraction) * steps
+        ax.axvspan(start, steps, color="0.9", zorder=0)
+        tail = held[held.step >= start]
+        change = 100 * (tail.heldout_loss.iloc[-1] / tail.heldout_loss.iloc[0] - 1) if len(tail) > 1 else np.nan
+        ax.set(xlabel="optimizer step", ylabel="held-out ε-MSE (log scale)", yscale="log",
+               title=f"held-out loss, all t (shaded: last {fraction:.0%}, {change:+.2f}%)")
+    for ax in axes.flat:
+        _plain_log_ticks(ax.yaxis)
+        ax.grid(alpha=0.3, which="major")
+    fig.suptitle("Pretraining the base model: convergence")
+    return fig
+
+
+def _plain_log_ticks(axis) -> None:
+    """Log-axis ticks at 1, 2, 3, 5 × 10^k labelled as plain numbers (0.03, 0.1, 0.2) instead of 3×10⁻²."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _grid_image(images, ncol: int, pad: int = 1) -> np.ndarray:
+    """(n, C, H, W) tensors in [−1, 1] or (n, H, W[, C]) arrays in [0, 255] → one grid image in [0, 1] with
+    ``ncol`` images per row and white padding."""
+    import torch
+    v = images.detach().cpu().float().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, float)
+    if v.ndim == 4 and v.shape[1] in (1, 3) and v.shape[-1] not in (1, 3):
+        v = np.transpose((v.clip(-1, 1) + 1) / 2, (0, 2, 3, 1))
+    elif v.max() > 1.5:
+        v = v / 255
+    if v.ndim == 3:
+        v = v[..., None]
+    n, h, w, c = v.shape
+    nrow = int(np.ceil(n / ncol))
+    out = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c))
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = v[i]
+    return out[..., 0] if c == 1 else out
+
+
+@themed
+def plot_base_samples(conditional=None, unconditional=None, class_names: Sequence[str] | None = (),
+                      per_class: int = 10):
+    """Samples of the base model (notebook 02): the class-conditional grid with one row per class, named at
+    the left, and the unconditional samples (null label) beside it at the same row height."""
+    import matplotlib.pyplot as plt
+    panels = [(k, v) for k, v in (("conditional", conditional), ("unconditional", unconditional)) if v is not None]
+    if not panels:
+        raise ValueError("nothing to show: give conditional and/or unconditional samples")
+    rows = int(np.ceil(len(conditional) / per_class)) if conditional is not None else 10
+    grids = {}
+    for kind, v in panels:
+        ncol = per_class if kind == "conditional" else int(np.ceil(len(v) / rows))
+        grids[kind] = _grid_image(v, ncol)
+    widths = [g.shape[1] for g in grids.values()]
+    fig, axes = plt.subplots(1, len(grids), figsize=(README_WIDTH_IN, 0.55 * rows + 1.2), squeeze=False,
+                             layout="constrained", gridspec_kw={"width_ratios": widths})
+    for ax, (kind, g) in zip(axes[0], grids.items()):
+        ax.imshow(g, cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for sp in ax.spines.values():
+            sp.set_visible(False)
+        if kind == "conditional":
+            ax.set_title("class-conditional: one row per class")
+            if class_names is not None and len(class_names):
+                h = (g.shape[0] - 1) / rows
+                ax.set_yticks([(i + 0.5) * h for i in range(rows)], list(class_names)[:rows])
+                ax.tick_params(axis="y", length=0)
+        else:
+            ax.set_title("unconditional (null label)")
+    fig.suptitle("Samples of the base model (before finetuning)")
+    return fig
+
+
+_SWEEP_AXIS = {"N": "number of timestep ranges N (same total budget)",
+               "p": "p: probability of drawing t from all of [0, T) (Eq. 6)"}
+
+
+@themed
+def plot_sensitivity(rows, what: str | None = None, conditions: Sequence[str] = ("unconditional", "conditional"),
+                     rng: str = "all", default: float | None = None):
+    """The sensitivity sweeps of notebook 06 (``AB.variant_heldout(cfg, AB.sweep_variants(cfg, what))``):
+    held-out Δ% against before finetuning with 95% intervals (error bars) against N or p, one line per kind
+    (merged with w = 1/N, ensemble before merging; a single model, N = 1, is both), one panel per
+    condition, the profile's value (``default``) marked."""
+    import matplotlib.pyplot as plt
+    t = rows.copy()
+    t["range"] = t["range"].astype(str)
+    t = t[t["range"] == str(rng)]
+    keys = t.variant.str.split("=", n=1)
+    what = what or keys.str[0].iloc[0]
+    t["x"] = keys.str[1].astype(float)
+    conditions = [c for c in conditions if c in set(t.condition)]
+    fig, axes = plt.subplots(1, len(conditions), figsize=(README_WIDTH_IN, 3.6), layout="constrained",
+                             squeeze=False, sharey=True)
+    names = {"merge": "merged (w = 1/N)", "ensemble": "ensemble (before merge)"}
+    xs = sorted(set(t.x))
+    span = (max(xs) - min(xs)) or 1.0
+    for ax, cond in zip(axes[0], conditions):
+        c = t[t.condition == cond]
+        for k, (kind, label) in enumerate(names.items()):
+            g = c[c.kind.isin([kind, "model"])].sort_values("x")
+            if not len(g):
+                continue
+            off = (k - 0.5) * (0.04 if what == "N" else 0.015 * span)   # side by side, not on top of each other
+            x = g.x * (1 + off) if what == "N" else g.x + off
+            ax.errorbar(x, g.delta_pct, yerr=[g.delta_pct - g.ci95_low, g.ci95_high - g.delta_pct], marker="o",
+                        ms=4, capsize=3, lw=1.2, color=f"C{k}", label=label)
+        ax.axhline(0, color="k", lw=0.8)
+        if default is not None:
+            ax.axvline(default, color="0.5", ls="--", lw=0.8)
+        if what == "N":
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{v:g}" for v in xs])
+        ax.minorticks_off()
+        ax.set_xlabel(_SWEEP_AXIS.get(what, what))
+        ax.set_title(f"{cond} ({'null label' if cond == 'unconditional' else 'true label'}), "
+                     f"{'all t' if str(rng) == 'all' else 'range ' + str(rng)}")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("Δ held-out ε-MSE vs\nbefore finetuning (%)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if default is not None:
+        from matplotlib.lines import Line2D
+        handles.append(Line2D([], [], color="0.5", ls="--", lw=0.8))
+        labels.append(f"the profile's {what} = {default:g}")
+    fig.legend(handles, labels, loc="outside lower center", ncol=3,
+               title="dot: paired difference; bar: 95% CI over images; below 0: better than before finetuning")
+    fig.suptitle(f"Sensitivity to {what}")
     return fig
 
 
@@ -232,6 +539,7 @@ def _verdict_colour(low: float, high: float, lower_is_better: bool = True) -> st
     return VERDICT_COLOURS[verdict(low, high, lower_is_better)]
 
 
+@themed
 def plot_paired_deltas(panels: Mapping, xlabel: str = "Δ vs before finetuning",
                        lower_is_better: Mapping[str, bool] | None = None, width: float = 4.0):
     """A forest plot per panel: one row per model, the paired difference against the reference (dot) and
@@ -267,6 +575,7 @@ def plot_paired_deltas(panels: Mapping, xlabel: str = "Δ vs before finetuning",
     return fig
 
 
+@themed
 def plot_heldout_by_range(table, models: Sequence[str] | None = None, conditions=("unconditional", "conditional")):
     """Held-out Δ% against before finetuning per timestep range (``all`` = [0, T), then each range), one
     group of bars per range and one bar per model, with 95% intervals (:func:`deme.heldout.heldout_table`)."""
@@ -294,6 +603,7 @@ def plot_heldout_by_range(table, models: Sequence[str] | None = None, conditions
     return fig
 
 
+@themed
 def plot_budget_study(study, condition: str = "unconditional", rng: str = "all"):
     """Δ held-out loss against before finetuning vs the budget (optimizer steps per model, N×K), one line per
     method, with 95% intervals (:func:`deme.ablation.budget_study`)."""
@@ -319,6 +629,7 @@ def plot_budget_study(study, condition: str = "unconditional", rng: str = "all")
     return fig
 
 
+@themed
 def plot_merge_search(candidates, top: int = 12):
     """The merge search (:func:`deme.stages.search_merge_weights`): validation held-out Δ% against the base
     with 95% intervals for the best ``top`` weightings and every named one (base, uniform, paper, sum, the
@@ -348,6 +659,7 @@ def plot_merge_search(candidates, top: int = 12):
     return fig
 
 
+@themed
 def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_labels: Sequence[str] | None = None):
     """Image grids of several models that sampled from the same noise (``rows``: name → images (n, H, W[, C])
     in [0, 255] or [-1, 1] tensors), one panel per model, and below each non-reference panel the per-pixel
@@ -398,6 +710,7 @@ def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_label
     return fig
 
 
+@themed
 def plot_training_log(log, title: str | None = None):
     """A training run's ``loss.csv``: ε-MSE and consistency loss (log scale; each point the mean over one
     logging interval) and throughput per optimizer step."""
@@ -416,6 +729,7 @@ def plot_training_log(log, title: str | None = None):
     return fig
 
 
+@themed
 def plot_timestep_draws(draws, interval: tuple[int, int], num_timesteps: int, p_global: float):
     """Histogram of the timesteps a DeMe range trains on (Eq. 6), its own range shaded."""
     import matplotlib.pyplot as plt
@@ -427,44 +741,4 @@ def plot_timestep_draws(draws, interval: tuple[int, int], num_timesteps: int, p_
     ax.set_title(f"timesteps drawn in training: own range [{interval[0]}, {interval[1]}) (dashed),\n"
                  f"with probability p = {p_global} a micro-batch is drawn from all of [0, {num_timesteps})", fontsize=9)
     fig.tight_layout()
-    return fig
-
-
-def plot_base_convergence(log, steps: int, fraction: float = 0.2):
-    """Pretraining of the embedded base model: training loss per logged step and the held-out loss, the last
-    ``fraction`` of the run shaded (a converged base changes little there)."""
-    import matplotlib.pyplot as plt
-    held = log.dropna(subset=["heldout_loss"])
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
-    ax[0].plot(log.step, log.loss, lw=0.8)
-    ax[0].set(xlabel="optimizer step", ylabel="training loss (ε-MSE)", yscale="log", title="training loss")
-    ax[1].plot(held.step, held.heldout_loss, marker=".", lw=1)
-    ax[1].axvspan((1 - fraction) * steps, steps, color="0.9", label=f"last {fraction:.0%} of the run")
-    ax[1].set(xlabel="optimizer step", ylabel="held-out loss (ε-MSE, all t)", yscale="log",
-              title="held-out loss (fixed test images, noise and t)")
-    ax[1].legend(frameon=False, loc="upper right")
-    return fig
-
-
-def plot_base_samples(conditional, unconditional, class_names: Sequence[str] = (), per_class: int = 10):
-    """Samples of the base model: one row per class (labelled) beside a grid of unconditional samples."""
-    import matplotlib.pyplot as plt
-    from .sampling import image_grid
-    panels = [("class-conditional (one row per class)", conditional)] if conditional is not None else []
-    panels.append(("unconditional (null label)", unconditional))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5.6), layout="constrained", squeeze=False)
-    for ax, (title, images) in zip(axes[0], panels):
-        grid = image_grid(images, per_class)
-        ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(title)
-        ax.set_xticks([])
-        rows = -(-len(images) // per_class)
-        if class_names and images is conditional:
-            step = grid.shape[0] / rows
-            ax.set_yticks([(i + 0.5) * step for i in range(rows)], list(class_names)[:rows], fontsize=8)
-            ax.tick_params(length=0)
-        else:
-            ax.set_yticks([])
-        for side in ax.spines.values():
-            side.set_visible(False)
     return fig
