@@ -33,7 +33,6 @@ data:
 reproduce: setup
 	$(BIN)/python -m deme reproduce --profile $(PROFILE) --jobs $(JOBS) $(if $(FULL),--full)
 
-# `pytest -q` includes tests/test_notebooks.py, which runs `pytest --nbval-lax notebooks/` (every notebook, smoke)
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q

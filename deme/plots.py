@@ -347,11 +347,12 @@ def plot_activation_changes(changes: Mapping[str, Mapping[str, np.ndarray]], bin
         s.bar(x + 0.2, summary.loc[names, "cv_ratio_shuffled"], 0.4, color="0.7",
               label="same entries shuffled (no structure)")
     s.axhline(1, color="k", lw=0.8, ls=":")
-    s.set_xticks(x, [block_title(n) for n in names])
+    s.set_xticks(x, [block_title(n) for n in names], fontsize=8)
     s.set_ylabel("CV per channel ÷\nCV per position")
-    s.set_title("Is the activation change organised by channel? Ratio of spreads per block "
-                "(CV = std / mean; >1: channels differ more than positions)", fontsize=9.5)
-    s.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    s.set_ylim(0, 1.3 * float(np.nanmax(summary.loc[names].select_dtypes("number").filter(like="cv_ratio").values)))
+    s.set_title("spread of the change per channel ÷ per position (CV = std/mean; > 1: organised by channel)",
+                fontsize=9.5)
+    s.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     for k, name in enumerate(names):
         ax = axd[name]
         pos = np.asarray(changes[name]["per_position"], dtype=float)
@@ -363,8 +364,8 @@ def plot_activation_changes(changes: Mapping[str, Mapping[str, np.ndarray]], bin
         ax.hist(ch_r, bins=edges, density=True, histtype="step", color="C3", lw=1.4)
         ax.hist(pos_r, bins=edges, density=True, histtype="step", color="C0", lw=1.4)
         ax.axvline(1, color="k", lw=0.6, ls=":")
-        ax.set_title(f"{block_title(name)}: CV {summary.at[name, 'cv_per_channel']:.2f} vs "
-                     f"{summary.at[name, 'cv_per_position']:.2f}", fontsize=9)
+        ax.set_title(f"{block_title(name)}\nCV {summary.at[name, 'cv_per_channel']:.2f} vs "
+                     f"{summary.at[name, 'cv_per_position']:.2f}", fontsize=8.5)
         if k % cols == 0:
             ax.set_ylabel("density")
         if k + cols >= len(names):
