@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import DataMissingError
+from .distributed import SINGLE, Processes
 from .models import WeightsMissingError
 
 log = logging.getLogger("deme.sd")
@@ -810,7 +811,8 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
              steps: int = 25, seed: int = 0, batch_size: int = 8, scheduler: str = "pndm",
              height: int | None = None, width: int | None = None, out_dir: str | os.PathLike | None = None,
              device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-             safety_checker: bool = False, progress: bool = False) -> np.ndarray | list[Path]:
+             safety_checker: bool = False, progress: bool = False,
+             processes: Processes = SINGLE) -> np.ndarray | list[Path]:
     """Images for ``prompts`` with ``StableDiffusionPipeline`` — PNDM, 25 steps, guidance 7.5 (BK-SDM's and the
     paper's protocol; all configurable) — image ``i`` started from latents seeded by (seed, i), so two models
     given the same seed start from the same noise.
@@ -826,10 +828,16 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
     does. ``safety_checker``: off by default — this is the evaluation path (Table 2, the merge search), and
     the checker returns flagged images black, which raises FID and lowers the CLIP score; benchmarks of this
     kind (BK-SDM) run without it. ``True`` keeps the checker the pipeline ships.
+
+    ``processes`` (:mod:`deme.distributed`): each process generates its share of the prompts (image ``i``
+    still from the latents of (seed, i)) on ``device`` (default: its own GPU); the images are gathered in
+    order (with ``out_dir``: every process writes its own files, and all return every path once all are
+    written), so every process returns what one process would.
     """
     from diffusers import StableDiffusionPipeline
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device) if device is not None else (
+        processes.device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
     if isinstance(pipe_or_unet, nn.Module) and not isinstance(pipe_or_unet, StableDiffusionPipeline):
@@ -849,9 +857,11 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     images, paths = [], []
+    rows = processes.share(len(prompts))
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="generate"):
-            chunk = prompts[start:start + batch_size]
+        for start in tqdm(range(rows.start, rows.stop, batch_size), disable=not (progress and processes.is_main),
+                          desc="generate"):
+            chunk = prompts[start:min(start + batch_size, rows.stop)]
             names = [out / f"{i:05d}.png" for i in range(start, start + len(chunk))] if out is not None else []
             if names and all(p.is_file() for p in names):
                 paths += names
@@ -871,7 +881,10 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
                 paths += names
     finally:
         pipe.scheduler = old_scheduler
-    return paths if out is not None else np.concatenate(images)
+    if out is not None:
+        processes.barrier()                      # every process's files are written
+        return processes.gather(paths)
+    return processes.concat(np.concatenate(images) if images else np.empty((0, height, width, 3), np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -910,18 +923,28 @@ def _image_chunks(source, size: int, chunk: int = 500) -> Iterator[np.ndarray]:
 
 
 def features_256(source, size: int = 256, *, cache: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None, progress: bool = False) -> np.ndarray:
+                 device: str | torch.device | None = None, progress: bool = False,
+                 processes: Processes = SINGLE) -> np.ndarray:
     """Inception pool3 features (N, 2048) of images brought to ``size``×``size`` (shorter side resized,
     bicubic, centre crop) — the FID-at-256-px protocol — then embedded by :func:`deme.metrics.inception_features`
     (clean-fid resize to 299). ``source``: a folder, a list of files, or uint8 (N, H, W, 3). With ``cache``
-    (an .npz path), features are saved there and reused."""
-    from .metrics import inception_features
-    if cache is not None and Path(cache).is_file():
-        return np.load(cache)["features"]
-    feats = [inception_features(c, device=device) for c in tqdm(_image_chunks(source, size), disable=not progress,
-                                                                desc=f"Inception features at {size}px")]
-    feats = np.concatenate(feats)
+    (an .npz path), features are saved there and reused. ``processes``: each embeds its share of the images,
+    gathered in order (the main process reads and writes the cache)."""
+    from .metrics import FEATURE_DIM, inception_features
     if cache is not None:
+        cached = processes.broadcast(np.load(cache)["features"] if processes.is_main and Path(cache).is_file()
+                                     else None)
+        if cached is not None:
+            return cached
+    if isinstance(source, (str, os.PathLike)):
+        source = image_files(source)
+    rows = processes.share(len(source))
+    part = source[rows.start:rows.stop]
+    feats = [inception_features(c, device=device)
+             for c in tqdm(_image_chunks(part, size) if len(part) else (), disable=not (progress and processes.is_main),
+                           desc=f"Inception features at {size}px")]
+    feats = processes.concat(np.concatenate(feats) if feats else np.empty((0, FEATURE_DIM), np.float32))
+    if cache is not None and processes.is_main:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(str(cache) + ".tmp.npz")
         np.savez(tmp, features=feats, size=size)
@@ -930,16 +953,17 @@ def features_256(source, size: int = 256, *, cache: str | os.PathLike | None = N
 
 
 def fid_256(samples, reference, size: int = 256, *, reference_cache: str | os.PathLike | None = None,
-            device: str | torch.device | None = None, progress: bool = False) -> float:
+            device: str | torch.device | None = None, progress: bool = False,
+            processes: Processes = SINGLE) -> float:
     """FID of ``samples`` against ``reference`` at ``size`` px (BK-SDM: 256), both as in :func:`features_256`
     (a folder, a list of files, uint8 images, or precomputed features (N, 2048)); the reference's features
-    are cached at ``reference_cache`` when given."""
+    are cached at ``reference_cache`` when given. ``processes``: the features are computed in shares."""
     from .metrics import FEATURE_DIM, fid_from_features
 
     def feats(x, cache=None):
         if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == FEATURE_DIM:
             return x
-        return features_256(x, size, cache=cache, device=device, progress=progress)
+        return features_256(x, size, cache=cache, device=device, progress=progress, processes=processes)
     if isinstance(reference, (str, os.PathLike)) and not Path(reference).exists():
         raise DataMissingError(f"reference image folder {reference} not found: provide the real images to compare "
                                "with (e.g. the MS-COCO val2014 images of the chosen captions, see "
@@ -1002,12 +1026,15 @@ def prepare_val2014_reference(images_dir: str | os.PathLike, out_dir: str | os.P
 def evaluate(samples, prompts: Sequence[str], *, reference=None, size: int = 256,
              reference_cache: str | os.PathLike | None = None, clip_model: nn.Module | None = None,
              clip_preprocess=None, clip_tokenizer=None, clip_weights: str | os.PathLike | None = None,
-             device: str | torch.device | None = None, chunk: int = 500, progress: bool = False) -> dict[str, Any]:
+             device: str | torch.device | None = None, chunk: int = 500, progress: bool = False,
+             processes: Processes = SINGLE) -> dict[str, Any]:
     """Table 2's metrics for generated ``samples`` (folder, files, or uint8 (N, H, W, 3); sample ``i`` made
     for ``prompts[i]``): ``fid_256`` against ``reference`` (None: not computed) and ``clip`` — the CLIP score
     of :func:`deme.metrics.clip_score` (open_clip ViT-g-14 laion2b_s34b_b88k, or ``clip_model``), ``None``
-    when no CLIP weights are available (render with :func:`deme.metrics.clip_column`)."""
-    from .metrics import clip_score
+    when no CLIP weights are available (render with :func:`deme.metrics.clip_column`): the mean of the
+    per-pair scores (:func:`deme.metrics.clip_scores`). ``processes``: each process embeds and scores its
+    share of the samples (and of the reference images), gathered in order; every process returns the result."""
+    from .metrics import clip_scores
     if isinstance(samples, (str, os.PathLike)):
         samples = image_files(samples)
     n = len(samples)
@@ -1015,18 +1042,24 @@ def evaluate(samples, prompts: Sequence[str], *, reference=None, size: int = 256
         raise ValueError(f"{len(prompts)} prompts for {n} samples")
     out: dict[str, Any] = {"n": n}
     out["fid_256"] = (fid_256(samples, reference, size, reference_cache=reference_cache, device=device,
-                              progress=progress) if reference is not None else None)
-    total, clip_available = 0.0, True
-    for i in tqdm(range(0, n, chunk), disable=not progress, desc="CLIP score"):
-        part = samples[i:i + chunk]
+                              progress=progress, processes=processes) if reference is not None else None)
+    rows = processes.share(n)
+    mine, available = [], True
+    for i in tqdm(range(rows.start, rows.stop, chunk), disable=not (progress and processes.is_main),
+                  desc="CLIP score"):
+        part = samples[i:min(i + chunk, rows.stop)]
         if not isinstance(part, np.ndarray):
             from PIL import Image
             part = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in part])
-        s = clip_score(part, list(prompts[i:i + chunk]), weights_path=clip_weights, model=clip_model,
-                       preprocess=clip_preprocess, tokenizer=clip_tokenizer, device=device)
+        s = clip_scores(part, list(prompts[i:i + len(part)]), weights_path=clip_weights, model=clip_model,
+                        preprocess=clip_preprocess, tokenizer=clip_tokenizer, device=device)
         if s is None:
-            clip_available = False
+            available = False
             break
-        total += s * len(part)
-    out["clip"] = total / n if clip_available else None
+        mine.append(s)
+    if all(processes.gather([available])):
+        scores = processes.concat(np.concatenate(mine) if mine else np.empty(0, np.float32))
+        out["clip"] = float(scores.mean(dtype=np.float64))
+    else:
+        out["clip"] = None
     return out
