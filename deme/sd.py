@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import importlib.util
 import json
 import logging
@@ -346,6 +347,33 @@ def _check_image(path: Path, full: bool) -> str | None:
     return None
 
 
+SCAN_INDEX_VERSION = 1
+
+
+def default_index_dir() -> Path:
+    """Where :class:`ImageCaptionFolder` keeps its scan indexes: ``runs/cache/image_index`` of the project
+    (``$DEME_ROOT``), or ``$DEME_INDEX_DIR``."""
+    from .config import ROOT
+    return Path(os.environ.get("DEME_INDEX_DIR") or ROOT / "runs" / "cache" / "image_index")
+
+
+def folder_listing_key(root: Path, *extra: Any, exclude: Path | None = None) -> str:
+    """A digest of every file under ``root`` — relative path, size, modification time — and ``extra``: it
+    changes when a file is added, removed, replaced or edited (the metadata file included). Costs one
+    ``stat`` per file, no reads (``exclude``: a folder left out, e.g. an index kept inside ``root``)."""
+    h = hashlib.sha256(json.dumps([SCAN_INDEX_VERSION, str(root.resolve()), *extra]).encode())
+    skip = exclude.resolve() if exclude is not None else None
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if skip is not None:
+            dirnames[:] = [d for d in dirnames if Path(dirpath, d).resolve() != skip]
+        for name in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, name))
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
 class ImageCaptionFolder:
     """Image–caption pairs of a local folder in Hugging Face ``imagefolder`` layout.
 
@@ -356,9 +384,17 @@ class ImageCaptionFolder:
     listed nowhere, a malformed line and (``check_images``: ``"header"`` — cheap, the default — or
     ``"full"`` decode, or ``"none"``) a corrupt image are reported in ``self.report`` and skipped. Images
     that only fail at full decode are reported and skipped when first loaded (:meth:`load`).
+
+    The scan (one header read per image: minutes for BK-SDM's 212K images on network storage) is done once:
+    its result is written to an index under ``index_dir`` (default :func:`default_index_dir`) named by
+    :func:`folder_listing_key`, and a later start with the same files reads it instead. ``processes``
+    (:mod:`deme.distributed`; every process of the launch must construct the folder): the main process scans
+    and writes the index, the others wait for it and read it — or scan themselves where they cannot see it
+    (no file system shared with the main process).
     """
 
-    def __init__(self, root: str | os.PathLike, caption_column: str = "text", check_images: str = "header"):
+    def __init__(self, root: str | os.PathLike, caption_column: str = "text", check_images: str = "header", *,
+                 index_dir: str | os.PathLike | None = None, processes: Processes = SINGLE):
         if check_images not in ("header", "full", "none"):
             raise ValueError(f"check_images must be 'header', 'full' or 'none', got {check_images!r}")
         root = Path(root)
@@ -373,41 +409,100 @@ class ImageCaptionFolder:
                 'one JSON object per line, {"file_name": "0001.png", "text": "a caption"}, file_name relative to '
                 "the folder (Hugging Face imagefolder layout).")
         self.root, self.metadata, self.caption_column = meta.parent, meta, caption_column
+        self.check_images = check_images
         self.report = DataReport(str(meta))
-        self.records: list[tuple[Path, str]] = []
         self._bad: set[int] = set()
-        listed: set[Path] = set()
-        for line_no, rec in self._read_metadata(meta):
-            if rec is None:
-                self.report.add(f"{meta.name} line {line_no}", f"{MALFORMED}: not a JSON object")
-                continue
-            name = rec.get("file_name")
-            if not isinstance(name, str) or not name:
-                self.report.add(f"{meta.name} line {line_no}", f"{MALFORMED}: no file_name")
-                continue
-            path = (self.root / name)
-            listed.add(path.resolve())
-            caption = rec.get(caption_column)
-            if not isinstance(caption, str) or not caption.strip():
-                self.report.add(name, f"{NO_CAPTION}: no {caption_column!r} in {meta.name} line {line_no}")
-                continue
-            if not path.is_file():
-                self.report.add(name, MISSING_FILE)
-                continue
-            if check_images != "none":
-                problem = _check_image(path, full=check_images == "full")
-                if problem:
-                    self.report.add(name, problem)
-                    continue
-            self.records.append((path, caption.strip()))
-        for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-            if path.resolve() not in listed:
-                self.report.add(str(path.relative_to(self.root)), NOT_LISTED)
+        scan = self._shared_scan(Path(index_dir) if index_dir is not None else default_index_dir(), processes)
+        self.records: list[tuple[Path, str]] = [(self.root / name, caption) for name, caption in scan["records"]]
+        for name, reason in scan["bad"]:
+            self.report.add(name, reason)
         self.report.usable = len(self.records)
         if self.report.bad:
             log.warning(self.report.summary())
         if not self.records:
             raise DataMissingError(f"{meta}: no usable image-caption pairs ({self.report.summary()})")
+
+    def scan(self) -> dict[str, list]:
+        """Read the metadata and check the files: ``{"records": [(file name, caption)], "bad": [(name,
+        reason)]}`` (file names relative to the folder, in metadata order)."""
+        meta, caption_column = self.metadata, self.caption_column
+        records, bad = [], []
+        listed: set[Path] = set()
+        for line_no, rec in self._read_metadata(meta):
+            if rec is None:
+                bad.append((f"{meta.name} line {line_no}", f"{MALFORMED}: not a JSON object"))
+                continue
+            name = rec.get("file_name")
+            if not isinstance(name, str) or not name:
+                bad.append((f"{meta.name} line {line_no}", f"{MALFORMED}: no file_name"))
+                continue
+            path = (self.root / name)
+            listed.add(path.resolve())
+            caption = rec.get(caption_column)
+            if not isinstance(caption, str) or not caption.strip():
+                bad.append((name, f"{NO_CAPTION}: no {caption_column!r} in {meta.name} line {line_no}"))
+                continue
+            if not path.is_file():
+                bad.append((name, MISSING_FILE))
+                continue
+            if self.check_images != "none":
+                problem = _check_image(path, full=self.check_images == "full")
+                if problem:
+                    bad.append((name, problem))
+                    continue
+            records.append((str(path.relative_to(self.root)), caption.strip()))
+        for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+            if path.resolve() not in listed:
+                bad.append((str(path.relative_to(self.root)), NOT_LISTED))
+        return {"records": records, "bad": bad}
+
+    def _shared_scan(self, index_dir: Path, processes: Processes) -> dict[str, list]:
+        """:meth:`scan`, done once: read from the index of the folder's current listing when there is one;
+        else the main process scans and writes it (atomically) while the others wait and read it."""
+        import time
+
+        def read(path: Path) -> dict | None:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return data if isinstance(data, dict) and data.get("key") == path.stem else None
+
+        path = status = None
+        if processes.is_main:
+            key = folder_listing_key(self.root, self.caption_column, self.check_images, exclude=index_dir)
+            path = index_dir / f"{key}.json"
+            data = read(path)
+            status = "ready" if data is not None else "scanning"
+            if data is None:
+                index_dir.mkdir(parents=True, exist_ok=True)
+                path.with_suffix(".scanning").write_text(str(os.getpid()))   # others: the index is coming
+        path, status = processes.broadcast((str(path), status) if processes.is_main else None)
+        path = Path(path)
+        claim = path.with_suffix(".scanning")
+        if processes.is_main:
+            if status == "ready":
+                return data
+            try:
+                data = {"key": path.stem, "root": str(self.root), **self.scan()}
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+                os.replace(tmp, path)
+            finally:
+                claim.unlink(missing_ok=True)
+            return data
+        waited = time.time()
+        while True:               # the main process scans; no collective here, so no process-group timeout
+            data = read(path)
+            if data is not None:
+                return data
+            if not claim.exists() and read(path) is None:   # not visible here, or the main process failed
+                log.info("%s: the main process's scan index %s is not visible here; scanning", self.root, path)
+                return self.scan()
+            if time.time() - waited > 60:
+                log.info("%s: waiting for the main process's scan (%s)", self.root, path)
+                waited = time.time()
+            time.sleep(0.2)
 
     def _read_metadata(self, meta: Path) -> Iterator[tuple[int, dict | None]]:
         if meta.suffix == ".csv":
@@ -506,14 +601,16 @@ def data_source(cfg: Config) -> str:
     return src
 
 
-def open_image_captions(source: str | os.PathLike, caption_column: str = "text", check_images: str = "header"):
+def open_image_captions(source: str | os.PathLike, caption_column: str = "text", check_images: str = "header", *,
+                        processes: Processes = SINGLE):
     """A local :class:`ImageCaptionFolder` when ``source`` is an existing path (or looks like a path), else a
-    :class:`HubImageCaptions` for a hub dataset id ``owner/name``."""
+    :class:`HubImageCaptions` for a hub dataset id ``owner/name``. ``processes``: a folder's scan is done by
+    the main process and shared (:class:`ImageCaptionFolder`)."""
     s = str(source)
     path = Path(s).expanduser()
     is_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s) is not None
     if path.exists() or not is_hub_id:
-        return ImageCaptionFolder(path, caption_column, check_images)
+        return ImageCaptionFolder(path, caption_column, check_images, processes=processes)
     return HubImageCaptions(s, caption_column)
 
 
@@ -646,14 +743,16 @@ def text_image_batches(cfg: Config, batch_size: int, seed: int, device: str | to
     Data from :func:`data_source` (``cfg.data_dir`` / ``$DEME_SD_DATA``); the frozen VAE and text encoder from
     the pipeline ``base`` (default ``cfg.pretrained``) on ``device``; caption dropout ``cfg.label_dropout``;
     random crops unless ``cfg.center_crop``; horizontal flips with ``cfg.random_flip``; resize filter
-    ``cfg.resize_filter``; ``cfg.num_workers`` decoding threads.
+    ``cfg.resize_filter``; ``cfg.num_workers`` decoding threads. Under a launcher (the training loop's
+    processes) every process must call it: an image folder is scanned once, by the main process, and shared.
     """
     base = base or cfg.pretrained
     if not base:
         raise ValueError(f"profile {cfg.profile!r} has no pretrained pipeline (cfg.pretrained) to take the VAE "
                          "and text encoder from")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    source = open_image_captions(data_source(cfg), check_images=cfg.check_images)
+    from .distributed import current_processes
+    source = open_image_captions(data_source(cfg), check_images=cfg.check_images, processes=current_processes())
     log.info(source.report.summary())
     encoders = load_frozen_encoders(base, device, _encoder_dtype(cfg, device))
     return TextImageBatches(source, encoders, batch_size, seed, image_size=cfg.image_size,
