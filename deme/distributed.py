@@ -91,14 +91,16 @@ SINGLE = Processes()
 def current_processes() -> Processes:
     """The processes of this launch: from a running process group (e.g. the training loop's Accelerator
     started it); else, under a launcher that set ``WORLD_SIZE`` > 1, from accelerate's ``PartialState``, which
-    starts the group (NCCL on GPUs; gloo on CPUs, with ``ACCELERATE_USE_CPU=1`` or ``accelerate launch --cpu``);
-    else :data:`SINGLE`. Under a launcher every process must make the same calls (gathers are collective)."""
+    starts the group (NCCL on GPUs; gloo on CPUs: with ``ACCELERATE_USE_CPU=1``, ``accelerate launch --cpu``,
+    or where there is no GPU); else :data:`SINGLE`. Under a launcher every process must make the same calls
+    (gathers are collective)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     elif launched > 1:
         from accelerate import PartialState
-        state = PartialState()
+        from accelerate.utils import parse_flag_from_env
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
         rank, world = state.process_index, state.num_processes
     else:
         return SINGLE
