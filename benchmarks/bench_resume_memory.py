@@ -110,7 +110,8 @@ def measure(path: Path, mode: str, channels: tuple[int, ...]) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--dir", default="/tmp/deme_resume_bench")
-    p.add_argument("--channels", default="128,256,384,512", help="UNet block widths (default: 80M parameters, a 1.2 GB checkpoint)")
+    p.add_argument("--channels", default="128,256,384,512",
+                   help="UNet block widths (default: 80M parameters, a 1.2 GB checkpoint)")
     p.add_argument("--mode", choices=["whole", "mapped"], help="(internal) measure one variant in this process")
     a = p.parse_args()
     channels = tuple(int(c) for c in a.channels.split(","))
