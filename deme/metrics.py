@@ -722,6 +722,7 @@ def clip_score(images: torch.Tensor | np.ndarray, prompts: Sequence[str] | str, 
     return None if scores is None else float(torch.from_numpy(scores).mean())
 
 
+@torch.no_grad()
 def clip_scores(images: torch.Tensor | np.ndarray, prompts: Sequence[str] | str, model_name: str = "ViT-g-14",
                 pretrained: str = "laion2b_s34b_b88k", weights_path: str | os.PathLike | None = None,
                 model: nn.Module | None = None, preprocess: Callable | None = None,
@@ -753,7 +754,7 @@ def clip_scores(images: torch.Tensor | np.ndarray, prompts: Sequence[str] | str,
         txt = nn.functional.normalize(model.encode_text(tokenizer(prompts[i:i + batch_size]).to(dev)).float(),
                                       dim=-1)
         scores.append(100 * (img * txt).sum(-1).clamp(min=0))
-    return torch.cat(scores).cpu().numpy() if scores else np.empty(0, np.float32)
+    return torch.cat(scores).detach().cpu().numpy() if scores else np.empty(0, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
