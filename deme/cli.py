@@ -1,9 +1,10 @@
-"""Command line: ``python -m deme reproduce|rehearse|train|profiles``.
+"""Command line: ``python -m deme reproduce|rehearse|train|compare|profiles``.
 
     python -m deme reproduce --profile fmnist          # the main job: every notebook that exists, in order
     python -m deme reproduce --profile fmnist --force   # redo stages whose outputs exist
     python -m deme train --profile fmnist --range 2     # one training job (see deme.train)
     python -m deme rehearse --profile church            # a paper profile end to end on CPU stand-ins (deme.rehearse)
+    accelerate launch -m deme compare --profile cifar10  # 05's samples and scores, sharded over the processes
 """
 
 from __future__ import annotations
@@ -178,6 +179,32 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     return out
 
 
+def compare_command(a) -> None:
+    """``python -m deme compare``: :func:`deme.compare.collect_sample_outputs` (or, for a text-to-image profile,
+    :func:`deme.compare.run_text_to_image_comparison` on the prompt sets given) of notebook 05's models,
+    with its defaults, so that the notebook then finds every model's outputs in the cache."""
+    from . import compare as C
+    from .distributed import current_processes
+    from .sd import is_text_to_image
+    cfg = get_profile(a.profile)
+    procs = current_processes()
+    models = C.comparison_models(cfg, baselines(default_only=not a.full))
+    if is_text_to_image(cfg):
+        with procs.main_process_first():       # reference images written once
+            sets = C.text_to_image_prompt_sets(cfg, coco_captions=a.coco_captions, coco_images=a.coco_images,
+                                               parti=a.parti, imagenet_classes=a.imagenet_classes,
+                                               imagenet_images=a.imagenet_images, n_coco=a.n_coco, seed=a.seed)
+        table = C.run_text_to_image_comparison(cfg, sets, seed=a.seed, models=models, processes=procs)
+        if procs.is_main:
+            print(table.to_string())
+        return
+    n, steps = a.n or cfg.fid_samples, a.steps or cfg.sample_steps
+    out = C.collect_sample_outputs(cfg, n, steps, a.seed, models, cond_inception=a.cond_inception, processes=procs)
+    if procs.is_main:
+        print(f"{len(out)} models × {n} samples (DDIM-{steps}, seed {a.seed}) in runs/{cfg.profile}/compare on "
+              f"{procs.world} process(es)")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "train":
@@ -204,6 +231,17 @@ def main(argv: list[str] | None = None) -> None:
     h.add_argument("--jobs", type=int, default=2, help="training stages run at once (one thread each)")
     h.add_argument("--full", action="store_true", help="rehearse reproduce --full (all baselines, Table 3, sweeps)")
     sub.add_parser("train", help="one training job (python -m deme train --help)")
+    c = sub.add_parser("compare", help="sample and score notebook 05's models into its cache; under `accelerate "
+                       "launch` every process takes a share of the samples (the numbers of one process)")
+    c.add_argument("--profile", default=None)
+    c.add_argument("--n", type=int, default=None, help="samples per model (default: the profile's fid_samples)")
+    c.add_argument("--steps", type=int, default=None, help="sampling steps (default: the profile's sample_steps)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--full", action="store_true", help="all seven baselines")
+    c.add_argument("--cond-inception", action="store_true", help="Inception features of the conditional samples")
+    for name in ("coco-captions", "coco-images", "parti", "imagenet-classes", "imagenet-images"):
+        c.add_argument(f"--{name}", default=None, help="text-to-image prompt set file (see notebook 05)")
+    c.add_argument("--n-coco", type=int, default=30_000)
     sub.add_parser("profiles", help="list the profiles")
     a = p.parse_args(argv)
     if a.cmd == "profiles":
@@ -222,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                 shutil.rmtree(root, ignore_errors=True)
         if rec["returncode"] or None in rec["stage_seconds"].values():
             raise SystemExit(1)
+    elif a.cmd == "compare":
+        compare_command(a)
     elif a.cmd == "reproduce":
         try:
             get_profile(a.profile)

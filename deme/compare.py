@@ -20,6 +20,7 @@ import torch
 
 from .config import ROOT, Config
 from .data import heldout_split
+from .distributed import SINGLE, Processes, current_processes
 from .heldout import CONDITIONS, model_fingerprint, relative_difference, verdict
 from .merge import merged_model, task_arithmetic
 from .methods import baselines as all_baselines, get_method
@@ -112,23 +113,31 @@ SAMPLE_METRICS = {   # metric → (display name, scale for display, digits, high
 
 
 def sample_outputs(model, cfg: Config, seed: int, n: int, steps: int | None = None, classifier=None,
-                   conditional: bool = True, cond_inception: bool = True) -> dict[str, np.ndarray]:
+                   conditional: bool = True, cond_inception: bool = True,
+                   processes: Processes = SINGLE) -> dict[str, np.ndarray]:
     """What the sample metrics need from one model, all in float32: ``n`` unconditional DDIM samples from the
     initial noise of ``seed`` → their Inception features (``uncond_inception``); with ``conditional`` (and a
     class-conditional profile) ``n`` class-conditional samples (classes cycled, noise of ``seed + 10000``) →
     Inception features (``cond_inception``, when ``cond_inception``), and with a ``classifier`` its
     predicted labels (``cond_pred``) and features (``cond_classifier``); ``cond_labels`` the prompted labels.
-    Sample j of every model starts from the same noise, so the outputs are paired across models."""
-    out = {"uncond_inception": inception_features(ddim_sample(model, cfg, n, seed=seed, steps=steps))}
+    Sample j of every model starts from the same noise, so the outputs are paired across models.
+
+    ``processes``: each process samples and scores its share of the ``n`` (:mod:`deme.distributed`); the
+    shares are gathered in order, so every process returns what one process would."""
+    rows = processes.share(n)          # all n for one process
+    out = {"uncond_inception": inception_features(ddim_sample(model, cfg, n, seed=seed, steps=steps, rows=rows))}
+    labels = None
     if cfg.num_classes and conditional:
         labels = torch.arange(n) % cfg.num_classes
-        cond = ddim_sample(model, cfg, n, labels=labels, seed=seed + 10_000, steps=steps)
-        out["cond_labels"] = labels.numpy()
+        cond = ddim_sample(model, cfg, n, labels=labels, seed=seed + 10_000, steps=steps, rows=rows)
         if cond_inception:
             out["cond_inception"] = inception_features(cond)
         if classifier is not None:
             out["cond_pred"] = predict(classifier, cond).numpy()
             out["cond_classifier"] = classifier_features(classifier, cond).double().numpy()
+    out = {k: processes.concat(v) for k, v in out.items()}
+    if labels is not None:
+        out["cond_labels"] = labels.numpy()
     return out
 
 
@@ -140,32 +149,44 @@ def cache_key(name: str) -> str:
 def collect_sample_outputs(cfg: Config, n: int, steps: int | None = None, seed: int = 0,
                            models: dict[str, Callable[[], torch.nn.Module]] | None = None,
                            conditional: bool = True, cond_inception: bool = True, out_dir: Path | None = None,
-                           device: str | torch.device | None = None, progress: bool = True) -> dict[str, dict]:
+                           device: str | torch.device | None = None, progress: bool = True,
+                           processes: Processes | None = None) -> dict[str, dict]:
     """:func:`sample_outputs` of every model (default :func:`comparison_models`), cached under ``out_dir``
     (default runs/<profile>/compare) by the model's weights fingerprint, seed, n and steps — a retrained model
     is never served old numbers, and notebooks scoring the same weights share the work. Each model is moved to
-    ``device`` (default: the GPU when there is one, else the CPU)."""
+    ``device`` (default: this process's GPU when there is one, else the CPU).
+
+    Under a launcher (``accelerate launch``; ``processes`` default :func:`deme.distributed.current_processes`)
+    every process samples its share of each model's ``n`` samples; the main process reads and writes the
+    cache, and every process returns the gathered outputs — the numbers of one process."""
     from tqdm.auto import tqdm
+    procs = current_processes() if processes is None else processes
     out_dir = out_dir or ROOT / "runs" / cfg.profile / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else (procs.device or _default_device())
     steps = steps or cfg.sample_steps
     conditional = conditional and bool(cfg.num_classes)
-    classifier = ensure_classifier(cfg) if conditional and cfg.dataset in ("fmnist", "digits") else None
+    classifier = None
+    if conditional and cfg.dataset in ("fmnist", "digits"):
+        with procs.main_process_first():          # trained once (by the main process) when missing
+            classifier = ensure_classifier(cfg)
     need = {"uncond_inception"} | ({"cond_labels"} if conditional else set()) | \
         ({"cond_inception"} if conditional and cond_inception else set()) | \
         ({"cond_pred", "cond_classifier"} if classifier is not None else set())
     results = {}
-    for name, load in tqdm((models or comparison_models(cfg)).items(), disable=not progress, desc="models",
-                           mininterval=30):
+    for name, load in tqdm((models or comparison_models(cfg)).items(), disable=not (progress and procs.is_main),
+                           desc="models", mininterval=30):
         model = load()
         path = out_dir / f"{model_fingerprint(model)}_seed{seed}_n{n}_steps{steps}.npz"
-        rec = dict(np.load(path)) if path.exists() else {}
-        if not need <= set(rec):
-            rec = sample_outputs(model.to(device), cfg, seed, n, steps, classifier, conditional, cond_inception)
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, **rec)
-            tmp.replace(path)
+        rec = dict(np.load(path)) if procs.is_main and path.exists() else {}
+        rec = procs.broadcast(rec if need <= set(rec) else None)   # the main process's cache decides
+        if rec is None:
+            rec = sample_outputs(model.to(device), cfg, seed, n, steps, classifier, conditional, cond_inception,
+                                 processes=procs)
+            if procs.is_main:
+                tmp = path.with_suffix(".tmp.npz")
+                np.savez(tmp, **rec)
+                tmp.replace(path)
         results[name] = {k: rec[k] for k in need}   # the same keys for every model, whatever the cache holds
         del model
     return results
@@ -289,38 +310,47 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
 def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed: int = 0,
                                  models: dict[str, Callable[[], torch.nn.Module]] | None = None,
                                  out_dir: Path | None = None, clip=None, batch_size: int = 8,
-                                 progress: bool = True) -> pd.DataFrame:
+                                 progress: bool = True, processes: Processes | None = None) -> pd.DataFrame:
     """Table 2 for a text-to-image profile: every model (default :func:`comparison_models`) generates every
     prompt set with ``seed`` (:func:`deme.sd.generate`: guidance ``cfg.guidance_scale``, ``cfg.sample_steps``
     steps; images saved under ``out_dir/<model>/<set>/``, kept when there — an interrupted run resumes) and
     is scored by :func:`deme.sd.evaluate`: FID at 256 px against the set's reference (None: not computed)
     and the CLIP score (``clip`` = (model, preprocess, tokenizer); None → :func:`deme.metrics.load_clip`,
-    and ``None`` scores when no weights exist). Scores are cached per model, set, size and seed."""
+    and ``None`` scores when no weights exist). Scores are cached per model, set, size and seed.
+
+    Under a launcher (``processes`` default :func:`deme.distributed.current_processes`) every process
+    generates and scores its share of each prompt set (on a shared file system: the samples folder is
+    common); the main process reads and writes the score cache; every process returns the table."""
     from tqdm.auto import tqdm
     from .sd import evaluate, generate
+    procs = current_processes() if processes is None else processes
     out_dir = Path(out_dir or ROOT / "runs" / cfg.profile / "compare")
     clip = clip if clip is not None else load_clip()
     records = []
-    for name, load in tqdm((models or comparison_models(cfg)).items(), disable=not progress, desc="models"):
+    for name, load in tqdm((models or comparison_models(cfg)).items(), disable=not (progress and procs.is_main),
+                           desc="models"):
         model = None
         for set_name, spec in prompt_sets.items():
             prompts, reference = spec["prompts"], spec.get("reference")
             tag = f"_{spec['reference_tag']}" if spec.get("reference_tag") else ""   # another FID reference
             key = f"{cache_key(name)}_{cache_key(set_name)}{tag}_n{len(prompts)}_seed{seed}"
             path = out_dir / f"{key}.json"
-            rec = json.loads(path.read_text()) if path.exists() else None
+            rec = json.loads(path.read_text()) if procs.is_main and path.exists() else None
+            rec = procs.broadcast(rec)                        # the main process's cache decides
             if rec is None or (reference is not None and rec.get("fid_256") is None):
                 model = model or load()
                 samples = out_dir / "samples" / cache_key(name) / cache_key(set_name)
                 t0 = time.time()
                 generate(model, prompts, base=cfg.pretrained, guidance_scale=cfg.guidance_scale,
-                         steps=cfg.sample_steps, seed=seed, batch_size=batch_size, out_dir=samples)
+                         steps=cfg.sample_steps, seed=seed, batch_size=batch_size, out_dir=samples, processes=procs)
                 clip_model, clip_preprocess, clip_tokenizer = clip if clip is not None else (None, None, None)
                 rec = evaluate(samples, prompts, reference=reference,
                                reference_cache=out_dir / f"reference_{cache_key(set_name)}{tag}_{len(prompts)}.npz",
-                               clip_model=clip_model, clip_preprocess=clip_preprocess, clip_tokenizer=clip_tokenizer)
+                               clip_model=clip_model, clip_preprocess=clip_preprocess, clip_tokenizer=clip_tokenizer,
+                               device=procs.device, processes=procs)
                 rec.update(seed=seed, seconds=round(time.time() - t0, 1))
-                write_json(path, rec)
+                if procs.is_main:
+                    write_json(path, rec)
             records.append({"model": name, "prompts": set_name, **rec})
         del model
     return pd.DataFrame(records)

@@ -708,7 +708,8 @@ def clip_score(images: torch.Tensor | np.ndarray, prompts: Sequence[str] | str, 
                model: nn.Module | None = None, preprocess: Callable | None = None,
                tokenizer: Callable | None = None, *, batch_size: int = 32,
                device: str | torch.device | None = None, cache_dir: str | None = None) -> float | None:
-    """CLIP score: mean over (image, prompt) pairs of 100·max(cos(image emb., text emb.), 0).
+    """CLIP score: mean over (image, prompt) pairs of 100·max(cos(image emb., text emb.), 0) (the per-pair
+    values: :func:`clip_scores`, same arguments).
 
     ``model``/``preprocess``/``tokenizer``: an open_clip model to use as is (defaults for the other two:
     open_clip's eval transform at the model's image size, and ``open_clip.get_tokenizer(model_name)``).
@@ -716,6 +717,19 @@ def clip_score(images: torch.Tensor | np.ndarray, prompts: Sequence[str] | str, 
     (render with :func:`clip_column`). ``images`` as in :func:`to_uint8_rgb`; ``prompts`` one per image
     (or one for all).
     """
+    scores = clip_scores(images, prompts, model_name, pretrained, weights_path, model, preprocess, tokenizer,
+                         batch_size=batch_size, device=device, cache_dir=cache_dir)
+    return None if scores is None else float(torch.from_numpy(scores).mean())
+
+
+@torch.no_grad()
+def clip_scores(images: torch.Tensor | np.ndarray, prompts: Sequence[str] | str, model_name: str = "ViT-g-14",
+                pretrained: str = "laion2b_s34b_b88k", weights_path: str | os.PathLike | None = None,
+                model: nn.Module | None = None, preprocess: Callable | None = None,
+                tokenizer: Callable | None = None, *, batch_size: int = 32,
+                device: str | torch.device | None = None, cache_dir: str | None = None) -> np.ndarray | None:
+    """The CLIP score of each (image, prompt) pair: 100·max(cos(image emb., text emb.), 0), float32 (N,);
+    ``None`` without CLIP weights. Arguments as :func:`clip_score`."""
     from PIL import Image
     import open_clip
     if model is None:
@@ -740,7 +754,7 @@ def clip_score(images: torch.Tensor | np.ndarray, prompts: Sequence[str] | str, 
         txt = nn.functional.normalize(model.encode_text(tokenizer(prompts[i:i + batch_size]).to(dev)).float(),
                                       dim=-1)
         scores.append(100 * (img * txt).sum(-1).clamp(min=0))
-    return float(torch.cat(scores).mean())
+    return torch.cat(scores).detach().cpu().numpy() if scores else np.empty(0, np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------

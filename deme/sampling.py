@@ -7,6 +7,7 @@ same seed start from the same noise and their images can be compared side by sid
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -55,16 +56,47 @@ class TimestepEnsemble(nn.Module):
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
-def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The starting noise of samples 0..n−1 for ``seed`` (CPU, float32, independent of batching)."""
-    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+def initial_noise(n: int, shape: tuple[int, ...], seed: int, rows: range | None = None) -> torch.Tensor:
+    """The starting noise of samples 0..n−1 for ``seed``: ``torch.randn((n, *shape))`` from a CPU generator
+    seeded with ``seed`` (float32, independent of batching and device).
+
+    ``rows``: only those samples (one process's share, :meth:`deme.distributed.Processes.share`), equal to
+    ``initial_noise(n, shape, seed)[rows]`` without holding the other rows. torch's CPU normal fill draws one
+    uniform per value, in order, and turns each block of 16 into normals (Box–Muller); a draw whose size is
+    not a multiple of 16 redraws its last 16 values. So the block-aligned part of the stream that holds
+    ``rows`` is drawn after discarding the uniforms before it (≈1–10 ns per skipped value), with the same
+    tail rule when it reaches the end. Checked against the whole draw in the tests.
+    """
+    full = (n, *shape)
+    if rows is None or (rows.start, rows.stop) == (0, n):
+        return torch.randn(full, generator=torch.Generator().manual_seed(seed))
+    if rows.step != 1 or not 0 <= rows.start <= rows.stop <= n:
+        raise ValueError(f"rows must be a contiguous range within 0..{n}, got {rows}")
+    d = math.prod(shape)
+    total, a, b = n * d, rows.start * d, rows.stop * d
+    if b == a:
+        return torch.empty((0, *shape))
+    if total < 16:                                   # drawn value by value: no blocks
+        return initial_noise(n, shape, seed)[rows.start:rows.stop]
+    first = a // 16 * 16                             # the block that holds the first value
+    end = -(-b // 16) * 16
+    if total % 16 and end > total - 16:              # reaches the redrawn tail: draw to the end, as the whole
+        end, first = total, min(first, (total - 16) // 16 * 16)
+    g = torch.Generator().manual_seed(seed)
+    skip, buf = first, torch.empty(min(first, 1 << 22))
+    while skip:                                      # discard the uniforms of the rows before
+        k = min(skip, len(buf))
+        buf[:k].uniform_(generator=g)
+        skip -= k
+    values = torch.randn(end - first, generator=g)
+    return values[a - first:b - first].view(len(rows), *shape).clone()
 
 
 @torch.no_grad()
 def ddim_sample(model: nn.Module, cfg: Config, n: int, *, labels: torch.Tensor | list[int] | int | None = None,
                 guidance_scale: float | None = None, steps: int | None = None, seed: int = 0,
                 batch_size: int = 500, device: str | torch.device | None = None, autocast: bool = False,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, rows: range | None = None) -> torch.Tensor:
     """Draw ``n`` images in [−1, 1] with DDIM (eta 0, ``steps`` steps, default ``cfg.sample_steps``).
 
     ``labels``: None → unconditional (the null class token for class-conditional models); an int or a
@@ -73,12 +105,15 @@ def ddim_sample(model: nn.Module, cfg: Config, n: int, *, labels: torch.Tensor |
     on GPUs and on CPUs with AMX, ~15× slower on CPUs without native bf16 (measured on a 2-core AVX2 EPYC),
     and it hides small weight differences (a merge of base + 0.25·τ rounds 41% of its conv/linear weights
     to the base's bf16 values), so every comparison here samples in float32 (the default).
-    Returns a float32 CPU tensor (n, C, H, W).
+    ``rows``: only those samples of the ``n`` (one process's share, see :mod:`deme.distributed`; ``labels``
+    still name all ``n``), the same images as rows ``rows`` of the whole call.
+    Returns a float32 CPU tensor (n, C, H, W), (len(rows), C, H, W) with ``rows``.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     steps = steps or cfg.sample_steps
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    noise = initial_noise(n, shape, seed)
+    rows = range(n) if rows is None else rows
+    noise = initial_noise(n, shape, seed, rows)
     null = cfg.num_classes
     if labels is None:
         y_all = torch.full((n,), null, dtype=torch.long) if null else None
@@ -91,12 +126,14 @@ def ddim_sample(model: nn.Module, cfg: Config, n: int, *, labels: torch.Tensor |
         if len(y_all) != n:
             raise ValueError(f"{len(y_all)} labels for {n} samples")
         guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
+    if y_all is not None:
+        y_all = y_all[rows.start:rows.stop]
     sched = make_scheduler(cfg, "ddim")
     sched.set_timesteps(steps)
     was_training = model.training
     model.eval()
     out = []
-    batches = range(0, n, batch_size)
+    batches = range(0, len(rows), batch_size)
     for i in tqdm(batches, disable=not progress, desc="sampling"):
         x = noise[i:i + batch_size].to(device)
         y = y_all[i:i + batch_size].to(device) if y_all is not None else None
@@ -115,7 +152,7 @@ def ddim_sample(model: nn.Module, cfg: Config, n: int, *, labels: torch.Tensor |
             x = sched.step(eps.float(), t, x, eta=0.0).prev_sample
         out.append(x.clamp(-1, 1).cpu())
     model.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty((0, *shape))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import importlib.util
 import json
 import logging
@@ -55,6 +56,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import DataMissingError
+from .distributed import SINGLE, Processes
 from .models import WeightsMissingError
 
 log = logging.getLogger("deme.sd")
@@ -345,6 +347,33 @@ def _check_image(path: Path, full: bool) -> str | None:
     return None
 
 
+SCAN_INDEX_VERSION = 1
+
+
+def default_index_dir() -> Path:
+    """Where :class:`ImageCaptionFolder` keeps its scan indexes: ``runs/cache/image_index`` of the project
+    (``$DEME_ROOT``), or ``$DEME_INDEX_DIR``."""
+    from .config import ROOT
+    return Path(os.environ.get("DEME_INDEX_DIR") or ROOT / "runs" / "cache" / "image_index")
+
+
+def folder_listing_key(root: Path, *extra: Any, exclude: Path | None = None) -> str:
+    """A digest of every file under ``root`` — relative path, size, modification time — and ``extra``: it
+    changes when a file is added, removed, replaced or edited (the metadata file included). Costs one
+    ``stat`` per file, no reads (``exclude``: a folder left out, e.g. an index kept inside ``root``)."""
+    h = hashlib.sha256(json.dumps([SCAN_INDEX_VERSION, str(root.resolve()), *extra]).encode())
+    skip = exclude.resolve() if exclude is not None else None
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if skip is not None:
+            dirnames[:] = [d for d in dirnames if Path(dirpath, d).resolve() != skip]
+        for name in sorted(filenames):
+            st = os.stat(os.path.join(dirpath, name))
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
 class ImageCaptionFolder:
     """Image–caption pairs of a local folder in Hugging Face ``imagefolder`` layout.
 
@@ -355,9 +384,17 @@ class ImageCaptionFolder:
     listed nowhere, a malformed line and (``check_images``: ``"header"`` — cheap, the default — or
     ``"full"`` decode, or ``"none"``) a corrupt image are reported in ``self.report`` and skipped. Images
     that only fail at full decode are reported and skipped when first loaded (:meth:`load`).
+
+    The scan (one header read per image: minutes for BK-SDM's 212K images on network storage) is done once:
+    its result is written to an index under ``index_dir`` (default :func:`default_index_dir`) named by
+    :func:`folder_listing_key`, and a later start with the same files reads it instead. ``processes``
+    (:mod:`deme.distributed`; every process of the launch must construct the folder): the main process scans
+    and writes the index, the others wait for it and read it — or scan themselves where they cannot see it
+    (no file system shared with the main process).
     """
 
-    def __init__(self, root: str | os.PathLike, caption_column: str = "text", check_images: str = "header"):
+    def __init__(self, root: str | os.PathLike, caption_column: str = "text", check_images: str = "header", *,
+                 index_dir: str | os.PathLike | None = None, processes: Processes = SINGLE):
         if check_images not in ("header", "full", "none"):
             raise ValueError(f"check_images must be 'header', 'full' or 'none', got {check_images!r}")
         root = Path(root)
@@ -372,41 +409,100 @@ class ImageCaptionFolder:
                 'one JSON object per line, {"file_name": "0001.png", "text": "a caption"}, file_name relative to '
                 "the folder (Hugging Face imagefolder layout).")
         self.root, self.metadata, self.caption_column = meta.parent, meta, caption_column
+        self.check_images = check_images
         self.report = DataReport(str(meta))
-        self.records: list[tuple[Path, str]] = []
         self._bad: set[int] = set()
-        listed: set[Path] = set()
-        for line_no, rec in self._read_metadata(meta):
-            if rec is None:
-                self.report.add(f"{meta.name} line {line_no}", f"{MALFORMED}: not a JSON object")
-                continue
-            name = rec.get("file_name")
-            if not isinstance(name, str) or not name:
-                self.report.add(f"{meta.name} line {line_no}", f"{MALFORMED}: no file_name")
-                continue
-            path = (self.root / name)
-            listed.add(path.resolve())
-            caption = rec.get(caption_column)
-            if not isinstance(caption, str) or not caption.strip():
-                self.report.add(name, f"{NO_CAPTION}: no {caption_column!r} in {meta.name} line {line_no}")
-                continue
-            if not path.is_file():
-                self.report.add(name, MISSING_FILE)
-                continue
-            if check_images != "none":
-                problem = _check_image(path, full=check_images == "full")
-                if problem:
-                    self.report.add(name, problem)
-                    continue
-            self.records.append((path, caption.strip()))
-        for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-            if path.resolve() not in listed:
-                self.report.add(str(path.relative_to(self.root)), NOT_LISTED)
+        scan = self._shared_scan(Path(index_dir) if index_dir is not None else default_index_dir(), processes)
+        self.records: list[tuple[Path, str]] = [(self.root / name, caption) for name, caption in scan["records"]]
+        for name, reason in scan["bad"]:
+            self.report.add(name, reason)
         self.report.usable = len(self.records)
         if self.report.bad:
             log.warning(self.report.summary())
         if not self.records:
             raise DataMissingError(f"{meta}: no usable image-caption pairs ({self.report.summary()})")
+
+    def scan(self) -> dict[str, list]:
+        """Read the metadata and check the files: ``{"records": [(file name, caption)], "bad": [(name,
+        reason)]}`` (file names relative to the folder, in metadata order)."""
+        meta, caption_column = self.metadata, self.caption_column
+        records, bad = [], []
+        listed: set[Path] = set()
+        for line_no, rec in self._read_metadata(meta):
+            if rec is None:
+                bad.append((f"{meta.name} line {line_no}", f"{MALFORMED}: not a JSON object"))
+                continue
+            name = rec.get("file_name")
+            if not isinstance(name, str) or not name:
+                bad.append((f"{meta.name} line {line_no}", f"{MALFORMED}: no file_name"))
+                continue
+            path = (self.root / name)
+            listed.add(path.resolve())
+            caption = rec.get(caption_column)
+            if not isinstance(caption, str) or not caption.strip():
+                bad.append((name, f"{NO_CAPTION}: no {caption_column!r} in {meta.name} line {line_no}"))
+                continue
+            if not path.is_file():
+                bad.append((name, MISSING_FILE))
+                continue
+            if self.check_images != "none":
+                problem = _check_image(path, full=self.check_images == "full")
+                if problem:
+                    bad.append((name, problem))
+                    continue
+            records.append((str(path.relative_to(self.root)), caption.strip()))
+        for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+            if path.resolve() not in listed:
+                bad.append((str(path.relative_to(self.root)), NOT_LISTED))
+        return {"records": records, "bad": bad}
+
+    def _shared_scan(self, index_dir: Path, processes: Processes) -> dict[str, list]:
+        """:meth:`scan`, done once: read from the index of the folder's current listing when there is one;
+        else the main process scans and writes it (atomically) while the others wait and read it."""
+        import time
+
+        def read(path: Path) -> dict | None:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return data if isinstance(data, dict) and data.get("key") == path.stem else None
+
+        path = status = None
+        if processes.is_main:
+            key = folder_listing_key(self.root, self.caption_column, self.check_images, exclude=index_dir)
+            path = index_dir / f"{key}.json"
+            data = read(path)
+            status = "ready" if data is not None else "scanning"
+            if data is None:
+                index_dir.mkdir(parents=True, exist_ok=True)
+                path.with_suffix(".scanning").write_text(str(os.getpid()))   # others: the index is coming
+        path, status = processes.broadcast((str(path), status) if processes.is_main else None)
+        path = Path(path)
+        claim = path.with_suffix(".scanning")
+        if processes.is_main:
+            if status == "ready":
+                return data
+            try:
+                data = {"key": path.stem, "root": str(self.root), **self.scan()}
+                tmp = path.with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+                os.replace(tmp, path)
+            finally:
+                claim.unlink(missing_ok=True)
+            return data
+        waited = time.time()
+        while True:               # the main process scans; no collective here, so no process-group timeout
+            data = read(path)
+            if data is not None:
+                return data
+            if not claim.exists() and read(path) is None:   # not visible here, or the main process failed
+                log.info("%s: the main process's scan index %s is not visible here; scanning", self.root, path)
+                return self.scan()
+            if time.time() - waited > 60:
+                log.info("%s: waiting for the main process's scan (%s)", self.root, path)
+                waited = time.time()
+            time.sleep(0.2)
 
     def _read_metadata(self, meta: Path) -> Iterator[tuple[int, dict | None]]:
         if meta.suffix == ".csv":
@@ -505,14 +601,16 @@ def data_source(cfg: Config) -> str:
     return src
 
 
-def open_image_captions(source: str | os.PathLike, caption_column: str = "text", check_images: str = "header"):
+def open_image_captions(source: str | os.PathLike, caption_column: str = "text", check_images: str = "header", *,
+                        processes: Processes = SINGLE):
     """A local :class:`ImageCaptionFolder` when ``source`` is an existing path (or looks like a path), else a
-    :class:`HubImageCaptions` for a hub dataset id ``owner/name``."""
+    :class:`HubImageCaptions` for a hub dataset id ``owner/name``. ``processes``: a folder's scan is done by
+    the main process and shared (:class:`ImageCaptionFolder`)."""
     s = str(source)
     path = Path(s).expanduser()
     is_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s) is not None
     if path.exists() or not is_hub_id:
-        return ImageCaptionFolder(path, caption_column, check_images)
+        return ImageCaptionFolder(path, caption_column, check_images, processes=processes)
     return HubImageCaptions(s, caption_column)
 
 
@@ -645,14 +743,16 @@ def text_image_batches(cfg: Config, batch_size: int, seed: int, device: str | to
     Data from :func:`data_source` (``cfg.data_dir`` / ``$DEME_SD_DATA``); the frozen VAE and text encoder from
     the pipeline ``base`` (default ``cfg.pretrained``) on ``device``; caption dropout ``cfg.label_dropout``;
     random crops unless ``cfg.center_crop``; horizontal flips with ``cfg.random_flip``; resize filter
-    ``cfg.resize_filter``; ``cfg.num_workers`` decoding threads.
+    ``cfg.resize_filter``; ``cfg.num_workers`` decoding threads. Under a launcher (the training loop's
+    processes) every process must call it: an image folder is scanned once, by the main process, and shared.
     """
     base = base or cfg.pretrained
     if not base:
         raise ValueError(f"profile {cfg.profile!r} has no pretrained pipeline (cfg.pretrained) to take the VAE "
                          "and text encoder from")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    source = open_image_captions(data_source(cfg), check_images=cfg.check_images)
+    from .distributed import current_processes
+    source = open_image_captions(data_source(cfg), check_images=cfg.check_images, processes=current_processes())
     log.info(source.report.summary())
     encoders = load_frozen_encoders(base, device, _encoder_dtype(cfg, device))
     return TextImageBatches(source, encoders, batch_size, seed, image_size=cfg.image_size,
@@ -810,7 +910,8 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
              steps: int = 25, seed: int = 0, batch_size: int = 8, scheduler: str = "pndm",
              height: int | None = None, width: int | None = None, out_dir: str | os.PathLike | None = None,
              device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-             safety_checker: bool = False, progress: bool = False) -> np.ndarray | list[Path]:
+             safety_checker: bool = False, progress: bool = False,
+             processes: Processes = SINGLE) -> np.ndarray | list[Path]:
     """Images for ``prompts`` with ``StableDiffusionPipeline`` — PNDM, 25 steps, guidance 7.5 (BK-SDM's and the
     paper's protocol; all configurable) — image ``i`` started from latents seeded by (seed, i), so two models
     given the same seed start from the same noise.
@@ -826,10 +927,16 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
     does. ``safety_checker``: off by default — this is the evaluation path (Table 2, the merge search), and
     the checker returns flagged images black, which raises FID and lowers the CLIP score; benchmarks of this
     kind (BK-SDM) run without it. ``True`` keeps the checker the pipeline ships.
+
+    ``processes`` (:mod:`deme.distributed`): each process generates its share of the prompts (image ``i``
+    still from the latents of (seed, i)) on ``device`` (default: its own GPU); the images are gathered in
+    order (with ``out_dir``: every process writes its own files, and all return every path once all are
+    written), so every process returns what one process would.
     """
     from diffusers import StableDiffusionPipeline
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device) if device is not None else (
+        processes.device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.float16 if dev.type == "cuda" else torch.float32
     if isinstance(pipe_or_unet, nn.Module) and not isinstance(pipe_or_unet, StableDiffusionPipeline):
@@ -849,9 +956,11 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     images, paths = [], []
+    rows = processes.share(len(prompts))
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), disable=not progress, desc="generate"):
-            chunk = prompts[start:start + batch_size]
+        for start in tqdm(range(rows.start, rows.stop, batch_size), disable=not (progress and processes.is_main),
+                          desc="generate"):
+            chunk = prompts[start:min(start + batch_size, rows.stop)]
             names = [out / f"{i:05d}.png" for i in range(start, start + len(chunk))] if out is not None else []
             if names and all(p.is_file() for p in names):
                 paths += names
@@ -871,7 +980,10 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
                 paths += names
     finally:
         pipe.scheduler = old_scheduler
-    return paths if out is not None else np.concatenate(images)
+    if out is not None:
+        processes.barrier()                      # every process's files are written
+        return processes.gather(paths)
+    return processes.concat(np.concatenate(images) if images else np.empty((0, height, width, 3), np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -910,18 +1022,28 @@ def _image_chunks(source, size: int, chunk: int = 500) -> Iterator[np.ndarray]:
 
 
 def features_256(source, size: int = 256, *, cache: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None, progress: bool = False) -> np.ndarray:
+                 device: str | torch.device | None = None, progress: bool = False,
+                 processes: Processes = SINGLE) -> np.ndarray:
     """Inception pool3 features (N, 2048) of images brought to ``size``×``size`` (shorter side resized,
     bicubic, centre crop) — the FID-at-256-px protocol — then embedded by :func:`deme.metrics.inception_features`
     (clean-fid resize to 299). ``source``: a folder, a list of files, or uint8 (N, H, W, 3). With ``cache``
-    (an .npz path), features are saved there and reused."""
-    from .metrics import inception_features
-    if cache is not None and Path(cache).is_file():
-        return np.load(cache)["features"]
-    feats = [inception_features(c, device=device) for c in tqdm(_image_chunks(source, size), disable=not progress,
-                                                                desc=f"Inception features at {size}px")]
-    feats = np.concatenate(feats)
+    (an .npz path), features are saved there and reused. ``processes``: each embeds its share of the images,
+    gathered in order (the main process reads and writes the cache)."""
+    from .metrics import FEATURE_DIM, inception_features
     if cache is not None:
+        cached = processes.broadcast(np.load(cache)["features"] if processes.is_main and Path(cache).is_file()
+                                     else None)
+        if cached is not None:
+            return cached
+    if isinstance(source, (str, os.PathLike)):
+        source = image_files(source)
+    rows = processes.share(len(source))
+    part = source[rows.start:rows.stop]
+    feats = [inception_features(c, device=device)
+             for c in tqdm(_image_chunks(part, size) if len(part) else (), disable=not (progress and processes.is_main),
+                           desc=f"Inception features at {size}px")]
+    feats = processes.concat(np.concatenate(feats) if feats else np.empty((0, FEATURE_DIM), np.float32))
+    if cache is not None and processes.is_main:
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(str(cache) + ".tmp.npz")
         np.savez(tmp, features=feats, size=size)
@@ -930,16 +1052,17 @@ def features_256(source, size: int = 256, *, cache: str | os.PathLike | None = N
 
 
 def fid_256(samples, reference, size: int = 256, *, reference_cache: str | os.PathLike | None = None,
-            device: str | torch.device | None = None, progress: bool = False) -> float:
+            device: str | torch.device | None = None, progress: bool = False,
+            processes: Processes = SINGLE) -> float:
     """FID of ``samples`` against ``reference`` at ``size`` px (BK-SDM: 256), both as in :func:`features_256`
     (a folder, a list of files, uint8 images, or precomputed features (N, 2048)); the reference's features
-    are cached at ``reference_cache`` when given."""
+    are cached at ``reference_cache`` when given. ``processes``: the features are computed in shares."""
     from .metrics import FEATURE_DIM, fid_from_features
 
     def feats(x, cache=None):
         if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == FEATURE_DIM:
             return x
-        return features_256(x, size, cache=cache, device=device, progress=progress)
+        return features_256(x, size, cache=cache, device=device, progress=progress, processes=processes)
     if isinstance(reference, (str, os.PathLike)) and not Path(reference).exists():
         raise DataMissingError(f"reference image folder {reference} not found: provide the real images to compare "
                                "with (e.g. the MS-COCO val2014 images of the chosen captions, see "
@@ -1002,12 +1125,15 @@ def prepare_val2014_reference(images_dir: str | os.PathLike, out_dir: str | os.P
 def evaluate(samples, prompts: Sequence[str], *, reference=None, size: int = 256,
              reference_cache: str | os.PathLike | None = None, clip_model: nn.Module | None = None,
              clip_preprocess=None, clip_tokenizer=None, clip_weights: str | os.PathLike | None = None,
-             device: str | torch.device | None = None, chunk: int = 500, progress: bool = False) -> dict[str, Any]:
+             device: str | torch.device | None = None, chunk: int = 500, progress: bool = False,
+             processes: Processes = SINGLE) -> dict[str, Any]:
     """Table 2's metrics for generated ``samples`` (folder, files, or uint8 (N, H, W, 3); sample ``i`` made
     for ``prompts[i]``): ``fid_256`` against ``reference`` (None: not computed) and ``clip`` — the CLIP score
     of :func:`deme.metrics.clip_score` (open_clip ViT-g-14 laion2b_s34b_b88k, or ``clip_model``), ``None``
-    when no CLIP weights are available (render with :func:`deme.metrics.clip_column`)."""
-    from .metrics import clip_score
+    when no CLIP weights are available (render with :func:`deme.metrics.clip_column`): the mean of the
+    per-pair scores (:func:`deme.metrics.clip_scores`). ``processes``: each process embeds and scores its
+    share of the samples (and of the reference images), gathered in order; every process returns the result."""
+    from .metrics import clip_scores
     if isinstance(samples, (str, os.PathLike)):
         samples = image_files(samples)
     n = len(samples)
@@ -1015,18 +1141,24 @@ def evaluate(samples, prompts: Sequence[str], *, reference=None, size: int = 256
         raise ValueError(f"{len(prompts)} prompts for {n} samples")
     out: dict[str, Any] = {"n": n}
     out["fid_256"] = (fid_256(samples, reference, size, reference_cache=reference_cache, device=device,
-                              progress=progress) if reference is not None else None)
-    total, clip_available = 0.0, True
-    for i in tqdm(range(0, n, chunk), disable=not progress, desc="CLIP score"):
-        part = samples[i:i + chunk]
+                              progress=progress, processes=processes) if reference is not None else None)
+    rows = processes.share(n)
+    mine, available = [], True
+    for i in tqdm(range(rows.start, rows.stop, chunk), disable=not (progress and processes.is_main),
+                  desc="CLIP score"):
+        part = samples[i:min(i + chunk, rows.stop)]
         if not isinstance(part, np.ndarray):
             from PIL import Image
             part = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in part])
-        s = clip_score(part, list(prompts[i:i + chunk]), weights_path=clip_weights, model=clip_model,
-                       preprocess=clip_preprocess, tokenizer=clip_tokenizer, device=device)
+        s = clip_scores(part, list(prompts[i:i + len(part)]), weights_path=clip_weights, model=clip_model,
+                        preprocess=clip_preprocess, tokenizer=clip_tokenizer, device=device)
         if s is None:
-            clip_available = False
+            available = False
             break
-        total += s * len(part)
-    out["clip"] = total / n if clip_available else None
+        mine.append(s)
+    if all(processes.gather([available])):
+        scores = processes.concat(np.concatenate(mine) if mine else np.empty(0, np.float32))
+        out["clip"] = float(scores.mean(dtype=np.float64))
+    else:
+        out["clip"] = None
     return out

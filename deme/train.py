@@ -138,14 +138,29 @@ def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's state, memory-mapped: its tensors are pages of the file, read when first touched and
+    shared through the page cache by every process of a node, not one private copy in host RAM per process
+    (8 ranks resuming SD: one ~14 GB copy instead of eight). The state is read-only in effect: a tensor
+    written in place gets a private copy of the pages it touches. A checkpoint in torch's legacy
+    (non-zip) format cannot be mapped and is read whole; so is every checkpoint on Windows, where a mapped
+    file could not be deleted when the run rotates its checkpoints."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=os.name != "nt")
+    except RuntimeError as e:
+        if "mmap can only be used" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def _load_latest_intact(ckpt_dir: Path) -> tuple[Path | None, dict | None]:
-    """The newest checkpoint that loads and its state ((None, None) when there is none). A newer one that
-    does not load (e.g. truncated by a full disk or a killed copy) is renamed ``*.pt.corrupt``, kept for
-    inspection, and named in a warning."""
+    """The newest checkpoint that loads (:func:`load_checkpoint`) and its state ((None, None) when there is
+    none). A newer one that does not load (e.g. truncated by a full disk or a killed copy) is renamed
+    ``*.pt.corrupt``, kept for inspection, and named in a warning."""
     import warnings
     for path in sorted(ckpt_dir.glob("step_*.pt"), reverse=True):
         try:
-            return path, torch.load(path, map_location="cpu", weights_only=False)
+            return path, load_checkpoint(path)
         except Exception as e:
             with contextlib.suppress(OSError):   # another process of the run may have renamed it already
                 path.replace(path.with_name(path.name + ".corrupt"))
@@ -298,6 +313,7 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
         lr_sched.load_state_dict(state["lr_scheduler"])
         objective.load_state_dict(state["objective"])
         start = state["step"]
+    del state   # the mapped checkpoint: what the optimizer and EMA adopted stays, the rest is released
     ema.to(device)
     model, optimizer = accelerator.prepare(model, optimizer)
     mode = cfg.compile_mode if device.type == "cuda" or cfg.compile_mode != "reduce-overhead" else None
