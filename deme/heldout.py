@@ -29,10 +29,11 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .config import ROOT, Config
-from .data import heldout_batch, heldout_split
+from .data import heldout_batch, heldout_split, is_text_to_image
 from .losses import per_sample_mse
 from .metrics import _default_device
 from .models import make_scheduler
+from .sd import text_image_batches
 from .timesteps import stratified_timesteps, timestep_ranges
 
 CONDITIONS = ("unconditional", "conditional")
@@ -90,8 +91,7 @@ def heldout_inputs(cfg: Config, n: int, seed: int = 4321, device: str | torch.de
     embeddings of ``n`` image–caption pairs of the data (centre crops, no flip or caption dropout; the frozen encoders
     run on ``device``).
     """
-    if cfg.dataset in ("laion", "imagefolder"):
-        from .sd import text_image_batches   # transformers and the SD encoders: only for text-to-image
+    if is_text_to_image(cfg):
         fixed = cfg.replace(label_dropout=0.0, center_crop=True, random_flip=False)
         return text_image_batches(fixed, n, seed, device=device).batch(0)
     x, y = heldout_batch(cfg, n)

@@ -22,6 +22,7 @@ from torch import nn
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from .config import ROOT, Config
+from .data import is_text_to_image
 
 
 class ChannelProjection(nn.Module):
@@ -347,7 +348,7 @@ def load_pretrained_pipeline(cfg: Config):
     """The paper profiles' pretrained pipeline by hub id with diffusers' own ``from_pretrained``
     (DDPMPipeline for the DDPM profiles, StableDiffusionPipeline for sd14). Offline: a clear error."""
     from diffusers import DDPMPipeline, StableDiffusionPipeline
-    cls = StableDiffusionPipeline if cfg.dataset == "laion" else DDPMPipeline
+    cls = StableDiffusionPipeline if is_text_to_image(cfg) else DDPMPipeline
     try:
         return cls.from_pretrained(cfg.pretrained)
     except Exception as e:
