@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .config import ROOT, Config
-from .data import heldout_split
+from .data import get_dataset, heldout_split
 from .distributed import SINGLE, Processes, current_processes
 from .heldout import CONDITIONS, model_fingerprint, relative_difference, verdict
 from .merge import merged_model, task_arithmetic
@@ -29,8 +29,8 @@ from .metrics import (_default_device, classifier_features, ensure_classifier, f
                       reference_statistics, t_interval)
 from .models import load_unet
 from .sampling import TimestepEnsemble, ddim_sample
-from .stages import PAPER_MERGE_WEIGHTS, load_base, load_experts, merge_dir, write_json
-from .train import run_dir
+from .runs import merge_dir, run_dir, write_json
+from .stages import PAPER_MERGE_WEIGHTS, load_base, load_experts
 
 
 # The paper's numbers (PAPER.md §6), shown beside ours in separate, labelled tables — never mixed with ours.
@@ -167,7 +167,7 @@ def collect_sample_outputs(cfg: Config, n: int, steps: int | None = None, seed: 
     steps = steps or cfg.sample_steps
     conditional = conditional and bool(cfg.num_classes)
     classifier = None
-    if conditional and cfg.dataset in ("fmnist", "digits"):
+    if conditional and get_dataset(cfg).has_classifier:
         with procs.main_process_first():          # trained once (by the main process) when missing
             classifier = ensure_classifier(cfg)
     need = {"uncond_inception"} | ({"cond_labels"} if conditional else set()) | \

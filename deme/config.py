@@ -32,7 +32,8 @@ class Config:
 
     profile: str
     # -- data ----------------------------------------------------------------------------------------
-    dataset: str                          # "fmnist" | "digits" | "cifar10" | "lsun-church" | "lsun-bedroom" | "laion"
+    dataset: str                          # a name in deme.data.DATASETS (its description: loaders, classes, splits,
+                                          # criteria): "fmnist" | "digits" | "cifar10" | "lsun-church" | ...
     image_size: int
     channels: int
     num_classes: int | None = None        # class-conditional models: labels 0..K-1, K = "no label" token

@@ -30,7 +30,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .config import ROOT, Config
-from .data import heldout_batch, heldout_split
+from .data import get_dataset, heldout_batch, heldout_split
 from .losses import per_sample_mse
 from .metrics import _default_device
 from .models import conditioning_kwargs, make_scheduler
@@ -83,11 +83,6 @@ def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor 
     return out
 
 
-IN_MEMORY = ("fmnist", "digits")
-"""Datasets with an in-memory test split (:func:`deme.data.heldout_split`); the others are sampled by
-:func:`fixed_sample`."""
-
-
 def fixed_sample(cfg: Config, start: int, stop: int, seed: int = 4321, device: str | torch.device | None = None,
                  chunk: int = 200):
     """Items ``start … stop−1`` of a fixed, seeded order of the training data, for datasets without an in-memory
@@ -129,7 +124,7 @@ def heldout_inputs(cfg: Config, n: int, seed: int = 4321, device: str | torch.de
     the paper's DDPMs are trained on). Others: the first ``n`` items of :func:`fixed_sample` — images with
     the null label (or none), or latents with their caption embeddings (the frozen encoders run on ``device``).
     """
-    if cfg.dataset in IN_MEMORY:
+    if get_dataset(cfg).in_memory:
         x, y = heldout_batch(cfg, n)
         return x, (torch.full_like(y, cfg.num_classes) if cfg.num_classes else None)
     x, cond = fixed_sample(cfg, 0, n, seed, device=device)
@@ -145,7 +140,7 @@ def split_inputs(cfg: Config, part: str = "evaluation", device: str | torch.devi
     ``cfg.validation_size`` items (the merge search's, :func:`heldout_inputs`), ``evaluation`` the next
     ``cfg.evaluation_size``, ``all`` both; text-to-image conditions are the empty caption (``unconditional``:
     the branch classifier-free guidance starts from) and the image's caption (``conditional``)."""
-    if cfg.dataset in IN_MEMORY:
+    if get_dataset(cfg).in_memory:
         images, labels = heldout_split(cfg, part)
         return images, condition_inputs(cfg, labels)
     v, e = cfg.validation_size, cfg.evaluation_size
@@ -198,7 +193,7 @@ def paired_losses(models: Mapping[str, Callable[[], torch.nn.Module]], cfg: Conf
     cache_dir.mkdir(parents=True, exist_ok=True)
     images, inputs = split_inputs(cfg, part, device=device)   # text-to-image: encoded on the device
     # a fixed sample's evaluation items start after the validation ones: their offset is part of what they are
-    at = "" if cfg.dataset in IN_MEMORY else f"_at{cfg.validation_size if part == 'evaluation' else 0}"
+    at = "" if get_dataset(cfg).in_memory else f"_at{cfg.validation_size if part == 'evaluation' else 0}"
     out = {}
     for name, load in tqdm(models.items(), disable=not progress, desc="held-out loss", mininterval=30):
         model = load().to(device)

@@ -36,7 +36,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -49,6 +48,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ROOT, Config
+from .data import get_dataset, load_tensor_dataset, training_batches
+from .runs import device_name
 
 FEATURE_DIM = 2048
 INCEPTION_SIZE = 299
@@ -358,15 +359,12 @@ class ReferenceStatistics:
             return cls(mu, sigma, z["kid_features"].astype(np.float32), json.loads(str(z["meta"])))
 
 
-_SPLIT_SIZES = {("fmnist", "train"): 60_000, ("fmnist", "test"): 10_000, ("digits", "train"): 1437,
-                ("digits", "test"): 360}
-
-
 def reference_size(cfg: Config, split: str = "train", n: int | None = None) -> int:
     """The number of reference images actually used: ``n`` (default ``cfg.fid_reference_size``: 10K for
-    fmnist, 50K — clean-fid's convention — for the paper profiles), capped at the split size when known."""
+    fmnist, 50K — clean-fid's convention — for the paper profiles), capped at the split size when known (the
+    dataset description's ``split_sizes``)."""
     n = n or cfg.fid_reference_size
-    return min(n, _SPLIT_SIZES.get((cfg.dataset, split), n))
+    return min(n, get_dataset(cfg).split_sizes.get(split, n))
 
 
 def reference_cache_path(cfg: Config, split: str = "train", n: int | None = None,
@@ -383,21 +381,21 @@ def reference_cache_path(cfg: Config, split: str = "train", n: int | None = None
 def _real_images(cfg: Config, split: str, n: int | None, seed: int) -> torch.Tensor:
     """``n`` real images (a seeded random subset; all if None) of ``cfg.dataset``/``split`` at the model's
     resolution, in [−1, 1]."""
-    from . import data
-    if cfg.dataset in ("fmnist", "digits"):
-        images, _ = data.load_tensor_dataset(cfg, split)
+    spec = get_dataset(cfg)
+    if spec.in_memory:
+        images, _ = load_tensor_dataset(cfg, split)
         if n is not None and n < len(images):
             idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
             images = images[idx.sort().values]
         return images
     if split != "train":
         raise ValueError(f"reference statistics of {cfg.dataset!r} are available for split='train' only")
-    if cfg.dataset == "laion":
+    if spec.text_to_image:
         raise ValueError("Stable Diffusion FID uses MS-COCO / ImageNet references, not the training data: "
                          "compute them with ReferenceStatistics.from_features(inception_features(images))")
     if n is None:
         raise ValueError(f"give n (number of reference images) for {cfg.dataset!r}")
-    batches = data.training_batches(cfg, min(n, 250), seed)
+    batches = training_batches(cfg, min(n, 250), seed)
     out, i = [], 0
     while sum(len(x) for x in out) < n:
         out.append(batches.batch(i)[0])
@@ -487,9 +485,6 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-CLASSIFIER_EPOCHS = {"fmnist": 8, "digits": 20}
-
-
 def classifier_path(cfg: Config) -> Path:
     """The classifier checkpoint of a profile: ``data/<dataset>_classifier.pt`` for the embedded default
     (committed), ``runs/<profile>/classifier.pt`` otherwise. Its provenance is the same path in .json."""
@@ -522,18 +517,6 @@ def _hflip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.where(m[:, None, None, None], x.flip(-1), x)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 @contextlib.contextmanager
 def _torch_threads(n: int | None):
     """Temporarily run torch CPU ops on ``n`` threads (None: leave the setting alone)."""
@@ -560,11 +543,11 @@ def train_classifier(cfg: Config, out_path: str | os.PathLike | None = None, epo
     any machine, and this small network gains little from more threads on a shared CPU; None keeps
     torch's setting). Returns the provenance: ``test_accuracy`` (%), epochs, seed, wall time, device, sizes.
     """
-    from .data import load_tensor_dataset
+    spec = get_dataset(cfg)
     if not cfg.num_classes:
         raise ValueError(f"profile {cfg.profile!r} has no classes: the alignment classifier needs labels")
     out_path = Path(out_path) if out_path is not None else classifier_path(cfg)
-    epochs = epochs or CLASSIFIER_EPOCHS.get(cfg.dataset, 10)
+    epochs = epochs or spec.classifier_epochs or 10
     device = torch.device(device) if device is not None else _default_device()
     x_train, y_train = load_tensor_dataset(cfg, "train")
     x_test, y_test = load_tensor_dataset(cfg, "test")
@@ -574,7 +557,7 @@ def train_classifier(cfg: Config, out_path: str | os.PathLike | None = None, epo
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    flip = cfg.dataset == "fmnist"
+    flip = spec.classifier_flip
     t0 = time.time()
     model.train()
     with _torch_threads(threads if device.type == "cpu" else None):
@@ -594,7 +577,7 @@ def train_classifier(cfg: Config, out_path: str | os.PathLike | None = None, epo
     info = dict(dataset=cfg.dataset, image_size=cfg.image_size, profile=cfg.profile, test_accuracy=round(acc, 2),
                 epochs=epochs, seed=seed, batch_size=batch_size, lr=lr, train_images=len(x_train),
                 test_images=len(x_test), parameters=sum(p.numel() for p in model.parameters()),
-                wall_time_s=round(wall, 1), device=str(device), device_name=_device_name(device),
+                wall_time_s=round(wall, 1), device=str(device), device_name=device_name(device),
                 cpu_count=os.cpu_count(), torch_threads=n_threads, torch=str(torch.__version__),
                 architecture=model.hparams,
                 purpose="alignment score: the embedded default's stand-in for the CLIP score",

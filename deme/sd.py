@@ -55,7 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Config
-from .data import DataMissingError
+from .data import DataMissingError, is_text_to_image
 from .distributed import SINGLE, Processes
 from .models import WeightsMissingError
 
@@ -65,7 +65,6 @@ SD_DATA_ENV = "DEME_SD_DATA"
 """Environment variable naming the image–caption data (folder or hub dataset id) when ``cfg.data_dir`` is unset."""
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-TEXT_TO_IMAGE_DATASETS = ("laion", "imagefolder")
 
 PAPER_PROMPTS = (
     # PAPER.md §6, Fig. 5 (the end of the first prompt is cut in the poster: inferred)
@@ -89,11 +88,6 @@ SD14_UNET_CONFIG = dict(
 """The architecture of CompVis/stable-diffusion-v1-4's UNet (its unet/config.json, defaults elided): 859.5M
 parameters; with DeMe's projections 9 more tensors (9.2M, 1.06% of the total — the paper's figure). Build it on
 the meta device to count parameters offline."""
-
-
-def is_text_to_image(cfg: Config) -> bool:
-    """Whether ``cfg`` trains a latent text-to-image model (Stable Diffusion) through this module."""
-    return cfg.dataset in TEXT_TO_IMAGE_DATASETS
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -212,10 +212,11 @@ def test_a_missing_base_model_says_the_command_that_makes_it(tmp_path, monkeypat
     """Profiles whose base the project pretrains (smoke, fmnist): training a range without it stops with the
     command; running that command (shortened) makes the base where the range job looks for it."""
     import deme.models as models
+    import deme.runs as runs
     from deme.cli import main as cli_main
     from deme.models import WeightsMissingError, base_model_path
     monkeypatch.setattr(models, "ROOT", tmp_path)
-    monkeypatch.setattr(train_mod, "ROOT", tmp_path)
+    monkeypatch.setattr(runs, "ROOT", tmp_path)
     fm = get_profile("fmnist", method="deme", range_index=0)
     with pytest.raises(WeightsMissingError, match=r"--profile fmnist --method pretrain --out data/fmnist_base`"):
         train(fm, tmp_path / "fm", progress=False)
