@@ -49,8 +49,9 @@ PAPER_PROFILES = ("cifar10", "church", "bedroom", "sd14")
 # ---------------------------------------------------------------------------------------------------------
 
 _CPU = dict(
-    steps_per_range=4, batch_size=2, grad_accum=2,   # K = 4 optimizer steps of 2 micro-batches (baselines: N·K;
-                                                    # with --full the budget study's K/4 = 1)
+    steps_per_range=4, batch_size=5, grad_accum=1,   # K = 4 optimizer steps of 5 images (baselines: N·K; with
+                                                    # --full the budget study's K/4 = 1); 5 = ANT's timestep
+                                                    # clusters, each needs a sample in every micro-batch
     mixed_precision="no",                           # fp16/bf16 autocast is a GPU setting (slow on CPUs)
     checkpoint_every=1, log_every=1,
     num_workers=0,                                  # no DataLoader worker processes for a few images
