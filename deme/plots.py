@@ -351,8 +351,8 @@ def plot_activation_changes(changes: Mapping[str, Mapping[str, np.ndarray]], bin
     s.set_ylabel("CV per channel ÷\nCV per position")
     s.set_ylim(0, 1.3 * float(np.nanmax(summary.loc[names].select_dtypes("number").filter(like="cv_ratio").values)))
     s.set_title("spread of the change per channel ÷ per position (CV = std/mean; > 1: organised by channel)",
-                fontsize=9.5)
-    s.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
+                fontsize=9.5, pad=22)
+    s.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False, borderaxespad=0.2)
     for k, name in enumerate(names):
         ax = axd[name]
         pos = np.asarray(changes[name]["per_position"], dtype=float)
