@@ -20,6 +20,7 @@ import numpy as np
 
 from .analysis import activation_change_summary
 from .config import Config, figures_dir
+from .stages import last_fraction_change
 from .weightspace import grid_coords, task_vector_spread
 
 THEME = {
@@ -351,8 +352,8 @@ def plot_activation_changes(changes: Mapping[str, Mapping[str, np.ndarray]], bin
     s.set_ylabel("CV per channel ÷\nCV per position")
     s.set_ylim(0, 1.3 * float(np.nanmax(summary.loc[names].select_dtypes("number").filter(like="cv_ratio").values)))
     s.set_title("spread of the change per channel ÷ per position (CV = std/mean; > 1: organised by channel)",
-                fontsize=9.5)
-    s.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
+                fontsize=9.5, pad=22)
+    s.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False, borderaxespad=0.2)
     for k, name in enumerate(names):
         ax = axd[name]
         pos = np.asarray(changes[name]["per_position"], dtype=float)
@@ -397,8 +398,10 @@ def plot_base_convergence(log, steps: int | None = None, fraction: float = 0.2):
         ax.plot(held.step, held.heldout_loss, marker=".", ms=4, lw=1, color="C0")
         start = (1 - fraction) * steps
         ax.axvspan(start, steps, color="0.9", zorder=0)
-        tail = held[held.step >= start]
-        change = 100 * (tail.heldout_loss.iloc[-1] / tail.heldout_loss.iloc[0] - 1) if len(tail) > 1 else np.nan
+        try:
+            change = 100 * last_fraction_change(log, steps, fraction)[2]
+        except ValueError:          # nothing logged in the last fraction
+            change = np.nan
         ax.set(xlabel="optimizer step", ylabel="held-out ε-MSE (log scale)", yscale="log",
                title=f"held-out loss, all t (shaded: last {fraction:.0%}, {change:+.2f}%)")
     for ax in axes.flat:

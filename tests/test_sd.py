@@ -230,10 +230,13 @@ def test_missing_inputs_offline_say_what_to_provide(pipe_dir, folder, tmp_path, 
     with pytest.raises(DataMissingError, match=sd.SD_DATA_ENV):
         sd.text_image_batches(_cfg(pipe_dir), 4, 0)
     monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    # A hub id nothing in the session caches: the rehearsal tests put a stand-in for CompVis/stable-diffusion-v1-4
+    # into the session's hub cache, and this test must not depend on which file pytest runs first.
+    absent = "deme-tests/never-cached-stable-diffusion"
     with pytest.raises(WeightsMissingError, match="HF_HUB_OFFLINE=1"):
-        sd.text_image_batches(_cfg(pipe_dir, pretrained="CompVis/stable-diffusion-v1-4"), 4, 0)
-    with pytest.raises(WeightsMissingError, match="stable-diffusion-v1-4"):
-        sd.load_pipeline("CompVis/stable-diffusion-v1-4")
+        sd.text_image_batches(_cfg(pipe_dir, pretrained=absent), 4, 0)
+    with pytest.raises(WeightsMissingError, match="never-cached-stable-diffusion"):
+        sd.load_pipeline(absent)
     with pytest.raises(DataMissingError, match="captions_val2014.json"):
         sd.coco_prompts(tmp_path / "captions_val2014.json")
     with pytest.raises(DataMissingError, match="PartiPrompts.tsv"):
