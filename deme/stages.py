@@ -24,7 +24,7 @@ from .metrics import (classifier_features, compute_fid_kid, ensure_classifier, f
 from .models import base_model_path, load_unet
 from .sampling import ddim_sample
 from .runs import merge_dir, run_dir, write_json
-from .sd import fid_256, generate, reference_pairs_features
+from . import sd  # through the module: tests and users replace sd.generate to skip real generation
 from .timesteps import timestep_ranges
 from .train import train
 
@@ -150,12 +150,12 @@ def _fid256_score(cfg: Config, n: int, seed: int, steps: int, device, dtype):
         warnings.warn(f"{n} sample-quality samples per candidate lowered to TEXT_TO_IMAGE_QUALITY_CAP = "
                       f"{TEXT_TO_IMAGE_QUALITY_CAP} for the text-to-image merge search", stacklevel=3)
         n = TEXT_TO_IMAGE_QUALITY_CAP
-    real, captions = reference_pairs_features(cfg, n, 4321, device=device)
+    real, captions = sd.reference_pairs_features(cfg, n, 4321, device=device)
 
     def score(model) -> float:
-        fake = generate(model, captions, base=cfg.pretrained, guidance_scale=cfg.guidance_scale, steps=steps,
+        fake = sd.generate(model, captions, base=cfg.pretrained, guidance_scale=cfg.guidance_scale, steps=steps,
                         seed=seed, device=device, dtype=dtype)
-        return fid_256(fake, real, device=device)
+        return sd.fid_256(fake, real, device=device)
     return score, f"FID@256 vs data ({n} captions, {steps} steps, guidance {cfg.guidance_scale})"
 
 
