@@ -139,6 +139,21 @@ def test_text_to_image_standins_are_read_by_their_readers(tmp_path):
     assert len(parti_prompts(R.write_parti(tmp_path / "PartiPrompts.tsv"))) == 4
 
 
+def test_every_paper_dataset_has_standins_and_they_exist(tmp_path):
+    """build_standins covers every paper profile's dataset (one STANDIN_DATA entry each) and the environment it
+    returns names files and folders that exist, plus a hub cache holding the profile's pretrained id."""
+    from deme.data import DATASETS
+    datasets = {PROFILES[p].dataset for p in R.PAPER_PROFILES}
+    assert datasets == set(R.STANDIN_DATA) and datasets <= set(DATASETS)
+    for profile in R.PAPER_PROFILES:
+        env = R.build_standins(profile, tmp_path / profile)
+        assert set(env) > {"HF_HOME"} and all(Path(v).exists() for v in env.values())
+        owner, name = PROFILES[profile].pretrained.split("/")
+        assert (Path(env["HF_HOME"]) / "hub" / f"models--{owner}--{name}").is_dir()
+    with pytest.raises(ValueError, match="paper profile"):
+        R.build_standins("fmnist", tmp_path / "x")
+
+
 def test_sd14_standin_has_the_real_layout_and_loads_by_hub_id(tmp_path, monkeypatch):
     """The SD v1.4 stand-in has the hub repository's folders, loads with StableDiffusionPipeline offline by its
     hub id (safety checker included, as the real one ships it), and its UNet keeps SD's four levels and the
