@@ -183,7 +183,7 @@ def compare_command(a) -> None:
     with its defaults, so that the notebook then finds every model's outputs in the cache."""
     from . import compare as C
     from .distributed import current_processes
-    from .sd import is_text_to_image
+    from .data import is_text_to_image
     cfg = get_profile(a.profile)
     procs = current_processes()
     models = C.comparison_models(cfg, baselines(default_only=not a.full))

@@ -24,9 +24,9 @@ from .distributed import SINGLE, Processes, current_processes
 from .heldout import CONDITIONS, model_fingerprint, relative_difference, verdict
 from .merge import merged_model, task_arithmetic
 from .methods import baselines as all_baselines, get_method
-from .metrics import (_default_device, classifier_features, ensure_classifier, feature_statistics, fid_bootstrap,
-                      inception_features, load_clip, paired_difference, paired_fid, paired_kid, predict,
-                      reference_statistics, t_interval)
+from .classifier import classifier_features, ensure_classifier, predict
+from .metrics import (_default_device, feature_statistics, fid_bootstrap, inception_features, load_clip,
+                      paired_difference, paired_fid, paired_kid, reference_statistics, t_interval)
 from .models import load_unet
 from .sampling import TimestepEnsemble, ddim_sample
 from .runs import merge_dir, run_dir, write_json
@@ -272,8 +272,8 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
     paths = {k: v or os.environ.get(PROMPT_SET_ENV[k]) or None for k, v in given.items()}
     coco_captions, coco_images, parti = paths["coco_captions"], paths["coco_images"], paths["parti"]
     imagenet_classes, imagenet_images = paths["imagenet_classes"], paths["imagenet_images"]
-    from .sd import (COCO_FID_REFERENCES, coco_captions as read_coco, imagenet_prompts, parti_prompts,
-                     prepare_reference_folder, prepare_val2014_reference)
+    from .imagecaptions import coco_captions as read_coco, imagenet_prompts, parti_prompts
+    from .sd import COCO_FID_REFERENCES, prepare_reference_folder, prepare_val2014_reference
     out_dir = Path(out_dir or ROOT / "runs" / cfg.profile / "compare")
     mode = coco_fid_reference or cfg.coco_fid_reference
     if mode not in COCO_FID_REFERENCES:

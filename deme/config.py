@@ -41,7 +41,7 @@ class Config:
                                           # text-to-image: p(caption -> "") — a choice: diffusers'
                                           # train_text_to_image.py and BK-SDM use none (0.0)
     data_dir: str | None = None           # text-to-image: image-caption folder (imagefolder + metadata.jsonl) or
-                                          # hub dataset id; None: $DEME_SD_DATA (see deme.sd.data_source)
+                                          # hub dataset id; None: $DEME_SD_DATA (see deme.imagecaptions.data_source)
     center_crop: bool = False             # centre crops instead of random crops (random: the
                                           # paper's "resize + random crop" and diffusers' default)
     random_flip: bool = False             # text-to-image: horizontal flip with p = 0.5 (diffusers' --random_flip;

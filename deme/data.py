@@ -196,15 +196,19 @@ def _hf_image_dataset(name: str, size: int, center_crop: bool = False):
 
 
 class CIFAR10Images(torch.utils.data.Dataset):
-    """CIFAR-10 training images from the python download layout (``<root>/cifar-10-batches-py/data_batch_1…5``:
-    pickled dicts whose ``data`` rows are 3072 uint8 values, channel-major, with ``labels``), read directly —
-    torchvision's ``CIFAR10`` also insists on the archive's md5 sums, which a copy re-pickled or written by
-    another tool does not have. Items: (image in [−1, 1] through :func:`_image_transform`, label)."""
+    """CIFAR-10 images of ``split`` from the python download layout (``<root>/cifar-10-batches-py/``: training
+    ``data_batch_1…5``, test ``test_batch``; pickled dicts whose ``data`` rows are 3072 uint8 values,
+    channel-major, with ``labels``), read directly — torchvision's ``CIFAR10`` also insists on the archive's md5
+    sums, which a copy re-pickled or written by another tool does not have. Items: (image in [−1, 1] through
+    :func:`_image_transform`, label)."""
 
-    def __init__(self, root: str | os.PathLike, size: int, center_crop: bool = False):
+    def __init__(self, root: str | os.PathLike, size: int, center_crop: bool = False, split: str = "train"):
         import pickle
         folder = Path(root) / "cifar-10-batches-py"
-        batches = [folder / f"data_batch_{i}" for i in range(1, 6)]
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        batches = ([folder / f"data_batch_{i}" for i in range(1, 6)] if split == "train"
+                   else [folder / "test_batch"])
         missing = [p.name for p in batches if not p.is_file()]
         if missing:
             raise DataMissingError(f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}; run once with "
@@ -228,23 +232,28 @@ class CIFAR10Images(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def cifar10_dataset(size: int, center_crop: bool = False) -> CIFAR10Images:
-    """The CIFAR-10 training set under ``$DEME_DATA`` (default runs/data under the repository root); downloaded
-    there by torchvision first when it is missing and the hub is not offline."""
+def cifar10_dataset(size: int, center_crop: bool = False, split: str = "train") -> CIFAR10Images:
+    """CIFAR-10's ``split`` (train: 50K, test: 10K images) under ``$DEME_DATA`` (default runs/data under the
+    repository root); downloaded there by torchvision first when it is missing and the hub is not offline."""
     from .config import ROOT
     root = Path(os.environ.get("DEME_DATA") or ROOT / "runs" / "data")
-    if not (root / "cifar-10-batches-py" / "data_batch_1").is_file() and os.environ.get("HF_HUB_OFFLINE") != "1":
+    first = "data_batch_1" if split == "train" else "test_batch"
+    if not (root / "cifar-10-batches-py" / first).is_file() and os.environ.get("HF_HUB_OFFLINE") != "1":
         try:
             from torchvision.datasets import CIFAR10
-            CIFAR10(str(root), train=True, download=True)
+            CIFAR10(str(root), train=split == "train", download=True)
         except Exception as e:
             raise DataMissingError(f"CIFAR-10 not found under {root} and could not be downloaded ({e}); set "
                                    "DEME_DATA to a folder holding cifar-10-batches-py") from e
-    return CIFAR10Images(root, size, center_crop)
+    return CIFAR10Images(root, size, center_crop, split)
 
 
 def _cifar10_train_set(cfg: Config):
     return cifar10_dataset(cfg.image_size, cfg.center_crop)
+
+
+def _cifar10_test_set(cfg: Config):
+    return cifar10_dataset(cfg.image_size, cfg.center_crop, "test")
 
 
 def _lsun_train_set(hub_id: str) -> Callable[[Config], torch.utils.data.Dataset]:
@@ -274,10 +283,11 @@ class DatasetSpec:
     ``kind``: ``tensor`` (held in memory, a train and a test split: ``arrays(split)`` gives uint8 images
     (N, H, W[, C]) and int64 labels, resized to the profile's size on loading), ``loader`` (a training set
     only, ``train_set(cfg)`` a map-style torch dataset of (image in [-1, 1], label) pairs read through a
-    ``DataLoader``) or ``text-to-image`` (image-caption pairs encoded to latents and caption embeddings by
-    :func:`deme.sd.text_image_batches`). ``split_sizes``: images per split where known (caps the reference
-    statistics). ``classifier_epochs``: epochs of the project's alignment classifier
-    (:func:`deme.metrics.train_classifier`; None: no classifier — class alignment is then not scored);
+    ``DataLoader``; ``test_set(cfg)`` the same for a split training never sees, where the dataset has one —
+    the held-out images of :func:`deme.heldout.fixed_sample`) or ``text-to-image`` (image-caption pairs encoded
+    to latents and caption embeddings by :func:`deme.sd.text_image_batches`). ``split_sizes``: images per split
+    where known (caps the reference statistics). ``classifier_epochs``: epochs of the project's alignment classifier
+    (:func:`deme.classifier.train_classifier`; None: no classifier — class alignment is then not scored);
     ``classifier_flip``: random horizontal flips when training it (clothes are left-right symmetric, digits
     are not). ``quality``: the sample-quality criterion of :func:`deme.stages.sample_quality_fn` — one of
     :data:`QUALITY_CRITERIA`. ``prompt``: the gallery's "prompt" for a class (``{name}``, ``{a}`` = a/an)."""
@@ -290,6 +300,7 @@ class DatasetSpec:
     split_sizes: Mapping[str, int] = field(default_factory=dict)
     arrays: Callable[[str], tuple[np.ndarray, np.ndarray]] | None = None
     train_set: Callable[[Config], torch.utils.data.Dataset] | None = None
+    test_set: Callable[[Config], torch.utils.data.Dataset] | None = None
     classifier_epochs: int | None = None
     classifier_flip: bool = False
     quality: str = "inception-fid"
@@ -305,6 +316,9 @@ class DatasetSpec:
                                                                                               is not None):
             raise ValueError(f"dataset {self.name!r}: a tensor dataset gives arrays, a loader dataset train_set "
                              "(and no other kind gives either)")
+        if self.test_set is not None and self.kind != "loader":
+            raise ValueError(f"dataset {self.name!r}: test_set is for loader datasets (a tensor dataset's test "
+                             "split comes from arrays('test'))")
         if self.classifier_epochs is not None and self.kind != "tensor":
             raise ValueError(f"dataset {self.name!r}: the alignment classifier trains on in-memory datasets only")
 
@@ -335,7 +349,9 @@ REGISTRY: tuple[DatasetSpec, ...] = (
     DatasetSpec("fmnist", "Fashion-MNIST", "tensor", "Xiao et al. 2017; Debian package dataset-fashion-mnist",
                 class_names=FMNIST_CLASSES, split_sizes={"train": 60_000, "test": 10_000}, arrays=load_fmnist_raw,
                 classifier_epochs=8, classifier_flip=True, quality="classifier-fd"),
-    DatasetSpec("cifar10", "CIFAR-10", "loader", "torchvision CIFAR10 (train split)", train_set=_cifar10_train_set),
+    DatasetSpec("cifar10", "CIFAR-10", "loader", "torchvision CIFAR10 (python download layout)",
+                split_sizes={"train": 50_000, "test": 10_000}, train_set=_cifar10_train_set,
+                test_set=_cifar10_test_set),
     DatasetSpec("lsun-church", "LSUN Church", "loader", "hub dataset tglcourse/lsun_church_train",
                 train_set=_lsun_train_set("tglcourse/lsun_church_train")),
     DatasetSpec("lsun-bedroom", "LSUN Bedroom", "loader", "hub dataset pcuenq/lsun-bedrooms",

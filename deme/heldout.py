@@ -85,21 +85,24 @@ def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor 
 
 def fixed_sample(cfg: Config, start: int, stop: int, seed: int = 4321, device: str | torch.device | None = None,
                  chunk: int = 200):
-    """Items ``start … stop−1`` of a fixed, seeded order of the training data, for datasets without an in-memory
-    test split (CIFAR-10, LSUN, text-to-image): centre crops, no flip, no caption dropout, the same in every
-    process. Loaded and encoded ``chunk`` at a time (the text-to-image VAE never sees thousands of 512-px images
-    in one batch). Returns ``(x0, labels)`` — images and class labels (−1: none) — or, for text-to-image,
+    """Items ``start … stop−1`` of a fixed, seeded order of held-out data, for datasets without an in-memory
+    test split: the dataset's ``test_set`` where it has one (CIFAR-10's test split), else its training data
+    (LSUN, text-to-image). Centre crops, no flip, no caption dropout, the same in every process. Loaded and
+    encoded ``chunk`` at a time (the text-to-image VAE never sees thousands of 512-px images in one batch).
+    Returns ``(x0, labels)`` — images and class labels (−1: none) — or, for text-to-image,
     ``(latents, {"encoder_hidden_states": caption embeddings, "empty": the empty caption's embedding})``.
 
-    These are training images: the loaders of these datasets have no test split, and a finetuning run of the
-    paper's length sees every training image many times, so a held-out loss here measures fit, not
-    generalisation. Validation (choices) and evaluation (judging) still use disjoint items of the order."""
-    from .data import training_batches
+    For LSUN and text-to-image these are training images (their loaders have no test split, and a finetuning
+    run of the paper's length sees every training image many times), so a held-out loss there measures fit,
+    not generalisation. Validation (choices) and evaluation (judging) always use disjoint items of the order."""
+    from .data import LoaderBatches, training_batches
     fixed = cfg.replace(label_dropout=0.0, center_crop=True, random_flip=False)
     if stop <= start:
         raise ValueError(f"empty sample [{start}, {stop})")
     step = math.gcd(start, chunk) if start else min(chunk, stop)   # batches of `step` tile [start, stop)
-    batches = training_batches(fixed, step, seed, device=device)
+    test_set = get_dataset(cfg).test_set
+    batches = (LoaderBatches(test_set(fixed), step, seed, num_workers=0) if test_set is not None
+               else training_batches(fixed, step, seed, device=device))
     if getattr(batches, "per_epoch", 1) * step < stop:
         raise ValueError(f"{cfg.dataset}: {stop} held-out items requested (validation_size + evaluation_size), "
                          f"but one pass over the data gives {batches.per_epoch * step}; lower them")

@@ -209,7 +209,7 @@ def _images(n: int, rng: np.random.Generator, sizes: list[tuple[int, int]]) -> l
     return out
 
 
-def write_cifar10(root: Path, per_batch: int = 20, seed: int = 0) -> Path:
+def write_cifar10(root: Path, per_batch: int = 32, seed: int = 0) -> Path:
     """The CIFAR-10 python download layout, ``root/cifar-10-batches-py``: ``data_batch_1…5`` and ``test_batch``
     (pickled dicts with ``data`` (n, 3072) uint8 rows, channel-major, and ``labels``) and ``batches.meta``."""
     rng = np.random.default_rng(seed)

@@ -19,8 +19,8 @@ from .config import Config, get_profile
 from .data import get_dataset, heldout_batch, heldout_split
 from .heldout import heldout_inputs, heldout_losses, relative_difference
 from .merge import merged_model, task_arithmetic
-from .metrics import (classifier_features, compute_fid_kid, ensure_classifier, fid_from_features,
-                      reference_statistics)
+from .classifier import classifier_features, ensure_classifier
+from .metrics import compute_fid_kid, fid_from_features, reference_statistics
 from .models import base_model_path, load_unet
 from .sampling import ddim_sample
 from .runs import merge_dir, run_dir, write_json
