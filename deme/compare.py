@@ -356,6 +356,16 @@ def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed
     return pd.DataFrame(records)
 
 
+def text_to_image_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Table 2's layout from :func:`run_text_to_image_comparison`'s scores: one row per model (in the order
+    scored), FID@256 and CLIP score per prompt set. A score that was not computed (PartiPrompts has no reference
+    images for FID; no CLIP weights offline) stays an empty cell — its column is kept, so every profile's CSV
+    has the same columns."""
+    numbers = scores.astype({"fid_256": float, "clip": float})
+    return numbers.pivot_table(index="model", columns="prompts", values=["fid_256", "clip"], sort=False,
+                               dropna=False)
+
+
 def save_table(table: pd.DataFrame, formatted: pd.DataFrame, stem: Path, caption: str) -> None:
     """CSV (numbers), Markdown and LaTeX (formatted) next to each other: ``<stem>.csv/.md/.tex``."""
     table.to_csv(stem.with_suffix(".csv"))
