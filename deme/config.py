@@ -133,6 +133,10 @@ class Config:
             raise ValueError(
                 f"N={self.num_ranges} ranges do not divide T={self.num_train_timesteps} timesteps; "
                 "choose N among the divisors of T (e.g. 1, 2, 4, 5, 8, 10)")
+        if self.steps_per_range < 1 or (self.method == "pretrain" and self.pretrain_steps < 1):
+            which = "pretrain_steps" if self.method == "pretrain" else "steps_per_range"
+            raise ValueError(f"{which}={getattr(self, which)}: a training run needs at least one optimizer step "
+                             "(the model before finetuning is the base model itself: no run needed)")
         if self.range_index is not None and not 0 <= self.range_index < self.num_ranges:
             raise ValueError(
                 f"range_index={self.range_index} is outside 0..{self.num_ranges - 1} for N={self.num_ranges} ranges")
