@@ -1,7 +1,7 @@
 """Ablations at equal budget (notebook 06): the paper's Table 3, sensitivity to N and p, and merge methods.
 
 Every variant is a :class:`~deme.config.Config` derived from the profile with :meth:`Config.replace`; its runs
-live in their own folders (:func:`deme.train.run_dir` appends the changed fields), so a variant never touches
+live in their own folders (:func:`deme.runs.run_dir` appends the changed fields), so a variant never touches
 the profile's own runs. *Equal budget*: every variant trains N×K = the profile's ``num_ranges ×
 steps_per_range`` optimizer steps in total (N' ranges get K' = N×K / N' steps each).
 
@@ -25,8 +25,9 @@ from .heldout import heldout_table, paired_losses, relative_difference, verdict
 from .merge import MERGE_METHODS, merged_model
 from .models import load_unet
 from .sampling import TimestepEnsemble
-from .stages import load_base, load_experts, merge_dir
-from .train import run_dir, train, variant_tag
+from .runs import merge_dir, run_dir, variant_tag
+from .stages import load_base, load_experts
+from .train import train
 
 # The paper's Table 3 (PAPER.md §6): CIFAR-10, 100-step DDIM, FID ↓. N=8 there.
 PAPER_TABLE3 = pd.DataFrame({

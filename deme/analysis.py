@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 from .config import Config
+from .data import get_dataset, load_tensor_dataset, training_batches
+from .heldout import heldout_loss
 from .losses import per_sample_mse
 from .models import conditioning_kwargs, make_scheduler
 
@@ -81,8 +83,7 @@ def analysis_batch(cfg: Config, n: int, seed: int = 0, split: str = "train") -> 
     what the analyses probe). In-memory datasets are subsampled with a seeded permutation; the others take
     the first batch of the seeded training stream; for text-to-image profiles the "labels" are the captions'
     text embeddings (B, 77, D) and the images the VAE latents."""
-    from .data import load_tensor_dataset, training_batches
-    if cfg.dataset in ("fmnist", "digits"):
+    if get_dataset(cfg).in_memory:
         images, labels = load_tensor_dataset(cfg, split)
         idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
         return images[idx], labels[idx]
@@ -104,7 +105,6 @@ def fixed_batch_loss(model: nn.Module, cfg: Config, images: torch.Tensor, labels
                      t_range: tuple[int, int] | None = None, seed: int = 0, batch_size: int = 256) -> float:
     """The diffusion loss on a fixed batch: noise from ``seed``, timesteps stratified inside ``t_range``
     (default [0, T)) — :func:`deme.heldout.heldout_loss` restricted to ``t_range``."""
-    from .heldout import heldout_loss
     return heldout_loss(model, cfg, images, labels, seed, t_range=t_range, batch_size=batch_size)["loss"]
 
 

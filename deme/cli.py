@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ROOT, get_profile, profile_names
+from .config import ROOT, get_profile, normalized, profile_names
 from .methods import baselines
+from .runs import write_json
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"   # the notebooks ship beside the package
 
@@ -65,8 +66,6 @@ def _source_hash(notebook: str) -> str:
 def _up_to_date(rec: dict, cfg, notebook: str, params: dict) -> bool:
     """Same config (fields added since the record count at their defaults) + same notebook source + same
     parameters → the stage is skipped."""
-    from .config import normalized
-
     def same(a: dict) -> dict:
         return {k: v for k, v in a.items() if k not in SPEED_PARAMS}
     return (rec.get("source") == _source_hash(notebook) and same(rec.get("params", {})) == same(params)
@@ -105,7 +104,6 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     import os
     from concurrent.futures import ThreadPoolExecutor
     import papermill as pm
-    from .stages import write_json
     cfg = get_profile(profile)
     update = cfg.profile == "fmnist" if update_notebooks is None else update_notebooks
     # the executed notebooks are read on GitHub and in Colab, where progress bars render as stray widgets or
@@ -185,7 +183,7 @@ def compare_command(a) -> None:
     with its defaults, so that the notebook then finds every model's outputs in the cache."""
     from . import compare as C
     from .distributed import current_processes
-    from .sd import is_text_to_image
+    from .data import is_text_to_image
     cfg = get_profile(a.profile)
     procs = current_processes()
     models = C.comparison_models(cfg, baselines(default_only=not a.full))

@@ -19,18 +19,18 @@ import pandas as pd
 import torch
 
 from .config import ROOT, Config
-from .data import heldout_split
+from .data import get_dataset, heldout_split
 from .distributed import SINGLE, Processes, current_processes
 from .heldout import CONDITIONS, model_fingerprint, relative_difference, verdict
 from .merge import merged_model, task_arithmetic
 from .methods import baselines as all_baselines, get_method
-from .metrics import (_default_device, classifier_features, ensure_classifier, feature_statistics, fid_bootstrap,
-                      inception_features, load_clip, paired_difference, paired_fid, paired_kid, predict,
-                      reference_statistics, t_interval)
+from .classifier import classifier_features, ensure_classifier, predict
+from .metrics import (_default_device, feature_statistics, fid_bootstrap, inception_features, load_clip,
+                      paired_difference, paired_fid, paired_kid, reference_statistics, t_interval)
 from .models import load_unet
 from .sampling import TimestepEnsemble, ddim_sample
-from .stages import PAPER_MERGE_WEIGHTS, load_base, load_experts, merge_dir, write_json
-from .train import run_dir
+from .runs import merge_dir, run_dir, write_json
+from .stages import PAPER_MERGE_WEIGHTS, load_base, load_experts
 
 
 # The paper's numbers (PAPER.md §6), shown beside ours in separate, labelled tables — never mixed with ours.
@@ -167,7 +167,7 @@ def collect_sample_outputs(cfg: Config, n: int, steps: int | None = None, seed: 
     steps = steps or cfg.sample_steps
     conditional = conditional and bool(cfg.num_classes)
     classifier = None
-    if conditional and cfg.dataset in ("fmnist", "digits"):
+    if conditional and get_dataset(cfg).has_classifier:
         with procs.main_process_first():          # trained once (by the main process) when missing
             classifier = ensure_classifier(cfg)
     need = {"uncond_inception"} | ({"cond_labels"} if conditional else set()) | \
@@ -272,8 +272,8 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
     paths = {k: v or os.environ.get(PROMPT_SET_ENV[k]) or None for k, v in given.items()}
     coco_captions, coco_images, parti = paths["coco_captions"], paths["coco_images"], paths["parti"]
     imagenet_classes, imagenet_images = paths["imagenet_classes"], paths["imagenet_images"]
-    from .sd import (COCO_FID_REFERENCES, coco_captions as read_coco, imagenet_prompts, parti_prompts,
-                     prepare_reference_folder, prepare_val2014_reference)
+    from .imagecaptions import coco_captions as read_coco, imagenet_prompts, parti_prompts
+    from .sd import COCO_FID_REFERENCES, prepare_reference_folder, prepare_val2014_reference
     out_dir = Path(out_dir or ROOT / "runs" / cfg.profile / "compare")
     mode = coco_fid_reference or cfg.coco_fid_reference
     if mode not in COCO_FID_REFERENCES:
@@ -354,6 +354,16 @@ def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed
             records.append({"model": name, "prompts": set_name, **rec})
         del model
     return pd.DataFrame(records)
+
+
+def text_to_image_table(scores: pd.DataFrame) -> pd.DataFrame:
+    """Table 2's layout from :func:`run_text_to_image_comparison`'s scores: one row per model (in the order
+    scored), FID@256 and CLIP score per prompt set. A score that was not computed (PartiPrompts has no reference
+    images for FID; no CLIP weights offline) stays an empty cell — its column is kept, so every profile's CSV
+    has the same columns."""
+    numbers = scores.astype({"fid_256": float, "clip": float})
+    return numbers.pivot_table(index="model", columns="prompts", values=["fid_256", "clip"], sort=False,
+                               dropna=False)
 
 
 def save_table(table: pd.DataFrame, formatted: pd.DataFrame, stem: Path, caption: str) -> None:

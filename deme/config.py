@@ -32,7 +32,8 @@ class Config:
 
     profile: str
     # -- data ----------------------------------------------------------------------------------------
-    dataset: str                          # "fmnist" | "digits" | "cifar10" | "lsun-church" | "lsun-bedroom" | "laion"
+    dataset: str                          # a name in deme.data.DATASETS (its description: loaders, classes, splits,
+                                          # criteria): "fmnist" | "digits" | "cifar10" | "lsun-church" | ...
     image_size: int
     channels: int
     num_classes: int | None = None        # class-conditional models: labels 0..K-1, K = "no label" token
@@ -40,7 +41,7 @@ class Config:
                                           # text-to-image: p(caption -> "") — a choice: diffusers'
                                           # train_text_to_image.py and BK-SDM use none (0.0)
     data_dir: str | None = None           # text-to-image: image-caption folder (imagefolder + metadata.jsonl) or
-                                          # hub dataset id; None: $DEME_SD_DATA (see deme.sd.data_source)
+                                          # hub dataset id; None: $DEME_SD_DATA (see deme.imagecaptions.data_source)
     center_crop: bool = False             # centre crops instead of random crops (random: the
                                           # paper's "resize + random crop" and diffusers' default)
     random_flip: bool = False             # text-to-image: horizontal flip with p = 0.5 (diffusers' --random_flip;
@@ -132,6 +133,10 @@ class Config:
             raise ValueError(
                 f"N={self.num_ranges} ranges do not divide T={self.num_train_timesteps} timesteps; "
                 "choose N among the divisors of T (e.g. 1, 2, 4, 5, 8, 10)")
+        if self.steps_per_range < 1 or (self.method == "pretrain" and self.pretrain_steps < 1):
+            which = "pretrain_steps" if self.method == "pretrain" else "steps_per_range"
+            raise ValueError(f"{which}={getattr(self, which)}: a training run needs at least one optimizer step "
+                             "(the model before finetuning is the base model itself: no run needed)")
         if self.range_index is not None and not 0 <= self.range_index < self.num_ranges:
             raise ValueError(
                 f"range_index={self.range_index} is outside 0..{self.num_ranges - 1} for N={self.num_ranges} ranges")

@@ -1,4 +1,10 @@
-"""Datasets. Every loader returns images in [-1, 1] (N, C, H, W) and integer labels (or -1 when unlabelled).
+"""Datasets: one registry of dataset descriptions (:data:`DATASETS`) and their loaders. Every loader returns
+images in [-1, 1] (N, C, H, W) and integer labels (or -1 when unlabelled).
+
+A description (:class:`DatasetSpec`) says what every other module needs to know about a dataset — its kind
+(in memory, a torch loader, or image-caption pairs for a latent text-to-image model), class names, split sizes,
+loader, alignment classifier, sample-quality criterion and gallery prompts — so a new profile on a new dataset
+is one description here (or :func:`register_dataset`) plus one profile in :mod:`deme.config`.
 
 Small datasets (sklearn digits, Fashion-MNIST) are held in memory as one tensor and batched by
 :class:`TensorBatches`, whose batch at optimizer step ``s`` depends only on (seed, s): a resumed run sees
@@ -10,8 +16,9 @@ from __future__ import annotations
 
 import gzip
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -27,10 +34,6 @@ DIGITS_CLASSES = tuple(str(i) for i in range(10))
 
 class DataMissingError(FileNotFoundError):
     """A dataset is not on disk and cannot be fetched; the message says how to provide it."""
-
-
-def class_names(cfg: Config) -> tuple[str, ...]:
-    return {"fmnist": FMNIST_CLASSES, "digits": DIGITS_CLASSES}.get(cfg.dataset, ())
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -86,21 +89,17 @@ def _to_model_range(images_uint8: np.ndarray, size: int) -> torch.Tensor:
     return (x.clamp(0, 1) * 2 - 1).contiguous()
 
 
-def load_tensor_dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """The in-memory datasets: ``fmnist`` (60K/10K) and ``digits`` (sklearn, 1797 images, 8x8)."""
-    if cfg.dataset == "fmnist":
-        images, labels = load_fmnist_raw(split)
-        return _to_model_range(images, cfg.image_size), torch.from_numpy(labels)
-    if cfg.dataset == "digits":
-        from sklearn.datasets import load_digits
-        d = load_digits()
-        images = (d.images / 16.0 * 255).round().astype(np.uint8)   # values 0..16 -> 0..255
-        labels = d.target.astype(np.int64)
-        idx = np.random.default_rng(0).permutation(len(images))
-        cut = int(0.8 * len(images))
-        idx = idx[:cut] if split == "train" else idx[cut:]
-        return _to_model_range(images[idx], cfg.image_size), torch.from_numpy(labels[idx])
-    raise ValueError(f"{cfg.dataset!r} is not an in-memory dataset")
+def load_digits_raw(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's digits (1797 images, 8x8, values 0..16) as uint8 arrays and labels, split 80/20 by a fixed
+    permutation (seed 0): 1437 train, 360 test images."""
+    from sklearn.datasets import load_digits   # scikit-learn: only this dataset needs it
+    d = load_digits()
+    images = (d.images / 16.0 * 255).round().astype(np.uint8)   # values 0..16 -> 0..255
+    labels = d.target.astype(np.int64)
+    idx = np.random.default_rng(0).permutation(len(images))
+    cut = int(0.8 * len(images))
+    idx = idx[:cut] if split == "train" else idx[cut:]
+    return images[idx], labels[idx]
 
 
 class TensorBatches:
@@ -197,15 +196,19 @@ def _hf_image_dataset(name: str, size: int, center_crop: bool = False):
 
 
 class CIFAR10Images(torch.utils.data.Dataset):
-    """CIFAR-10 training images from the python download layout (``<root>/cifar-10-batches-py/data_batch_1…5``:
-    pickled dicts whose ``data`` rows are 3072 uint8 values, channel-major, with ``labels``), read directly —
-    torchvision's ``CIFAR10`` also insists on the archive's md5 sums, which a copy re-pickled or written by
-    another tool does not have. Items: (image in [−1, 1] through :func:`_image_transform`, label)."""
+    """CIFAR-10 images of ``split`` from the python download layout (``<root>/cifar-10-batches-py/``: training
+    ``data_batch_1…5``, test ``test_batch``; pickled dicts whose ``data`` rows are 3072 uint8 values,
+    channel-major, with ``labels``), read directly — torchvision's ``CIFAR10`` also insists on the archive's md5
+    sums, which a copy re-pickled or written by another tool does not have. Items: (image in [−1, 1] through
+    :func:`_image_transform`, label)."""
 
-    def __init__(self, root: str | os.PathLike, size: int, center_crop: bool = False):
+    def __init__(self, root: str | os.PathLike, size: int, center_crop: bool = False, split: str = "train"):
         import pickle
         folder = Path(root) / "cifar-10-batches-py"
-        batches = [folder / f"data_batch_{i}" for i in range(1, 6)]
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        batches = ([folder / f"data_batch_{i}" for i in range(1, 6)] if split == "train"
+                   else [folder / "test_batch"])
         missing = [p.name for p in batches if not p.is_file()]
         if missing:
             raise DataMissingError(f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}; run once with "
@@ -229,47 +232,201 @@ class CIFAR10Images(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def cifar10_dataset(size: int, center_crop: bool = False) -> CIFAR10Images:
-    """The CIFAR-10 training set under ``$DEME_DATA`` (default runs/data under the repository root); downloaded
-    there by torchvision first when it is missing and the hub is not offline."""
+def cifar10_dataset(size: int, center_crop: bool = False, split: str = "train") -> CIFAR10Images:
+    """CIFAR-10's ``split`` (train: 50K, test: 10K images) under ``$DEME_DATA`` (default runs/data under the
+    repository root); downloaded there by torchvision first when it is missing and the hub is not offline."""
     from .config import ROOT
     root = Path(os.environ.get("DEME_DATA") or ROOT / "runs" / "data")
-    if not (root / "cifar-10-batches-py" / "data_batch_1").is_file() and os.environ.get("HF_HUB_OFFLINE") != "1":
+    first = "data_batch_1" if split == "train" else "test_batch"
+    if not (root / "cifar-10-batches-py" / first).is_file() and os.environ.get("HF_HUB_OFFLINE") != "1":
         try:
             from torchvision.datasets import CIFAR10
-            CIFAR10(str(root), train=True, download=True)
+            CIFAR10(str(root), train=split == "train", download=True)
         except Exception as e:
             raise DataMissingError(f"CIFAR-10 not found under {root} and could not be downloaded ({e}); set "
                                    "DEME_DATA to a folder holding cifar-10-batches-py") from e
-    return CIFAR10Images(root, size, center_crop)
+    return CIFAR10Images(root, size, center_crop, split)
 
 
-LSUN_HF_IDS = {"lsun-church": "tglcourse/lsun_church_train", "lsun-bedroom": "pcuenq/lsun-bedrooms"}
+def _cifar10_train_set(cfg: Config):
+    return cifar10_dataset(cfg.image_size, cfg.center_crop)
+
+
+def _cifar10_test_set(cfg: Config):
+    return cifar10_dataset(cfg.image_size, cfg.center_crop, "test")
+
+
+def _lsun_train_set(hub_id: str) -> Callable[[Config], torch.utils.data.Dataset]:
+    """LSUN through Hugging Face ``datasets``: ``hub_id``, or ``$DEME_LSUN_ID`` when set."""
+    return lambda cfg: _hf_image_dataset(os.environ.get("DEME_LSUN_ID", hub_id), cfg.image_size,
+                                         cfg.center_crop)
+
+
+def _text_image_batches(cfg: Config, batch_size: int, seed: int, device=None):
+    # deme.sd imports this module (the registry, DataMissingError): imported here, at the one call that needs it
+    from .sd import text_image_batches
+    return text_image_batches(cfg, batch_size, seed, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------------------------
+
+KINDS = ("tensor", "loader", "text-to-image")
+QUALITY_CRITERIA = ("classifier-fd", "inception-fid", "fid@256")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The description of one dataset.
+
+    ``kind``: ``tensor`` (held in memory, a train and a test split: ``arrays(split)`` gives uint8 images
+    (N, H, W[, C]) and int64 labels, resized to the profile's size on loading), ``loader`` (a training set
+    only, ``train_set(cfg)`` a map-style torch dataset of (image in [-1, 1], label) pairs read through a
+    ``DataLoader``; ``test_set(cfg)`` the same for a split training never sees, where the dataset has one —
+    the held-out images of :func:`deme.heldout.fixed_sample`) or ``text-to-image`` (image-caption pairs encoded
+    to latents and caption embeddings by :func:`deme.sd.text_image_batches`). ``split_sizes``: images per split
+    where known (caps the reference statistics). ``classifier_epochs``: epochs of the project's alignment classifier
+    (:func:`deme.classifier.train_classifier`; None: no classifier — class alignment is then not scored);
+    ``classifier_flip``: random horizontal flips when training it (clothes are left-right symmetric, digits
+    are not). ``quality``: the sample-quality criterion of :func:`deme.stages.sample_quality_fn` — one of
+    :data:`QUALITY_CRITERIA`. ``prompt``: the gallery's "prompt" for a class (``{name}``, ``{a}`` = a/an)."""
+
+    name: str
+    display: str
+    kind: str
+    source: str = ""
+    class_names: tuple[str, ...] = ()
+    split_sizes: Mapping[str, int] = field(default_factory=dict)
+    arrays: Callable[[str], tuple[np.ndarray, np.ndarray]] | None = None
+    train_set: Callable[[Config], torch.utils.data.Dataset] | None = None
+    test_set: Callable[[Config], torch.utils.data.Dataset] | None = None
+    classifier_epochs: int | None = None
+    classifier_flip: bool = False
+    quality: str = "inception-fid"
+    prompt: str = "a photo of {a} {name}"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"dataset {self.name!r}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.quality not in QUALITY_CRITERIA:
+            raise ValueError(f"dataset {self.name!r}: quality must be one of {', '.join(QUALITY_CRITERIA)}, "
+                             f"got {self.quality!r}")
+        if (self.kind == "tensor") != (self.arrays is not None) or (self.kind == "loader") != (self.train_set
+                                                                                              is not None):
+            raise ValueError(f"dataset {self.name!r}: a tensor dataset gives arrays, a loader dataset train_set "
+                             "(and no other kind gives either)")
+        if self.test_set is not None and self.kind != "loader":
+            raise ValueError(f"dataset {self.name!r}: test_set is for loader datasets (a tensor dataset's test "
+                             "split comes from arrays('test'))")
+        if self.classifier_epochs is not None and self.kind != "tensor":
+            raise ValueError(f"dataset {self.name!r}: the alignment classifier trains on in-memory datasets only")
+
+    @property
+    def in_memory(self) -> bool:
+        """Held in memory with a test split (:func:`load_tensor_dataset`, :func:`heldout_split`)."""
+        return self.kind == "tensor"
+
+    @property
+    def has_classifier(self) -> bool:
+        """Class alignment is scored with the project's classifier (``classifier_epochs`` set)."""
+        return self.classifier_epochs is not None
+
+    @property
+    def text_to_image(self) -> bool:
+        """Trains a latent text-to-image model (Stable Diffusion) through :mod:`deme.sd`."""
+        return self.kind == "text-to-image"
+
+    def class_prompt(self, name: str) -> str:
+        """The gallery's "prompt" for class ``name``: "a photo of a sneaker", "a photo of the digit 3"."""
+        return self.prompt.format(name=name, a="an" if name[0].lower() in "aeiou" else "a")
+
+
+REGISTRY: tuple[DatasetSpec, ...] = (
+    DatasetSpec("digits", "sklearn digits", "tensor", "sklearn.datasets.load_digits (8x8, 1797 images)",
+                class_names=DIGITS_CLASSES, split_sizes={"train": 1437, "test": 360}, arrays=load_digits_raw,
+                classifier_epochs=20, quality="classifier-fd", prompt="a photo of the digit {name}"),
+    DatasetSpec("fmnist", "Fashion-MNIST", "tensor", "Xiao et al. 2017; Debian package dataset-fashion-mnist",
+                class_names=FMNIST_CLASSES, split_sizes={"train": 60_000, "test": 10_000}, arrays=load_fmnist_raw,
+                classifier_epochs=8, classifier_flip=True, quality="classifier-fd"),
+    DatasetSpec("cifar10", "CIFAR-10", "loader", "torchvision CIFAR10 (python download layout)",
+                split_sizes={"train": 50_000, "test": 10_000}, train_set=_cifar10_train_set,
+                test_set=_cifar10_test_set),
+    DatasetSpec("lsun-church", "LSUN Church", "loader", "hub dataset tglcourse/lsun_church_train",
+                train_set=_lsun_train_set("tglcourse/lsun_church_train")),
+    DatasetSpec("lsun-bedroom", "LSUN Bedroom", "loader", "hub dataset pcuenq/lsun-bedrooms",
+                train_set=_lsun_train_set("pcuenq/lsun-bedrooms")),
+    DatasetSpec("laion", "LAION image-caption pairs", "text-to-image",
+                "an image-caption folder or hub dataset (cfg.data_dir / $DEME_SD_DATA)", quality="fid@256"),
+    DatasetSpec("imagefolder", "image-caption folder", "text-to-image",
+                "imagefolder + metadata.jsonl (cfg.data_dir / $DEME_SD_DATA)", quality="fid@256"),
+)
+
+DATASETS: dict[str, DatasetSpec] = {d.name: d for d in REGISTRY}
+
+
+def get_dataset(cfg_or_name: Config | str) -> DatasetSpec:
+    """The description of a dataset, by name or of a profile's ``cfg.dataset``; an unknown name stops with the
+    registered ones."""
+    name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.dataset
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; registered datasets: {', '.join(DATASETS)} "
+                         "(add one with deme.data.register_dataset)")
+    return DATASETS[name]
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Add ``spec`` to the registry (e.g. from a notebook or a plug-in module); a profile with
+    ``dataset=spec.name`` then trains, merges and is evaluated on it."""
+    global REGISTRY
+    if spec.name in DATASETS:
+        raise ValueError(f"a dataset named {spec.name!r} is already registered")
+    REGISTRY = REGISTRY + (spec,)
+    DATASETS[spec.name] = spec
+    return spec
+
+
+def is_text_to_image(cfg: Config) -> bool:
+    """Whether ``cfg`` trains a latent text-to-image model (Stable Diffusion) through :mod:`deme.sd`."""
+    return get_dataset(cfg).text_to_image
+
+
+def class_names(cfg: Config) -> tuple[str, ...]:
+    """The class names of ``cfg.dataset`` (``()`` when it has none)."""
+    return get_dataset(cfg).class_names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading through the registry
+# ---------------------------------------------------------------------------------------------------------
+
+def load_tensor_dataset(cfg: Config, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """An in-memory dataset's ``split`` at the profile's size: images in [-1, 1] (N, C, H, W) and labels."""
+    spec = get_dataset(cfg)
+    if not spec.in_memory:
+        raise ValueError(f"{cfg.dataset!r} is not an in-memory dataset")
+    images, labels = spec.arrays(split)
+    return _to_model_range(images, cfg.image_size), torch.from_numpy(labels)
 
 
 def training_batches(cfg: Config, batch_size: int, seed: int, device=None):
     """The training batches of ``cfg.dataset``: an object whose ``batch(index)`` returns ``(x0, cond)`` —
     images in [−1, 1] and class labels (−1: none), or, for latent text-to-image models, latents and a dict
     of model keyword arguments (``encoder_hidden_states``) built by :mod:`deme.sd` on ``device``."""
-    if cfg.dataset in ("laion", "imagefolder"):
-        from .sd import text_image_batches
-        return text_image_batches(cfg, batch_size, seed, device=device)
-    if cfg.dataset in ("fmnist", "digits"):
+    spec = get_dataset(cfg)
+    if spec.text_to_image:
+        return _text_image_batches(cfg, batch_size, seed, device=device)
+    if spec.in_memory:
         images, labels = load_tensor_dataset(cfg, "train")
         return TensorBatches(images, labels, batch_size, seed)
-    if cfg.dataset == "cifar10":
-        return LoaderBatches(cifar10_dataset(cfg.image_size, cfg.center_crop), batch_size, seed, cfg.num_workers)
-    if cfg.dataset in LSUN_HF_IDS:
-        return LoaderBatches(_hf_image_dataset(os.environ.get("DEME_LSUN_ID", LSUN_HF_IDS[cfg.dataset]),
-                                               cfg.image_size, cfg.center_crop), batch_size, seed, cfg.num_workers)
-    raise ValueError(f"dataset {cfg.dataset!r} has no training loader here (Stable Diffusion: deme.sd)")
+    return LoaderBatches(spec.train_set(cfg), batch_size, seed, cfg.num_workers)
 
 
 def heldout_split(cfg: Config, part: str = "evaluation") -> tuple[torch.Tensor, torch.Tensor]:
     """The test split divided once by a fixed permutation (seed 1234): ``validation`` = its first
     ``cfg.validation_size`` images (for every choice: merge weights, budgets), ``evaluation`` = the rest (for
     judging), ``all`` = the whole split. In-memory datasets only (fmnist, digits)."""
-    if cfg.dataset not in ("fmnist", "digits"):
+    if not get_dataset(cfg).in_memory:
         raise ValueError(f"{cfg.dataset!r} has no in-memory test split; use heldout_batch")
     images, labels = load_tensor_dataset(cfg, "test")
     idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(1234))
@@ -286,7 +443,7 @@ def heldout_batch(cfg: Config, n: int, seed: int = 1234) -> tuple[torch.Tensor, 
     """A fixed held-out batch for convergence curves and the merge-weight search: the first ``n`` images of
     the validation part of the test split (in-memory datasets; never the evaluation part), else a batch of
     the training data."""
-    if cfg.dataset in ("fmnist", "digits"):
+    if get_dataset(cfg).in_memory:
         images, labels = heldout_split(cfg, "validation")
         if n > len(images):
             raise ValueError(f"{n} held-out images requested; the validation part has {len(images)} "

@@ -30,7 +30,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .config import ROOT, Config
-from .data import heldout_batch, heldout_split
+from .data import get_dataset, heldout_batch, heldout_split
 from .losses import per_sample_mse
 from .metrics import _default_device
 from .models import conditioning_kwargs, make_scheduler
@@ -83,28 +83,26 @@ def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor 
     return out
 
 
-IN_MEMORY = ("fmnist", "digits")
-"""Datasets with an in-memory test split (:func:`deme.data.heldout_split`); the others are sampled by
-:func:`fixed_sample`."""
-
-
 def fixed_sample(cfg: Config, start: int, stop: int, seed: int = 4321, device: str | torch.device | None = None,
                  chunk: int = 200):
-    """Items ``start … stop−1`` of a fixed, seeded order of the training data, for datasets without an in-memory
-    test split (CIFAR-10, LSUN, text-to-image): centre crops, no flip, no caption dropout, the same in every
-    process. Loaded and encoded ``chunk`` at a time (the text-to-image VAE never sees thousands of 512-px images
-    in one batch). Returns ``(x0, labels)`` — images and class labels (−1: none) — or, for text-to-image,
+    """Items ``start … stop−1`` of a fixed, seeded order of held-out data, for datasets without an in-memory
+    test split: the dataset's ``test_set`` where it has one (CIFAR-10's test split), else its training data
+    (LSUN, text-to-image). Centre crops, no flip, no caption dropout, the same in every process. Loaded and
+    encoded ``chunk`` at a time (the text-to-image VAE never sees thousands of 512-px images in one batch).
+    Returns ``(x0, labels)`` — images and class labels (−1: none) — or, for text-to-image,
     ``(latents, {"encoder_hidden_states": caption embeddings, "empty": the empty caption's embedding})``.
 
-    These are training images: the loaders of these datasets have no test split, and a finetuning run of the
-    paper's length sees every training image many times, so a held-out loss here measures fit, not
-    generalisation. Validation (choices) and evaluation (judging) still use disjoint items of the order."""
-    from .data import training_batches
+    For LSUN and text-to-image these are training images (their loaders have no test split, and a finetuning
+    run of the paper's length sees every training image many times), so a held-out loss there measures fit,
+    not generalisation. Validation (choices) and evaluation (judging) always use disjoint items of the order."""
+    from .data import LoaderBatches, training_batches
     fixed = cfg.replace(label_dropout=0.0, center_crop=True, random_flip=False)
     if stop <= start:
         raise ValueError(f"empty sample [{start}, {stop})")
     step = math.gcd(start, chunk) if start else min(chunk, stop)   # batches of `step` tile [start, stop)
-    batches = training_batches(fixed, step, seed, device=device)
+    test_set = get_dataset(cfg).test_set
+    batches = (LoaderBatches(test_set(fixed), step, seed, num_workers=0) if test_set is not None
+               else training_batches(fixed, step, seed, device=device))
     if getattr(batches, "per_epoch", 1) * step < stop:
         raise ValueError(f"{cfg.dataset}: {stop} held-out items requested (validation_size + evaluation_size), "
                          f"but one pass over the data gives {batches.per_epoch * step}; lower them")
@@ -129,7 +127,7 @@ def heldout_inputs(cfg: Config, n: int, seed: int = 4321, device: str | torch.de
     the paper's DDPMs are trained on). Others: the first ``n`` items of :func:`fixed_sample` — images with
     the null label (or none), or latents with their caption embeddings (the frozen encoders run on ``device``).
     """
-    if cfg.dataset in IN_MEMORY:
+    if get_dataset(cfg).in_memory:
         x, y = heldout_batch(cfg, n)
         return x, (torch.full_like(y, cfg.num_classes) if cfg.num_classes else None)
     x, cond = fixed_sample(cfg, 0, n, seed, device=device)
@@ -145,7 +143,7 @@ def split_inputs(cfg: Config, part: str = "evaluation", device: str | torch.devi
     ``cfg.validation_size`` items (the merge search's, :func:`heldout_inputs`), ``evaluation`` the next
     ``cfg.evaluation_size``, ``all`` both; text-to-image conditions are the empty caption (``unconditional``:
     the branch classifier-free guidance starts from) and the image's caption (``conditional``)."""
-    if cfg.dataset in IN_MEMORY:
+    if get_dataset(cfg).in_memory:
         images, labels = heldout_split(cfg, part)
         return images, condition_inputs(cfg, labels)
     v, e = cfg.validation_size, cfg.evaluation_size
@@ -198,7 +196,7 @@ def paired_losses(models: Mapping[str, Callable[[], torch.nn.Module]], cfg: Conf
     cache_dir.mkdir(parents=True, exist_ok=True)
     images, inputs = split_inputs(cfg, part, device=device)   # text-to-image: encoded on the device
     # a fixed sample's evaluation items start after the validation ones: their offset is part of what they are
-    at = "" if cfg.dataset in IN_MEMORY else f"_at{cfg.validation_size if part == 'evaluation' else 0}"
+    at = "" if get_dataset(cfg).in_memory else f"_at{cfg.validation_size if part == 'evaluation' else 0}"
     out = {}
     for name, load in tqdm(models.items(), disable=not progress, desc="held-out loss", mininterval=30):
         model = load().to(device)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel, UNet2DModel
 
 from .config import ROOT, Config
 
@@ -358,11 +358,10 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def load_pretrained_pipeline(cfg: Config):
-    """The paper profiles' pretrained pipeline by hub id with diffusers' own ``from_pretrained``
-    (DDPMPipeline for the DDPM profiles, StableDiffusionPipeline for sd14). Offline: a clear error."""
-    from diffusers import DDPMPipeline, StableDiffusionPipeline
-    cls = StableDiffusionPipeline if cfg.dataset == "laion" else DDPMPipeline
+    """The paper profiles' pretrained pipeline by hub id with diffusers' own ``DiffusionPipeline.from_pretrained``,
+    which takes the pipeline class from the checkpoint's model_index.json (DDPMPipeline for the DDPM profiles,
+    StableDiffusionPipeline for sd14). Offline: a clear error."""
     try:
-        return cls.from_pretrained(cfg.pretrained)
+        return DiffusionPipeline.from_pretrained(cfg.pretrained)
     except Exception as e:
         raise WeightsMissingError(_weights_help(cfg.pretrained, e)) from e

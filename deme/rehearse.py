@@ -38,7 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -209,7 +209,7 @@ def _images(n: int, rng: np.random.Generator, sizes: list[tuple[int, int]]) -> l
     return out
 
 
-def write_cifar10(root: Path, per_batch: int = 20, seed: int = 0) -> Path:
+def write_cifar10(root: Path, per_batch: int = 32, seed: int = 0) -> Path:
     """The CIFAR-10 python download layout, ``root/cifar-10-batches-py``: ``data_batch_1…5`` and ``test_batch``
     (pickled dicts with ``data`` (n, 3072) uint8 rows, channel-major, and ``labels``) and ``batches.meta``."""
     rng = np.random.default_rng(seed)
@@ -313,32 +313,40 @@ def write_imagenet(folder: Path, seed: int = 0) -> tuple[Path, Path]:
 # The rehearsal
 # ---------------------------------------------------------------------------------------------------------
 
+def _text_to_image_data(data: Path) -> dict[str, str]:
+    coco_captions, coco_images = write_coco(data / "coco")
+    imagenet_classes, imagenet_images = write_imagenet(data / "imagenet")
+    return dict(DEME_SD_DATA=str(write_caption_folder(data / "laion_aesthetics")),
+                DEME_COCO_CAPTIONS=str(coco_captions), DEME_COCO_IMAGES=str(coco_images),
+                DEME_IMAGENET_CLASSES=str(imagenet_classes), DEME_IMAGENET_IMAGES=str(imagenet_images),
+                DEME_PARTI=str(write_parti(data / "PartiPrompts.tsv")))
+
+
+STANDIN_DATA: dict[str, Callable[[Path], dict[str, str]]] = {
+    "cifar10": lambda data: {"DEME_DATA": str(write_cifar10(data / "cifar10"))},
+    "lsun-church": lambda data: {"DEME_LSUN_ID": str(write_lsun(data / "lsun-church"))},
+    "lsun-bedroom": lambda data: {"DEME_LSUN_ID": str(write_lsun(data / "lsun-bedroom"))},
+    "laion": _text_to_image_data,
+}
+"""The stand-in data of each paper dataset: a writer of files in the real formats under a folder, returning the
+environment that points the dataset's loader (and, for text-to-image, the evaluation sets) at them."""
+
+
 def build_standins(profile: str, root: Path) -> dict[str, str]:
     """Write the stand-in model and data of ``profile`` under ``root`` and return the environment that points
     the loaders at them (hub cache, data locations)."""
     from .config import PROFILES
+    from .data import get_dataset
     if profile not in PAPER_PROFILES:
         raise ValueError(f"rehearse takes a paper profile ({', '.join(PAPER_PROFILES)}), got {profile!r}")
     root = Path(root)
     hf_home = root / "hf"
     cfg = PROFILES[profile].replace(**REHEARSAL_OVERRIDES[profile])
-    env = {"HF_HOME": str(hf_home)}
-    data = root / "standin_data"
-    if cfg.dataset == "laion":
+    if get_dataset(cfg).kind == "text-to-image":
         build_sd14_standin(hf_home, cfg.image_size)
-        coco_captions, coco_images = write_coco(data / "coco")
-        imagenet_classes, imagenet_images = write_imagenet(data / "imagenet")
-        env.update(DEME_SD_DATA=str(write_caption_folder(data / "laion_aesthetics")),
-                   DEME_COCO_CAPTIONS=str(coco_captions), DEME_COCO_IMAGES=str(coco_images),
-                   DEME_IMAGENET_CLASSES=str(imagenet_classes), DEME_IMAGENET_IMAGES=str(imagenet_images),
-                   DEME_PARTI=str(write_parti(data / "PartiPrompts.tsv")))
     else:
         build_ddpm_standin(hf_home, cfg.pretrained, cfg.image_size)
-        if cfg.dataset == "cifar10":
-            env["DEME_DATA"] = str(write_cifar10(data / "cifar10"))
-        else:
-            env["DEME_LSUN_ID"] = str(write_lsun(data / cfg.dataset))
-    return env
+    return {"HF_HOME": str(hf_home), **STANDIN_DATA[cfg.dataset](root / "standin_data")}
 
 
 def rehearsal_env(profile: str, root: Path, standins: dict[str, str]) -> dict[str, str]:

@@ -17,7 +17,9 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from tqdm.auto import tqdm
 
 from .config import Config
+from .data import get_dataset
 from .models import make_scheduler
+from .sd import PAPER_PROMPTS, generate
 from .timesteps import range_of
 
 
@@ -190,18 +192,15 @@ def gallery_samples(cfg: Config, models: dict[str, nn.Module], seed: int = 0, pe
     each (:func:`deme.sd.generate`, guidance ``cfg.guidance_scale``). Class-conditional profiles with
     ``conditional``: one "prompt" per class ("a photo of a sneaker", ...), ``per_prompt`` images each;
     otherwise ``per_prompt`` rows of unconditional samples. Images are uint8 (n, H, W, C)."""
-    if cfg.dataset in ("laion", "imagefolder"):
-        from .sd import PAPER_PROMPTS, generate   # transformers + the SD pipeline: text-to-image only
+    spec = get_dataset(cfg)
+    if spec.text_to_image:
         prompts = [p for p in PAPER_PROMPTS for _ in range(per_prompt)]
         return ({k: np.asarray(generate(m, prompts, base=cfg.pretrained, guidance_scale=cfg.guidance_scale,
                                         steps=cfg.sample_steps, seed=seed)) for k, m in models.items()},
                 [p[:40] + "…" for p in PAPER_PROMPTS])
     if conditional and cfg.num_classes:
-        from .data import class_names
-        names = class_names(cfg)
-        labels = torch.arange(len(names)).repeat_interleave(per_prompt)
-        rows = [("a photo of the digit {}" if cfg.dataset == "digits" else "a photo of {}").format(
-            n if cfg.dataset == "digits" else ("an " if n[0].lower() in "aeiou" else "a ") + n) for n in names]
+        labels = torch.arange(len(spec.class_names)).repeat_interleave(per_prompt)
+        rows = [spec.class_prompt(n) for n in spec.class_names]
     else:
         labels, rows = None, [f"sample row {i}" for i in range(per_prompt)]
     n = len(labels) if labels is not None else per_prompt * 8

@@ -6,6 +6,7 @@ outputs exist for the same config.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,16 +15,18 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import ROOT, Config, get_profile
-from .data import heldout_batch, heldout_split
+from .config import Config, get_profile
+from .data import get_dataset, heldout_batch, heldout_split
 from .heldout import heldout_inputs, heldout_losses, relative_difference
 from .merge import merged_model, task_arithmetic
-from .metrics import (classifier_features, compute_fid_kid, ensure_classifier, fid_from_features,
-                      reference_statistics)
+from .classifier import classifier_features, ensure_classifier
+from .metrics import compute_fid_kid, fid_from_features, reference_statistics
 from .models import base_model_path, load_unet
 from .sampling import ddim_sample
+from .runs import merge_dir, run_dir, write_json
+from . import sd  # through the module: tests and users replace sd.generate to skip real generation
 from .timesteps import timestep_ranges
-from .train import run_dir, train, variant_tag
+from .train import train
 
 
 def ensure_base_model(cfg: Config) -> str:
@@ -109,19 +112,6 @@ def load_base(cfg: Config, projection: bool, device: str | torch.device = "cpu")
     return load_unet(ensure_base_model(cfg), projection=projection).to(device).eval()
 
 
-def merge_dir(cfg: Config) -> Path:
-    """Notebook 04's output folder for the range models of ``cfg``: runs/<profile>/merge/N<n>[<variant>]."""
-    return ROOT / "runs" / cfg.profile / "merge" / (f"N{cfg.num_ranges}" + variant_tag(cfg, with_num_ranges=False))
-
-
-def write_json(path: Path, obj) -> None:
-    """Write ``obj`` as indented JSON atomically (write a temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Merge-weight search (notebook 04)
 # ---------------------------------------------------------------------------------------------------------
@@ -147,37 +137,52 @@ def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = No
     features are computed once, in chunks (:func:`deme.sd.reference_pairs_features`), and the scored model
     is never converted in place (generation in ``dtype``, default fp16 on a GPU, runs on a copy). Other
     profiles: Inception FID against the training set statistics.
-    Returns ``score(model) -> float`` and the criterion's name.
+    Returns ``score(model) -> float`` and the criterion's name. Which criterion: the dataset description's
+    ``quality`` (:class:`deme.data.DatasetSpec`).
     """
-    from .sd import fid_256, generate, is_text_to_image, reference_pairs_features
     steps = steps or cfg.sample_steps
-    if is_text_to_image(cfg):
-        if n > TEXT_TO_IMAGE_QUALITY_CAP:
-            import warnings
-            warnings.warn(f"{n} sample-quality samples per candidate lowered to TEXT_TO_IMAGE_QUALITY_CAP = "
-                          f"{TEXT_TO_IMAGE_QUALITY_CAP} for the text-to-image merge search", stacklevel=2)
-            n = TEXT_TO_IMAGE_QUALITY_CAP
-        real, captions = reference_pairs_features(cfg, n, 4321, device=device)
+    return QUALITY_SCORES[get_dataset(cfg).quality](cfg, n, seed, steps, device, dtype)
 
-        def score(model) -> float:
-            fake = generate(model, captions, base=cfg.pretrained, guidance_scale=cfg.guidance_scale, steps=steps,
-                            seed=seed, device=device, dtype=dtype)
-            return fid_256(fake, real, device=device)
-        return score, f"FID@256 vs data ({n} captions, {steps} steps, guidance {cfg.guidance_scale})"
-    if cfg.dataset in ("fmnist", "digits"):
-        clf = ensure_classifier(cfg)
-        real, _ = heldout_batch(cfg, n, seed=4321)
-        real_f = classifier_features(clf, real).double().numpy()
 
-        def score(model) -> float:
-            fake = ddim_sample(model, cfg, n, seed=seed, steps=steps)
-            return fid_from_features(classifier_features(clf, fake).double().numpy(), real_f)
-        return score, f"classifier FD ({n} samples, DDIM-{steps})"
+def _fid256_score(cfg: Config, n: int, seed: int, steps: int, device, dtype):
+    """Text-to-image: FID@256 of images generated for ``n`` captions of the data vs those captions' images."""
+    if n > TEXT_TO_IMAGE_QUALITY_CAP:
+        warnings.warn(f"{n} sample-quality samples per candidate lowered to TEXT_TO_IMAGE_QUALITY_CAP = "
+                      f"{TEXT_TO_IMAGE_QUALITY_CAP} for the text-to-image merge search", stacklevel=3)
+        n = TEXT_TO_IMAGE_QUALITY_CAP
+    real, captions = sd.reference_pairs_features(cfg, n, 4321, device=device)
+
+    def score(model) -> float:
+        fake = sd.generate(model, captions, base=cfg.pretrained, guidance_scale=cfg.guidance_scale, steps=steps,
+                        seed=seed, device=device, dtype=dtype)
+        return sd.fid_256(fake, real, device=device)
+    return score, f"FID@256 vs data ({n} captions, {steps} steps, guidance {cfg.guidance_scale})"
+
+
+def _classifier_fd_score(cfg: Config, n: int, seed: int, steps: int, device, dtype):
+    """Fréchet distance of the project classifier's features: ``n`` DDIM samples vs ``n`` validation images."""
+    clf = ensure_classifier(cfg)
+    real, _ = heldout_batch(cfg, n, seed=4321)
+    real_f = classifier_features(clf, real).double().numpy()
+
+    def score(model) -> float:
+        fake = ddim_sample(model, cfg, n, seed=seed, steps=steps)
+        return fid_from_features(classifier_features(clf, fake).double().numpy(), real_f)
+    return score, f"classifier FD ({n} samples, DDIM-{steps})"
+
+
+def _inception_fid_score(cfg: Config, n: int, seed: int, steps: int, device, dtype):
+    """Inception FID of ``n`` DDIM samples against the training set's reference statistics."""
     ref = reference_statistics(cfg, "train")
 
     def score(model) -> float:
         return compute_fid_kid(ddim_sample(model, cfg, n, seed=seed, steps=steps), ref)["fid"]
     return score, f"Inception FID ({n} samples, DDIM-{steps})"
+
+
+QUALITY_SCORES = {"fid@256": _fid256_score, "classifier-fd": _classifier_fd_score,
+                  "inception-fid": _inception_fid_score}
+"""The sample-quality criteria by name (a dataset description's ``quality`` is one of these keys)."""
 
 
 PAPER_MERGE_WEIGHTS = (0.1, 0.1, 0.2, 0.5)
@@ -189,7 +194,7 @@ def validation_inputs(cfg: Config, device: str | torch.device | None = None):
     of the test split (never the images the evaluation judges with). Class-conditional models see both paths
     equally: even images with the null label (what unconditional sampling uses), odd ones with their label.
     Other profiles: :func:`heldout_inputs` (``cfg.validation_size`` inputs)."""
-    if cfg.dataset in ("fmnist", "digits"):
+    if get_dataset(cfg).in_memory:
         x, y = heldout_split(cfg, "validation")
         if cfg.num_classes:
             y = torch.where(torch.arange(len(y)) % 2 == 0, torch.full_like(y, cfg.num_classes), y)

@@ -8,6 +8,11 @@ on each process. Checkpoints are written atomically every ``checkpoint_every`` s
 the latest one. The loss is checked for finiteness every ``log_every`` steps (no host sync in between); a
 non-finite loss stops the run and keeps the last good checkpoint.
 
+:func:`train` reads top to bottom: :func:`setup` (accelerator, :func:`build_models`, :func:`build_ema`,
+:func:`build_optimizer` with its schedule, :func:`resume`, data), then per optimizer step
+:func:`optimizer_step`, every ``log_every`` steps :func:`log_row`, every ``checkpoint_every`` steps
+:func:`save_checkpoint`, and at the end :func:`save_final`.
+
 Outputs under ``out_dir``: ``model/`` (EMA weights, ``save_pretrained``), ``loss.csv``, ``manifest.json``,
 ``checkpoints/step_XXXXXXX.pt`` (the last two).
 """
@@ -20,21 +25,28 @@ import csv
 import json
 import math
 import os
-import platform
-import subprocess
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .config import ROOT, Config, check_field, get_profile, training_identity
+from .config import Config, check_field, get_profile, training_identity
+from .data import is_text_to_image, training_batches
 from .heldout import heldout_inputs, heldout_loss
 from .losses import consistency_loss, per_sample_mse
 from .methods import METHODS, get_method
+from .models import base_model_path, build_unet, load_unet, make_scheduler, require_base_model
 from .mtl import make_ant_objective
 from .objectives import DeMeObjective, Objective, PretrainObjective
-from .models import base_model_path, build_unet, load_unet, make_scheduler, require_base_model
+from .runs import atomic_save, device_name, git_commit, run_dir
+from .sd import prepare_unet_for_training
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,20 +68,6 @@ def make_objective(cfg: Config, alphas_cumprod: torch.Tensor) -> Objective:
 # ---------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-
 
 def drop_labels(labels: torch.Tensor, num_classes: int | None, p: float, generator) -> torch.Tensor | None:
     """Class labels with probability ``p`` replaced by the null token ``num_classes`` (None: unconditional)."""
@@ -120,17 +118,10 @@ def maybe_compile(module, enabled: bool, mode: str | None = None):
         except Exception as e:   # e.g. no C++ compiler / Triton on this machine
             if state["fn"] is module:
                 raise
-            import warnings
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running eagerly")
             state["fn"] = module
             return module(*args, **kwargs)
     return call
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -157,7 +148,6 @@ def _load_latest_intact(ckpt_dir: Path) -> tuple[Path | None, dict | None]:
     """The newest checkpoint that loads (:func:`load_checkpoint`) and its state ((None, None) when there is
     none). A newer one that does not load (e.g. truncated by a full disk or a killed copy) is renamed
     ``*.pt.corrupt``, kept for inspection, and named in a warning."""
-    import warnings
     for path in sorted(ckpt_dir.glob("step_*.pt"), reverse=True):
         try:
             return path, load_checkpoint(path)
@@ -167,33 +157,6 @@ def _load_latest_intact(ckpt_dir: Path) -> tuple[Path | None, dict | None]:
             warnings.warn(f"skipping checkpoint {path} ({type(e).__name__}: {str(e)[:200]}); renamed to "
                           f"{path.name}.corrupt, resuming from the newest intact one (if any)", stacklevel=3)
     return None, None
-
-
-def variant_tag(cfg: Config, *, with_num_ranges: bool = True) -> str:
-    """The training fields of ``cfg`` that differ from its profile, as a folder-name suffix:
-    ``"__consistency_weight=0.0__p_global=0.1"`` ("" for the profile's own settings). ``num_ranges`` is left
-    out when ``with_num_ranges`` is False (DeMe folders carry it as ``N<n>``). Run folders use it, so an
-    ablation variant never overwrites or resumes from the profile's own run."""
-    from .config import PROFILES
-    ref = PROFILES[cfg.profile].training_identity() if cfg.profile in PROFILES else {}
-    mine = cfg.training_identity()
-    skip = {"profile", "method", "range_index"} | (set() if with_num_ranges else {"num_ranges"})
-    diffs = sorted(k for k, v in mine.items() if k not in skip and v != ref.get(k))
-    return "".join(f"__{k}=" + json.dumps(mine[k], separators=(",", ":")).replace("/", "_").replace('"', "")
-                   for k in diffs)
-
-
-def run_dir(cfg: Config, root: str | os.PathLike | None = None) -> Path:
-    """Where a run writes: runs/<profile>/<method>[/N<n>/range_<i>] for the profile's own settings (one folder
-    per independent job); a variant (any training field changed, see :func:`variant_tag`) gets its own folder,
-    e.g. runs/fmnist/deme/N8__consistency_weight=0.0/range_3 or runs/fmnist/standard__seed=1."""
-    d = Path(root or ROOT / "runs") / cfg.profile
-    if cfg.method == "pretrain":
-        return d / "base"
-    if cfg.method == "deme":
-        folder = f"N{cfg.num_ranges}" + variant_tag(cfg, with_num_ranges=False)
-        return d / "deme" / folder / f"range_{cfg.range_index}"
-    return d / (cfg.method + variant_tag(cfg))
 
 
 def stream_seed(cfg: Config) -> int:
@@ -216,8 +179,287 @@ def _schedule(cfg: Config) -> tuple[int, float, int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Set-up: accelerator, models, EMA, optimizer and schedule, resume, data
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainingRun:
+    """Everything the loop of one run touches, built by :func:`setup`."""
+
+    cfg: Config
+    out: Path
+    base: str
+    accelerator: Accelerator
+    mixed_precision: str
+    seed: int
+    steps: int                     # optimizer steps of the whole run
+    micro_batch_size: int
+    accum: int
+    model: torch.nn.Module         # the student, as prepared by accelerate
+    ema: EMAModel
+    objective: Objective
+    alphas_cumprod: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    params: list[torch.nn.Parameter]
+    student_fwd: Callable
+    teacher_fwd: Callable | None
+    batches: Any
+    heldout: tuple | None          # (images, null labels), or (latents, caption embeddings) for text-to-image
+    start: int                     # the optimizer step the run resumes at
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def setup_accelerator(cfg: Config, accum: int) -> tuple[Accelerator, str]:
+    """The accelerate ``Accelerator`` of a run and its mixed precision (fp16 becomes bf16 on a CPU)."""
+    mp = cfg.mixed_precision
+    if mp == "fp16" and not torch.cuda.is_available():
+        mp = "bf16"   # fp16 autocast needs a GPU; bf16 is the CPU's native reduced precision
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=accum)
+    launched, world = int(os.environ.get("WORLD_SIZE", "1")), accelerator.num_processes
+    if launched != world:   # e.g. torchrun on a machine without GPUs: every process would act as the main one
+        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but accelerate runs {world}; on CPUs "
+                           "set ACCELERATE_USE_CPU=1 or launch with `accelerate launch --cpu --num_processes N`")
+    return accelerator, mp
+
+
+def build_models(cfg: Config, base: str, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The student (random init for pretraining, else the pretrained ``base``, with DeMe's projections) in
+    train mode, and for DeMe with a consistency loss the frozen teacher (the base, no projections)."""
+    teacher = None
+    if cfg.method == "pretrain":
+        model = build_unet(cfg)
+    else:
+        use_proj = cfg.method == "deme" and cfg.projection
+        model = load_unet(base, projection=use_proj)
+        if cfg.method == "deme" and cfg.consistency_weight > 0:
+            teacher = load_unet(base, projection=False).to(device).eval().requires_grad_(False)
+    model.train()
+    if is_text_to_image(cfg):
+        prepare_unet_for_training(model, cfg)   # gradient checkpointing for the 860M-parameter SD UNet
+    if device.type == "cuda":   # GPU fast path: NHWC convolutions; the CPU keeps NCHW (faster there)
+        model = model.to(device, memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
+    return model, teacher
+
+
+def build_ema(cfg: Config, model: torch.nn.Module) -> EMAModel:
+    """diffusers' EMAModel of the student. With warmup (diffusers' recipe) the EMA restarts: decay
+    1-(1+step)^-3/4 averages only the last ~steps/4 steps; without it, a fixed decay from the first step keeps
+    the pretrained weights in the average."""
+    ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=cfg.ema_warmup,
+                   inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power,
+                   min_decay=0.0 if cfg.ema_warmup else cfg.ema_max_decay,
+                   foreach=True, model_cls=type(model), model_config=model.config)
+    if not cfg.ema_warmup:
+        ema.optimization_step = 1   # diffusers copies the model at the first update (decay 0); start the
+                                    # average at the weights it was built from (the pretrained θ) instead
+    return ema
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, objective: Objective, lr: float, steps: int,
+                    device: torch.device):
+    """AdamW over the student (and the objective's own parameters: ANT-UW's log-variances, their own lr, no
+    weight decay, as the ANT authors) and its lr schedule: constant (PAPER.md §4), or for pretraining with
+    ``pretrain_warmup`` a linear warmup then cosine decay to 10% of the peak. Returns (optimizer, schedule,
+    parameters)."""
+    groups = [{"params": list(model.parameters())}]
+    if objective.extra_parameters:
+        groups.append({"params": list(objective.extra_parameters), "lr": cfg.ant_uw_lr, "weight_decay": 0.0})
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
+                                  eps=cfg.adam_eps, fused=device.type == "cuda" and all(p.is_cuda for p in params))
+    if cfg.method == "pretrain" and cfg.pretrain_warmup:
+        w = cfg.pretrain_warmup
+        lr_lambda = lambda s: min(1.0, (s + 1) / w) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, s / max(steps, 1))))
+    else:
+        lr_lambda = lambda s: 1.0
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda), params
+
+
+def resume(cfg: Config, ckpt_dir: Path, model, ema, optimizer, lr_scheduler, objective) -> int:
+    """Load the newest intact checkpoint of ``ckpt_dir`` into the run's state; returns the step it was written
+    at (0 when there is none). A checkpoint of another config stops with a message."""
+    latest, state = _load_latest_intact(ckpt_dir)
+    if latest is None:
+        return 0
+    if training_identity(state["config"]) != cfg.training_identity():
+        raise ValueError(f"{latest} was written by a run with another config; use another out_dir or "
+                         "delete the checkpoints to start over")
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    objective.load_state_dict(state["objective"])
+    return state["step"]
+
+
+def setup(cfg: Config, out: Path, base: str) -> TrainingRun:
+    """Build a run in the order its random numbers are drawn: accelerator and seed, models, objective, EMA,
+    optimizer and schedule, resumed state, compiled forwards, data (and the held-out inputs)."""
+    out.joinpath("checkpoints").mkdir(parents=True, exist_ok=True)
+    steps, lr, micro_bs, accum = _schedule(cfg)
+    accelerator, mp = setup_accelerator(cfg, accum)
+    device = accelerator.device
+    seed = stream_seed(cfg)
+    set_seed(seed)
+    model, teacher = build_models(cfg, base, device)
+    alphas_cumprod = make_scheduler(cfg).alphas_cumprod.to(device)
+    objective = make_objective(cfg, alphas_cumprod)
+    ema = build_ema(cfg, model)
+    optimizer, lr_sched, params = build_optimizer(cfg, model, objective, lr, steps, device)
+    start = resume(cfg, out / "checkpoints", model, ema, optimizer, lr_sched, objective)
+    ema.to(device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    mode = cfg.compile_mode if device.type == "cuda" or cfg.compile_mode != "reduce-overhead" else None
+    student_fwd = maybe_compile(model, cfg.compile, mode)
+    teacher_fwd = maybe_compile(teacher, cfg.compile, mode) if teacher is not None else None
+    batches = training_batches(cfg, micro_bs, seed, device=device)
+    if hasattr(batches, "images") and device.type == "cuda":   # small in-memory sets live on the GPU
+        batches.images, batches.labels = batches.images.to(device), batches.labels.to(device)
+    heldout = heldout_inputs(cfg, cfg.heldout_size, device=device) if cfg.heldout_every else None
+    return TrainingRun(cfg, out, base, accelerator, mp, seed, steps, micro_bs, accum, model, ema, objective,
+                       alphas_cumprod, optimizer, lr_sched, params, student_fwd, teacher_fwd, batches, heldout,
+                       start)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One step, the log, checkpoints, the final model
+# ---------------------------------------------------------------------------------------------------------
+
+def micro_batch(r: TrainingRun, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """Micro-batch ``index`` of the run's stream: ``(x0, noise, t, model kwargs)``. Its timesteps, label
+    dropout and noise come from generators seeded by (seed, index) alone, so a resumed run draws the same."""
+    cfg, device = r.cfg, r.device
+    g = torch.Generator().manual_seed(r.seed * 1_000_003 + index)   # timesteps, label dropout
+    gd = g if device.type == "cpu" else torch.Generator(device).manual_seed(r.seed * 1_000_003 + index)
+    x0, cond = r.batches.batch(index)
+    x0 = x0.to(device, non_blocking=True)
+    t = r.objective.timesteps(len(x0), g)
+    noise = torch.randn(x0.shape, generator=gd, device=device)
+    if isinstance(cond, dict):   # model kwargs prepared by the data source (e.g. text embeddings, SD)
+        kw = {k: v.to(device, non_blocking=True) for k, v in cond.items()}
+    else:                        # class labels (or -1 = unlabelled), dropped to the null token
+        y = drop_labels(cond.cpu(), cfg.num_classes, cfg.label_dropout, g)
+        kw = {"class_labels": y.to(device)} if y is not None else {}
+    return x0, noise, t.to(device), kw
+
+
+def optimizer_step(r: TrainingRun, step: int, acc: torch.Tensor) -> None:
+    """One optimizer step: ``accum`` micro-batches (loss, backward, clip, AdamW), then the lr schedule and the
+    EMA. Adds the step's mean loss, ε-MSE and consistency to ``acc`` (on the device: no host sync)."""
+    accelerator, world, rank = r.accelerator, r.accelerator.num_processes, r.accelerator.process_index
+    for micro in range(r.accum):
+        x0, noise, t, kw = micro_batch(r, (step * r.accum + micro) * world + rank)
+        with accelerator.accumulate(r.model):
+            loss, eps_mse, cons = step_loss(r.student_fwd, r.teacher_fwd, x0, noise, t, kw, r.alphas_cumprod,
+                                            r.objective, step, r.params, r.cfg.consistency_weight,
+                                            accelerator.autocast)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and r.cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(r.params, r.cfg.max_grad_norm)
+            r.optimizer.step()
+            r.optimizer.zero_grad(set_to_none=True)
+        acc += torch.stack([loss.detach(), eps_mse.detach().mean(), cons.detach()]) / r.accum
+    r.lr_scheduler.step()
+    r.ema.step(accelerator.unwrap_model(r.model).parameters())
+
+
+LOG_FIELDS = ["step", "loss", "eps_mse", "consistency", "lr", "images_per_s", "heldout_loss"]
+
+
+def start_log(r: TrainingRun) -> Path:
+    """``loss.csv`` of the run: rewritten with the rows up to the resumed step (those of a longer, interrupted
+    session are dropped)."""
+    log_path = r.out / "loss.csv"
+    rows = []
+    if log_path.exists() and r.start > 0:
+        with open(log_path) as f:
+            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= r.start]
+    if r.accelerator.is_main_process:
+        with open(log_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+    return log_path
+
+
+def log_row(r: TrainingRun, acc: torch.Tensor, n_acc: int, done: int, seconds: float) -> dict:
+    """The log row after step ``done`` (means over the last ``n_acc`` steps; the one host sync per interval),
+    appended to ``loss.csv``. A non-finite loss stops the run (the last good checkpoint is kept); every
+    ``heldout_every`` steps the EMA weights' held-out loss is added."""
+    vals = (r.accelerator.reduce(acc, "mean") / n_acc).tolist()
+    if not all(math.isfinite(v) for v in vals):
+        raise NonFiniteLossError(
+            f"non-finite loss ({vals[0]}) between steps {done - n_acc} and {done}; the last good checkpoint is "
+            f"kept at {_latest_checkpoint(r.ckpt_dir)}. Lower the learning rate or use mixed_precision='no'.")
+    images = n_acc * r.accum * r.micro_batch_size * r.accelerator.num_processes
+    row = {"step": done, "loss": vals[0], "eps_mse": vals[1], "consistency": vals[2],
+           "lr": r.lr_scheduler.get_last_lr()[0], "images_per_s": images / max(seconds, 1e-9), "heldout_loss": ""}
+    if r.heldout is not None and (done % r.cfg.heldout_every == 0 or done == r.steps):
+        with torch.no_grad():
+            plain = r.accelerator.unwrap_model(r.model)
+            r.ema.store(plain.parameters())
+            r.ema.copy_to(plain.parameters())
+            row["heldout_loss"] = heldout_loss(plain, r.cfg, *r.heldout)["loss"]
+            r.ema.restore(plain.parameters())
+    if r.accelerator.is_main_process:
+        with open(r.out / "loss.csv", "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
+    return row
+
+
+def save_checkpoint(r: TrainingRun, step: int) -> None:
+    """``checkpoints/step_XXXXXXX.pt`` (student, EMA, optimizer, schedule, objective state), written
+    atomically by the main process; the two newest are kept."""
+    if not r.accelerator.is_main_process:
+        return
+    state = {"step": step, "config": json.loads(r.cfg.to_json()),
+             "model": r.accelerator.unwrap_model(r.model).state_dict(), "ema": r.ema.state_dict(),
+             "optimizer": r.optimizer.state_dict(), "lr_scheduler": r.lr_scheduler.state_dict(),
+             "objective": r.objective.state_dict()}
+    atomic_save(state, r.ckpt_dir / f"step_{step:07d}.pt")
+    for old in sorted(r.ckpt_dir.glob("step_*.pt"))[:-2]:
+        old.unlink()
+
+
+def save_final(r: TrainingRun, started: float) -> None:
+    """The final model — the EMA weights, ``model/`` via ``save_pretrained`` — and ``manifest.json``."""
+    r.accelerator.wait_for_everyone()
+    if not r.accelerator.is_main_process:
+        return
+    final = r.accelerator.unwrap_model(r.model)
+    r.ema.copy_to(final.parameters())
+    final.save_pretrained(r.out / "model")
+    with open(r.out / "loss.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    world = r.accelerator.num_processes
+    manifest = {"config": json.loads(r.cfg.to_json()), "base": str(r.base) if r.cfg.method != "pretrain" else None,
+                "steps": r.steps, "images_per_step": r.micro_batch_size * r.accum * world, "seed": r.cfg.seed,
+                "final_loss": float(last["loss"]), "wall_time_s_last_session": round(time.time() - started, 1),
+                "device": device_name(r.device, threads=True), "processes": world,
+                "mixed_precision": r.mixed_precision, "git_commit": git_commit(), "torch": torch.__version__}
+    (r.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------
+
+def is_finished(cfg: Config, out: Path) -> bool:
+    """A run in ``out`` finished with the same training config (its manifest says so)."""
+    path = out / "manifest.json"
+    return path.exists() and training_identity(json.loads(path.read_text()).get("config", {})) == \
+        cfg.training_identity()
+
 
 def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | None = None,
           max_steps: int | None = None, progress: bool = True, force: bool = False) -> Path:
@@ -228,208 +470,35 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     timesteps, N×K steps, equal budget). ``max_steps`` stops early (the run stays resumable; used to simulate
     interruptions). A finished run with the same config is returned as is unless ``force``.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers.training_utils import EMAModel
-
     out = Path(out_dir) if out_dir is not None else run_dir(cfg)
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists() and not force:
-        done = json.loads(manifest_path.read_text())
-        if training_identity(done.get("config", {})) == cfg.training_identity():
-            return out
+    if not force and is_finished(cfg, out):
+        return out
     if cfg.method != "pretrain":   # a profile whose base is trained here: say the command that makes it
         require_base_model(cfg, base or base_model_path(cfg))
-    ckpt_dir = out / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-
-    mp = cfg.mixed_precision
-    if mp == "fp16" and not torch.cuda.is_available():
-        mp = "bf16"   # fp16 autocast needs a GPU; bf16 is the CPU's native reduced precision
-    steps, lr, micro_bs, accum = _schedule(cfg)
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=accum)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != world:   # e.g. torchrun on a machine without GPUs: every process would act as the main one
-        raise RuntimeError(f"launched as {launched} processes (WORLD_SIZE) but accelerate runs {world}; on CPUs "
-                           "set ACCELERATE_USE_CPU=1 or launch with `accelerate launch --cpu --num_processes N`")
-    seed = stream_seed(cfg)
-    set_seed(seed)
-
-    # -- models --------------------------------------------------------------------------------------------
-    base = base or base_model_path(cfg)
-    teacher = None
-    if cfg.method == "pretrain":
-        model = build_unet(cfg)
-    else:
-        use_proj = cfg.method == "deme" and cfg.projection
-        model = load_unet(base, projection=use_proj)
-        if cfg.method == "deme" and cfg.consistency_weight > 0:
-            teacher = load_unet(base, projection=False).to(device).eval().requires_grad_(False)
-    model.train()
-    if cfg.dataset in ("laion", "imagefolder"):
-        from .sd import prepare_unet_for_training
-        prepare_unet_for_training(model, cfg)   # gradient checkpointing for the 860M-parameter SD UNet
-    if device.type == "cuda":   # GPU fast path: NHWC convolutions; the CPU keeps NCHW (faster there)
-        model = model.to(device, memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher = teacher.to(memory_format=torch.channels_last)
-    sched = make_scheduler(cfg)
-    alphas_cumprod = sched.alphas_cumprod.to(device)
-    objective = make_objective(cfg, alphas_cumprod)
-    # With warmup (diffusers' recipe) the EMA restarts: decay 1-(1+step)^-3/4 averages only the last ~steps/4
-    # steps; without it, a fixed decay from the first step keeps the pretrained weights in the average.
-    ema = EMAModel(model.parameters(), decay=cfg.ema_max_decay, use_ema_warmup=cfg.ema_warmup,
-                   inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power,
-                   min_decay=0.0 if cfg.ema_warmup else cfg.ema_max_decay,
-                   foreach=True, model_cls=type(model), model_config=model.config)
-    if not cfg.ema_warmup:
-        ema.optimization_step = 1   # diffusers copies the model at the first update (decay 0); start the
-                                    # average at the weights it was built from (the pretrained θ) instead
-
-    groups = [{"params": list(model.parameters())}]
-    if objective.extra_parameters:   # ANT-UW's log-variances: their own lr, no weight decay (as the ANT authors)
-        groups.append({"params": list(objective.extra_parameters), "lr": cfg.ant_uw_lr, "weight_decay": 0.0})
-    params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
-                                  eps=cfg.adam_eps, fused=device.type == "cuda" and all(p.is_cuda for p in params))
-    if cfg.method == "pretrain" and cfg.pretrain_warmup:
-        w = cfg.pretrain_warmup   # linear warmup, then cosine decay to 10% of the peak
-        lr_lambda = lambda s: min(1.0, (s + 1) / w) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, s / max(steps, 1))))
-    else:
-        lr_lambda = lambda s: 1.0   # PAPER.md §4: constant, no warmup
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-
-    # -- resume ----------------------------------------------------------------------------------------------
-    start = 0
-    latest, state = _load_latest_intact(ckpt_dir)
-    if latest is not None:
-        if training_identity(state["config"]) != cfg.training_identity():
-            raise ValueError(f"{latest} was written by a run with another config; use another out_dir or "
-                             "delete the checkpoints to start over")
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_sched.load_state_dict(state["lr_scheduler"])
-        objective.load_state_dict(state["objective"])
-        start = state["step"]
-    del state   # the mapped checkpoint: what the optimizer and EMA adopted stays, the rest is released
-    ema.to(device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    mode = cfg.compile_mode if device.type == "cuda" or cfg.compile_mode != "reduce-overhead" else None
-    student_fwd = maybe_compile(model, cfg.compile, mode)
-    teacher_fwd = maybe_compile(teacher, cfg.compile, mode) if teacher is not None else None
-
-    from .data import training_batches
-    batches = training_batches(cfg, micro_bs, seed, device=device)
-    if hasattr(batches, "images") and device.type == "cuda":   # small in-memory sets live on the GPU
-        batches.images, batches.labels = batches.images.to(device), batches.labels.to(device)
-    heldout = None
-    if cfg.heldout_every:   # (images, null labels), or (latents, caption embeddings) for text-to-image
-        heldout = heldout_inputs(cfg, cfg.heldout_size, device=device)
-
-    log_path = out / "loss.csv"
-    fields = ["step", "loss", "eps_mse", "consistency", "lr", "images_per_s", "heldout_loss"]
-    rows = []
-    if log_path.exists() and start > 0:
-        with open(log_path) as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
-    if accelerator.is_main_process:
-        with open(log_path, "w", newline="") as f:
-            w_ = csv.DictWriter(f, fieldnames=fields)
-            w_.writeheader()
-            w_.writerows(rows)
-
-    def save_checkpoint(step: int) -> None:
-        if not accelerator.is_main_process:
-            return
-        state = {"step": step, "config": json.loads(cfg.to_json()),
-                 "model": accelerator.unwrap_model(model).state_dict(), "ema": ema.state_dict(),
-                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
-                 "objective": objective.state_dict()}
-        _atomic_save(state, ckpt_dir / f"step_{step:07d}.pt")
-        for old in sorted(ckpt_dir.glob("step_*.pt"))[:-2]:
-            old.unlink()
-
-    # -- loop ------------------------------------------------------------------------------------------------
-    end = steps if max_steps is None else min(steps, max_steps)
-    acc = torch.zeros(3, device=device)   # running sums of loss, eps-mse, consistency (no per-step sync)
+    r = setup(cfg, out, base or base_model_path(cfg))
+    start_log(r)
+    end = r.steps if max_steps is None else min(r.steps, max_steps)
+    acc = torch.zeros(3, device=r.device)   # running sums of loss, eps-mse, consistency (no per-step sync)
     n_acc, t_last, started = 0, time.time(), time.time()
-    bar = tqdm(range(start, end), initial=start, total=steps, disable=not (progress and accelerator.is_main_process),
+    bar = tqdm(range(r.start, end), initial=r.start, total=r.steps,
+               disable=not (progress and r.accelerator.is_main_process),
                desc=f"{cfg.profile}/{cfg.method}" + (f"/range {cfg.range_index}" if cfg.method == "deme" else ""))
     for step in bar:
-        for micro in range(accum):
-            index = (step * accum + micro) * world + rank       # which batch of data / randomness
-            g = torch.Generator().manual_seed(seed * 1_000_003 + index)   # timesteps, label dropout
-            gd = g if device.type == "cpu" else torch.Generator(device).manual_seed(seed * 1_000_003 + index)
-            x0, cond = batches.batch(index)
-            x0 = x0.to(device, non_blocking=True)
-            t = objective.timesteps(len(x0), g)
-            noise = torch.randn(x0.shape, generator=gd, device=device)
-            if isinstance(cond, dict):   # model kwargs prepared by the data source (e.g. text embeddings, SD)
-                kw = {k: v.to(device, non_blocking=True) for k, v in cond.items()}
-            else:                        # class labels (or -1 = unlabelled), dropped to the null token
-                y = drop_labels(cond.cpu(), cfg.num_classes, cfg.label_dropout, g)
-                kw = {"class_labels": y.to(device)} if y is not None else {}
-            t = t.to(device)
-            with accelerator.accumulate(model):
-                loss, eps_mse, cons = step_loss(student_fwd, teacher_fwd, x0, noise, t, kw, alphas_cumprod,
-                                                objective, step, params, cfg.consistency_weight,
-                                                accelerator.autocast)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            acc += torch.stack([loss.detach(), eps_mse.detach().mean(), cons.detach()]) / accum
-        lr_sched.step()
-        ema.step(accelerator.unwrap_model(model).parameters())
+        optimizer_step(r, step, acc)
         n_acc += 1
         done = step + 1
-        if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0 or done == end:
-            vals = (accelerator.reduce(acc, "mean") / n_acc).tolist()   # the one host sync per log interval
-            if not all(math.isfinite(v) for v in vals):
-                kept = _latest_checkpoint(ckpt_dir)
-                raise NonFiniteLossError(
-                    f"non-finite loss ({vals[0]}) between steps {done - n_acc} and {done}; the last good "
-                    f"checkpoint is kept at {kept}. Lower the learning rate or use mixed_precision='no'.")
-            now = time.time()
-            row = {"step": done, "loss": vals[0], "eps_mse": vals[1], "consistency": vals[2],
-                   "lr": lr_sched.get_last_lr()[0],
-                   "images_per_s": n_acc * accum * micro_bs * world / max(now - t_last, 1e-9), "heldout_loss": ""}
-            if heldout is not None and (done % cfg.heldout_every == 0 or done == steps):
-                with torch.no_grad():
-                    plain = accelerator.unwrap_model(model)
-                    ema.store(plain.parameters())
-                    ema.copy_to(plain.parameters())
-                    row["heldout_loss"] = heldout_loss(plain, cfg, *heldout)["loss"]
-                    ema.restore(plain.parameters())
-            if accelerator.is_main_process:
-                with open(log_path, "a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=fields).writerow(row)
-            bar.set_postfix(loss=f"{vals[0]:.4f}", ips=f"{row['images_per_s']:.0f}")
+        checkpoint = done % cfg.checkpoint_every == 0 or done == end
+        if done % cfg.log_every == 0 or checkpoint:
+            row = log_row(r, acc, n_acc, done, time.time() - t_last)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", ips=f"{row['images_per_s']:.0f}")
             acc.zero_()
             n_acc, t_last = 0, time.time()
-            if done % cfg.checkpoint_every == 0 or done == end:
-                save_checkpoint(done)
+            if checkpoint:
+                save_checkpoint(r, done)
     bar.close()
-    if end < steps:
+    if end < r.steps:
         return out   # interrupted on purpose: resumable
-
-    # -- final model: the EMA weights -----------------------------------------------------------------------
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = accelerator.unwrap_model(model)
-        ema.copy_to(final.parameters())
-        final.save_pretrained(out / "model")
-        with open(log_path) as f:
-            last = list(csv.DictReader(f))[-1]
-        manifest = {"config": json.loads(cfg.to_json()), "base": str(base) if cfg.method != "pretrain" else None,
-                    "steps": steps, "images_per_step": micro_bs * accum * world, "seed": cfg.seed,
-                    "final_loss": float(last["loss"]), "wall_time_s_last_session": round(time.time() - started, 1),
-                    "device": device_name(device), "processes": world, "mixed_precision": mp,
-                    "git_commit": git_commit(), "torch": torch.__version__}
-        manifest_path.write_text(json.dumps(manifest, indent=2))
+    save_final(r, started)
     return out
 
 

@@ -13,5 +13,5 @@ os.environ.setdefault("DEME_PROFILE", "smoke")
 os.environ.pop("HF_HUB_CACHE", None)
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="deme_tests_hf_")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
-# Scan indexes of image-caption folders (deme.sd.ImageCaptionFolder) go to a temporary folder, not runs/.
+# Scan indexes of image-caption folders (deme.imagecaptions.ImageCaptionFolder) go to a temporary folder, not runs/.
 os.environ.setdefault("DEME_INDEX_DIR", tempfile.mkdtemp(prefix="deme_index_"))

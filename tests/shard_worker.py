@@ -28,9 +28,9 @@ def tiny_clip():
 def run(processes, out: Path, pipe_dir: Path, folder: Path) -> dict:
     """Class-conditional sample outputs of a seeded smoke UNet (5 samples), text-to-image generation (in
     memory and to a folder) and its scores, and the scan of an image-caption folder, with ``processes``."""
-    from deme import compare, sd
+    from deme import compare, imagecaptions, sd
     from deme.config import get_profile
-    from deme.metrics import SmallCNN
+    from deme.classifier import SmallCNN
     from deme.models import build_unet, load_unet
     cfg = get_profile("smoke")
     torch.manual_seed(0)
@@ -43,10 +43,10 @@ def run(processes, out: Path, pipe_dir: Path, folder: Path) -> dict:
         processes=processes)
 
     checks = []
-    real = sd._check_image
-    sd._check_image = lambda path, full: checks.append(path) or real(path, full)
-    data = sd.ImageCaptionFolder(folder, index_dir=out / "index", processes=processes)
-    sd._check_image = real
+    real = imagecaptions._check_image
+    imagecaptions._check_image = lambda path, full: checks.append(path) or real(path, full)
+    data = imagecaptions.ImageCaptionFolder(folder, index_dir=out / "index", processes=processes)
+    imagecaptions._check_image = real
     result["scan"] = {"records": [(str(p.relative_to(data.root)), c) for p, c in data.records],
                       "bad": data.report.bad, "header_checks": len(checks)}
 

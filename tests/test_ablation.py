@@ -7,7 +7,8 @@ import pytest
 
 from deme import ablation as AB
 from deme.config import get_profile
-from deme.train import run_dir, train, variant_tag
+from deme.runs import run_dir, variant_tag
+from deme.train import train
 
 
 def _folders(variants):
@@ -116,10 +117,10 @@ def test_parallel_variant_training_matches_one_process(tmp_path, monkeypatch):
     """Two runs trained by two worker processes give the weights of the same runs trained in this process."""
     import shutil
     import torch
-    from deme import config as C, models as M, train as T
+    from deme import config as C, models as M, runs as R
     from deme.models import load_unet
     monkeypatch.setenv("DEME_ROOT", str(tmp_path))          # the worker processes' ROOT
-    for module in (C, M, T):                                  # this process's
+    for module in (C, M, R):                                  # this process's
         monkeypatch.setattr(module, "ROOT", tmp_path)
     cfg = get_profile("smoke", steps_per_range=2, checkpoint_every=2, log_every=1, heldout_every=0)
     base_run = train(cfg.replace(method="pretrain", pretrain_steps=2), tmp_path / "runs" / "smoke" / "base",

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from deme.compare import PAPER_TABLE1, PAPER_TABLE2, format_paired
+from deme.compare import PAPER_TABLE1, PAPER_TABLE2, format_paired, text_to_image_table
 
 
 def test_format_paired_shows_value_delta_and_interval_with_kid_scaled():
@@ -13,6 +13,19 @@ def test_format_paired_shows_value_delta_and_interval_with_kid_scaled():
     assert f.loc["m", "FID"] == "9.50 (-0.50 [-0.80, -0.20])"
     assert f.loc["m", "KID ×10³"] == "1.50 (-0.50 [-0.90, -0.10])"
     assert f.loc["Before finetuning", "FID"] == "10.00 (reference)"
+
+
+def test_text_to_image_table_keeps_scores_that_were_not_computed():
+    """Offline, every CLIP score is None and PartiPrompts has no FID: the columns stay (empty), rows keep the
+    scoring order. (pivot_table's default dropped both columns: the sd14 rehearsal's Table 2 CSV lacked CLIP.)"""
+    rows = [{"model": m, "prompts": p, "fid_256": None if p == "PartiPrompts" else f, "clip": None, "n": 4}
+            for m, f in [("Before finetuning", 30.0), ("DeMe (after merge)", 29.0)]
+            for p in ["MS-COCO", "ImageNet", "PartiPrompts"]]
+    t = text_to_image_table(pd.DataFrame(rows))
+    assert list(t.index) == ["Before finetuning", "DeMe (after merge)"]
+    assert {(v, p) for v in ("fid_256", "clip") for p in ("MS-COCO", "ImageNet", "PartiPrompts")} == set(t.columns)
+    assert t.loc["DeMe (after merge)", ("fid_256", "ImageNet")] == 29.0
+    assert t["clip"].isna().all().all() and t[("fid_256", "PartiPrompts")].isna().all()
 
 
 def test_paper_tables_match_paper_md():

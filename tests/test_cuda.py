@@ -141,7 +141,7 @@ def test_merge_search_on_cuda():
 
 
 def test_classifier_metrics_on_cuda():
-    from deme.metrics import SmallCNN, alignment_score, classifier_features, predict
+    from deme.classifier import SmallCNN, alignment_score, classifier_features, predict
     torch.manual_seed(0)
     clf = SmallCNN(CFG.image_size, CFG.channels, CFG.num_classes).eval()
     x, y = _batch(8)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deme import sd
+from deme import imagecaptions, sd
 from deme.distributed import SINGLE, Processes
 from deme.sampling import initial_noise
 
@@ -59,21 +59,21 @@ def test_shares_cover_every_index_once_in_rank_order():
 def test_the_folder_scan_is_written_once_and_reused_until_the_files_change(tmp_path, monkeypatch):
     root = _write_folder(tmp_path / "data")
     checks = []
-    real = sd._check_image
+    real = imagecaptions._check_image
     monkeypatch.setattr(sd, "_check_image", lambda path, full: checks.append(path) or real(path, full))
     index = tmp_path / "index"
-    first = sd.ImageCaptionFolder(root, index_dir=index)
+    first = imagecaptions.ImageCaptionFolder(root, index_dir=index)
     assert len(checks) == 7 and len(list(index.glob("*.json"))) == 1 and not list(index.glob("*.scanning"))
-    again = sd.ImageCaptionFolder(root, index_dir=index)                 # a second start: no header read
+    again = imagecaptions.ImageCaptionFolder(root, index_dir=index)                 # a second start: no header read
     assert len(checks) == 7
     assert again.records == first.records and len(first) == 6
     assert again.report.bad == first.report.bad and {r.split(":")[0] for _, r in first.report.bad} == {
-        sd.CORRUPT, sd.NO_CAPTION}
+        imagecaptions.CORRUPT, imagecaptions.NO_CAPTION}
     with open(root / "metadata.jsonl", "a") as f:                      # the listing changed: scanned again
         f.write(json.dumps({"file_name": "unlisted.png", "text": "now listed"}) + "\n")
-    changed = sd.ImageCaptionFolder(root, index_dir=index)
+    changed = imagecaptions.ImageCaptionFolder(root, index_dir=index)
     assert len(checks) == 7 + 8 and len(changed) == 7
-    assert not any(r.startswith(sd.NO_CAPTION) for _, r in changed.report.bad)
+    assert not any(r.startswith(imagecaptions.NO_CAPTION) for _, r in changed.report.bad)
 
 
 def test_load_checkpoint_maps_the_file_and_reads_legacy_ones_whole(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from deme import metrics as M
+from deme import classifier as C, metrics as M
 from deme.config import get_profile
 from deme.data import load_tensor_dataset
 
@@ -192,19 +192,19 @@ def test_to_uint8_rgb():
 def test_classifier_trains_and_alignment_equals_accuracy(digits, tmp_path):
     cfg, x, y = digits
     path = tmp_path / "clf.pt"
-    info = M.train_classifier(cfg, path, epochs=10, progress=False)
+    info = C.train_classifier(cfg, path, epochs=10, progress=False)
     assert info["test_accuracy"] > 80                 # chance is 10%
     assert json.loads(path.with_suffix(".json").read_text())["test_accuracy"] == info["test_accuracy"]
-    clf = M.load_classifier(path)
+    clf = C.load_classifier(path)
     with torch.no_grad():
         independent = 100.0 * (clf(x).argmax(1) == y).double().mean().item()
-    score = M.alignment_score(clf, x, y)
+    score = C.alignment_score(clf, x, y)
     assert score == pytest.approx(independent, abs=1e-9)
     assert score == pytest.approx(info["test_accuracy"], abs=0.01)
-    assert M.alignment_score(clf, x, (y + 1) % 10) < 20          # wrong prompts are not recognised
-    assert M.alignment_score(clf, M.to_uint8_rgb(x)[..., :1], y) == pytest.approx(score, abs=1.0)
-    assert M.classifier_path(get_profile("fmnist")).name == "fmnist_classifier.pt"
-    assert "runs" in M.classifier_path(cfg).parts
+    assert C.alignment_score(clf, x, (y + 1) % 10) < 20          # wrong prompts are not recognised
+    assert C.alignment_score(clf, M.to_uint8_rgb(x)[..., :1], y) == pytest.approx(score, abs=1.0)
+    assert C.classifier_path(get_profile("fmnist")).name == "fmnist_classifier.pt"
+    assert "runs" in C.classifier_path(cfg).parts
 
 
 # --------------------------------------------------------------------------------------- CLIP score

@@ -108,7 +108,7 @@ def test_cifar10_standin_is_read_by_the_loader_pixel_for_pixel(tmp_path, monkeyp
         raw = pickle.load(f, encoding="latin1")
     monkeypatch.setenv("DEME_DATA", str(tmp_path))
     ds = cifar10_dataset(32)
-    assert len(ds) == 25
+    assert len(ds) == 25 and len(cifar10_dataset(32, split="test")) == 5
     x, y = ds[3]
     expected = torch.from_numpy(raw["data"][3].reshape(3, 32, 32)).float() / 127.5 - 1
     torch.testing.assert_close(x, expected, atol=1e-6, rtol=0)
@@ -130,13 +130,28 @@ def test_lsun_standin_is_a_dataset_folder_the_loader_reads(tmp_path, monkeypatch
 
 
 def test_text_to_image_standins_are_read_by_their_readers(tmp_path):
-    from deme.sd import ImageCaptionFolder, coco_captions, parti_prompts
+    from deme.imagecaptions import ImageCaptionFolder, coco_captions, parti_prompts
     folder = ImageCaptionFolder(R.write_caption_folder(tmp_path / "laion", n=6))
     assert len(folder) == 6 and not folder.report.bad
     captions, images = R.write_coco(tmp_path / "coco", n_images=3)
     rows = coco_captions(captions, n=3)
     assert sorted(f for _, f, _ in rows) == sorted(p.name for p in images.iterdir())
     assert len(parti_prompts(R.write_parti(tmp_path / "PartiPrompts.tsv"))) == 4
+
+
+def test_every_paper_dataset_has_standins_and_they_exist(tmp_path):
+    """build_standins covers every paper profile's dataset (one STANDIN_DATA entry each) and the environment it
+    returns names files and folders that exist, plus a hub cache holding the profile's pretrained id."""
+    from deme.data import DATASETS
+    datasets = {PROFILES[p].dataset for p in R.PAPER_PROFILES}
+    assert datasets == set(R.STANDIN_DATA) and datasets <= set(DATASETS)
+    for profile in R.PAPER_PROFILES:
+        env = R.build_standins(profile, tmp_path / profile)
+        assert set(env) > {"HF_HOME"} and all(Path(v).exists() for v in env.values())
+        owner, name = PROFILES[profile].pretrained.split("/")
+        assert (Path(env["HF_HOME"]) / "hub" / f"models--{owner}--{name}").is_dir()
+    with pytest.raises(ValueError, match="paper profile"):
+        R.build_standins("fmnist", tmp_path / "x")
 
 
 def test_sd14_standin_has_the_real_layout_and_loads_by_hub_id(tmp_path, monkeypatch):
@@ -221,11 +236,12 @@ def test_analyses_run_on_a_text_to_image_model(tiny_sd, tmp_path, monkeypatch):
 def test_held_out_tables_on_datasets_without_an_in_memory_test_split(tmp_path, monkeypatch):
     """Notebooks 05 and 06 score every model by paired held-out loss. Before the fix paired_losses read
     heldout_split, which raises for CIFAR-10, LSUN and text-to-image data ("no in-memory test split"), so both
-    notebooks failed on every paper profile. Now: a fixed sample of the training data, validation items first
-    (the very images the merge search scores), evaluation items after them, disjoint, centre-cropped."""
+    notebooks failed on every paper profile. Now: a fixed sample of held-out data — CIFAR-10's test split, which
+    training never reads (before the second fix: its training images) — validation items first (the very images
+    the merge search scores), evaluation items after them, disjoint, centre-cropped."""
     from deme.heldout import paired_losses
     from deme.models import load_unet
-    R.write_cifar10(tmp_path / "cifar", per_batch=8)
+    R.write_cifar10(tmp_path / "cifar", per_batch=12)
     R.build_ddpm_standin(HF_HOME, "google/ddpm-cifar10-32", 32)
     monkeypatch.setenv("DEME_DATA", str(tmp_path / "cifar"))
     cfg = PROFILES["cifar10"].replace(validation_size=4, evaluation_size=6, num_workers=0)
@@ -242,10 +258,11 @@ def test_held_out_tables_on_datasets_without_an_in_memory_test_split(tmp_path, m
     torch.testing.assert_close(x_merge, xv)                         # the merge search's images = validation
     flat = lambda x: {tuple(v.tolist()) for v in x.flatten(1)}
     assert not flat(xv) & flat(xe) and len(flat(xe)) == 6           # disjoint, distinct images
-    raw = np.concatenate([pickle.load(open(tmp_path / "cifar" / "cifar-10-batches-py" / f"data_batch_{i}", "rb"),
-                                      encoding="latin1")["data"] for i in range(1, 6)])
-    rows = {tuple(r.tolist()) for r in raw}
-    assert all(tuple(v.tolist()) in rows for v in ((xe + 1) * 127.5).round().to(torch.uint8).flatten(1))
+    rows = lambda *names: {tuple(r.tolist()) for n in names for r in pickle.load(
+        open(tmp_path / "cifar" / "cifar-10-batches-py" / n, "rb"), encoding="latin1")["data"]}
+    test_rows, train_rows = rows("test_batch"), rows(*[f"data_batch_{i}" for i in range(1, 6)])
+    held_out = {tuple(v.tolist()) for v in ((torch.cat([xv, xe]) + 1) * 127.5).round().to(torch.uint8).flatten(1)}
+    assert held_out <= test_rows and not held_out & train_rows
     from deme.heldout import fixed_sample           # loaded in chunks (SD: never thousands of images per VAE call)
     x_chunked, _ = fixed_sample(cfg, 0, 10, chunk=3)
     torch.testing.assert_close(x_chunked, torch.cat([xv, xe]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from deme import sd
+from deme import imagecaptions, sd
 from deme.config import get_profile
 from deme.data import DataMissingError
 from deme.models import WeightsMissingError, channel_projections, load_unet
@@ -118,7 +118,7 @@ def test_sd14_unet_gets_nine_projections_holding_1_06_percent():
 
 def test_text_image_batches_pure_and_equal_to_pipeline_encoding(pipe_dir, folder, monkeypatch):
     from diffusers import StableDiffusionPipeline
-    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    monkeypatch.setenv(imagecaptions.SD_DATA_ENV, str(folder))
     cfg = _cfg(pipe_dir)
     batches = sd.text_image_batches(cfg, 4, seed=3, device="cpu")
     assert batches.per_epoch == 2 and batches.report.usable == 8 and not batches.report.bad
@@ -171,9 +171,9 @@ def test_caption_folder_validation(tmp_path, caplog):
     bare.mkdir()
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(bare / "a.png")
     with pytest.raises(DataMissingError, match="metadata.jsonl"):
-        sd.ImageCaptionFolder(bare)
+        imagecaptions.ImageCaptionFolder(bare)
     with pytest.raises(DataMissingError, match="does not exist"):
-        sd.ImageCaptionFolder(tmp_path / "nowhere")
+        imagecaptions.ImageCaptionFolder(tmp_path / "nowhere")
 
     # bad records: reported with their file names, counted, skipped
     root = _write_folder(tmp_path / "data", n=6)
@@ -186,8 +186,8 @@ def test_caption_folder_validation(tmp_path, caplog):
              {"file_name": "silent.png", "text": "   "}, {"file_name": "gone.png", "text": "no file"}]
     with open(root / "metadata.jsonl", "a") as f:
         f.write("\n".join(json.dumps(r) for r in extra) + "\n{not json\n")
-    with caplog.at_level(logging.WARNING, logger="deme.sd"):
-        data = sd.ImageCaptionFolder(root)
+    with caplog.at_level(logging.WARNING, logger="deme.imagecaptions"):
+        data = imagecaptions.ImageCaptionFolder(root)
     bad = dict(data.report.bad)
     assert bad["garbage.png"].startswith("corrupt image")
     assert bad["orphan.png"].startswith("image without a caption")
@@ -203,7 +203,7 @@ def test_caption_folder_validation(tmp_path, caplog):
 
     # the truncated image fails when decoded: reported once, replaced by the next record, deterministically
     t = [i for i in range(len(data)) if data.name(i) == "truncated.png"][0]
-    with pytest.raises(sd.CorruptImageError):
+    with pytest.raises(imagecaptions.CorruptImageError):
         data.load(t)
     assert dict(data.report.bad)["truncated.png"].startswith("corrupt image")
     enc = type("NoEncoders", (), {})()
@@ -214,7 +214,7 @@ def test_caption_folder_validation(tmp_path, caplog):
     assert torch.equal(x, batches.pixels(0)[0])
 
     # a full decode check at construction finds it up front
-    full = sd.ImageCaptionFolder(root, check_images="full")
+    full = imagecaptions.ImageCaptionFolder(root, check_images="full")
     assert len(full) == 6 and dict(full.report.bad)["truncated.png"].startswith("corrupt image")
 
     # nothing usable: stop
@@ -222,14 +222,14 @@ def test_caption_folder_validation(tmp_path, caplog):
     empty.mkdir()
     (empty / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "text": "x"}) + "\n")
     with pytest.raises(DataMissingError, match="no usable image-caption pairs"):
-        sd.ImageCaptionFolder(empty)
+        imagecaptions.ImageCaptionFolder(empty)
 
 
 def test_missing_inputs_offline_say_what_to_provide(pipe_dir, folder, tmp_path, monkeypatch):
-    monkeypatch.delenv(sd.SD_DATA_ENV, raising=False)
-    with pytest.raises(DataMissingError, match=sd.SD_DATA_ENV):
+    monkeypatch.delenv(imagecaptions.SD_DATA_ENV, raising=False)
+    with pytest.raises(DataMissingError, match=imagecaptions.SD_DATA_ENV):
         sd.text_image_batches(_cfg(pipe_dir), 4, 0)
-    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    monkeypatch.setenv(imagecaptions.SD_DATA_ENV, str(folder))
     # A hub id nothing in the session caches: the rehearsal tests put a stand-in for CompVis/stable-diffusion-v1-4
     # into the session's hub cache, and this test must not depend on which file pytest runs first.
     absent = "deme-tests/never-cached-stable-diffusion"
@@ -238,9 +238,9 @@ def test_missing_inputs_offline_say_what_to_provide(pipe_dir, folder, tmp_path, 
     with pytest.raises(WeightsMissingError, match="never-cached-stable-diffusion"):
         sd.load_pipeline(absent)
     with pytest.raises(DataMissingError, match="captions_val2014.json"):
-        sd.coco_prompts(tmp_path / "captions_val2014.json")
+        imagecaptions.coco_prompts(tmp_path / "captions_val2014.json")
     with pytest.raises(DataMissingError, match="PartiPrompts.tsv"):
-        sd.parti_prompts(tmp_path / "PartiPrompts.tsv")
+        imagecaptions.parti_prompts(tmp_path / "PartiPrompts.tsv")
     with pytest.raises(DataMissingError, match="reference image folder"):
         sd.fid_256(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "coco_val_256")
 
@@ -257,25 +257,25 @@ def test_prompt_sets(tmp_path):
             k += 1
     path = tmp_path / "captions_val2014.json"
     path.write_text(json.dumps({"images": images, "annotations": anns}))
-    rows = sd.coco_captions(path, n=10, seed=0)
+    rows = imagecaptions.coco_captions(path, n=10, seed=0)
     assert len(rows) == 10 and len({r[0] for r in rows}) == 10                       # one caption per image
     for image_id, file_name, caption in rows:
         assert caption.startswith(f"image {image_id} caption") and not caption.endswith(" ")
         assert file_name == f"COCO_val2014_{image_id:012d}.jpg"
-    assert sd.coco_prompts(path, 10, seed=0) == [r[2] for r in rows]                # seeded: reproducible
-    assert sd.coco_prompts(path, 10, seed=1) != sd.coco_prompts(path, 10, seed=0)
-    assert len({r[2] for s in range(8) for r in sd.coco_captions(path, 40, seed=s)}) > 40   # captions vary
+    assert imagecaptions.coco_prompts(path, 10, seed=0) == [r[2] for r in rows]                # seeded: reproducible
+    assert imagecaptions.coco_prompts(path, 10, seed=1) != imagecaptions.coco_prompts(path, 10, seed=0)
+    assert len({r[2] for s in range(8) for r in imagecaptions.coco_captions(path, 40, seed=s)}) > 40   # captions vary
     with pytest.warns(UserWarning, match="fewer than n=50"):
-        assert len(sd.coco_prompts(path, 50)) == 40
+        assert len(imagecaptions.coco_prompts(path, 50)) == 40
 
     tsv = tmp_path / "PartiPrompts.tsv"
     tsv.write_text("Prompt\tCategory\tChallenge\tNote\nbond\tAbstract\tBasic\t\n"
                    "A robot painted as graffiti\tArts\tImagination\tx\n")
-    assert sd.parti_prompts(tsv) == ["bond", "A robot painted as graffiti"]
+    assert imagecaptions.parti_prompts(tsv) == ["bond", "A robot painted as graffiti"]
     (tmp_path / "bad.tsv").write_text("text\tx\nfoo\tbar\n")
     with pytest.raises(ValueError, match="Prompt"):
-        sd.parti_prompts(tmp_path / "bad.tsv")
-    assert sd.imagenet_prompts(["tench", " goldfish "]) == ["a photo of a tench", "a photo of a goldfish"]
+        imagecaptions.parti_prompts(tmp_path / "bad.tsv")
+    assert imagecaptions.imagenet_prompts(["tench", " goldfish "]) == ["a photo of a tench", "a photo of a goldfish"]
     assert len(sd.PAPER_PROMPTS) == 4 and sd.PAPER_PROMPTS[1].endswith("under a clear blue sky.")
 
 
@@ -301,7 +301,7 @@ def test_tiny_sd_deme_run_merge_sample_and_score(pipe_dir, folder, tmp_path, mon
     from deme.merge import task_arithmetic
     from deme.sampling import TimestepEnsemble
     from deme.train import train
-    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    monkeypatch.setenv(imagecaptions.SD_DATA_ENV, str(folder))
     cfg = _cfg(pipe_dir)
     outs = [train(cfg.replace(method="deme", range_index=i), tmp_path / f"range_{i}", base=str(pipe_dir),
                   progress=False) for i in range(cfg.num_ranges)]
@@ -383,7 +383,7 @@ def test_merge_weight_search_on_a_tiny_sd_model(pipe_dir, folder, tmp_path, monk
     from deme.heldout import heldout_inputs, heldout_loss
     from deme.stages import search_merge_weights
     from deme.train import train
-    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    monkeypatch.setenv(imagecaptions.SD_DATA_ENV, str(folder))
     cfg = _cfg(pipe_dir, steps_per_range=1, merge_grid=(0.0, 1.0), sample_steps=2, guidance_scale=2.0,
                validation_size=4)
     outs = [train(cfg.replace(method="deme", range_index=i), tmp_path / f"r{i}", base=str(pipe_dir), progress=False)
@@ -471,7 +471,7 @@ def test_generation_and_quality_scoring_never_convert_the_template(pipe_dir, fol
     from deme.heldout import heldout_inputs
     from deme.stages import sample_quality_fn
     from deme.train import heldout_loss
-    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    monkeypatch.setenv(imagecaptions.SD_DATA_ENV, str(folder))
     _pixel_features(monkeypatch)
     cfg = _cfg(pipe_dir, sample_steps=2, guidance_scale=2.0)
     template = load_unet(pipe_dir, projection=True)
@@ -496,7 +496,7 @@ def test_text_to_image_quality_count_capped_and_reference_streamed(pipe_dir, fol
     """Notebook 04 passes the profile's 30K for sd14: the search lowers it to TEXT_TO_IMAGE_QUALITY_CAP, and
     the real images' features are computed chunk by chunk — equal to those of the whole batch at once."""
     import deme.stages as stages
-    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    monkeypatch.setenv(imagecaptions.SD_DATA_ENV, str(folder))
     seen = _pixel_features(monkeypatch)
     cfg = _cfg(pipe_dir, sample_steps=2)
     assert stages.TEXT_TO_IMAGE_QUALITY_CAP <= 5000
@@ -559,7 +559,7 @@ def test_heldout_loss_during_text_to_image_training(pipe_dir, folder, tmp_path, 
     held-out loss of the saved (EMA) model."""
     from deme.heldout import heldout_inputs
     from deme.train import heldout_loss, train
-    monkeypatch.setenv(sd.SD_DATA_ENV, str(folder))
+    monkeypatch.setenv(imagecaptions.SD_DATA_ENV, str(folder))
     cfg = _cfg(pipe_dir, heldout_every=1, heldout_size=4).replace(method="deme", range_index=1)
     out = train(cfg, tmp_path / "run", base=str(pipe_dir), progress=False)
     with open(out / "loss.csv") as f:
@@ -608,7 +608,7 @@ def test_flip_and_resize_filter_options(pipe_dir, tmp_path, monkeypatch):
         Image.fromarray(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)).save(noisy / f"{i}.png")
     (noisy / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"noise {i}"}) + "\n"
                                                   for i in range(8)))
-    monkeypatch.setenv(sd.SD_DATA_ENV, str(noisy))
+    monkeypatch.setenv(imagecaptions.SD_DATA_ENV, str(noisy))
     cfg = _cfg(pipe_dir)
     assert get_profile("sd14").label_dropout == 0.0 and not get_profile("sd14").random_flip
     plain = sd.text_image_batches(cfg, 4, seed=3, device="cpu")

@@ -206,16 +206,22 @@ def test_set_overrides_are_checked_against_the_config_fields():
         assert item.split("=")[0] in str(e.value)
     with pytest.raises(SystemExit, match="valid fields"):
         main(["--profile", "smoke", "--set", "nosuchfield=1"])
+    # a run of zero steps stops at once, naming the field (it failed deep inside the loop before)
+    with pytest.raises(ValueError, match="steps_per_range=0"):
+        main(["--profile", "smoke", "--steps", "0"])
+    with pytest.raises(ValueError, match="pretrain_steps=0"):
+        main(["--profile", "smoke", "--method", "pretrain", "--set", "pretrain_steps=0"])
 
 
 def test_a_missing_base_model_says_the_command_that_makes_it(tmp_path, monkeypatch):
     """Profiles whose base the project pretrains (smoke, fmnist): training a range without it stops with the
     command; running that command (shortened) makes the base where the range job looks for it."""
     import deme.models as models
+    import deme.runs as runs
     from deme.cli import main as cli_main
     from deme.models import WeightsMissingError, base_model_path
     monkeypatch.setattr(models, "ROOT", tmp_path)
-    monkeypatch.setattr(train_mod, "ROOT", tmp_path)
+    monkeypatch.setattr(runs, "ROOT", tmp_path)
     fm = get_profile("fmnist", method="deme", range_index=0)
     with pytest.raises(WeightsMissingError, match=r"--profile fmnist --method pretrain --out data/fmnist_base`"):
         train(fm, tmp_path / "fm", progress=False)

@@ -1,0 +1,90 @@
+"""Run bookkeeping: where each run writes (the runs/ folder layout), atomic writes, the device's name and the
+git commit a record is stamped with. Every stage and the training loop take these from here.
+
+Layout under ``runs/<profile>/``: ``base/`` (pretraining), ``<method>[<variant>]/`` (a baseline),
+``deme/N<n>[<variant>]/range_<i>/`` (one DeMe range), ``merge/N<n>[<variant>]/`` (the merge stage); a
+variant is any training field changed from the profile (:func:`variant_tag`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import PROFILES, ROOT, Config
+
+
+def variant_tag(cfg: Config, *, with_num_ranges: bool = True) -> str:
+    """The training fields of ``cfg`` that differ from its profile, as a folder-name suffix:
+    ``"__consistency_weight=0.0__p_global=0.1"`` ("" for the profile's own settings). ``num_ranges`` is left
+    out when ``with_num_ranges`` is False (DeMe folders carry it as ``N<n>``). Run folders use it, so an
+    ablation variant never overwrites or resumes from the profile's own run."""
+    ref = PROFILES[cfg.profile].training_identity() if cfg.profile in PROFILES else {}
+    mine = cfg.training_identity()
+    skip = {"profile", "method", "range_index"} | (set() if with_num_ranges else {"num_ranges"})
+    diffs = sorted(k for k, v in mine.items() if k not in skip and v != ref.get(k))
+    return "".join(f"__{k}=" + json.dumps(mine[k], separators=(",", ":")).replace("/", "_").replace('"', "")
+                   for k in diffs)
+
+
+def run_dir(cfg: Config, root: str | os.PathLike | None = None) -> Path:
+    """Where a run writes: runs/<profile>/<method>[/N<n>/range_<i>] for the profile's own settings (one folder
+    per independent job); a variant (any training field changed, see :func:`variant_tag`) gets its own folder,
+    e.g. runs/fmnist/deme/N8__consistency_weight=0.0/range_3 or runs/fmnist/standard__seed=1."""
+    d = Path(root or ROOT / "runs") / cfg.profile
+    if cfg.method == "pretrain":
+        return d / "base"
+    if cfg.method == "deme":
+        folder = f"N{cfg.num_ranges}" + variant_tag(cfg, with_num_ranges=False)
+        return d / "deme" / folder / f"range_{cfg.range_index}"
+    return d / (cfg.method + variant_tag(cfg))
+
+
+def merge_dir(cfg: Config) -> Path:
+    """The merge stage's output folder for the range models of ``cfg``: runs/<profile>/merge/N<n>[<variant>]."""
+    return ROOT / "runs" / cfg.profile / "merge" / (f"N{cfg.num_ranges}" + variant_tag(cfg, with_num_ranges=False))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (write a temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` atomically (a temporary file beside it, then rename): a run killed while
+    writing leaves the previous file intact."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def device_name(device: torch.device, *, threads: bool = False) -> str:
+    """The GPU's name, or the CPU's model name (/proc/cpuinfo; else what ``platform`` knows) — with torch's
+    CPU thread count when ``threads``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads" if threads else name
+
+
+def git_commit() -> str:
+    """The short hash of the checked-out commit of this code ("unknown" outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
