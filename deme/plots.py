@@ -692,7 +692,12 @@ def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_label
 
     diffs = {k: arrays[k] - arrays[reference] for k in names if k != reference}
     vmax = max([np.abs(d).max() for d in diffs.values()] + [1.0])
-    fig, axes = plt.subplots(2, len(names), figsize=(3.2 * len(names) + 1.6, 7.0), squeeze=False, layout="constrained")
+    first = grid(arrays[reference])
+    panel_h = 3.2                                                   # inches; panels as wide as the grids need
+    panel_w = min(4.0, panel_h * first.shape[1] / first.shape[0])
+    margin = 1.8 if row_labels is not None else 0.3
+    fig, axes = plt.subplots(2, len(names), figsize=((panel_w + 0.35) * len(names) + margin + 1.1, 2 * panel_h + 0.9),
+                             squeeze=False, layout="constrained")
     for j, k in enumerate(names):
         g = grid(arrays[k])
         axes[0, j].imshow(g / 255 if g.ndim == 3 else g, cmap="gray", vmin=0, vmax=255)
@@ -710,7 +715,8 @@ def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_label
         h = arrays[reference].shape[1]
         axes[0, 0].set_yticks([(i + 0.5) * h for i in range(len(row_labels))], row_labels, fontsize=7)
     if diffs:
-        fig.colorbar(im, ax=axes[1, -1], shrink=0.9, label="pixel difference (0–255 scale)")
+        fig.colorbar(im, ax=list(axes[:, -1]), shrink=0.5, label="pixel difference (0–255 scale)")   # beside the
+        # whole last column: the difference panels keep the width and position of the samples above them
     return fig
 
 

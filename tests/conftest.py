@@ -14,4 +14,6 @@ os.environ.pop("HF_HUB_CACHE", None)
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="deme_tests_hf_")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 # Scan indexes of image-caption folders (deme.imagecaptions.ImageCaptionFolder) go to a temporary folder, not runs/.
-os.environ.setdefault("DEME_INDEX_DIR", tempfile.mkdtemp(prefix="deme_index_"))
+if "DEME_INDEX_DIR" not in os.environ:
+    os.environ["DEME_INDEX_DIR"] = tempfile.mkdtemp(prefix="deme_index_")
+    atexit.register(shutil.rmtree, os.environ["DEME_INDEX_DIR"], True)

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -279,6 +280,18 @@ def test_ensemble_calls_the_expert_whose_range_holds_t():
     assert out[:, 0, 0, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     for tt, expect in ((0, 0), (333, 1), (999, 3)):
         assert ens(x[:2], torch.tensor(tt)).sample.unique().item() == expect
+
+
+def test_pixel_differences_of_hand_made_images():
+    from deme.sampling import pixel_differences
+    base = np.zeros((2, 10, 10, 1), np.uint8)
+    shifted = base.copy()
+    shifted[0, 0, :5] = 3            # 5 of 200 pixels by +3
+    shifted[1, 9, 9] = 255           # one pixel by +255 (uint8: no wrap-around in the difference)
+    t = pixel_differences({"base": base, "same": base, "other": shifted}, "base")
+    assert list(t.index) == ["same", "other"] and (t.loc["same"] == 0).all()
+    assert t.loc["other", "mean |Δ|"] == pytest.approx((5 * 3 + 255) / 200)
+    assert t.loc["other", "max |Δ|"] == 255 and t.loc["other", "pixels with |Δ| > 2 (%)"] == pytest.approx(3.0)
 
 
 def test_sampling_check_matches_eq6_and_training_config_applies_notebook_03s_switches():

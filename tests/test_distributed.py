@@ -60,7 +60,7 @@ def test_the_folder_scan_is_written_once_and_reused_until_the_files_change(tmp_p
     root = _write_folder(tmp_path / "data")
     checks = []
     real = imagecaptions._check_image
-    monkeypatch.setattr(sd, "_check_image", lambda path, full: checks.append(path) or real(path, full))
+    monkeypatch.setattr(imagecaptions, "_check_image", lambda path, full: checks.append(path) or real(path, full))
     index = tmp_path / "index"
     first = imagecaptions.ImageCaptionFolder(root, index_dir=index)
     assert len(checks) == 7 and len(list(index.glob("*.json"))) == 1 and not list(index.glob("*.scanning"))

@@ -212,3 +212,18 @@ def test_sensitivity_plots_each_kind_against_the_swept_value_with_intervals():
     assert [t.get_text() for t in leg.get_texts()] == ["merged (w = 1/N)", "ensemble (before merge)",
                                                        "the profile's N = 4"]
     assert len(fig.axes) == 2 and "conditional" in fig.axes[1].get_title()
+
+
+def test_gallery_difference_panels_sit_under_their_samples():
+    """Each difference panel is as wide as the sample panel above it and starts at the same x (the colour bar
+    used to shrink the last one and shift it right); the difference scale is symmetric about 0."""
+    rng = np.random.default_rng(0)
+    imgs = rng.uniform(0, 255, (4, 8, 8))
+    fig = plots.plot_sample_rows({"base": imgs, "a": imgs + 3, "b": imgs - 5}, "base", ["row 0", "row 1"])
+    fig.canvas.draw()
+    axes = np.array(fig.axes[:6]).reshape(2, 3)
+    for j in (1, 2):
+        top, bottom = axes[0, j].get_window_extent(), axes[1, j].get_window_extent()
+        assert abs(top.x0 - bottom.x0) < 2 and abs(top.width - bottom.width) < 2, j
+    lo, hi = axes[1, 1].images[0].get_clim()
+    assert lo == -hi and hi >= 5

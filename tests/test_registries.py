@@ -94,8 +94,8 @@ def _bars(split: str):
 @pytest.fixture
 def toy_dataset(monkeypatch, tmp_path):
     """Register a toy dataset description, "bars", for this test only; everything written goes under tmp_path."""
-    from deme import config, data, metrics, models, runs
-    for module in (config, models, runs, metrics):
+    from deme import classifier, config, data, metrics, models, runs
+    for module in (config, models, runs, metrics, classifier):
         monkeypatch.setattr(module, "ROOT", tmp_path)
     monkeypatch.setattr(data, "REGISTRY", data.REGISTRY)
     monkeypatch.setattr(data, "DATASETS", dict(data.DATASETS))
