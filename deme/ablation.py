@@ -24,8 +24,8 @@ from .config import Config
 from .heldout import heldout_table, paired_losses, relative_difference, verdict
 from .merge import MERGE_METHODS, merged_model
 from .models import load_unet
-from .sampling import TimestepEnsemble
 from .runs import merge_dir, run_dir, variant_tag
+from .sampling import TimestepEnsemble
 from .stages import load_base, load_experts
 from .train import train
 
