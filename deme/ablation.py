@@ -216,6 +216,19 @@ def variant_summary(rows: pd.DataFrame, condition: str = "unconditional", rng: s
     return pd.DataFrame(out).loc[list(dict.fromkeys(t.variant))]
 
 
+def table3(rows: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, str]:
+    """Table 3's layout from :func:`variant_heldout`'s rows — one row per variant, merged and ensemble columns
+    for the null label, then for the true label where the profile has labels — and its caption."""
+    tables = {c: variant_summary(rows, c) for c in dict.fromkeys(rows.condition)}
+    both = tables["unconditional"]
+    if "conditional" in tables:
+        both = both.join(tables["conditional"].add_suffix(", true label"))
+    caption = (f"Table 3 analog ({cfg.profile}): held-out ε-MSE over all t on the evaluation images, Δ% vs before "
+               f"finetuning [95% CI]; budget {total_steps(cfg)} steps per variant; merged = task arithmetic, "
+               "w = 1/N; columns: null label, then true label")
+    return both, caption
+
+
 def budget_variants(cfg: Config, budgets) -> dict[str, Config]:
     """The budget study's runs: for each K in ``budgets`` (optimizer steps per range), ``standard`` for N×K
     steps and DeMe's N ranges for K steps each — the equal-budget pair at that budget."""

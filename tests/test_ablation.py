@@ -98,6 +98,17 @@ def test_variant_summary_fills_both_columns_for_a_single_model():
     assert s.loc["b", "merged (w = 1/N)"] == "+20.000 [+20.000, +20.000]"
 
 
+def test_table3_layout_adds_true_label_columns_only_where_there_are_labels():
+    rows, _ = _rows_and_losses()
+    table, caption = AB.table3(rows, get_profile("smoke"))           # null label only
+    assert list(table.columns) == ["merged (w = 1/N)", "ensemble"] and "Table 3 analog (smoke)" in caption
+    cond = rows.assign(condition="conditional", delta_pct=rows.delta_pct * 2)
+    both, _ = AB.table3(pd.concat([rows, cond]), get_profile("smoke"))
+    assert list(both.columns) == ["merged (w = 1/N)", "ensemble", "merged (w = 1/N), true label",
+                                  "ensemble, true label"]
+    assert both.loc["a", "ensemble, true label"].startswith("+100.000")
+
+
 def test_records_written_before_a_field_existed_still_match():
     """Adding a Config field with a default must not invalidate finished runs or stage records; changing a
     training field must; evaluation fields never do."""
