@@ -21,7 +21,7 @@ import torch
 
 from deme.config import get_profile
 from deme.stages import ensure_base_model
-from deme.train import train, device_name
+from deme.train import device_name, train
 
 p = argparse.ArgumentParser()
 p.add_argument("--profile", default="fmnist")

@@ -19,13 +19,12 @@ import json
 import time
 
 import torch
+from bench_train_step import make_models
 from torch.func import functional_call, stack_module_state, vmap
 
 from deme.losses import consistency_loss, per_sample_mse
 from deme.models import with_projections
 from deme.timesteps import sample_timesteps, timestep_ranges
-
-from bench_train_step import make_models
 
 
 def batches(n_ranges, batch, c, size, num_classes, device, steps, seed=0):

@@ -28,16 +28,16 @@ if __name__ == "__main__" and "DEME_ROOT" not in os.environ:
     os.environ["DEME_ROOT"] = str(scratch)
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from multiprocessing import get_context  # noqa: E402
 
+import torch  # noqa: E402
+
 from deme import ablation as AB  # noqa: E402
-from deme.methods import baselines  # noqa: E402
 from deme.config import get_profile  # noqa: E402
+from deme.methods import baselines  # noqa: E402
 from deme.stages import ensure_base_model  # noqa: E402
 from deme.train import run_dir  # noqa: E402
-
 
 
 def main() -> None:

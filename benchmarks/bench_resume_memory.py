@@ -54,6 +54,7 @@ def build(channels: tuple[int, ...]):
 
 def write_checkpoint(path: Path, channels: tuple[int, ...]) -> None:
     import torch
+
     from deme.train import _atomic_save
     model, ema, optimizer, lr_sched = build(channels)
     for p in model.parameters():
@@ -69,6 +70,7 @@ def write_checkpoint(path: Path, channels: tuple[int, ...]) -> None:
 def measure(path: Path, mode: str, channels: tuple[int, ...]) -> dict:
     """One resume in this process: ``mode`` "whole" (the old read) or "mapped" (deme.train.load_checkpoint)."""
     import torch
+
     from deme.train import load_checkpoint
     model, ema, optimizer, lr_sched = build(channels)
     gc.collect()

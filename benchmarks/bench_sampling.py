@@ -9,13 +9,12 @@ import json
 import time
 
 import torch
+from bench_train_step import CIFAR10_DDPM
 from diffusers import UNet2DModel
 
 from deme.config import get_profile
 from deme.models import build_unet
 from deme.sampling import ddim_sample
-
-from bench_train_step import CIFAR10_DDPM
 
 
 def main():

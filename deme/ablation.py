@@ -24,8 +24,8 @@ from .config import Config
 from .heldout import heldout_table, paired_losses, relative_difference, verdict
 from .merge import MERGE_METHODS, merged_model
 from .models import load_unet
-from .sampling import TimestepEnsemble
 from .runs import merge_dir, run_dir, variant_tag
+from .sampling import TimestepEnsemble
 from .stages import load_base, load_experts
 from .train import train
 
@@ -214,6 +214,19 @@ def variant_summary(rows: pd.DataFrame, condition: str = "unconditional", rng: s
         out[label] = {v: f"{r.delta_pct:+.{digits}f} [{r.ci95_low:+.{digits}f}, {r.ci95_high:+.{digits}f}]"
                       for v, r in sub.iterrows()}
     return pd.DataFrame(out).loc[list(dict.fromkeys(t.variant))]
+
+
+def table3(rows: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, str]:
+    """Table 3's layout from :func:`variant_heldout`'s rows — one row per variant, merged and ensemble columns
+    for the null label, then for the true label where the profile has labels — and its caption."""
+    tables = {c: variant_summary(rows, c) for c in dict.fromkeys(rows.condition)}
+    both = tables["unconditional"]
+    if "conditional" in tables:
+        both = both.join(tables["conditional"].add_suffix(", true label"))
+    caption = (f"Table 3 analog ({cfg.profile}): held-out ε-MSE over all t on the evaluation images, Δ% vs before "
+               f"finetuning [95% CI]; budget {total_steps(cfg)} steps per variant; merged = task arithmetic, "
+               "w = 1/N; columns: null label, then true label")
+    return both, caption
 
 
 def budget_variants(cfg: Config, budgets) -> dict[str, Config]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ROOT, Config
+from .config import Config, repo_root
 from .data import get_dataset, load_tensor_dataset
 from .metrics import _default_device
 from .runs import device_name
@@ -63,8 +63,8 @@ def classifier_path(cfg: Config) -> Path:
     """The classifier checkpoint of a profile: ``data/<dataset>_classifier.pt`` for the embedded default
     (committed), ``runs/<profile>/classifier.pt`` otherwise. Its provenance is the same path in .json."""
     if cfg.profile == "fmnist":
-        return ROOT / "data" / f"{cfg.dataset}_classifier.pt"
-    return ROOT / "runs" / cfg.profile / "classifier.pt"
+        return repo_root() / "data" / f"{cfg.dataset}_classifier.pt"
+    return repo_root() / "runs" / cfg.profile / "classifier.pt"
 
 
 @torch.no_grad()

@@ -18,20 +18,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .config import ROOT, Config
+from .classifier import classifier_features, ensure_classifier, predict
+from .config import Config, repo_root
 from .data import get_dataset, heldout_split
 from .distributed import SINGLE, Processes, current_processes
+from .errors import DataMissingError
 from .heldout import CONDITIONS, model_fingerprint, relative_difference, verdict
+from .imagecaptions import coco_captions as read_coco
+from .imagecaptions import imagenet_prompts, parti_prompts
 from .merge import merged_model, task_arithmetic
-from .methods import baselines as all_baselines, get_method
-from .classifier import classifier_features, ensure_classifier, predict
-from .metrics import (_default_device, feature_statistics, fid_bootstrap, inception_features, load_clip,
-                      paired_difference, paired_fid, paired_kid, reference_statistics, t_interval)
+from .methods import baselines as all_baselines
+from .methods import get_method
+from .metrics import _default_device, feature_statistics, inception_features, load_clip, reference_statistics
 from .models import load_unet
-from .sampling import TimestepEnsemble, ddim_sample
+from .paired import fid_bootstrap, paired_difference, paired_fid, paired_kid, t_interval
 from .runs import merge_dir, run_dir, write_json
+from .sampling import TimestepEnsemble, ddim_sample
+from .sd import generate
+from .sdeval import COCO_FID_REFERENCES, evaluate, prepare_reference_folder, prepare_val2014_reference
 from .stages import PAPER_MERGE_WEIGHTS, load_base, load_experts
-
 
 # The paper's numbers (PAPER.md §6), shown beside ours in separate, labelled tables — never mixed with ours.
 PAPER_ROWS = ["Before finetuning", "SNR+1", "Trun-SNR", "Min-SNR-γ", "P2", "ANT-NashMTL", "ANT-UW",
@@ -161,7 +166,7 @@ def collect_sample_outputs(cfg: Config, n: int, steps: int | None = None, seed: 
     cache, and every process returns the gathered outputs — the numbers of one process."""
     from tqdm.auto import tqdm
     procs = current_processes() if processes is None else processes
-    out_dir = out_dir or ROOT / "runs" / cfg.profile / "compare"
+    out_dir = out_dir or repo_root() / "runs" / cfg.profile / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else (procs.device or _default_device())
     steps = steps or cfg.sample_steps
@@ -197,8 +202,8 @@ def paired_sample_table(outputs: dict[str, dict], cfg: Config, reference: str = 
     """Every sample metric of every model as a paired difference against ``reference`` with its 95% interval:
     columns ``model, metric, value, delta, ci95_low, ci95_high, n``. FID (unconditional ``fid``, conditional
     ``cond_fid``, and ``classifier_fd`` in the classifier's feature space against the real test images'):
-    paired bootstrap over samples (:func:`deme.metrics.paired_fid`); KID: blocks of paired samples
-    (:func:`deme.metrics.paired_kid`); ``alignment`` (% of conditional samples the classifier assigns to
+    paired bootstrap over samples (:func:`deme.paired.paired_fid`); KID: blocks of paired samples
+    (:func:`deme.paired.paired_kid`); ``alignment`` (% of conditional samples the classifier assigns to
     the prompted class): t-interval of the per-sample paired differences."""
     any_rec = next(iter(outputs.values()))
     ref_stats = reference_statistics(cfg, "train", n=cfg.fid_reference_size)
@@ -253,7 +258,7 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
 
     - ``MS-COCO``: ``n_coco`` val captions, one per image (``coco_captions``: captions_val2014.json), FID at
       256 px against the reference ``coco_fid_reference`` (default ``cfg.coco_fid_reference``; see
-      :data:`deme.sd.COCO_FID_REFERENCES`): ``"chosen"`` — those captions' images, ``"bk-sdm"`` — all val2014
+      :data:`deme.sdeval.COCO_FID_REFERENCES`): ``"chosen"`` — those captions' images, ``"bk-sdm"`` — all val2014
       images resized to 256 (the paper's protocol) — from ``coco_images`` (the val2014 folder; reference PNGs
       are written once under ``out_dir``), CLIP score;
     - ``ImageNet``: "a photo of a {class}" per line of ``imagenet_classes`` (a text file of class names), FID
@@ -272,9 +277,7 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
     paths = {k: v or os.environ.get(PROMPT_SET_ENV[k]) or None for k, v in given.items()}
     coco_captions, coco_images, parti = paths["coco_captions"], paths["coco_images"], paths["parti"]
     imagenet_classes, imagenet_images = paths["imagenet_classes"], paths["imagenet_images"]
-    from .imagecaptions import coco_captions as read_coco, imagenet_prompts, parti_prompts
-    from .sd import COCO_FID_REFERENCES, prepare_reference_folder, prepare_val2014_reference
-    out_dir = Path(out_dir or ROOT / "runs" / cfg.profile / "compare")
+    out_dir = Path(out_dir or repo_root() / "runs" / cfg.profile / "compare")
     mode = coco_fid_reference or cfg.coco_fid_reference
     if mode not in COCO_FID_REFERENCES:
         raise ValueError(f"coco_fid_reference must be one of {', '.join(COCO_FID_REFERENCES)}, got {mode!r}")
@@ -293,7 +296,7 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
     if imagenet_classes:
         path = Path(imagenet_classes)
         if not path.is_file():
-            from .data import DataMissingError
+
             raise DataMissingError(f"ImageNet class-name file {path} not found: give a text file with one class "
                                    "name per line (the 1,000 ImageNet-1K classes)")
         names = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
@@ -314,7 +317,7 @@ def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed
     """Table 2 for a text-to-image profile: every model (default :func:`comparison_models`) generates every
     prompt set with ``seed`` (:func:`deme.sd.generate`: guidance ``cfg.guidance_scale``, ``cfg.sample_steps``
     steps; images saved under ``out_dir/<model>/<set>/``, kept when there — an interrupted run resumes) and
-    is scored by :func:`deme.sd.evaluate`: FID at 256 px against the set's reference (None: not computed)
+    is scored by :func:`deme.sdeval.evaluate`: FID at 256 px against the set's reference (None: not computed)
     and the CLIP score (``clip`` = (model, preprocess, tokenizer); None → :func:`deme.metrics.load_clip`,
     and ``None`` scores when no weights exist). Scores are cached per model, set, size and seed.
 
@@ -322,9 +325,8 @@ def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed
     generates and scores its share of each prompt set (on a shared file system: the samples folder is
     common); the main process reads and writes the score cache; every process returns the table."""
     from tqdm.auto import tqdm
-    from .sd import evaluate, generate
     procs = current_processes() if processes is None else processes
-    out_dir = Path(out_dir or ROOT / "runs" / cfg.profile / "compare")
+    out_dir = Path(out_dir or repo_root() / "runs" / cfg.profile / "compare")
     clip = clip if clip is not None else load_clip()
     records = []
     for name, load in tqdm((models or comparison_models(cfg)).items(), disable=not (progress and procs.is_main),
@@ -377,7 +379,7 @@ def paired_between(losses: dict, outputs: dict | None, cfg: Config, a: str, b: s
                    num_bootstrap: int = 200, fid_draws: tuple | None = None) -> dict[str, tuple[float, float, float]]:
     """Model ``a`` against model ``b`` on the same draws: held-out Δ% over all t for each condition
     (:func:`deme.heldout.relative_difference`), and, when ``outputs`` holds both, unconditional FID difference
-    with its paired bootstrap interval (from ``fid_draws`` = :func:`deme.metrics.fid_bootstrap`'s output when
+    with its paired bootstrap interval (from ``fid_draws`` = :func:`deme.paired.fid_bootstrap`'s output when
     given, so that several pairs share one bootstrap). Returns ``{measure: (delta, low, high)}``."""
     out = {}
     for c in CONDITIONS:

@@ -21,8 +21,14 @@ from typing import Any
 
 from .methods import get_method
 
-ROOT = Path(os.environ.get("DEME_ROOT", Path(__file__).resolve().parents[1]))
-"""The repository root: data/, figures/ and runs/ live here (override with DEME_ROOT)."""
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+"""The folder that holds this package: the repository root of a clone."""
+
+
+def repo_root() -> Path:
+    """The repository root: data/, figures/ and runs/ live here. ``$DEME_ROOT`` overrides it, read at every call,
+    so one setting moves a running process and every process it starts (tests, a rehearsal's fresh root)."""
+    return Path(os.environ.get("DEME_ROOT") or PACKAGE_ROOT)
 
 
 
@@ -336,7 +342,7 @@ def display_path(path: str | os.PathLike) -> str:
     copies show no machine paths), else as given (e.g. a hub id)."""
     p = Path(path)
     try:
-        return str(p.resolve().relative_to(ROOT.resolve()))
+        return str(p.resolve().relative_to(repo_root().resolve()))
     except (ValueError, OSError):
         return str(path)
 
@@ -344,7 +350,7 @@ def display_path(path: str | os.PathLike) -> str:
 def figures_dir(cfg: Config) -> Path:
     """Where a profile's figures and tables go: figures/ for the embedded default and the paper profiles
     (committed), runs/<profile>/figures for smoke (tests must not touch the committed figures)."""
-    d = ROOT / "runs" / cfg.profile / "figures" if cfg.profile == "smoke" else ROOT / "figures"
+    d = repo_root() / "runs" / cfg.profile / "figures" if cfg.profile == "smoke" else repo_root() / "figures"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

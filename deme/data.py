@@ -24,16 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import Config
+from .config import Config, repo_root
+from .errors import DataMissingError
+from .sd import text_image_batches
 
 FMNIST_DIRS = (os.environ.get("DEME_FMNIST_DIR", ""), "/usr/share/datasets/fashion-mnist")
 FMNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                   "ankle boot")
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
-
-
-class DataMissingError(FileNotFoundError):
-    """A dataset is not on disk and cannot be fetched; the message says how to provide it."""
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -92,7 +90,7 @@ def _to_model_range(images_uint8: np.ndarray, size: int) -> torch.Tensor:
 def load_digits_raw(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """sklearn's digits (1797 images, 8x8, values 0..16) as uint8 arrays and labels, split 80/20 by a fixed
     permutation (seed 0): 1437 train, 360 test images."""
-    from sklearn.datasets import load_digits   # scikit-learn: only this dataset needs it
+    from sklearn.datasets import load_digits  # scikit-learn: only this dataset needs it
     d = load_digits()
     images = (d.images / 16.0 * 255).round().astype(np.uint8)   # values 0..16 -> 0..255
     labels = d.target.astype(np.int64)
@@ -235,8 +233,7 @@ class CIFAR10Images(torch.utils.data.Dataset):
 def cifar10_dataset(size: int, center_crop: bool = False, split: str = "train") -> CIFAR10Images:
     """CIFAR-10's ``split`` (train: 50K, test: 10K images) under ``$DEME_DATA`` (default runs/data under the
     repository root); downloaded there by torchvision first when it is missing and the hub is not offline."""
-    from .config import ROOT
-    root = Path(os.environ.get("DEME_DATA") or ROOT / "runs" / "data")
+    root = Path(os.environ.get("DEME_DATA") or repo_root() / "runs" / "data")
     first = "data_batch_1" if split == "train" else "test_batch"
     if not (root / "cifar-10-batches-py" / first).is_file() and os.environ.get("HF_HUB_OFFLINE") != "1":
         try:
@@ -260,12 +257,6 @@ def _lsun_train_set(hub_id: str) -> Callable[[Config], torch.utils.data.Dataset]
     """LSUN through Hugging Face ``datasets``: ``hub_id``, or ``$DEME_LSUN_ID`` when set."""
     return lambda cfg: _hf_image_dataset(os.environ.get("DEME_LSUN_ID", hub_id), cfg.image_size,
                                          cfg.center_crop)
-
-
-def _text_image_batches(cfg: Config, batch_size: int, seed: int, device=None):
-    # deme.sd imports this module (the registry, DataMissingError): imported here, at the one call that needs it
-    from .sd import text_image_batches
-    return text_image_batches(cfg, batch_size, seed, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -415,7 +406,7 @@ def training_batches(cfg: Config, batch_size: int, seed: int, device=None):
     of model keyword arguments (``encoder_hidden_states``) built by :mod:`deme.sd` on ``device``."""
     spec = get_dataset(cfg)
     if spec.text_to_image:
-        return _text_image_batches(cfg, batch_size, seed, device=device)
+        return text_image_batches(cfg, batch_size, seed, device=device)
     if spec.in_memory:
         images, labels = load_tensor_dataset(cfg, "train")
         return TensorBatches(images, labels, batch_size, seed)

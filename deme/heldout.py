@@ -29,8 +29,8 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
-from .config import ROOT, Config
-from .data import get_dataset, heldout_batch, heldout_split
+from .config import Config, repo_root
+from .data import LoaderBatches, get_dataset, heldout_batch, heldout_split, training_batches
 from .losses import per_sample_mse
 from .metrics import _default_device
 from .models import conditioning_kwargs, make_scheduler
@@ -95,7 +95,6 @@ def fixed_sample(cfg: Config, start: int, stop: int, seed: int = 4321, device: s
     For LSUN and text-to-image these are training images (their loaders have no test split, and a finetuning
     run of the paper's length sees every training image many times), so a held-out loss there measures fit,
     not generalisation. Validation (choices) and evaluation (judging) always use disjoint items of the order."""
-    from .data import LoaderBatches, training_batches
     fixed = cfg.replace(label_dropout=0.0, center_crop=True, random_flip=False)
     if stop <= start:
         raise ValueError(f"empty sample [{start}, {stop})")
@@ -192,7 +191,7 @@ def paired_losses(models: Mapping[str, Callable[[], torch.nn.Module]], cfg: Conf
     on the same images, noise (``seed``) and timesteps. Cached per model fingerprint
     under ``cache_dir`` (default runs/<profile>/heldout). Returns ``{name: {condition: losses, "t": t}}``."""
     device = torch.device(device) if device is not None else _default_device()
-    cache_dir = cache_dir or ROOT / "runs" / cfg.profile / "heldout"
+    cache_dir = cache_dir or repo_root() / "runs" / cfg.profile / "heldout"
     cache_dir.mkdir(parents=True, exist_ok=True)
     images, inputs = split_inputs(cfg, part, device=device)   # text-to-image: encoded on the device
     # a fixed sample's evaluation items start after the validation ones: their offset is part of what they are

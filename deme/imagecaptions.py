@@ -31,9 +31,9 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from .config import Config
-from .data import DataMissingError
+from .config import Config, repo_root
 from .distributed import SINGLE, Processes
+from .errors import CorruptImageError, DataMissingError
 
 log = logging.getLogger("deme.imagecaptions")
 
@@ -46,10 +46,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 # ---------------------------------------------------------------------------------------------------------
 # Image–caption data: validation and reporting
 # ---------------------------------------------------------------------------------------------------------
-
-class CorruptImageError(ValueError):
-    """An image file that cannot be decoded."""
-
 
 @dataclass
 class DataReport:
@@ -111,8 +107,7 @@ SCAN_INDEX_VERSION = 1
 def default_index_dir() -> Path:
     """Where :class:`ImageCaptionFolder` keeps its scan indexes: ``runs/cache/image_index`` of the project
     (``$DEME_ROOT``), or ``$DEME_INDEX_DIR``."""
-    from .config import ROOT
-    return Path(os.environ.get("DEME_INDEX_DIR") or ROOT / "runs" / "cache" / "image_index")
+    return Path(os.environ.get("DEME_INDEX_DIR") or repo_root() / "runs" / "cache" / "image_index")
 
 
 def folder_listing_key(root: Path, *extra: Any, exclude: Path | None = None) -> str:
@@ -370,6 +365,34 @@ def open_image_captions(source: str | os.PathLike, caption_column: str = "text",
     if path.exists() or not is_hub_id:
         return ImageCaptionFolder(path, caption_column, check_images, processes=processes)
     return HubImageCaptions(s, caption_column)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resizing and cropping the pairs' images (training batches, FID references)
+# ---------------------------------------------------------------------------------------------------------
+
+RESIZE_FILTERS = ("bicubic", "bilinear")
+
+
+def resize_crop(image, size: int, fx: float | None = None, fy: float | None = None,
+                resample: str = "bicubic") -> np.ndarray:
+    """Resize the shorter side to ``size`` (``resample``: "bicubic" or "bilinear", PIL, antialiased) and crop
+    ``size``×``size``: the crop's offset is the fraction ``fx``, ``fy`` ∈ [0, 1) of the free range (uniform),
+    or the centre when None. Returns uint8 (size, size, 3)."""
+    from PIL import Image
+    if resample not in RESIZE_FILTERS:
+        raise ValueError(f"resize filter must be one of {', '.join(RESIZE_FILTERS)}, got {resample!r}")
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC if resample == "bicubic" else Image.BILINEAR)
+
+    def offset(free: int, f: float | None) -> int:
+        return free // 2 if f is None else min(free, int(f * (free + 1)))
+
+    left, top = offset(nw - size, fx), offset(nh - size, fy)
+    return np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,11 +16,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .errors import MergeMismatchError
+
 StateDict = Mapping[str, torch.Tensor]
-
-
-class MergeMismatchError(ValueError):
-    """Checkpoints that cannot be merged: different keys or shapes."""
 
 
 def check_compatible(base: StateDict, experts: Sequence[StateDict]) -> None:

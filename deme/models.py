@@ -18,10 +18,11 @@ import os
 from pathlib import Path
 
 import torch
-from torch import nn
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel, UNet2DModel
+from torch import nn
 
-from .config import ROOT, Config
+from .config import Config, repo_root
+from .errors import WeightsMissingError
 
 
 class ChannelProjection(nn.Module):
@@ -171,6 +172,7 @@ def export_for_diffusers(unet: nn.Module, base, out_dir: str | os.PathLike) -> P
     projections (or with identity ones) is saved as the plain diffusers class. Returns ``out_dir``.
     """
     import json
+
     from diffusers import DiffusionPipeline
     pipe = base if isinstance(base, DiffusionPipeline) else DiffusionPipeline.from_pretrained(str(base))
     projected = any(not torch.equal(p.weight.detach().cpu(), torch.eye(p.weight.shape[0]))
@@ -203,10 +205,6 @@ def build_unet(cfg: Config, projection: bool = False) -> UNet2DModel:
         kwargs["num_class_embeds"] = cfg.num_classes + 1
     cls = ProjectedUNet2DModel if projection else UNet2DModel
     return cls(**kwargs)
-
-
-class WeightsMissingError(FileNotFoundError):
-    """Pretrained weights are neither on disk nor reachable; the message says what to provide."""
 
 
 def load_unet(path_or_id: str | os.PathLike, projection: bool | None = None, subfolder: str | None = None):
@@ -267,8 +265,8 @@ def base_model_path(cfg: Config) -> str:
     if cfg.pretrained:
         return cfg.pretrained
     if cfg.profile == "fmnist":
-        return str(ROOT / "data" / "fmnist_base" / "model")
-    return str(ROOT / "runs" / cfg.profile / "base" / "model")
+        return str(repo_root() / "data" / "fmnist_base" / "model")
+    return str(repo_root() / "runs" / cfg.profile / "base" / "model")
 
 
 def require_base_model(cfg: Config, base: str | os.PathLike) -> None:
@@ -276,8 +274,8 @@ def require_base_model(cfg: Config, base: str | os.PathLike) -> None:
     pretrains itself (no ``cfg.pretrained``: fmnist, smoke). Other paths are left to :func:`load_unet`."""
     if cfg.pretrained or str(base) != base_model_path(cfg) or (Path(base) / "config.json").exists():
         return
-    out = "" if Path(base).parent == ROOT / "runs" / cfg.profile / "base" else \
-        f" --out {os.path.relpath(Path(base).parent, ROOT)}"
+    out = "" if Path(base).parent == repo_root() / "runs" / cfg.profile / "base" else \
+        f" --out {os.path.relpath(Path(base).parent, repo_root())}"
     raise WeightsMissingError(
         f"the base model of profile {cfg.profile!r} is missing ({base}). Pretrain it first, from the repository "
         f"root: `python -m deme train --profile {cfg.profile} --method pretrain{out}`, or run notebook 02 "

@@ -6,7 +6,7 @@
 
 The paper profiles need GPUs, hub weights and large datasets, so most of their code paths would otherwise run
 for the first time on a user's cluster. A rehearsal runs the profile's whole notebook sequence — the plan of
-``python -m deme reproduce`` (:func:`deme.cli.stages`), executed by papermill — on *stand-ins with the real
+``python -m deme reproduce`` (:func:`deme.reproduce.stages`), executed by papermill — on *stand-ins with the real
 structure*, in a fresh root (``DEME_ROOT``):
 
 * the pretrained model in the hub cache layout (``models--<owner>--<name>/snapshots/<commit>/…``, read through
@@ -41,6 +41,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from .config import OVERRIDES_ENV, PROFILES
+from .data import get_dataset
+from .reproduce import stages
+from .sd import SD14_UNET_CONFIG, clip_tokenizer_from_open_clip
 
 PAPER_PROFILES = ("cifar10", "church", "bedroom", "sd14")
 
@@ -122,7 +127,6 @@ def scaled_ddpm_config(hub_id: str, image_size: int) -> dict:
 def scaled_sd14_configs(image_size: int) -> dict[str, dict]:
     """The configs of SD v1.4's UNet, VAE and text encoder, scaled down (same block types and levels; latent
     ``image_size / 8``)."""
-    from .sd import SD14_UNET_CONFIG
     d = STANDIN_WIDTH_DIVISOR["sd14"]
     width = 32                                                   # text width = cross-attention width
     unet = dict(SD14_UNET_CONFIG, sample_size=image_size // 8, layers_per_block=1, cross_attention_dim=width,
@@ -170,11 +174,11 @@ def build_sd14_standin(hf_home: Path, image_size: int, seed: int = 0) -> Path:
     tokenizer/ (the real CLIP BPE vocabulary, from open_clip), scheduler/ (PNDM), safety_checker/ and
     feature_extractor/ — with scaled-down configs and random weights."""
     import tempfile
+
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel
-    from .sd import clip_tokenizer_from_open_clip
     snap = hub_snapshot(hf_home, "CompVis/stable-diffusion-v1-4")
     cfgs = scaled_sd14_configs(image_size)
     torch.manual_seed(seed)
@@ -335,8 +339,6 @@ environment that points the dataset's loader (and, for text-to-image, the evalua
 def build_standins(profile: str, root: Path) -> dict[str, str]:
     """Write the stand-in model and data of ``profile`` under ``root`` and return the environment that points
     the loaders at them (hub cache, data locations)."""
-    from .config import PROFILES
-    from .data import get_dataset
     if profile not in PAPER_PROFILES:
         raise ValueError(f"rehearse takes a paper profile ({', '.join(PAPER_PROFILES)}), got {profile!r}")
     root = Path(root)
@@ -351,7 +353,6 @@ def build_standins(profile: str, root: Path) -> dict[str, str]:
 
 def rehearsal_env(profile: str, root: Path, standins: dict[str, str]) -> dict[str, str]:
     """The environment of the rehearsal's ``python -m deme reproduce`` (inherited by every notebook kernel)."""
-    from .config import OVERRIDES_ENV
     env = dict(os.environ)
     for k in ("DEME_PROFILE", "DEME_SD_DATA", "DEME_DATA", "DEME_LSUN_ID", "DEME_CLIP_WEIGHTS", "HF_HUB_CACHE"):
         env.pop(k, None)                                      # nothing of the caller's set-up leaks in
@@ -372,8 +373,6 @@ def rehearse(profile: str, root: str | os.PathLike, jobs: int = 2, full: bool = 
     Returns the record also written to ``root/rehearsal.json``: overrides, stand-in locations, stages with
     their times, the return code and the end of the output. A failing stage raises nothing here: the
     ``returncode`` says it."""
-    from .cli import stages
-    from .config import PROFILES
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     print(f"rehearsal of {profile!r} in {root}")

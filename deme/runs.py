@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import PROFILES, ROOT, Config
+from .config import PROFILES, Config, repo_root
 
 
 def variant_tag(cfg: Config, *, with_num_ranges: bool = True) -> str:
@@ -37,7 +37,7 @@ def run_dir(cfg: Config, root: str | os.PathLike | None = None) -> Path:
     """Where a run writes: runs/<profile>/<method>[/N<n>/range_<i>] for the profile's own settings (one folder
     per independent job); a variant (any training field changed, see :func:`variant_tag`) gets its own folder,
     e.g. runs/fmnist/deme/N8__consistency_weight=0.0/range_3 or runs/fmnist/standard__seed=1."""
-    d = Path(root or ROOT / "runs") / cfg.profile
+    d = Path(root or repo_root() / "runs") / cfg.profile
     if cfg.method == "pretrain":
         return d / "base"
     if cfg.method == "deme":
@@ -48,7 +48,8 @@ def run_dir(cfg: Config, root: str | os.PathLike | None = None) -> Path:
 
 def merge_dir(cfg: Config) -> Path:
     """The merge stage's output folder for the range models of ``cfg``: runs/<profile>/merge/N<n>[<variant>]."""
-    return ROOT / "runs" / cfg.profile / "merge" / (f"N{cfg.num_ranges}" + variant_tag(cfg, with_num_ranges=False))
+    variant = f"N{cfg.num_ranges}" + variant_tag(cfg, with_num_ranges=False)
+    return repo_root() / "runs" / cfg.profile / "merge" / variant
 
 
 def write_json(path: Path, obj: Any) -> None:

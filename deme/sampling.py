@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Config

@@ -1,5 +1,5 @@
-"""Stable Diffusion v1.4 (PAPER.md §4, Table 2): latent DeMe finetuning data, an offline CLIP tokenizer, the
-zero-shot evaluation protocol, and a tiny random SD pipeline for offline tests.
+"""Stable Diffusion v1.4 (PAPER.md §4, Table 2): the pipeline and its frozen encoders, latent DeMe finetuning
+batches, an offline CLIP tokenizer, generation, and a tiny random SD pipeline for offline tests.
 
 **Training** goes through the one loop, :func:`deme.train.train`, like every other profile. Only the data
 source differs: :func:`text_image_batches` (called by :func:`deme.data.training_batches` for the datasets
@@ -21,11 +21,9 @@ checkpointing (memory on one 80 GB GPU: batch 16 at 512 px with bf16 autocast an
 **Data**: image–caption pairs from a local ``imagefolder`` folder or a hub dataset, read and validated by
 :mod:`deme.imagecaptions` (given by ``cfg.data_dir`` or ``$DEME_SD_DATA``).
 
-**Evaluation** (BK-SDM's protocol, as the paper): prompts from MS-COCO val captions, ImageNet class names and
-PartiPrompts (:mod:`deme.imagecaptions`); :func:`generate` samples with ``StableDiffusionPipeline`` (PNDM,
-25 steps, guidance 7.5, 512 px), image ``i`` seeded by (seed, i); FID at 256 px against a reference image folder
-(:func:`fid_256`, Inception features of :mod:`deme.metrics`) and the CLIP score of :func:`deme.metrics.clip_score`
-(open_clip ViT-g-14), both in :func:`evaluate`.
+**Generation** for evaluation (BK-SDM's protocol, as the paper): :func:`generate` samples with
+``StableDiffusionPipeline`` (PNDM, 25 steps, guidance 7.5, 512 px), image ``i`` seeded by (seed, i), for the
+prompt sets of :mod:`deme.imagecaptions`; :mod:`deme.sdeval` scores the images (FID at 256 px, CLIP score).
 """
 
 from __future__ import annotations
@@ -39,7 +37,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -47,10 +45,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Config
-from .imagecaptions import IMAGE_EXTENSIONS, CorruptImageError, data_source, open_image_captions
-from .data import DataMissingError, is_text_to_image
-from .distributed import SINGLE, Processes
-from .models import WeightsMissingError
+from .distributed import SINGLE, Processes, current_processes
+from .errors import CorruptImageError, DataMissingError, WeightsMissingError
+from .imagecaptions import data_source, open_image_captions, resize_crop
 
 log = logging.getLogger("deme.sd")
 
@@ -148,6 +145,7 @@ def build_tiny_pipeline(directory: str | os.PathLike | None = None, seed: int = 
     Saved with ``save_pretrained`` to ``directory`` when given (usable as ``cfg.pretrained``).
     """
     import tempfile
+
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(seed)
@@ -272,30 +270,6 @@ def load_frozen_encoders(base: str, device: str | torch.device | None = None,
 # Training batches: latents + text embeddings, a pure function of (seed, index)
 # ---------------------------------------------------------------------------------------------------------
 
-RESIZE_FILTERS = ("bicubic", "bilinear")
-
-
-def resize_crop(image, size: int, fx: float | None = None, fy: float | None = None,
-                resample: str = "bicubic") -> np.ndarray:
-    """Resize the shorter side to ``size`` (``resample``: "bicubic" or "bilinear", PIL, antialiased) and crop
-    ``size``×``size``: the crop's offset is the fraction ``fx``, ``fy`` ∈ [0, 1) of the free range (uniform),
-    or the centre when None. Returns uint8 (size, size, 3)."""
-    from PIL import Image
-    if resample not in RESIZE_FILTERS:
-        raise ValueError(f"resize filter must be one of {', '.join(RESIZE_FILTERS)}, got {resample!r}")
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), Image.BICUBIC if resample == "bicubic" else Image.BILINEAR)
-
-    def offset(free: int, f: float | None) -> int:
-        return free // 2 if f is None else min(free, int(f * (free + 1)))
-
-    left, top = offset(nw - size, fx), offset(nh - size, fy)
-    return np.asarray(image.crop((left, top, left + size, top + size)).convert("RGB"))
-
-
 class TextImageBatches:
     """Training batches for latent text-to-image DeMe: ``batch(index) -> (latents, {"encoder_hidden_states": emb})``.
 
@@ -405,7 +379,6 @@ def text_image_batches(cfg: Config, batch_size: int, seed: int, device: str | to
         raise ValueError(f"profile {cfg.profile!r} has no pretrained pipeline (cfg.pretrained) to take the VAE "
                          "and text encoder from")
     device = torch.device(device) if device is not None else torch.device("cpu")
-    from .distributed import current_processes
     source = open_image_captions(data_source(cfg), check_images=cfg.check_images, processes=current_processes())
     log.info(source.report.summary())
     encoders = load_frozen_encoders(base, device, _encoder_dtype(cfg, device))
@@ -415,36 +388,12 @@ def text_image_batches(cfg: Config, batch_size: int, seed: int, device: str | to
                             num_workers=cfg.num_workers)
 
 
-def reference_pairs_features(cfg: Config, n: int, seed: int, *, size: int = 256, chunk: int = 256,
-                             device: str | torch.device | None = None) -> tuple[np.ndarray, list[str]]:
-    """Inception features at ``size`` px (:func:`features_256`) of ``n`` real images of the profile's data and
-    their captions: the pairs of batch 0 of :func:`text_image_batches` with ``seed``, centre-cropped to
-    ``cfg.image_size``, no caption dropout (the pairs :func:`deme.heldout.heldout_inputs` uses).
-
-    Streams: images are decoded and embedded ``chunk`` at a time, so host memory holds one chunk of pixels
-    (256 × 512² × 3 bytes = 0.2 GB at SD's size), never all ``n``. Returns (features (n, 2048), captions)."""
-    source = open_image_captions(data_source(cfg), check_images=cfg.check_images)
-    pairs = TextImageBatches(source, None, n, seed, image_size=cfg.image_size, random_crop=False,
-                             resize_filter=cfg.resize_filter)
-    records = pairs.records(0)
-    feats, captions = [], []
-    for start in range(0, n, chunk):
-        images = []
-        for r in records[start:start + chunk]:
-            image, caption = pairs._load(r)          # a corrupt image is replaced as in training batches
-            images.append(resize_crop(image, cfg.image_size, resample=cfg.resize_filter))
-            captions.append(caption)
-        feats.append(features_256(np.stack(images), size, device=device))
-    return np.concatenate(feats), captions
-
-
 def prepare_unet_for_training(unet: nn.Module, cfg: Config) -> nn.Module:
     """Memory-aware settings for finetuning Stable Diffusion's UNet on one 80 GB GPU: gradient checkpointing
-    (``cfg.gradient_checkpointing``, default on for text-to-image profiles) — recomputes block activations
-    in the backward pass (~30% slower, several× less activation memory). Called by the loop for
-    text-to-image profiles right after loading the student (the teacher runs under no_grad: no need)."""
-    on = cfg.gradient_checkpointing
-    if on or (on is None and is_text_to_image(cfg)):
+    (``cfg.gradient_checkpointing``; None, the default, means on here) — recomputes block activations in the
+    backward pass (~30% slower, several× less activation memory). Called by the loop for text-to-image
+    profiles right after loading the student (the teacher runs under no_grad: no need)."""
+    if cfg.gradient_checkpointing is not False:
         unet.enable_gradient_checkpointing()
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True   # fp32 parts (optimizer, EMA, norms) on tensor cores
@@ -569,181 +518,3 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
         processes.barrier()                      # every process's files are written
         return processes.gather(paths)
     return processes.concat(np.concatenate(images) if images else np.empty((0, height, width, 3), np.uint8))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# FID at 256 px and CLIP score
-# ---------------------------------------------------------------------------------------------------------
-
-def image_files(folder: str | os.PathLike) -> list[Path]:
-    """The image files of ``folder`` (recursively), sorted by path."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataMissingError(f"image folder {folder} not found")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise DataMissingError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-    return files
-
-
-def _image_chunks(source, size: int, chunk: int = 500) -> Iterator[np.ndarray]:
-    """uint8 (n, size, size, 3) chunks of a folder / list of files / uint8 array, resized (shorter side) and
-    centre-cropped to ``size``."""
-    from PIL import Image
-    if isinstance(source, np.ndarray):
-        for i in range(0, len(source), chunk):
-            yield np.stack([resize_crop(Image.fromarray(a), size) for a in source[i:i + chunk]])
-        return
-    files = image_files(source) if isinstance(source, (str, os.PathLike)) else [Path(p) for p in source]
-    for i in range(0, len(files), chunk):
-        out = []
-        for p in files[i:i + chunk]:
-            try:
-                with Image.open(p) as im:
-                    out.append(resize_crop(im.convert("RGB"), size))
-            except Exception as e:
-                raise CorruptImageError(f"{p}: cannot be read as an image ({type(e).__name__}: {e})") from e
-        yield np.stack(out)
-
-
-def features_256(source, size: int = 256, *, cache: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None, progress: bool = False,
-                 processes: Processes = SINGLE) -> np.ndarray:
-    """Inception pool3 features (N, 2048) of images brought to ``size``×``size`` (shorter side resized,
-    bicubic, centre crop) — the FID-at-256-px protocol — then embedded by :func:`deme.metrics.inception_features`
-    (clean-fid resize to 299). ``source``: a folder, a list of files, or uint8 (N, H, W, 3). With ``cache``
-    (an .npz path), features are saved there and reused. ``processes``: each embeds its share of the images,
-    gathered in order (the main process reads and writes the cache)."""
-    from .metrics import FEATURE_DIM, inception_features
-    if cache is not None:
-        cached = processes.broadcast(np.load(cache)["features"] if processes.is_main and Path(cache).is_file()
-                                     else None)
-        if cached is not None:
-            return cached
-    if isinstance(source, (str, os.PathLike)):
-        source = image_files(source)
-    rows = processes.share(len(source))
-    part = source[rows.start:rows.stop]
-    feats = [inception_features(c, device=device)
-             for c in tqdm(_image_chunks(part, size) if len(part) else (), disable=not (progress and processes.is_main),
-                           desc=f"Inception features at {size}px")]
-    feats = processes.concat(np.concatenate(feats) if feats else np.empty((0, FEATURE_DIM), np.float32))
-    if cache is not None and processes.is_main:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(cache) + ".tmp.npz")
-        np.savez(tmp, features=feats, size=size)
-        os.replace(tmp, cache)
-    return feats
-
-
-def fid_256(samples, reference, size: int = 256, *, reference_cache: str | os.PathLike | None = None,
-            device: str | torch.device | None = None, progress: bool = False,
-            processes: Processes = SINGLE) -> float:
-    """FID of ``samples`` against ``reference`` at ``size`` px (BK-SDM: 256), both as in :func:`features_256`
-    (a folder, a list of files, uint8 images, or precomputed features (N, 2048)); the reference's features
-    are cached at ``reference_cache`` when given. ``processes``: the features are computed in shares."""
-    from .metrics import FEATURE_DIM, fid_from_features
-
-    def feats(x, cache=None):
-        if isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == FEATURE_DIM:
-            return x
-        return features_256(x, size, cache=cache, device=device, progress=progress, processes=processes)
-    if isinstance(reference, (str, os.PathLike)) and not Path(reference).exists():
-        raise DataMissingError(f"reference image folder {reference} not found: provide the real images to compare "
-                               "with (e.g. the MS-COCO val2014 images of the chosen captions, see "
-                               "prepare_reference_folder)")
-    return fid_from_features(feats(samples), feats(reference, reference_cache))
-
-
-def prepare_reference_folder(images_dir: str | os.PathLike, file_names: Sequence[str], out_dir: str | os.PathLike,
-                             size: int = 256, progress: bool = False) -> Path:
-    """Write the reference images for FID at ``size`` px: each of ``file_names`` (e.g. the COCO file names from
-    :func:`coco_captions`) read from ``images_dir``, resized (shorter side) and centre-cropped, saved as PNG.
-    Existing outputs are kept; a missing source image stops with its name."""
-    from PIL import Image
-    images_dir, out = Path(images_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in tqdm(file_names, disable=not progress, desc="reference images"):
-        dst = out / (Path(name).stem + ".png")
-        if dst.is_file():
-            continue
-        src = images_dir / name
-        if not src.is_file():
-            raise DataMissingError(f"reference image {src} not found: provide the MS-COCO images "
-                                   f"(e.g. val2014.zip from https://cocodataset.org/#download) in {images_dir}")
-        with Image.open(src) as im:
-            Image.fromarray(resize_crop(im.convert("RGB"), size)).save(dst)
-    return out
-
-
-COCO_FID_REFERENCES = ("chosen", "bk-sdm")
-"""The MS-COCO FID references: ``"chosen"`` — the val2014 images of the chosen captions, shorter side
-resized to 256 and centre-cropped (:func:`prepare_reference_folder`); ``"bk-sdm"`` — the protocol of BK-SDM,
-which the paper's Table 2 follows: all 40,504 val2014 images resized (squashed) to 256×256
-(:func:`prepare_val2014_reference`). Their absolute FIDs are not comparable with each other; BK-SDM also
-computes FID with pytorch-fid, where :func:`fid_256` uses clean-fid's resize, so even "bk-sdm" numbers can
-differ slightly from published ones."""
-
-
-def prepare_val2014_reference(images_dir: str | os.PathLike, out_dir: str | os.PathLike, size: int = 256,
-                              progress: bool = False) -> Path:
-    """BK-SDM's FID reference (``"bk-sdm"`` in :data:`COCO_FID_REFERENCES`): every ``.jpg`` of ``images_dir``
-    (the unpacked val2014.zip: 40,504 images) resized to ``size``×``size`` without keeping the aspect ratio
-    (PIL bicubic, as ``img.resize((256, 256))`` in BK-SDM's ``change_img_size``), saved as PNG under
-    ``out_dir``. Existing outputs are kept (resumable)."""
-    from PIL import Image
-    images_dir, out = Path(images_dir), Path(out_dir)
-    files = sorted(p for p in images_dir.glob("*") if p.suffix.lower() in (".jpg", ".jpeg")) \
-        if images_dir.is_dir() else []
-    if not files:
-        raise DataMissingError(f"no val2014 .jpg images in {images_dir}: unpack val2014.zip from "
-                               "https://cocodataset.org/#download (images.cocodataset.org/zips/val2014.zip) there")
-    out.mkdir(parents=True, exist_ok=True)
-    for src in tqdm(files, disable=not progress, desc="val2014 reference images"):
-        dst = out / (src.stem + ".png")
-        if not dst.is_file():
-            with Image.open(src) as im:
-                im.convert("RGB").resize((size, size), Image.BICUBIC).save(dst)
-    return out
-
-
-def evaluate(samples, prompts: Sequence[str], *, reference=None, size: int = 256,
-             reference_cache: str | os.PathLike | None = None, clip_model: nn.Module | None = None,
-             clip_preprocess=None, clip_tokenizer=None, clip_weights: str | os.PathLike | None = None,
-             device: str | torch.device | None = None, chunk: int = 500, progress: bool = False,
-             processes: Processes = SINGLE) -> dict[str, Any]:
-    """Table 2's metrics for generated ``samples`` (folder, files, or uint8 (N, H, W, 3); sample ``i`` made
-    for ``prompts[i]``): ``fid_256`` against ``reference`` (None: not computed) and ``clip`` — the CLIP score
-    of :func:`deme.metrics.clip_score` (open_clip ViT-g-14 laion2b_s34b_b88k, or ``clip_model``), ``None``
-    when no CLIP weights are available (render with :func:`deme.metrics.clip_column`): the mean of the
-    per-pair scores (:func:`deme.metrics.clip_scores`). ``processes``: each process embeds and scores its
-    share of the samples (and of the reference images), gathered in order; every process returns the result."""
-    from .metrics import clip_scores
-    if isinstance(samples, (str, os.PathLike)):
-        samples = image_files(samples)
-    n = len(samples)
-    if len(prompts) != n:
-        raise ValueError(f"{len(prompts)} prompts for {n} samples")
-    out: dict[str, Any] = {"n": n}
-    out["fid_256"] = (fid_256(samples, reference, size, reference_cache=reference_cache, device=device,
-                              progress=progress, processes=processes) if reference is not None else None)
-    rows = processes.share(n)
-    mine, available = [], True
-    for i in tqdm(range(rows.start, rows.stop, chunk), disable=not (progress and processes.is_main),
-                  desc="CLIP score"):
-        part = samples[i:min(i + chunk, rows.stop)]
-        if not isinstance(part, np.ndarray):
-            from PIL import Image
-            part = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in part])
-        s = clip_scores(part, list(prompts[i:i + len(part)]), weights_path=clip_weights, model=clip_model,
-                        preprocess=clip_preprocess, tokenizer=clip_tokenizer, device=device)
-        if s is None:
-            available = False
-            break
-        mine.append(s)
-    if all(processes.gather([available])):
-        scores = processes.concat(np.concatenate(mine) if mine else np.empty(0, np.float32))
-        out["clip"] = float(scores.mean(dtype=np.float64))
-    else:
-        out["clip"] = None
-    return out

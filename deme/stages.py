@@ -15,16 +15,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from . import sd, sdeval  # through the modules: tests and users replace sd.generate to skip real generation
+from .classifier import classifier_features, ensure_classifier
 from .config import Config, get_profile
 from .data import get_dataset, heldout_batch, heldout_split
 from .heldout import heldout_inputs, heldout_losses, relative_difference
 from .merge import merged_model, task_arithmetic
-from .classifier import classifier_features, ensure_classifier
 from .metrics import compute_fid_kid, fid_from_features, reference_statistics
 from .models import base_model_path, load_unet
-from .sampling import ddim_sample
 from .runs import merge_dir, run_dir, write_json
-from . import sd  # through the module: tests and users replace sd.generate to skip real generation
+from .sampling import ddim_sample
 from .timesteps import timestep_ranges
 from .train import train
 
@@ -134,7 +134,7 @@ def sample_quality_fn(cfg: Config, n: int, seed: int = 0, steps: int | None = No
     samples, unlike the held-out loss). Text-to-image profiles: FID at 256 px between images generated for
     ``n`` captions of the data (:func:`deme.sd.generate`, guidance ``cfg.guidance_scale``) and those captions'
     real images (centre crops); ``n`` is capped at :data:`TEXT_TO_IMAGE_QUALITY_CAP`, the real images'
-    features are computed once, in chunks (:func:`deme.sd.reference_pairs_features`), and the scored model
+    features are computed once, in chunks (:func:`deme.sdeval.reference_pairs_features`), and the scored model
     is never converted in place (generation in ``dtype``, default fp16 on a GPU, runs on a copy). Other
     profiles: Inception FID against the training set statistics.
     Returns ``score(model) -> float`` and the criterion's name. Which criterion: the dataset description's
@@ -150,12 +150,12 @@ def _fid256_score(cfg: Config, n: int, seed: int, steps: int, device, dtype):
         warnings.warn(f"{n} sample-quality samples per candidate lowered to TEXT_TO_IMAGE_QUALITY_CAP = "
                       f"{TEXT_TO_IMAGE_QUALITY_CAP} for the text-to-image merge search", stacklevel=3)
         n = TEXT_TO_IMAGE_QUALITY_CAP
-    real, captions = sd.reference_pairs_features(cfg, n, 4321, device=device)
+    real, captions = sdeval.reference_pairs_features(cfg, n, 4321, device=device)
 
     def score(model) -> float:
         fake = sd.generate(model, captions, base=cfg.pretrained, guidance_scale=cfg.guidance_scale, steps=steps,
                         seed=seed, device=device, dtype=dtype)
-        return sd.fid_256(fake, real, device=device)
+        return sdeval.fid_256(fake, real, device=device)
     return score, f"FID@256 vs data ({n} captions, {steps} steps, guidance {cfg.guidance_scale})"
 
 

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, check_field, get_profile, training_identity
 from .data import is_text_to_image, training_batches
+from .errors import NonFiniteLossError
 from .heldout import heldout_inputs, heldout_loss
 from .losses import consistency_loss, per_sample_mse
 from .methods import METHODS, get_method
@@ -47,11 +48,6 @@ from .mtl import make_ant_objective
 from .objectives import DeMeObjective, Objective, PretrainObjective
 from .runs import atomic_save, device_name, git_commit, run_dir
 from .sd import prepare_unet_for_training
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Objectives (classes in deme.objectives and deme.mtl; which one a method uses: deme.methods)

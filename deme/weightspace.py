@@ -19,9 +19,8 @@ from torch import nn
 
 from .analysis import TensorDict, fixed_batch_loss
 from .config import Config
-from .merge import check_compatible
+from .merge import check_compatible, task_arithmetic
 from .timesteps import timestep_ranges
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Loss landscapes (Fig. 4) and the task-vector plane (Fig. 6a)
@@ -175,7 +174,6 @@ def task_vector_plane_loss(base: nn.Module, expert_a: nn.Module, expert_b: nn.Mo
     Points to mark: θ at (0, 0), θ_a at (1, 0), θ_b at (0, 1), a merge with weights (w_a, w_b) at (w_a, w_b).
     """
     from tqdm.auto import tqdm
-    from .merge import task_arithmetic
     a_vals, b_vals = grid_coords(coords)
     sd_a = {k: v.detach().cpu() for k, v in expert_a.state_dict().items()}
     sd_b = {k: v.detach().cpu() for k, v in expert_b.state_dict().items()}

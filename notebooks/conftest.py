@@ -13,7 +13,7 @@ What this file does, for nbval's items only:
   e.g. notebook 06's ``budgets = [30, 75, 300]``); replayed by nbval it would switch the run back to fmnist
   sizes. Skipping exactly those cells leaves each notebook on its own defaults (``profile = None``: the
   profile comes from ``$DEME_PROFILE``, set to ``smoke`` here) — the cells a reader runs in Jupyter.
-* **A temporary root.** ``DEME_ROOT`` (see :data:`deme.config.ROOT`) points the kernels at a new temporary
+* **A temporary root.** ``DEME_ROOT`` (see :func:`deme.config.repo_root`) points the kernels at a new temporary
   folder (removed at the end; ``--deme-root DIR`` keeps the run in DIR instead), so nothing is written into
   the repository: the smoke base model, trainings, figures and tables all go there.
 * **Stage order.** nbval runs the notebooks in file order (01, 02, ...), but 04-07 read the trainings of

@@ -28,9 +28,9 @@ def tiny_clip():
 def run(processes, out: Path, pipe_dir: Path, folder: Path) -> dict:
     """Class-conditional sample outputs of a seeded smoke UNet (5 samples), text-to-image generation (in
     memory and to a folder) and its scores, and the scan of an image-caption folder, with ``processes``."""
-    from deme import compare, imagecaptions, sd
-    from deme.config import get_profile
+    from deme import compare, imagecaptions, sd, sdeval
     from deme.classifier import SmallCNN
+    from deme.config import get_profile
     from deme.models import build_unet, load_unet
     cfg = get_profile("smoke")
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def run(processes, out: Path, pipe_dir: Path, folder: Path) -> dict:
     result["paths"] = [str(p) for p in paths]
     clip, preprocess, tokenizer = tiny_clip()
     reference = sorted(folder.glob("img_*.png"))             # the decodable images of the folder
-    result["scores"] = sd.evaluate(out / "samples", PROMPTS, reference=reference, size=32,
+    result["scores"] = sdeval.evaluate(out / "samples", PROMPTS, reference=reference, size=32,
                                    reference_cache=out / "reference.npz", clip_model=clip, clip_preprocess=preprocess,
                                    clip_tokenizer=tokenizer, chunk=2, processes=processes)
     return result

@@ -98,10 +98,22 @@ def test_variant_summary_fills_both_columns_for_a_single_model():
     assert s.loc["b", "merged (w = 1/N)"] == "+20.000 [+20.000, +20.000]"
 
 
+def test_table3_layout_adds_true_label_columns_only_where_there_are_labels():
+    rows, _ = _rows_and_losses()
+    table, caption = AB.table3(rows, get_profile("smoke"))           # null label only
+    assert list(table.columns) == ["merged (w = 1/N)", "ensemble"] and "Table 3 analog (smoke)" in caption
+    cond = rows.assign(condition="conditional", delta_pct=rows.delta_pct * 2)
+    both, _ = AB.table3(pd.concat([rows, cond]), get_profile("smoke"))
+    assert list(both.columns) == ["merged (w = 1/N)", "ensemble", "merged (w = 1/N), true label",
+                                  "ensemble, true label"]
+    assert both.loc["a", "ensemble, true label"].startswith("+100.000")
+
+
 def test_records_written_before_a_field_existed_still_match():
     """Adding a Config field with a default must not invalidate finished runs or stage records; changing a
     training field must; evaluation fields never do."""
     import json
+
     from deme.config import normalized, training_identity
     cfg = get_profile("fmnist", range_index=0)
     stored = json.loads(cfg.to_json())
@@ -116,12 +128,11 @@ def test_records_written_before_a_field_existed_still_match():
 def test_parallel_variant_training_matches_one_process(tmp_path, monkeypatch):
     """Two runs trained by two worker processes give the weights of the same runs trained in this process."""
     import shutil
+
     import torch
-    from deme import config as C, models as M, runs as R
+
     from deme.models import load_unet
-    monkeypatch.setenv("DEME_ROOT", str(tmp_path))          # the worker processes' ROOT
-    for module in (C, M, R):                                  # this process's
-        monkeypatch.setattr(module, "ROOT", tmp_path)
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path))          # this process's root and its workers'
     cfg = get_profile("smoke", steps_per_range=2, checkpoint_every=2, log_every=1, heldout_every=0)
     base_run = train(cfg.replace(method="pretrain", pretrain_steps=2), tmp_path / "runs" / "smoke" / "base",
                      progress=False)
@@ -146,6 +157,7 @@ def test_parallel_variant_training_matches_one_process(tmp_path, monkeypatch):
 
 def test_fields_removed_from_config_do_not_invalidate_finished_runs():
     import json
+
     from deme.config import training_identity
     cfg = get_profile("smoke", range_index=0)
     stored = {**json.loads(cfg.to_json()), "eval_seeds": [0, 1], "num_eval_samples": 64}   # fields of older versions

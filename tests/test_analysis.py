@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from deme import analysis as A, weightspace as W
+from deme import analysis as A
+from deme import weightspace as W
 from deme.config import get_profile
 from deme.models import build_unet, make_scheduler, with_projections
 
@@ -284,6 +285,7 @@ def test_plots_render(tmp_path, monkeypatch):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from deme import plots
     sim = np.array([[1, 0.5, -0.2], [0.5, 1, 0.1], [-0.2, 0.1, 1.0]])
     s = A.similarity_summary(sim, [50, 150, 800], T)
@@ -314,8 +316,9 @@ def test_plots_render(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     figs.append(plots.plot_activation_changes({"mid_block": {"per_position": rng.random(20),
                                                              "per_channel": rng.random(8)}}))
-    monkeypatch.setattr(plots, "figures_dir", lambda cfg: tmp_path)
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path))             # figures_dir(smoke) = <root>/runs/smoke/figures
     paths = plots.save_figure(figs[0], CFG, "heat")
+    assert all(p.parent == tmp_path / "runs" / "smoke" / "figures" for p in paths)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
     assert W.landscape_summary(z, np.array([-1, 0, 1.0])).loc[0, "curvature_alpha"] == pytest.approx(0.0)
     plt.close("all")

@@ -16,9 +16,15 @@ from diffusers.training_utils import compute_snr
 
 from deme.config import get_profile
 from deme.losses import loss_weight, snr
-from deme.mtl import (cluster_bounds, interval_clusters, make_ant_objective, solve_nash,
-                      NashMTLObjective, UncertaintyWeightingObjective)
 from deme.models import make_scheduler
+from deme.mtl import (
+    NashMTLObjective,
+    UncertaintyWeightingObjective,
+    cluster_bounds,
+    interval_clusters,
+    make_ant_objective,
+    solve_nash,
+)
 
 T = 1000
 TS = torch.tensor([0, 1, 10, 250, 500, 999])

@@ -43,8 +43,10 @@ def test_sample_outputs_are_collected_on_the_evaluation_device_and_cached_by_wei
     """Models are moved to ``device`` before sampling (the GPU by default where there is one); outputs are
     cached by the weights' fingerprint, so a second call, or the same weights under another name, sample nothing."""
     import copy
+
     import numpy as np
     import torch
+
     from deme import compare
     from deme.config import get_profile
     seen = []

@@ -9,10 +9,19 @@ from accelerate import init_empty_weights
 from diffusers import DDIMPipeline, DDIMScheduler, UNet2DConditionModel, UNet2DModel
 
 from deme.config import get_profile
-from deme.merge import MergeMismatchError, dare, task_arithmetic, ties, uniform_average
-from deme.models import (ProjectedUNet2DConditionModel, ProjectedUNet2DModel, build_unet, channel_projections,
-                         count_parameters, load_unet, with_projections, without_projections)
+from deme.errors import MergeMismatchError
 from deme.losses import consistency_loss
+from deme.merge import dare, task_arithmetic, ties, uniform_average
+from deme.models import (
+    ProjectedUNet2DConditionModel,
+    ProjectedUNet2DModel,
+    build_unet,
+    channel_projections,
+    count_parameters,
+    load_unet,
+    with_projections,
+    without_projections,
+)
 from deme.sampling import TimestepEnsemble
 from deme.timesteps import antithetic, sample_timesteps, timestep_ranges
 
@@ -314,6 +323,7 @@ def test_sampling_check_matches_eq6_and_training_config_applies_notebook_03s_swi
 
 def test_last_fraction_change_reads_the_held_out_loss_of_the_runs_end():
     import pandas as pd
+
     from deme.stages import last_fraction_change
     log = pd.DataFrame({"step": [10, 20, 80, 90, 100], "heldout_loss": [1.0, None, 0.5, None, 0.4]})
     assert last_fraction_change(log, 100) == pytest.approx((0.5, 0.4, -0.2))     # steps >= 80: 0.5 -> 0.4

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from deme import analysis as A, weightspace as W
+from deme import analysis as A
+from deme import weightspace as W
 from deme.config import get_profile
 from deme.models import build_unet, load_unet, with_projections
 

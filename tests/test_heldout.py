@@ -9,8 +9,9 @@ from diffusers import DDPMScheduler
 from deme.config import get_profile
 from deme.data import heldout_batch, heldout_split
 from deme.heldout import heldout_losses, heldout_table, model_fingerprint, paired_losses, relative_difference, verdict
-from deme.metrics import feature_statistics, kid_from_features, paired_fid, paired_kid
+from deme.metrics import feature_statistics, kid_from_features
 from deme.models import build_unet
+from deme.paired import paired_fid, paired_kid
 
 CFG = get_profile("smoke")
 
@@ -111,7 +112,7 @@ def test_paired_fid_matches_the_frechet_formula_and_a_mean_shift_is_exact():
 def test_a_bootstrap_shared_by_several_pairs_gives_each_pair_its_own_interval():
     """compare.claims scores every pair from one bootstrap over all models: a pair's numbers must be those of
     a bootstrap over that pair alone (the resampled rows depend only on n and the seed, not on the models)."""
-    from deme.metrics import fid_bootstrap, paired_difference
+    from deme.paired import fid_bootstrap, paired_difference
     rng = np.random.default_rng(3)
     mu, sigma = feature_statistics(rng.normal(size=(300, 8)))
     feats = {k: rng.normal(size=(40, 8)) * s + s / 4 for k, s in (("a", 1.0), ("b", 1.3), ("c", 0.8))}

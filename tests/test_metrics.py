@@ -17,7 +17,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from deme import classifier as C, metrics as M
+from deme import classifier as C
+from deme import metrics as M
 from deme.config import get_profile
 from deme.data import load_tensor_dataset
 
@@ -94,8 +95,8 @@ def test_kid_mean_matches_cleanfid_and_is_unbiased(full_kernel, monkeypatch):
 
 def test_inception_features_match_cleanfid_folder_pipeline(digits, tmp_path):
     """Our in-memory path == clean-fid's own "clean" path over PNG files with our extractor."""
-    from PIL import Image
     from cleanfid.fid import get_folder_features
+    from PIL import Image
     _, x, _ = digits
     imgs = x[100:106]
     for i, arr in enumerate(M.to_uint8_rgb(imgs)):
@@ -112,6 +113,7 @@ def test_channels_last_inception_matches_the_plain_torchscript_network(digits):
     """The CPU extractor feeds NHWC input (faster with oneDNN); its features equal a plain NCHW forward of
     the TorchScript file on the same resized pixels, up to summation order."""
     import warnings
+
     from cleanfid.resize import build_resizer
     _, x, _ = digits
     ext = M.InceptionFeatureExtractor(device="cpu")

@@ -53,3 +53,15 @@ def test_committed_notebook_is_clean(path):
                 assert out["name"] != "stderr" or not text.strip(), f"cell {i}: stderr output: {text[:200]!r}"
         if cell["cell_type"] == "code" and cell.get("execution_count") and _shows_a_value(source):
             assert cell.get("outputs"), f"cell {i} ends with a value to show but has no output"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_reads_every_parameter(path):
+    """Every assignment of the ``parameters`` cell is a parameter papermill knows: a line it cannot parse (an
+    ``=`` inside the comment did this to notebook 06's ``table3``) makes ``-p name value`` warn "unknown
+    parameter" and leaves the name out of ``papermill --help-notebook``."""
+    import papermill as pm
+    cell = next(c for c in json.loads(path.read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
+    assigned = [t.id for node in ast.parse("".join(cell["source"])).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)]
+    assert assigned and list(pm.inspect_notebook(str(path))) == assigned

@@ -33,8 +33,8 @@ def smoke_root(tmp_path_factory):
 
 def test_reproduce_runs_every_notebook_in_order(smoke_root):
     root, stdout = smoke_root
-    from deme.cli import stages
     from deme.config import get_profile
+    from deme.reproduce import stages
     names = [s[0] for s in stages(get_profile("smoke"))]
     assert names[:2] == ["02_base_model", "01_gradient_conflict"] or names[0] == "02_base_model"
     for name in names:
@@ -122,8 +122,8 @@ def test_unknown_profile_on_the_command_line(tmp_path):
 
 def test_reproduce_full_and_jobs_reach_notebook_06_and_jobs_do_not_invalidate_records():
     """--full and --jobs reach notebook 06's parameters; a record made with other jobs is still up to date."""
-    from deme.cli import _source_hash, _up_to_date, stages
     from deme.config import get_profile
+    from deme.reproduce import _source_hash, _up_to_date, stages
     cfg = get_profile("smoke")
     plan = {name: params for name, _, params in stages(cfg, full=True, jobs=3)}
     p06 = plan["06_ablation"]
@@ -140,7 +140,8 @@ def test_reproduce_keep_going_runs_the_stages_after_a_failure(tmp_path, monkeypa
     """With keep_going a failing notebook is reported, gets no record, and the next stage still runs;
     without it the failure stops the run."""
     import nbformat
-    from deme import cli
+
+    from deme import reproduce as R
     nbs = tmp_path / "nbs"
     nbs.mkdir()
     for name, code in (("02_base_model", "raise RuntimeError('planted failure')"),
@@ -150,9 +151,9 @@ def test_reproduce_keep_going_runs_the_stages_after_a_failure(tmp_path, monkeypa
         nb.cells = [nbformat.v4.new_code_cell("profile = None", metadata={"tags": ["parameters"]}),
                     nbformat.v4.new_code_cell(code)]
         nbformat.write(nb, nbs / f"{name}.ipynb")
-    monkeypatch.setattr(cli, "NOTEBOOKS", nbs)
-    monkeypatch.setattr(cli, "ROOT", tmp_path)
-    out = cli.reproduce("smoke", update_notebooks=False, keep_going=True)
+    monkeypatch.setattr(R, "NOTEBOOKS", nbs)
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path))
+    out = R.reproduce("smoke", update_notebooks=False, keep_going=True)
     assert [r["stage"] for r in out] == ["02_base_model", "01_gradient_conflict"]
     assert "planted failure" in out[0]["failed"] and not out[1].get("failed")
     assert (tmp_path / "ran.txt").read_text() == "ok"
@@ -160,5 +161,5 @@ def test_reproduce_keep_going_runs_the_stages_after_a_failure(tmp_path, monkeypa
     assert not (stages_dir / "02_base_model.json").exists() and (stages_dir / "01_gradient_conflict.json").exists()
     (tmp_path / "ran.txt").unlink()
     with pytest.raises(Exception, match="planted failure"):
-        cli.reproduce("smoke", update_notebooks=False)
+        R.reproduce("smoke", update_notebooks=False)
     assert not (tmp_path / "ran.txt").exists()

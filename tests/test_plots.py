@@ -71,8 +71,8 @@ def test_math_label_and_block_titles():
     assert plots.math_label("no symbols_here") == "no symbols_here"
     assert [plots.block_title(n) for n in ("down_blocks.1", "mid_block", "up_blocks.0", "conv_norm_out")] == \
         ["down block 1", "middle block", "up block 0", "output norm"]
-    assert plots._sci_scale([3e-5, -8.1e-5]) == (pytest.approx(1e5), r" ($\times 10^{-5}$)")
-    assert plots._sci_scale([0.5, 20.0]) == (1.0, "")
+    assert plots.theme._sci_scale([3e-5, -8.1e-5]) == (pytest.approx(1e5), r" ($\times 10^{-5}$)")
+    assert plots.theme._sci_scale([0.5, 20.0]) == (1.0, "")
 
 
 def test_the_theme_applies_inside_and_does_not_leak():

@@ -18,11 +18,11 @@ def toy_weighting(monkeypatch):
 
 
 def test_a_registered_weighting_flows_through_config_training_and_tables(toy_weighting, tmp_path):
-    from deme.cli import stages
     from deme.compare import comparison_models
     from deme.losses import loss_weight, snr
     from deme.models import make_scheduler
     from deme.objectives import Objective
+    from deme.reproduce import stages
     from deme.train import make_objective, train
     cfg = get_profile("smoke", method="twice", steps_per_range=1, heldout_every=0, checkpoint_every=2,
                       log_every=1)
@@ -55,7 +55,9 @@ def test_registering_a_name_twice_is_refused():
 
 def test_a_registered_merge_method_is_merged_and_scored_by_the_merge_method_table(monkeypatch):
     import numpy as np
-    from deme import ablation as AB, merge as M
+
+    from deme import ablation as AB
+    from deme import merge as M
     from deme.models import build_unet
     cfg = get_profile("smoke")
     torch.manual_seed(0)
@@ -94,9 +96,8 @@ def _bars(split: str):
 @pytest.fixture
 def toy_dataset(monkeypatch, tmp_path):
     """Register a toy dataset description, "bars", for this test only; everything written goes under tmp_path."""
-    from deme import classifier, config, data, metrics, models, runs
-    for module in (config, models, runs, metrics, classifier):
-        monkeypatch.setattr(module, "ROOT", tmp_path)
+    from deme import data
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path))
     monkeypatch.setattr(data, "REGISTRY", data.REGISTRY)
     monkeypatch.setattr(data, "DATASETS", dict(data.DATASETS))
     names = tuple(f"bar {k}" for k in range(10))
@@ -108,6 +109,7 @@ def toy_dataset(monkeypatch, tmp_path):
 
 def test_a_registered_dataset_flows_through_training_merging_and_evaluation(toy_dataset, tmp_path):
     import numpy as np
+
     from deme.data import heldout_split, training_batches
     from deme.heldout import paired_losses
     from deme.metrics import reference_size

@@ -80,6 +80,7 @@ def test_ddpm_standins_have_the_real_structure_and_load_through_the_hub_cache(tm
     DDPMPipeline.from_pretrained(hub id) loads it offline; its UNet keeps the real block layout (13 projections
     for the LSUN 256 model, as the released code's list; 9 for CIFAR-10) at reduced width."""
     from diffusers import DDPMPipeline
+
     from deme.models import load_unet, make_scheduler, projection_channels
     for hub_id, levels in (("google/ddpm-cifar10-32", 4), ("google/ddpm-ema-church-256", 6)):
         snap = R.build_ddpm_standin(HF_HOME, hub_id, 32)
@@ -159,6 +160,7 @@ def test_sd14_standin_has_the_real_layout_and_loads_by_hub_id(tmp_path, monkeypa
     hub id (safety checker included, as the real one ships it), and its UNet keeps SD's four levels and the
     nine projections the paper counts."""
     from diffusers import StableDiffusionPipeline
+
     from deme.models import load_unet
     snap = R.build_sd14_standin(HF_HOME, 64)
     assert {p.name for p in snap.iterdir()} == {"model_index.json", "unet", "vae", "text_encoder", "tokenizer",
@@ -206,7 +208,8 @@ def test_analyses_run_on_a_text_to_image_model(tiny_sd, tmp_path, monkeypatch):
     """Notebooks 01 and 06 on sd14 (gradient conflict, landscapes, activation changes, task-vector plane) feed the
     caption embeddings as encoder_hidden_states. Before the fix analysis_batch raised NotImplementedError, so
     both notebooks failed for the sd14 profile. The gradient at t of the analysis equals a hand-computed one."""
-    from deme import analysis as A, sd
+    from deme import analysis as A
+    from deme import sd
     from deme.heldout import heldout_losses
     from deme.models import load_unet, make_scheduler
     folder = R.write_caption_folder(tmp_path / "captions", n=8)
@@ -263,7 +266,7 @@ def test_held_out_tables_on_datasets_without_an_in_memory_test_split(tmp_path, m
     test_rows, train_rows = rows("test_batch"), rows(*[f"data_batch_{i}" for i in range(1, 6)])
     held_out = {tuple(v.tolist()) for v in ((torch.cat([xv, xe]) + 1) * 127.5).round().to(torch.uint8).flatten(1)}
     assert held_out <= test_rows and not held_out & train_rows
-    from deme.heldout import fixed_sample           # loaded in chunks (SD: never thousands of images per VAE call)
+    from deme.heldout import fixed_sample  # loaded in chunks (SD: never thousands of images per VAE call)
     x_chunked, _ = fixed_sample(cfg, 0, 10, chunk=3)
     torch.testing.assert_close(x_chunked, torch.cat([xv, xe]))
 
@@ -273,6 +276,7 @@ def test_text_to_image_held_out_conditions_are_empty_and_true_captions(tiny_sd, 
     (``unconditional``, the branch classifier-free guidance starts from), both as the pipeline's text encoder
     gives them."""
     from transformers import CLIPTextModel, CLIPTokenizer
+
     from deme.heldout import split_inputs
     monkeypatch.setenv("DEME_SD_DATA", str(R.write_caption_folder(tmp_path / "captions", n=8)))
     cfg = PROFILES["sd14"].replace(pretrained=str(tiny_sd), image_size=16, num_workers=0, validation_size=2,
@@ -328,7 +332,7 @@ def _rehearse(profile: str, root: Path) -> dict:
 def _check_common(profile: str, root: Path, rec: dict) -> Path:
     """Every stage of the plan ran (record + executed notebook without errors), the ranges and the baseline
     trained from the stand-in base with the overridden profile, the merge was searched and saved."""
-    from deme.cli import stages
+    from deme.reproduce import stages
     cfg = PROFILES[profile].replace(**R.REHEARSAL_OVERRIDES[profile])
     names = [s[0] for s in stages(cfg)]
     assert names[0] == "02_base_model" and {"03_train_standard", "03_train_range3", "04_merge", "05_compare",

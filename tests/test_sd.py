@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deme import imagecaptions, sd
+from deme import imagecaptions, sd, sdeval
 from deme.config import get_profile
-from deme.data import DataMissingError
-from deme.models import WeightsMissingError, channel_projections, load_unet
+from deme.errors import CorruptImageError, DataMissingError, WeightsMissingError
+from deme.models import channel_projections, load_unet
 
 PROMPTS = ["a red square on a white wall", "a blue circle", "a small green tree", "a yellow car at night"]
 
@@ -159,10 +159,10 @@ def test_resize_crop_centre_and_random():
     img = np.zeros((32, 16, 3), np.uint8)             # 16 wide, 32 high: the crop slides vertically
     img[:, :, 0] = np.arange(32, dtype=np.uint8)[:, None]
     pil = Image.fromarray(img)
-    np.testing.assert_array_equal(sd.resize_crop(pil, 16), img[8:24])                 # centre
-    np.testing.assert_array_equal(sd.resize_crop(pil, 16, 0.0, 0.0), img[0:16])       # top
-    np.testing.assert_array_equal(sd.resize_crop(pil, 16, 0.0, 0.9999), img[16:32])   # bottom
-    assert sd.resize_crop(pil, 8).shape == (8, 8, 3)                                    # downscaled
+    np.testing.assert_array_equal(imagecaptions.resize_crop(pil, 16), img[8:24])                 # centre
+    np.testing.assert_array_equal(imagecaptions.resize_crop(pil, 16, 0.0, 0.0), img[0:16])       # top
+    np.testing.assert_array_equal(imagecaptions.resize_crop(pil, 16, 0.0, 0.9999), img[16:32])   # bottom
+    assert imagecaptions.resize_crop(pil, 8).shape == (8, 8, 3)                                    # downscaled
 
 
 def test_caption_folder_validation(tmp_path, caplog):
@@ -203,7 +203,7 @@ def test_caption_folder_validation(tmp_path, caplog):
 
     # the truncated image fails when decoded: reported once, replaced by the next record, deterministically
     t = [i for i in range(len(data)) if data.name(i) == "truncated.png"][0]
-    with pytest.raises(imagecaptions.CorruptImageError):
+    with pytest.raises(CorruptImageError):
         data.load(t)
     assert dict(data.report.bad)["truncated.png"].startswith("corrupt image")
     enc = type("NoEncoders", (), {})()
@@ -242,7 +242,7 @@ def test_missing_inputs_offline_say_what_to_provide(pipe_dir, folder, tmp_path, 
     with pytest.raises(DataMissingError, match="PartiPrompts.tsv"):
         imagecaptions.parti_prompts(tmp_path / "PartiPrompts.tsv")
     with pytest.raises(DataMissingError, match="reference image folder"):
-        sd.fid_256(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "coco_val_256")
+        sdeval.fid_256(np.zeros((2, 16, 16, 3), np.uint8), tmp_path / "coco_val_256")
 
 
 # --------------------------------------------------------------------------------------------- prompts
@@ -346,7 +346,7 @@ def test_tiny_sd_deme_run_merge_sample_and_score(pipe_dir, folder, tmp_path, mon
                                                               image_size=32),
                                 text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval()
     preprocess, tokenizer = open_clip.image_transform(32, is_train=False), open_clip.get_tokenizer("ViT-g-14")
-    result = sd.evaluate(after_dir, PROMPTS, clip_model=clip, clip_preprocess=preprocess, clip_tokenizer=tokenizer,
+    result = sdeval.evaluate(after_dir, PROMPTS, clip_model=clip, clip_preprocess=preprocess, clip_tokenizer=tokenizer,
                          chunk=3)
     with torch.no_grad():
         pix = torch.stack([preprocess(Image.fromarray(a)) for a in after])
@@ -368,12 +368,12 @@ def test_fid_256_plumbing(tmp_path, monkeypatch):
                         np.full((len(x), M.FEATURE_DIM), float(x.mean()), np.float32))
     monkeypatch.setattr(M, "fid_from_features", lambda a, b: float(np.abs(a - b).max()))
     cache = tmp_path / "ref.npz"
-    assert sd.fid_256(imgs, tmp_path, size=32, reference_cache=cache) == 0.0
+    assert sdeval.fid_256(imgs, tmp_path, size=32, reference_cache=cache) == 0.0
     assert len(seen) == 2 and all(x.shape == (3, 32, 32, 3) and x.dtype == np.uint8 for x in seen)
-    np.testing.assert_array_equal(seen[0][0], sd.resize_crop(Image.fromarray(imgs[0]), 32))
+    np.testing.assert_array_equal(seen[0][0], imagecaptions.resize_crop(Image.fromarray(imgs[0]), 32))
     np.testing.assert_array_equal(seen[0], seen[1])            # folder (PNG) and array inputs agree
     assert cache.is_file()
-    sd.fid_256(tmp_path, tmp_path, size=32, reference_cache=cache)
+    sdeval.fid_256(tmp_path, tmp_path, size=32, reference_cache=cache)
     assert len(seen) == 3                                      # the cached reference is not recomputed
 
 
@@ -404,8 +404,9 @@ def test_table2_protocol_on_a_tiny_sd_model(pipe_dir, tmp_path):
     prompts, PartiPrompts (CLIP only); every model generates every set with the same seed, scores are cached
     and generation resumes; missing files say what to provide."""
     import open_clip
+
     from deme.compare import run_text_to_image_comparison, text_to_image_prompt_sets
-    from deme.data import DataMissingError
+
     images = tmp_path / "val2014"
     images.mkdir()
     rng = np.random.default_rng(1)
@@ -428,7 +429,7 @@ def test_table2_protocol_on_a_tiny_sd_model(pipe_dir, tmp_path):
     assert sorted(sets) == ["ImageNet", "MS-COCO", "PartiPrompts"]
     assert sorted(sets["MS-COCO"]["prompts"]) == [f"a photo number {i}" for i in range(3)]
     assert sets["ImageNet"]["prompts"] == ["a photo of a tench", "a photo of a goldfish"]
-    assert len(sd.image_files(sets["MS-COCO"]["reference"])) == 3
+    assert len(sdeval.image_files(sets["MS-COCO"]["reference"])) == 3
     torch.manual_seed(0)
     clip = open_clip.model.CLIP(embed_dim=32, vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8,
                                                               image_size=32),
@@ -511,12 +512,12 @@ def test_text_to_image_quality_count_capped_and_reference_streamed(pipe_dir, fol
 
     # streamed reference features == features of the same pairs taken as one batch (the former path)
     seen.clear()
-    feats, captions = sd.reference_pairs_features(cfg, 6, 4321, size=32, chunk=4)
+    feats, captions = sdeval.reference_pairs_features(cfg, 6, 4321, size=32, chunk=4)
     assert [s[0] for s in seen] == [4, 2] and feats.shape == (6, 2048)
     pixels, whole_captions = sd.text_image_batches(cfg.replace(label_dropout=0.0, center_crop=True), 6, 4321,
                                                    device="cpu").pixels(0)
     real = ((pixels.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-    expected = np.stack([sd.resize_crop(Image.fromarray(a), 32) for a in real]).reshape(6, -1)[:, :2048]
+    expected = np.stack([imagecaptions.resize_crop(Image.fromarray(a), 32) for a in real]).reshape(6, -1)[:, :2048]
     assert captions == whole_captions
     np.testing.assert_array_equal(feats, expected.astype(np.float32))
 
@@ -573,7 +574,9 @@ def test_noise_scheduler_from_the_pipeline_and_prediction_type_guard(pipe_dir, t
     """For a pretrained model the noise schedule is the pipeline's own (scheduler/scheduler_config.json), not
     the profile's numbers; a v-prediction or sample-prediction model stops with a clear error."""
     import shutil
+
     from diffusers import DDPMScheduler
+
     from deme.models import make_scheduler
     same = make_scheduler(_cfg(pipe_dir))
     torch.testing.assert_close(same.alphas_cumprod, DDPMScheduler(
@@ -626,9 +629,9 @@ def test_flip_and_resize_filter_options(pipe_dir, tmp_path, monkeypatch):
     img = PILImage.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
     for name, flt in (("bicubic", PILImage.BICUBIC), ("bilinear", PILImage.BILINEAR)):
         expected = np.asarray(img.resize((24, 16), flt))[:, 4:20]
-        np.testing.assert_array_equal(sd.resize_crop(img, 16, resample=name), expected)
+        np.testing.assert_array_equal(imagecaptions.resize_crop(img, 16, resample=name), expected)
     with pytest.raises(ValueError, match="bilinear"):
-        sd.resize_crop(img, 16, resample="lanczos")
+        imagecaptions.resize_crop(img, 16, resample="lanczos")
 
 
 def test_coco_fid_reference_of_the_paper_protocol(pipe_dir, tmp_path):
@@ -647,9 +650,9 @@ def test_coco_fid_reference_of_the_paper_protocol(pipe_dir, tmp_path):
     kw = dict(coco_captions=str(tmp_path / "captions.json"), coco_images=str(images), n_coco=2)
     cfg = _cfg(pipe_dir)
     chosen = text_to_image_prompt_sets(cfg, out_dir=tmp_path / "a", **kw)["MS-COCO"]
-    assert len(sd.image_files(chosen["reference"])) == 2 and "reference_tag" not in chosen
+    assert len(sdeval.image_files(chosen["reference"])) == 2 and "reference_tag" not in chosen
     paper = text_to_image_prompt_sets(cfg.replace(coco_fid_reference="bk-sdm"), out_dir=tmp_path / "b", **kw)["MS-COCO"]
-    files = sd.image_files(paper["reference"])
+    files = sdeval.image_files(paper["reference"])
     assert [f.stem for f in files] == [f"COCO_{i}" for i in range(4)] and paper["reference_tag"] == "bk-sdm"
     for f in files:
         src = Image.open(images / f"{f.stem}.jpg").convert("RGB")
@@ -663,6 +666,7 @@ def test_export_for_diffusers_loads_with_the_projections_intact(pipe_dir, tmp_pa
     trust_remote_code=True and computes what the projected model computes; the plain class alone would drop
     the projections and compute something else."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
     from deme.models import export_for_diffusers
     unet = load_unet(pipe_dir, projection=True).eval()
     torch.manual_seed(1)

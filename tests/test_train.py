@@ -11,9 +11,10 @@ import torch
 
 import deme.train as train_mod
 from deme.config import PROFILES, get_profile
-from deme.data import DataMissingError, TensorBatches, load_fmnist_raw
+from deme.data import TensorBatches, load_fmnist_raw
+from deme.errors import DataMissingError, NonFiniteLossError, WeightsMissingError
 from deme.models import load_unet
-from deme.train import NonFiniteLossError, heldout_loss, train
+from deme.train import heldout_loss, train
 
 
 def _pretrain_cfg(**kw):
@@ -216,12 +217,9 @@ def test_set_overrides_are_checked_against_the_config_fields():
 def test_a_missing_base_model_says_the_command_that_makes_it(tmp_path, monkeypatch):
     """Profiles whose base the project pretrains (smoke, fmnist): training a range without it stops with the
     command; running that command (shortened) makes the base where the range job looks for it."""
-    import deme.models as models
-    import deme.runs as runs
     from deme.cli import main as cli_main
-    from deme.models import WeightsMissingError, base_model_path
-    monkeypatch.setattr(models, "ROOT", tmp_path)
-    monkeypatch.setattr(runs, "ROOT", tmp_path)
+    from deme.models import base_model_path
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path))
     fm = get_profile("fmnist", method="deme", range_index=0)
     with pytest.raises(WeightsMissingError, match=r"--profile fmnist --method pretrain --out data/fmnist_base`"):
         train(fm, tmp_path / "fm", progress=False)
