@@ -209,7 +209,7 @@ def test_analyses_run_on_a_text_to_image_model(tiny_sd, tmp_path, monkeypatch):
     caption embeddings as encoder_hidden_states. Before the fix analysis_batch raised NotImplementedError, so
     both notebooks failed for the sd14 profile. The gradient at t of the analysis equals a hand-computed one."""
     from deme import analysis as A
-    from deme import sd
+    from deme.data import is_text_to_image
     from deme.heldout import heldout_losses
     from deme.models import load_unet, make_scheduler
     folder = R.write_caption_folder(tmp_path / "captions", n=8)
@@ -233,7 +233,7 @@ def test_analyses_run_on_a_text_to_image_model(tiny_sd, tmp_path, monkeypatch):
     assert per.shape == (4,) and torch.isfinite(per).all()
     changes = A.activation_changes(model, model, cfg, x, y, t=500)
     assert all(np.allclose(v["per_channel"], 0) for v in changes.values())
-    assert sd.is_text_to_image(cfg)
+    assert is_text_to_image(cfg)
 
 
 def test_held_out_tables_on_datasets_without_an_in_memory_test_split(tmp_path, monkeypatch):
