@@ -31,18 +31,20 @@ their "labels" are caption embeddings, fed as ``encoder_hidden_states`` (:func:`
 from __future__ import annotations
 
 import time
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, display_path, figures_dir, get_profile
 from .data import get_dataset, load_tensor_dataset, training_batches
 from .heldout import heldout_loss
 from .losses import per_sample_mse
-from .models import conditioning_kwargs, make_scheduler
+from .models import conditioning_kwargs, count_parameters, load_unet, make_scheduler
+from .stages import ensure_base_model
 
 TensorDict = dict[str, torch.Tensor]
 
@@ -142,6 +144,35 @@ class GaussianSketch:
         return (out / d ** 0.5).cpu()
 
 
+def _batch_gradient(model: nn.Module, sched, params: list[torch.Tensor], images: torch.Tensor, eps_all: torch.Tensor,
+                    labels: torch.Tensor | None, t: int, micro_batch: int) -> tuple[list[torch.Tensor], float]:
+    """The gradient of the mean ε-MSE of all ``images`` noised to ``t`` with ``eps_all`` (accumulated over
+    micro-batches), one tensor per parameter (zeros where a parameter got none), and that mean loss."""
+    device, n = _device(model), len(images)
+    for p in params:
+        p.grad = None
+    total = 0.0
+    for i in range(0, n, micro_batch):
+        sl = slice(i, i + micro_batch)
+        x0, eps = images[sl].to(device), eps_all[sl].to(device)
+        tt = torch.full((len(x0),), t, dtype=torch.long, device=device)
+        y = labels[sl].to(device) if labels is not None else None
+        loss = per_sample_mse(_forward(model, sched.add_noise(x0, eps, tt), tt, y), eps).sum() / n   # batch mean
+        loss.backward()
+        total += loss.item()
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params], total
+
+
+def _cosine_matrix(rows: torch.Tensor) -> np.ndarray:
+    """Cosines between the rows of ``rows``: exactly symmetric, unit diagonal, clipped to [−1, 1]."""
+    G = rows.double()
+    unit = G / G.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    sim = (unit @ unit.T).numpy()
+    sim = (sim + sim.T) / 2
+    np.fill_diagonal(sim, 1.0)
+    return np.clip(sim, -1.0, 1.0)
+
+
 def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
                         timesteps: Sequence[int] | np.ndarray | int, seed: int = 0,
                         projection_dim: int | None = None, micro_batch: int = 256, noise: str = "shared",
@@ -162,13 +193,11 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
     tensor, e.g. the output convolution, makes cosines swing with that tensor's sign), ``num_parameters``,
     ``projection_dim``, ``noise``, ``batch``, ``seconds`` and ``method``.
     """
-    from tqdm.auto import tqdm
     ts = timestep_grid(cfg.num_train_timesteps, timesteps) if isinstance(timesteps, (int, np.integer)) \
         else np.asarray(timesteps, dtype=np.int64)
     if len(ts) < 2:
         raise ValueError("gradient_similarity needs at least two timesteps")
     sched = make_scheduler(cfg)
-    device = _device(model)
     named = [(k, p) for k, p in model.named_parameters() if p.is_floating_point()]
     names, params = [k for k, _ in named], [p for _, p in named]
     flags = [p.requires_grad for p in params]
@@ -186,19 +215,7 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
             p.requires_grad_(True)
         for k, t in enumerate(tqdm(ts, disable=not progress, desc="gradients")):
             eps_all = shared if noise == "shared" else fixed_noise(images.shape, _projection_seed(seed, 10_000 + k))
-            for p in params:
-                p.grad = None
-            total = 0.0
-            for i in range(0, n, micro_batch):
-                sl = slice(i, i + micro_batch)
-                x0, eps = images[sl].to(device), eps_all[sl].to(device)
-                tt = torch.full((len(x0),), int(t), dtype=torch.long, device=device)
-                xt = sched.add_noise(x0, eps, tt)
-                y = labels[sl].to(device) if labels is not None else None
-                loss = per_sample_mse(_forward(model, xt, tt, y), eps).sum() / n   # mean over the whole batch
-                loss.backward()
-                total += loss.item()
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            grads, total = _batch_gradient(model, sched, params, images, eps_all, labels, int(t), micro_batch)
             sq = torch.stack([g.double().pow(2).sum() for g in grads]).cpu()
             norms.append(float(sq.sum().sqrt()))
             top.append((names[int(sq.argmax())], float(sq.max() / sq.sum().clamp_min(1e-300))))
@@ -212,12 +229,7 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
             p.grad = None
             p.requires_grad_(f)
         model.train(was)
-    G = torch.stack(rows).double()
-    unit = G / G.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    sim = (unit @ unit.T).numpy()
-    sim = (sim + sim.T) / 2           # exactly symmetric
-    np.fill_diagonal(sim, 1.0)
-    sim = np.clip(sim, -1.0, 1.0)
+    sim = _cosine_matrix(torch.stack(rows))
     info = {"timesteps": ts, "loss": np.array(losses), "grad_norm": np.array(norms),
             "num_parameters": sum(p.numel() for p in params), "projection_dim": projection_dim, "batch": n,
             "noise": noise, "top_parameter": [k for k, _ in top], "top_share": np.array([s for _, s in top]),
@@ -236,13 +248,47 @@ ANALYSIS_SIZES = {"smoke": dict(num_timesteps_grid=12, batch=16, check_timesteps
 
 def analysis_sizes(cfg: Config, **given: int | None) -> dict[str, int]:
     """The sizes of notebook 01's analyses: each ``given`` value that is not None, else the profile's entry of
-    :data:`ANALYSIS_SIZES` (``"default"`` for profiles without one)."""
-    sizes = dict(ANALYSIS_SIZES.get(cfg.profile, ANALYSIS_SIZES["default"]))
+    :data:`ANALYSIS_SIZES` that ``cfg.analysis_sizes`` names."""
+    if cfg.analysis_sizes not in ANALYSIS_SIZES:
+        raise ValueError(f"analysis_sizes={cfg.analysis_sizes!r} is not one of {sorted(ANALYSIS_SIZES)} "
+                         "(deme.analysis.ANALYSIS_SIZES)")
+    sizes = dict(ANALYSIS_SIZES[cfg.analysis_sizes])
     unknown = set(given) - set(sizes)
     if unknown:
         raise ValueError(f"unknown analysis sizes {sorted(unknown)}; valid: {sorted(sizes)}")
     sizes.update({k: int(v) for k, v in given.items() if v is not None})
     return sizes
+
+
+class AnalysisInputs(NamedTuple):
+    """What notebook 01's analyses share: the profile, its base model (eval mode, on the device), one fixed
+    batch of training images, their labels, the labels fed to the model, and the analysis sizes."""
+    cfg: Config
+    model: nn.Module
+    images: torch.Tensor
+    labels: torch.Tensor
+    model_labels: torch.Tensor | None
+    sizes: dict[str, int]
+
+
+def prepare(profile: str | None = None, *, conditional: bool = True, seed: int = 0, device: str | None = None,
+            num_threads: int | None = None, **sizes: int | None) -> AnalysisInputs:
+    """Notebook 01's set-up: the profile, its base model (pretrained first when missing,
+    :func:`deme.stages.ensure_base_model`) on ``device`` (None: CUDA when available), the fixed batch of
+    :func:`analysis_batch` and its :func:`model_labels`, and :func:`analysis_sizes` with ``sizes`` given;
+    ``num_threads`` sets torch's CPU threads. Prints what it loaded."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = get_profile(profile)
+    size = analysis_sizes(cfg, **sizes)
+    base_path = ensure_base_model(cfg)
+    model = load_unet(base_path).to(device).eval()
+    images, labels = analysis_batch(cfg, size["batch"], seed=seed)
+    print(f"profile={cfg.profile}  base model {display_path(base_path)}: {count_parameters(model) / 1e6:.2f}M "
+          f"parameters, {cfg.image_size}x{cfg.image_size}, {device}; {size}; figures -> "
+          f"{display_path(figures_dir(cfg))}")
+    return AnalysisInputs(cfg, model, images, labels, model_labels(cfg, labels, conditional=conditional), size)
 
 
 def conflict_panels(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor, k: int,

@@ -368,13 +368,6 @@ def text_to_image_table(scores: pd.DataFrame) -> pd.DataFrame:
                                dropna=False)
 
 
-def save_table(table: pd.DataFrame, formatted: pd.DataFrame, stem: Path, caption: str) -> None:
-    """CSV (numbers), Markdown and LaTeX (formatted) next to each other: ``<stem>.csv/.md/.tex``."""
-    table.to_csv(stem.with_suffix(".csv"))
-    stem.with_suffix(".md").write_text(f"{caption}\n\n" + formatted.to_markdown() + "\n")
-    stem.with_suffix(".tex").write_text(formatted.to_latex(caption=caption, escape=True))
-
-
 def paired_between(losses: dict, outputs: dict | None, cfg: Config, a: str, b: str,
                    num_bootstrap: int = 200, fid_draws: tuple | None = None) -> dict[str, tuple[float, float, float]]:
     """Model ``a`` against model ``b`` on the same draws: held-out Δ% over all t for each condition

@@ -123,6 +123,9 @@ class Config:
     coco_fid_reference: str = "chosen"    # text-to-image MS-COCO FID reference: "chosen" (the images of the chosen
                                           # captions, shorter side to 256 + centre crop) | "bk-sdm" (the paper's
                                           # protocol: all 40,504 val2014 images resized to 256x256)
+    # -- analysis (notebook 01) -------------------------------------------------------------------------------
+    analysis_sizes: str = "default"       # a key of deme.analysis.ANALYSIS_SIZES: Fig. 1a/2/4's timesteps, batches
+                                          # and landscape grid ("smoke": seconds, for tests and rehearsals)
 
     # ---------------------------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> "Config":
@@ -255,7 +258,7 @@ PROFILES: dict[str, Config] = {
         lr=2e-4, batch_size=16, grad_accum=1, mixed_precision="no",
         num_ranges=2, steps_per_range=4, p_global=0.3, checkpoint_every=2, log_every=2,
         heldout_every=20, heldout_size=64, validation_size=120, num_workers=0,
-        sample_steps=5, guidance_scale=2.0, merge_grid=(0.0, 0.5, 1.0),
+        analysis_sizes="smoke", sample_steps=5, guidance_scale=2.0, merge_grid=(0.0, 0.5, 1.0),
         fid_samples=12, fid_reference_size=100,
     ),
     # The embedded default: 16x16 Fashion-MNIST, class-conditional, pretrained by notebook 02. Finetuning in

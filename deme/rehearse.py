@@ -63,6 +63,7 @@ _CPU = dict(
     heldout_size=8, validation_size=8, evaluation_size=16,   # held-out / merge-search inputs
     sample_steps=3, fid_samples=12, fid_reference_size=24,
     merge_grid=(0.0, 0.5, 1.0),
+    analysis_sizes="smoke",                         # notebook 01: 12 grid timesteps, batches of 16, 5x5 landscapes
 )
 REHEARSAL_OVERRIDES: dict[str, dict[str, Any]] = {
     "cifar10": dict(_CPU),                                   # the real 32 px
@@ -243,7 +244,13 @@ def write_lsun(folder: Path, n: int = 80, seed: int = 0) -> Path:
     imgs = [Image.fromarray(a) for a in _images(n, rng, [(40, 52), (48, 40), (40, 40)])]
     ds = datasets.Dataset.from_dict({"image": imgs}, features=datasets.Features({"image": datasets.Image()}))
     (Path(folder) / "data").mkdir(parents=True, exist_ok=True)
-    ds.to_parquet(str(Path(folder) / "data" / "train-00000-of-00001.parquet"))
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()                  # no "Creating parquet" bar in the rehearsal's output
+    try:
+        ds.to_parquet(str(Path(folder) / "data" / "train-00000-of-00001.parquet"))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     return Path(folder)
 
 

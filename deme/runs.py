@@ -1,5 +1,5 @@
-"""Run bookkeeping: where each run writes (the runs/ folder layout), atomic writes, the device's name and the
-git commit a record is stamped with. Every stage and the training loop take these from here.
+"""Run bookkeeping: where each run writes (the runs/ folder layout), atomic writes, result tables, the device's
+name and the git commit a record is stamped with. Every stage, notebook and the training loop take these from here.
 
 Layout under ``runs/<profile>/``: ``base/`` (pretraining), ``<method>[<variant>]/`` (a baseline),
 ``deme/N<n>[<variant>]/range_<i>/`` (one DeMe range), ``merge/N<n>[<variant>]/`` (the merge stage); a
@@ -12,12 +12,14 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
-from .config import PROFILES, Config, repo_root
+from .config import PROFILES, Config, figures_dir, repo_root
 
 
 def variant_tag(cfg: Config, *, with_num_ranges: bool = True) -> str:
@@ -58,6 +60,41 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     tmp.replace(path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_table(table: pd.DataFrame, cfg: Config, name: str, formatted: pd.DataFrame | None = None,
+               caption: str | None = None, index: bool = False) -> list[Path]:
+    """A result table beside the figures (:func:`deme.config.figures_dir`), as :func:`deme.plots.save_figure`
+    saves a figure: ``<name>.csv`` with the numbers (the index too when ``index``, e.g. a matrix's row labels)
+    and, when a ``formatted`` version (strings such as "19.07 (+0.05 [-0.22, 0.29])") is given, ``<name>.md``
+    and ``<name>.tex`` with it under ``caption``. Each file is written atomically. Returns the paths written."""
+    stem = figures_dir(cfg) / name
+    paths = [stem.with_suffix(".csv")]
+    _write_text(paths[0], table.to_csv(index=index))
+    if formatted is not None:
+        head = f"{caption}\n\n" if caption else ""
+        paths += [stem.with_suffix(".md"), stem.with_suffix(".tex")]
+        _write_text(paths[1], head + formatted.to_markdown() + "\n")
+        _write_text(paths[2], formatted.to_latex(caption=caption, escape=True))
+    return paths
+
+
+def append_run_log(cfg: Config, name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Append ``record`` as one JSON line to ``<name>.jsonl`` beside the figures — which run made which tables
+    and figures — stamped with the device (:func:`device_name`, with torch's CPU threads), the git commit and
+    the time it finished. Returns the line written."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    line = {**record, "device": device_name(device, threads=True), "commit": git_commit(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    with open(figures_dir(cfg) / f"{name}.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(line, default=str) + "\n")
+    return line
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -330,6 +330,9 @@ def test_notebook_01_helpers_sizes_and_both_conditionings():
     assert A.analysis_sizes(get_profile("cifar10")) == A.ANALYSIS_SIZES["default"]
     with pytest.raises(ValueError, match="unknown analysis sizes"):
         A.analysis_sizes(CFG, batchsize=8)
+    assert A.analysis_sizes(get_profile("cifar10").replace(analysis_sizes="smoke")) == A.ANALYSIS_SIZES["smoke"]
+    with pytest.raises(ValueError, match="analysis_sizes='tiny' is not one of"):
+        A.analysis_sizes(CFG.replace(analysis_sizes="tiny"))
     # SignModel ignores labels: both conditionings see the same exactly opposite gradients (cos ±1)
     images, labels = torch.randn(4, 1, 4, 4), torch.tensor([0, 1, 2, 3])
     cfg = CFG.replace(num_classes=10)

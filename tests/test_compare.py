@@ -65,3 +65,32 @@ def test_sample_outputs_are_collected_on_the_evaluation_device_and_cached_by_wei
     compare.collect_sample_outputs(cfg, 4, seed=1, out_dir=tmp_path, progress=False, device="meta",
                                    models={"renamed": lambda: copy.deepcopy(lin)})
     assert len(seen) == 1
+
+
+def test_tables_and_run_logs_are_saved_beside_the_figures(tmp_path, monkeypatch):
+    """deme.runs.save_table: numbers in CSV (read back equal, no index column unless asked), the formatted
+    table in Markdown and LaTeX under its caption; append_run_log adds one stamped JSON line per call."""
+    import json
+
+    from deme.config import get_profile
+    from deme.runs import append_run_log, save_table
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path))
+    cfg = get_profile("smoke")
+    t = pd.DataFrame({"model": ["a", "b"], "fid": [1.25, 0.1 + 0.2]})
+    shown = pd.DataFrame({"FID": ["1.25", "0.30"]}, index=["a", "b"])
+    paths = save_table(t, cfg, "tab_smoke", shown, "Table X: a caption")
+    figs = tmp_path / "runs" / "smoke" / "figures"
+    assert paths == [figs / "tab_smoke.csv", figs / "tab_smoke.md", figs / "tab_smoke.tex"]
+    pd.testing.assert_frame_equal(pd.read_csv(paths[0], float_precision="round_trip"), t)   # exact floats
+    md = paths[1].read_text()
+    assert md.startswith("Table X: a caption\n\n|") and "FID |" in md and "| a  |  1.25 |" in md
+    assert "\\caption{Table X: a caption}" in paths[2].read_text() and "0.30" in paths[2].read_text()
+    assert [p.name for p in figs.iterdir() if p.suffix == ".tmp"] == []
+    m = pd.DataFrame([[1.0, 0.5], [0.5, 1.0]], index=[10, 20], columns=[10, 20])
+    assert save_table(m, cfg, "matrix_smoke", index=True) == [figs / "matrix_smoke.csv"]
+    assert pd.read_csv(figs / "matrix_smoke.csv", index_col=0).values.tolist() == m.values.tolist()
+    append_run_log(cfg, "log_smoke", {"seconds": {"total": 1.5}})
+    line = append_run_log(cfg, "log_smoke", {"seconds": {"total": 2.5}})
+    lines = [json.loads(x) for x in (figs / "log_smoke.jsonl").read_text().splitlines()]
+    assert [x["seconds"]["total"] for x in lines] == [1.5, 2.5] and lines[-1] == line
+    assert {"device", "commit", "finished"} <= set(line) and "threads" in line["device"]
