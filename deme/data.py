@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .config import Config, repo_root
 from .errors import DataMissingError
+from .registry import add_entry
 from .sd import text_image_batches
 
 FMNIST_DIRS = (os.environ.get("DEME_FMNIST_DIR", ""), "/usr/share/datasets/fashion-mnist")
@@ -333,7 +334,7 @@ class DatasetSpec:
         return self.prompt.format(name=name, a="an" if name[0].lower() in "aeiou" else "a")
 
 
-REGISTRY: tuple[DatasetSpec, ...] = (
+DATASETS: dict[str, DatasetSpec] = {d.name: d for d in (
     DatasetSpec("digits", "sklearn digits", "tensor", "sklearn.datasets.load_digits (8x8, 1797 images)",
                 class_names=DIGITS_CLASSES, split_sizes={"train": 1437, "test": 360}, arrays=load_digits_raw,
                 classifier_epochs=20, quality="classifier-fd", prompt="a photo of the digit {name}"),
@@ -351,9 +352,7 @@ REGISTRY: tuple[DatasetSpec, ...] = (
                 "an image-caption folder or hub dataset (cfg.data_dir / $DEME_SD_DATA)", quality="fid@256"),
     DatasetSpec("imagefolder", "image-caption folder", "text-to-image",
                 "imagefolder + metadata.jsonl (cfg.data_dir / $DEME_SD_DATA)", quality="fid@256"),
-)
-
-DATASETS: dict[str, DatasetSpec] = {d.name: d for d in REGISTRY}
+)}
 
 
 def get_dataset(cfg_or_name: Config | str) -> DatasetSpec:
@@ -369,12 +368,7 @@ def get_dataset(cfg_or_name: Config | str) -> DatasetSpec:
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     """Add ``spec`` to the registry (e.g. from a notebook or a plug-in module); a profile with
     ``dataset=spec.name`` then trains, merges and is evaluated on it."""
-    global REGISTRY
-    if spec.name in DATASETS:
-        raise ValueError(f"a dataset named {spec.name!r} is already registered")
-    REGISTRY = REGISTRY + (spec,)
-    DATASETS[spec.name] = spec
-    return spec
+    return add_entry(DATASETS, spec, "dataset")
 
 
 def is_text_to_image(cfg: Config) -> bool:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import MergeMismatchError
+from .registry import add_entry
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -142,10 +143,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in (
 
 def register_merge_method(method: MergeMethod) -> MergeMethod:
     """Add a merge method; the merge-method comparison of notebook 06 scores it from then on."""
-    if method.name in MERGE_METHODS:
-        raise ValueError(f"a merge method named {method.name!r} is already registered")
-    MERGE_METHODS[method.name] = method
-    return method
+    return add_entry(MERGE_METHODS, method, "merge method")
 
 
 def merged_model(template: nn.Module, state: StateDict) -> nn.Module:

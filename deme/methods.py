@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from .registry import add_entry
+
 Weight = Callable[[torch.Tensor, Any], torch.Tensor]
 """``weight(snr_t, hp)``: the per-sample weight from SNR(t); ``hp`` has the Config's baseline fields
 (``min_snr_gamma``, ``p2_k``, ``p2_gamma``)."""
@@ -39,7 +41,7 @@ class Method:
     default: bool = False
 
 
-REGISTRY: tuple[Method, ...] = (
+METHODS: dict[str, Method] = {m.name: m for m in (
     Method("pretrain", "Pretraining", objective="pretrain", source="the embedded default's base model"),
     Method("deme", "DeMe", objective="deme", source="Ma et al., CVPR 2025"),
     Method("standard", "Standard (uniform)", source="plain ε-MSE on all timesteps", baseline=True, default=True,
@@ -54,14 +56,12 @@ REGISTRY: tuple[Method, ...] = (
            weight=lambda s, hp: 1 / (hp.p2_k + s) ** hp.p2_gamma),
     Method("ant-uw", "ANT-UW", "ANT-UW", "Go et al., NeurIPS 2023", objective="ant-uw", baseline=True),
     Method("ant-nash", "ANT-NashMTL", "ANT-NashMTL", "Go et al., NeurIPS 2023", objective="ant-nash", baseline=True),
-)
-
-METHODS: dict[str, Method] = {m.name: m for m in REGISTRY}
+)}
 
 
 def baselines(default_only: bool = False) -> tuple[str, ...]:
     """The equal-budget baselines in table order (``default_only``: those the default reproduction runs)."""
-    return tuple(m.name for m in REGISTRY if m.baseline and (m.default or not default_only))
+    return tuple(m.name for m in METHODS.values() if m.baseline and (m.default or not default_only))
 
 
 def get_method(name: str) -> Method:
@@ -70,12 +70,7 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def register(method: Method) -> Method:
+def register_method(method: Method) -> Method:
     """Add ``method`` to the registry (e.g. a new weighting from a notebook or a plug-in module); the config's
     validation, the CLI choices, the baselines and the tables see it from then on."""
-    global REGISTRY
-    if method.name in METHODS:
-        raise ValueError(f"a method named {method.name!r} is already registered")
-    REGISTRY = REGISTRY + (method,)
-    METHODS[method.name] = method
-    return method
+    return add_entry(METHODS, method, "method")

@@ -11,9 +11,8 @@ from deme.config import get_profile
 @pytest.fixture
 def toy_weighting(monkeypatch):
     """Register a toy baseline, "twice" (weight 2 on the ε-MSE), for this test only."""
-    monkeypatch.setattr(methods, "REGISTRY", methods.REGISTRY)
     monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
-    return methods.register(methods.Method("twice", "Twice (toy)", baseline=True,
+    return methods.register_method(methods.Method("twice", "Twice (toy)", baseline=True,
                                            weight=lambda s, hp: 2 * torch.ones_like(s)))
 
 
@@ -50,7 +49,7 @@ def test_unknown_method_names_the_registered_ones():
 
 def test_registering_a_name_twice_is_refused():
     with pytest.raises(ValueError, match="already registered"):
-        methods.register(methods.Method("standard", "again"))
+        methods.register_method(methods.Method("standard", "again"))
 
 
 def test_a_registered_merge_method_is_merged_and_scored_by_the_merge_method_table(monkeypatch):
@@ -98,7 +97,6 @@ def toy_dataset(monkeypatch, tmp_path):
     """Register a toy dataset description, "bars", for this test only; everything written goes under tmp_path."""
     from deme import data
     monkeypatch.setenv("DEME_ROOT", str(tmp_path))
-    monkeypatch.setattr(data, "REGISTRY", data.REGISTRY)
     monkeypatch.setattr(data, "DATASETS", dict(data.DATASETS))
     names = tuple(f"bar {k}" for k in range(10))
     return data.register_dataset(data.DatasetSpec(
