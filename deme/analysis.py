@@ -239,11 +239,14 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
     return sim, info
 
 
-# sizes of notebook 01's analyses: a few seconds for smoke, a few minutes on a CPU for the others
+# sizes of the analyses of notebooks 01 (Fig. 1a, 4) and 06 (Fig. 2, 6a): a few seconds for smoke, a few minutes
+# on a CPU for the others; "rehearsal": the fewest points that still run every code path (deme.rehearse)
 ANALYSIS_SIZES = {"smoke": dict(num_timesteps_grid=12, batch=16, check_timesteps=4, landscape_points=5,
-                                landscape_batch=16),
+                                landscape_batch=16, activation_batch=16, plane_points=5),
                   "default": dict(num_timesteps_grid=40, batch=64, check_timesteps=6, landscape_points=9,
-                                  landscape_batch=32)}
+                                  landscape_batch=32, activation_batch=64, plane_points=9),
+                  "rehearsal": dict(num_timesteps_grid=4, batch=4, check_timesteps=2, landscape_points=3,
+                                    landscape_batch=4, activation_batch=4, plane_points=5)}
 
 
 def analysis_sizes(cfg: Config, **given: int | None) -> dict[str, int]:

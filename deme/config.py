@@ -124,8 +124,8 @@ class Config:
                                           # captions, shorter side to 256 + centre crop) | "bk-sdm" (the paper's
                                           # protocol: all 40,504 val2014 images resized to 256x256)
     # -- analysis (notebook 01) -------------------------------------------------------------------------------
-    analysis_sizes: str = "default"       # a key of deme.analysis.ANALYSIS_SIZES: Fig. 1a/2/4's timesteps, batches
-                                          # and landscape grid ("smoke": seconds, for tests and rehearsals)
+    analysis_sizes: str = "default"       # a key of deme.analysis.ANALYSIS_SIZES: the timesteps, batches and grids
+                                          # of Figs. 1a, 2, 4 and 6a ("smoke", "rehearsal": seconds)
 
     # ---------------------------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> "Config":

@@ -63,7 +63,7 @@ _CPU = dict(
     heldout_size=8, validation_size=8, evaluation_size=16,   # held-out / merge-search inputs
     sample_steps=3, fid_samples=12, fid_reference_size=24,
     merge_grid=(0.0, 0.5, 1.0),
-    analysis_sizes="smoke",                         # notebook 01: 12 grid timesteps, batches of 16, 5x5 landscapes
+    analysis_sizes="rehearsal",                     # Figs. 1a, 2, 4, 6a on 4 images, 4 timesteps, 3x3 and 5x5 grids
 )
 REHEARSAL_OVERRIDES: dict[str, dict[str, Any]] = {
     "cifar10": dict(_CPU),                                   # the real 32 px

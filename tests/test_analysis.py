@@ -331,6 +331,7 @@ def test_notebook_01_helpers_sizes_and_both_conditionings():
     with pytest.raises(ValueError, match="unknown analysis sizes"):
         A.analysis_sizes(CFG, batchsize=8)
     assert A.analysis_sizes(get_profile("cifar10").replace(analysis_sizes="smoke")) == A.ANALYSIS_SIZES["smoke"]
+    assert all((s["plane_points"] - 1) % 4 == 0 for s in A.ANALYSIS_SIZES.values())   # Fig. 6a's grid has 0, 1
     with pytest.raises(ValueError, match="analysis_sizes='tiny' is not one of"):
         A.analysis_sizes(CFG.replace(analysis_sizes="tiny"))
     # SignModel ignores labels: both conditionings see the same exactly opposite gradients (cos ±1)
