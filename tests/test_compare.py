@@ -94,3 +94,16 @@ def test_tables_and_run_logs_are_saved_beside_the_figures(tmp_path, monkeypatch)
     lines = [json.loads(x) for x in (figs / "log_smoke.jsonl").read_text().splitlines()]
     assert [x["seconds"]["total"] for x in lines] == [1.5, 2.5] and lines[-1] == line
     assert {"device", "commit", "finished"} <= set(line) and "threads" in line["device"]
+
+
+def test_delta_panels_keep_conditional_metrics_apart_and_leave_out_the_reference():
+    from deme.compare import delta_panels
+    t = pd.DataFrame({"model": ["Before finetuning", "m"] * 3, "metric": ["fid"] * 2 + ["cond_fid"] * 2
+                      + ["alignment"] * 2, "value": [10.0, 9.0, 12.0, 11.0, 80.0, 81.0],
+                      "delta": [0.0, -1.0, 0.0, -1.0, 0.0, 1.0], "ci95_low": [0.0, -2.0, 0.0, -3.0, 0.0, 0.5],
+                      "ci95_high": [0.0, -0.5, 0.0, 1.0, 0.0, 1.5]})
+    panels, lower = delta_panels(t)
+    assert list(panels) == ["FID", "FID, class-conditional", "alignment %"]
+    assert lower == {"FID": True, "FID, class-conditional": True, "alignment %": False}
+    assert all(list(p.model) == ["m"] for p in panels.values())
+    assert panels["FID, class-conditional"][["delta", "low", "high"]].values.tolist() == [[-1.0, -3.0, 1.0]]
