@@ -36,6 +36,7 @@ reproduce: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --nbval-lax notebooks/
 
 lab: setup
 	$(BIN)/python -m jupyter lab notebooks/

@@ -71,12 +71,17 @@ def _up_to_date(rec: dict, cfg, notebook: str, params: dict) -> bool:
             and normalized(rec.get("config", {})) == normalized(cfg.to_dict()))
 
 
+AFTER_BASE = ("01_", "03_")
+"""Stages that need only the base model (02): the analyses of 01 and the training jobs of 03 (one range or one
+baseline each). They are independent of each other and may run side by side."""
+
+
 def _groups(plan):
-    """Consecutive training stages (03_*) form one group: they are independent jobs (one range or one
-    baseline each) and may run side by side; every other stage is a group of its own."""
+    """Consecutive stages that need only the base model (:data:`AFTER_BASE`) form one group; every other stage
+    is a group of its own."""
     groups = []
     for k, stage in enumerate(plan, 1):
-        if groups and stage[0].startswith("03_") and groups[-1][-1][1][0].startswith("03_"):
+        if groups and stage[0].startswith(AFTER_BASE) and groups[-1][-1][1][0].startswith(AFTER_BASE):
             groups[-1].append((k, stage))
         else:
             groups.append([(k, stage)])
@@ -100,7 +105,7 @@ def _run_stage(k: int, n_stages: int, name: str, notebook: str, params: dict, *,
                 "failed": f"{type(e).__name__}: {e}"[:4000]}
     rec = {"stage": name, "notebook": notebook, "params": params, "source": _source_hash(notebook),
            "config": json.loads(cfg.to_json()), "seconds": round(time.time() - t0, 1),
-           "parallel_jobs": jobs if name.startswith("03_") else 1,
+           "parallel_jobs": jobs if name.startswith(AFTER_BASE) else 1,
            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_json(rec_dir / f"{name}.json", rec)
     print(f"[{k}/{n_stages}] {name}: done in {rec['seconds']:.0f} s", flush=True)
@@ -115,8 +120,8 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     """Execute the notebooks in order with papermill; executed copies go to runs/<profile>/notebooks/.
 
     A stage whose record (runs/<profile>/stages/<stage>.json) matches the current config, notebook and
-    parameters is skipped unless ``force``. ``jobs`` > 1 runs up to that many independent training stages
-    (the N ranges, the baselines) at once, each kernel with one CPU thread (``OMP_NUM_THREADS=1``; on a
+    parameters is skipped unless ``force``. ``jobs`` > 1 runs up to that many independent stages (the analyses
+    of 01, the N ranges, the baselines: all need only the base model) at once, each kernel with one CPU thread (``OMP_NUM_THREADS=1``; on a
     2-core CPU two one-thread jobs train ~1.6× faster together than one after another with two threads);
     notebook 06 gets the same ``jobs``. ``full`` runs notebook 06 with its sensitivity sweeps (``-p full True``).
     For the embedded default the executed copies also replace the notebooks in notebooks/ (so the committed
