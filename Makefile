@@ -35,7 +35,7 @@ reproduce: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 	$(BIN)/python -m pytest -q --nbval-lax notebooks/
 
 lab: setup

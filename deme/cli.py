@@ -1,10 +1,11 @@
-"""Command line: ``python -m deme reproduce|rehearse|train|compare|profiles``.
+"""Command line: ``python -m deme reproduce|rehearse|train|compare|profiles|colab``.
 
     python -m deme reproduce --profile fmnist          # the main job: every notebook that exists, in order
     python -m deme reproduce --profile fmnist --force   # redo stages whose outputs exist
     python -m deme train --profile fmnist --range 2     # one training job (see deme.train)
     python -m deme rehearse --profile church            # a paper profile end to end on CPU stand-ins (deme.rehearse)
     accelerate launch -m deme compare --profile cifar10  # 05's samples and scores, sharded over the processes
+    python -m deme colab --repository https://github.com/OWNER/NAME   # Colab badges and set-up cells (deme.colab)
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 from . import compare as C
-from .config import get_profile, profile_names
+from .colab import stamp
+from .config import get_profile, profile_names, repo_root
 from .data import is_text_to_image
 from .distributed import current_processes
 from .methods import baselines
@@ -85,6 +87,10 @@ def main(argv: list[str] | None = None) -> None:
         c.add_argument(f"--{name}", default=None, help="text-to-image prompt set file (see notebook 05)")
     c.add_argument("--n-coco", type=int, default=30_000)
     sub.add_parser("profiles", help="list the profiles")
+    g = sub.add_parser("colab", help="stamp the notebooks and the README with 'Open in Colab' badges and the Colab "
+                       "set-up cell, for the repository's public URL")
+    g.add_argument("--repository", required=True, help="https://github.com/OWNER/NAME")
+    g.add_argument("--branch", default="main")
     a = p.parse_args(argv)
     if a.cmd == "profiles":
         for name in profile_names():
@@ -101,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1)
     elif a.cmd == "compare":
         compare_command(a)
+    elif a.cmd == "colab":
+        try:
+            changed = stamp(repo_root(), a.repository, a.branch)
+        except ValueError as e:
+            raise SystemExit(str(e))
+        print(f"stamped {len(changed)} files for {a.repository} ({a.branch}); commit them and push")
     elif a.cmd == "reproduce":
         try:
             get_profile(a.profile)

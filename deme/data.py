@@ -29,7 +29,7 @@ from .errors import DataMissingError
 from .registry import add_entry
 from .sd import text_image_batches
 
-FMNIST_DIRS = (os.environ.get("DEME_FMNIST_DIR", ""), "/usr/share/datasets/fashion-mnist")
+FMNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"   # Debian's dataset-fashion-mnist
 FMNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                   "ankle boot")
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
@@ -46,7 +46,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _find_fmnist() -> Path | None:
-    for d in FMNIST_DIRS:
+    for d in (os.environ.get("DEME_FMNIST_DIR", ""), FMNIST_SYSTEM_DIR):   # the variable read at each call
         if d and (Path(d) / "train-images-idx3-ubyte.gz").exists():
             return Path(d)
     return None
@@ -56,7 +56,8 @@ def load_fmnist_raw(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST as uint8 arrays (N, 28, 28) and labels (N,).
 
     Looks in ``$DEME_FMNIST_DIR`` and /usr/share/datasets/fashion-mnist (Debian package
-    ``dataset-fashion-mnist``); when online, falls back to a torchvision download into ``runs/data``.
+    ``dataset-fashion-mnist``); when online, falls back to a torchvision download into the repository's
+    ``runs/data`` (:func:`deme.config.repo_root`, whatever the working directory — notebooks run in notebooks/).
     """
     prefix = {"train": "train", "test": "t10k"}[split]
     root = _find_fmnist()
@@ -67,7 +68,7 @@ def load_fmnist_raw(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         raise DataMissingError(_FMNIST_HELP)
     try:
         from torchvision.datasets import FashionMNIST
-        ds = FashionMNIST("runs/data", train=split == "train", download=True)
+        ds = FashionMNIST(str(repo_root() / "runs" / "data"), train=split == "train", download=True)
     except Exception as e:  # no network, no files
         raise DataMissingError(_FMNIST_HELP + f"\n(torchvision download failed: {e})") from e
     return ds.data.numpy(), ds.targets.numpy().astype(np.int64)

@@ -17,6 +17,7 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 
+from .colab import SETUP_TAG
 from .config import get_profile, normalized, repo_root
 from .methods import baselines
 from .runs import write_json
@@ -58,8 +59,11 @@ def publish(executed: Path, dest: Path) -> None:
 
 
 def _source_hash(notebook: str) -> str:
+    """The fingerprint of a notebook's code: its code cells but the Colab set-up cell (:mod:`deme.colab`: it
+    does nothing outside Colab). Markdown and the Colab badge do not make finished stages stale."""
     nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
-    return hashlib.sha256("\n".join(c.source for c in nb.cells).encode()).hexdigest()[:16]
+    cells = [c for c in nb.cells if c.cell_type == "code" and SETUP_TAG not in c.metadata.get("tags", [])]
+    return hashlib.sha256("\n".join(c.source for c in cells).encode()).hexdigest()[:16]
 
 
 def _up_to_date(rec: dict, cfg, notebook: str, params: dict) -> bool:
@@ -121,8 +125,9 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
 
     A stage whose record (runs/<profile>/stages/<stage>.json) matches the current config, notebook and
     parameters is skipped unless ``force``. ``jobs`` > 1 runs up to that many independent stages (the analyses
-    of 01, the N ranges, the baselines: all need only the base model) at once, each kernel with one CPU thread (``OMP_NUM_THREADS=1``; on a
-    2-core CPU two one-thread jobs train ~1.6× faster together than one after another with two threads);
+    of 01, the N ranges, the baselines: all need only the base model) at once, each kernel with one CPU thread
+    (``OMP_NUM_THREADS=1``; on a 2-core CPU two one-thread jobs train ~1.6× faster together than one after
+    another with two threads);
     notebook 06 gets the same ``jobs``. ``full`` runs notebook 06 with its sensitivity sweeps (``-p full True``).
     For the embedded default the executed copies also replace the notebooks in notebooks/ (so the committed
     notebooks show the fmnist outputs), unless ``update_notebooks=False``.

@@ -165,9 +165,35 @@ def test_fmnist_loader_and_a_clear_error_when_missing(monkeypatch, tmp_path):
         assert images.shape == (10_000, 28, 28) and labels.min() == 0 and labels.max() == 9
     except DataMissingError:
         pytest.skip("Fashion-MNIST files not installed")
-    monkeypatch.setattr(data, "FMNIST_DIRS", (str(tmp_path),))
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "none"))
+    monkeypatch.setenv("DEME_FMNIST_DIR", str(tmp_path))
     with pytest.raises(DataMissingError, match="dataset-fashion-mnist"):
         load_fmnist_raw("train")
+
+
+def test_fmnist_download_goes_to_the_repository_runs_folder_from_any_directory(monkeypatch, tmp_path):
+    """Online without the files (e.g. Colab): torchvision downloads into <root>/runs/data, not into the working
+    directory (notebooks run in notebooks/)."""
+    import numpy as np
+    import torchvision.datasets
+
+    import deme.data as data
+    roots = []
+
+    class FakeFashionMNIST:
+        def __init__(self, root, train, download):
+            roots.append((root, train, download))
+            self.data, self.targets = torch.zeros(3, 28, 28, dtype=torch.uint8), torch.tensor([1, 2, 3])
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashionMNIST)
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "none"))
+    monkeypatch.delenv("DEME_FMNIST_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path / "repo"))
+    monkeypatch.chdir(tmp_path)
+    images, labels = load_fmnist_raw("test")
+    assert roots == [(str(tmp_path / "repo" / "runs" / "data"), False, True)]
+    assert images.shape == (3, 28, 28) and labels.dtype == np.int64 and labels.tolist() == [1, 2, 3]
 
 
 def test_resume_skips_a_truncated_latest_checkpoint(tmp_path):
