@@ -37,13 +37,13 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import Config, display_path, figures_dir, get_profile
 from .data import get_dataset, load_tensor_dataset, training_batches
 from .heldout import heldout_loss
 from .losses import per_sample_mse
 from .models import conditioning_kwargs, count_parameters, load_unet, make_scheduler
+from .progress import tqdm
 from .stages import ensure_base_model
 
 TensorDict = dict[str, torch.Tensor]

@@ -24,11 +24,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import Config, repo_root
 from .data import get_dataset, load_tensor_dataset
 from .metrics import _default_device
+from .progress import tqdm
 from .runs import device_name
 
 

@@ -32,6 +32,7 @@ from .methods import get_method
 from .metrics import _default_device, feature_statistics, inception_features, load_clip, reference_statistics
 from .models import load_unet
 from .paired import fid_bootstrap, paired_difference, paired_fid, paired_kid, t_interval
+from .progress import tqdm
 from .runs import merge_dir, run_dir, write_json
 from .sampling import TimestepEnsemble, ddim_sample
 from .sd import generate
@@ -180,7 +181,6 @@ def collect_sample_outputs(cfg: Config, n: int, steps: int | None = None, seed: 
     Under a launcher (``accelerate launch``; ``processes`` default :func:`deme.distributed.current_processes`)
     every process samples its share of each model's ``n`` samples; the main process reads and writes the
     cache, and every process returns the gathered outputs — the numbers of one process."""
-    from tqdm.auto import tqdm
     procs = current_processes() if processes is None else processes
     out_dir = out_dir or repo_root() / "runs" / cfg.profile / "compare"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -340,7 +340,6 @@ def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed
     Under a launcher (``processes`` default :func:`deme.distributed.current_processes`) every process
     generates and scores its share of each prompt set (on a shared file system: the samples folder is
     common); the main process reads and writes the score cache; every process returns the table."""
-    from tqdm.auto import tqdm
     procs = current_processes() if processes is None else processes
     out_dir = Path(out_dir or repo_root() / "runs" / cfg.profile / "compare")
     clip = clip if clip is not None else load_clip()

@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
-from tqdm.auto import tqdm
 
 from .config import Config, repo_root
 from .data import LoaderBatches, get_dataset, heldout_batch, heldout_split, training_batches
 from .losses import per_sample_mse
 from .metrics import _default_device
 from .models import conditioning_kwargs, make_scheduler
+from .progress import tqdm
 from .timesteps import stratified_timesteps, timestep_ranges
 
 CONDITIONS = ("unconditional", "conditional")

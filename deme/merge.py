@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import MergeMismatchError
+from .progress import tqdm
 from .registry import add_entry
 
 StateDict = Mapping[str, torch.Tensor]
@@ -161,7 +162,6 @@ def weight_grid(num_experts: int, values: Iterable[float]) -> list[tuple[float, 
 def grid_search(candidates: Sequence[tuple[float, ...]], score: Callable[[tuple[float, ...]], float],
                 progress: bool = False) -> list[tuple[tuple[float, ...], float]]:
     """Score every candidate weighting (lower is better) and return ``(weights, score)`` sorted best first."""
-    from tqdm.auto import tqdm
     results = [(tuple(w), float(score(tuple(w)))) for w in tqdm(candidates, disable=not progress, desc="grid")]
     return sorted(results, key=lambda r: r[1])
 

@@ -42,10 +42,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import Config, repo_root
 from .data import get_dataset, load_tensor_dataset, training_batches
+from .progress import tqdm
 
 FEATURE_DIM = 2048
 INCEPTION_SIZE = 299

@@ -15,11 +15,11 @@ import pandas as pd
 import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import Config
 from .data import get_dataset
 from .models import make_scheduler
+from .progress import tqdm
 from .sd import PAPER_PROMPTS, generate
 from .timesteps import range_of
 

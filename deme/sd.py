@@ -42,12 +42,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import Config
 from .distributed import SINGLE, Processes, current_processes
 from .errors import CorruptImageError, DataMissingError, WeightsMissingError
 from .imagecaptions import data_source, open_image_captions, resize_crop
+from .progress import tqdm
 
 log = logging.getLogger("deme.sd")
 

@@ -18,13 +18,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import metrics  # through the module: tests replace metrics.inception_features by cheap stand-ins
 from .config import Config
 from .distributed import SINGLE, Processes
 from .errors import CorruptImageError, DataMissingError
 from .imagecaptions import IMAGE_EXTENSIONS, data_source, open_image_captions, resize_crop
+from .progress import tqdm
 from .sd import TextImageBatches
 
 

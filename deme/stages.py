@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from . import sd, sdeval  # through the modules: tests and users replace sd.generate to skip real generation
 from .classifier import classifier_features, ensure_classifier
@@ -23,6 +22,7 @@ from .heldout import heldout_inputs, heldout_losses, relative_difference
 from .merge import merged_model, task_arithmetic
 from .metrics import compute_fid_kid, fid_from_features, reference_statistics
 from .models import base_model_path, load_unet
+from .progress import tqdm
 from .runs import merge_dir, run_dir, write_json
 from .sampling import ddim_sample
 from .timesteps import timestep_ranges

@@ -35,7 +35,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from .config import Config, check_field, get_profile, training_identity
 from .data import is_text_to_image, training_batches
@@ -46,6 +45,7 @@ from .methods import METHODS, get_method
 from .models import base_model_path, build_unet, load_unet, make_scheduler, require_base_model
 from .mtl import make_ant_objective
 from .objectives import DeMeObjective, Objective, PretrainObjective
+from .progress import tqdm
 from .runs import atomic_save, device_name, git_commit, run_dir
 from .sd import prepare_unet_for_training
 

@@ -20,6 +20,7 @@ from torch import nn
 from .analysis import TensorDict, fixed_batch_loss
 from .config import Config
 from .merge import check_compatible, task_arithmetic
+from .progress import tqdm
 from .timesteps import timestep_ranges
 
 # ---------------------------------------------------------------------------------------------------------
@@ -103,7 +104,6 @@ def loss_landscape_2d(model: nn.Module, cfg: Config, images: torch.Tensor, label
     weights are restored afterwards. Returns an array of shape (len(alphas), len(betas)): ``out[i, j]`` at
     ``(alphas[i], betas[j])``.
     """
-    from tqdm.auto import tqdm
     alphas, betas = grid_coords(coords)
     out = np.empty((len(alphas), len(betas)))
     with _Perturbed(model) as pert:
@@ -173,7 +173,6 @@ def task_vector_plane_loss(base: nn.Module, expert_a: nn.Module, expert_b: nn.Mo
     base is given identity projections when the experts carry them. Returns shape (len(a), len(b)).
     Points to mark: θ at (0, 0), θ_a at (1, 0), θ_b at (0, 1), a merge with weights (w_a, w_b) at (w_a, w_b).
     """
-    from tqdm.auto import tqdm
     a_vals, b_vals = grid_coords(coords)
     sd_a = {k: v.detach().cpu() for k, v in expert_a.state_dict().items()}
     sd_b = {k: v.detach().cpu() for k, v in expert_b.state_dict().items()}

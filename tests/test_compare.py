@@ -81,7 +81,7 @@ def test_tables_and_run_logs_are_saved_beside_the_figures(tmp_path, monkeypatch)
     paths = save_table(t, cfg, "tab_smoke", shown, "Table X: a caption")
     figs = tmp_path / "runs" / "smoke" / "figures"
     assert paths == [figs / "tab_smoke.csv", figs / "tab_smoke.md", figs / "tab_smoke.tex"]
-    pd.testing.assert_frame_equal(pd.read_csv(paths[0], float_precision="round_trip"), t)   # exact floats
+    pd.testing.assert_frame_equal(pd.read_csv(paths[0]), t)   # exact floats
     md = paths[1].read_text()
     assert md.startswith("Table X: a caption\n\n|") and "FID |" in md and "| a  |  1.25 |" in md
     assert "\\caption{Table X: a caption}" in paths[2].read_text() and "0.30" in paths[2].read_text()

@@ -1,6 +1,7 @@
 """DeMe core: ranges and probabilistic sampling, channel-wise projections, consistency loss, merging, ensemble."""
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -329,3 +330,16 @@ def test_last_fraction_change_reads_the_held_out_loss_of_the_runs_end():
     assert last_fraction_change(log, 100) == pytest.approx((0.5, 0.4, -0.2))     # steps >= 80: 0.5 -> 0.4
     with pytest.raises(ValueError, match="no held-out loss"):
         last_fraction_change(log.iloc[:2], 100)
+
+
+def test_progress_bars_honour_tqdm_disable_even_when_asked_to_show(monkeypatch):
+    """tqdm itself lets an explicit disable=False win over $TQDM_DISABLE; deme.progress.tqdm does not (the
+    executed notebooks must carry no progress widgets)."""
+    from deme.progress import tqdm
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert tqdm(range(3), disable=False).disable
+    for value in ("0", ""):
+        monkeypatch.setenv("TQDM_DISABLE", value)
+        bar = tqdm(range(3), disable=False, file=open(os.devnull, "w"))
+        assert not bar.disable and list(bar) == [0, 1, 2]
+    assert tqdm(range(3), disable=True).disable

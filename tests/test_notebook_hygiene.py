@@ -51,6 +51,8 @@ def test_committed_notebook_is_clean(path):
             assert not re.search(r"/[\w.-]+/(runs|data|figures|notebooks)/", text), f"cell {i}: an absolute path"
             if out["output_type"] == "stream":
                 assert out["name"] != "stderr" or not text.strip(), f"cell {i}: stderr output: {text[:200]!r}"
+            assert "application/vnd.jupyter.widget-view+json" not in out.get("data", {}), \
+                f"cell {i}: a progress widget (renders as a stray '0%|' line on GitHub and in Colab)"
         if cell["cell_type"] == "code" and cell.get("execution_count") and _shows_a_value(source):
             assert cell.get("outputs"), f"cell {i} ends with a value to show but has no output"
 
