@@ -14,6 +14,8 @@ weights, so models notebook 05 scored too are not scored twice.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from typing import Callable
 
 import pandas as pd
@@ -106,8 +108,6 @@ def train_variants(variants: dict[str, Config], jobs: int = 1) -> pd.DataFrame:
     runs and resumes interrupted ones). ``jobs`` > 1 trains that many runs at once in worker processes with
     one CPU thread each (independent jobs: ranges and variants). Returns one row per variant: runs, steps
     per run, runs trained now and their summed training seconds."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
     plan = variant_runs(variants)
     if jobs > 1:   # longest runs first, so that short ones fill the end instead of one long run alone
         order = sorted(range(len(plan)), key=lambda k: -run_steps(plan[k][1]))

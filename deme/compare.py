@@ -10,6 +10,7 @@ Each model's metrics per seed are cached as JSON, so an interrupted evaluation r
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -287,7 +288,6 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
 
     Returns ``{name: {"prompts": [...], "reference": folder or None}}``.
     """
-    import os
     given = dict(coco_captions=coco_captions, coco_images=coco_images, parti=parti,
                  imagenet_classes=imagenet_classes, imagenet_images=imagenet_images)
     paths = {k: v or os.environ.get(PROMPT_SET_ENV[k]) or None for k, v in given.items()}

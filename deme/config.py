@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,7 +331,6 @@ def apply_profile_overrides(profiles: dict[str, Config], spec: str | None) -> tu
 
 PROFILES, PROFILE_OVERRIDES = apply_profile_overrides(PROFILES, os.environ.get(OVERRIDES_ENV))
 if PROFILE_OVERRIDES:   # said once per process (each notebook shows it in its first output)
-    import sys
     for _name, _fields in PROFILE_OVERRIDES.items():
         print(f"deme: profile {_name!r} overridden by ${OVERRIDES_ENV}: "
               + ", ".join(f"{k}={v!r}" for k, v in _fields.items()), file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -203,7 +204,6 @@ class CIFAR10Images(torch.utils.data.Dataset):
     :func:`_image_transform`, label)."""
 
     def __init__(self, root: str | os.PathLike, size: int, center_crop: bool = False, split: str = "train"):
-        import pickle
         folder = Path(root) / "cifar-10-batches-py"
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")

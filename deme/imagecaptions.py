@@ -24,6 +24,8 @@ import logging
 import os
 import re
 import threading
+import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,7 +214,6 @@ class ImageCaptionFolder:
     def _shared_scan(self, index_dir: Path, processes: Processes) -> dict[str, list]:
         """:meth:`scan`, done once: read from the index of the folder's current listing when there is one;
         else the main process scans and writes it (atomically) while the others wait and read it."""
-        import time
 
         def read(path: Path) -> dict | None:
             try:
@@ -425,7 +426,6 @@ def coco_captions(path: str | os.PathLike, n: int = 30_000, seed: int = 0) -> li
     files = {int(im["id"]): im.get("file_name", "") for im in data.get("images", [])}
     ids = sorted(by_image)
     if n > len(ids):
-        import warnings
         warnings.warn(f"{path.name} has captions for {len(ids)} images, fewer than n={n}: using all of them",
                       stacklevel=2)
         n = len(ids)

@@ -13,6 +13,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -169,7 +170,6 @@ def grid_search(candidates: Sequence[tuple[float, ...]], score: Callable[[tuple[
 def task_vector_norms(base: StateDict, experts: Sequence[StateDict]):
     """How far each expert moved: ‖τ_i‖₂ over every floating-point tensor, max |τ_i|, and ‖W_i − I‖ of its
     channel projections (0 without them), one row per range."""
-    import pandas as pd
     rows = []
     for i, tau in enumerate(task_vectors(base, experts)):
         flat = torch.cat([v.flatten() for v in tau.values()])

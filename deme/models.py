@@ -14,7 +14,10 @@ the new ones are ``<block>.channel_projection.weight``, and ``save_pretrained``/
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -141,7 +144,6 @@ EXPORT_MODULE = "deme_unet"
 def _export_module_source() -> str:
     """A self-contained module (diffusers and torch only) defining the projected UNet classes: the source of
     this module's own definitions, so the exported code is the code that was trained and tested."""
-    import inspect
     parts = [ChannelProjection, _project_main_path, projection_channels, attach_channel_projections,
              ProjectedUNet2DModel, ProjectedUNet2DConditionModel]
     head = ('"""DeMe\'s channel-wise projections (CVPR 2025, Decouple-Then-Merge, Eq. 7) on diffusers UNets.\n\n'
@@ -171,7 +173,6 @@ def export_for_diffusers(unet: nn.Module, base, out_dir: str | os.PathLike) -> P
     projected output is also the skip tensor it hands to the up path, unprojected. A UNet without
     projections (or with identity ones) is saved as the plain diffusers class. Returns ``out_dir``.
     """
-    import json
 
     from diffusers import DiffusionPipeline
     pipe = base if isinstance(base, DiffusionPipeline) else DiffusionPipeline.from_pretrained(str(base))
@@ -323,7 +324,6 @@ def make_scheduler(cfg: Config, kind: str = "ddpm"):
                              f"set num_train_timesteps={theirs['num_train_timesteps']} in the profile")
         differs = {k: (common[k], v) for k, v in theirs.items() if common[k] != v}
         if differs:
-            import warnings
             warnings.warn(f"{cfg.pretrained}: noise schedule taken from its scheduler config, which differs from "
                           f"the profile (profile, model): {differs}", stacklevel=2)
         common.update(theirs)

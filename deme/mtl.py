@@ -58,6 +58,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import Config
@@ -230,7 +231,6 @@ def solve_nash(gram: np.ndarray | torch.Tensor, *, tol: float = 1e-11, max_iter:
 
 
 def _world_size() -> int:
-    import torch.distributed as dist
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -239,7 +239,6 @@ def _mean_over_processes(x: torch.Tensor) -> torch.Tensor:
     world = _world_size()
     if world == 1:
         return x
-    import torch.distributed as dist
     y = x.detach().clone()
     dist.all_reduce(y)
     return y / world

@@ -36,11 +36,13 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from .config import OVERRIDES_ENV, PROFILES
 from .data import get_dataset
@@ -158,7 +160,6 @@ def hub_snapshot(hf_home: Path, repo_id: str) -> Path:
 def build_ddpm_standin(hf_home: Path, hub_id: str, image_size: int, seed: int = 0) -> Path:
     """google/ddpm-*'s repository layout: ``config.json`` + weights of the UNet2DModel, ``scheduler_config.json``
     and ``model_index.json`` (DDPMPipeline) at the root; random weights."""
-    import torch
     from diffusers import DDPMScheduler, UNet2DModel
     snap = hub_snapshot(hf_home, hub_id)
     torch.manual_seed(seed)
@@ -174,9 +175,7 @@ def build_sd14_standin(hf_home: Path, image_size: int, seed: int = 0) -> Path:
     """CompVis/stable-diffusion-v1-4's repository layout — model_index.json, unet/, vae/, text_encoder/,
     tokenizer/ (the real CLIP BPE vocabulary, from open_clip), scheduler/ (PNDM), safety_checker/ and
     feature_extractor/ — with scaled-down configs and random weights."""
-    import tempfile
 
-    import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel

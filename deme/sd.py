@@ -28,11 +28,13 @@ prompt sets of :mod:`deme.imagecaptions`; :mod:`deme.sdeval` scores the images (
 
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib.util
 import json
 import logging
 import os
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -144,7 +146,6 @@ def build_tiny_pipeline(directory: str | os.PathLike | None = None, seed: int = 
 
     Saved with ``save_pretrained`` to ``directory`` when given (usable as ``cfg.pretrained``).
     """
-    import tempfile
 
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -424,7 +425,6 @@ def _unet_on(unet: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Mo
     p = next(unet.parameters())
     if p.dtype == dtype and p.device.type == device.type and device.index in (None, p.device.index):
         return unet
-    import copy
     return copy.deepcopy(unet).to(device, dtype)
 
 

@@ -3,6 +3,7 @@ in-package import at the top of its file, no module over 600 lines, no function 
 the source; nothing is imported."""
 
 import ast
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "deme"
@@ -70,9 +71,15 @@ def test_no_import_cycles_among_the_modules():
     assert graph["deme.stages"] and "deme.config" in graph["deme.train"]   # the scan sees real edges
 
 
+# Imports inside functions are kept only for heavy optional dependencies that many users of a module never touch
+# (matplotlib, PIL, diffusers' pipelines, transformers, open_clip, clean-fid, datasets, accelerate, scipy, sklearn,
+# torchvision); the standard library and the core every module loads (torch, numpy, pandas) sit at the top.
+ALWAYS_LOADED = set(sys.stdlib_module_names) | {"torch", "numpy", "pandas"}
+
+
 def test_in_package_imports_sit_at_the_top_of_each_file():
     mods = _modules()
-    hidden = []
+    hidden, needless = [], []
     for m, tree in mods.items():
         top = set(map(id, _top_level_nodes(tree)))
         for node in ast.walk(tree):
@@ -80,7 +87,11 @@ def test_in_package_imports_sit_at_the_top_of_each_file():
                 if _in_package_imports(m, tree, set(mods), [node]) or (
                         isinstance(node, ast.ImportFrom) and node.level):
                     hidden.append(f"{m}:{node.lineno}")
+                name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                if name and name.split(".")[0] in ALWAYS_LOADED:
+                    needless.append(f"{m}:{node.lineno} {name}")
     assert not hidden, f"in-package imports inside functions hide dependencies: {hidden}"
+    assert not needless, f"imports inside functions that save nothing (stdlib or torch/numpy/pandas): {needless}"
 
 
 def test_modules_and_functions_stay_readable_in_a_sitting():

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 
 from ..heldout import verdict
 from ..stages import last_fraction_change
@@ -275,7 +276,6 @@ def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_label
     in [0, 255] or [-1, 1] tensors), one panel per model, and below each non-reference panel the per-pixel
     difference to ``reference`` on one symmetric colour scale (red brighter, blue darker)."""
     import matplotlib.pyplot as plt
-    import torch
     arrays = {}
     for k, v in rows.items():
         v = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..config import Config, figures_dir
 
@@ -98,7 +99,6 @@ def _plain_log_ticks(axis) -> None:
 def _grid_image(images, ncol: int, pad: int = 1) -> np.ndarray:
     """(n, C, H, W) tensors in [−1, 1] or (n, H, W[, C]) arrays in [0, 255] → one grid image in [0, 1] with
     ``ncol`` images per row and white padding."""
-    import torch
     v = images.detach().cpu().float().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, float)
     if v.ndim == 4 and v.shape[1] in (1, 3) and v.shape[-1] not in (1, 3):
         v = np.transpose((v.clip(-1, 1) + 1) / 2, (0, 2, 3, 1))
