@@ -36,7 +36,6 @@ reproduce: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=15
-	$(BIN)/python -m pytest -q --nbval-lax notebooks/
 
 lab: setup
 	$(BIN)/python -m jupyter lab notebooks/

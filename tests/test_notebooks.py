@@ -1,9 +1,13 @@
-"""The notebooks, executed headlessly with papermill under the smoke profile, in the order `make reproduce` runs
-them; a second run skips every stage; a bad range stops notebook 03 with a clear error."""
+"""The notebooks under the smoke profile: every cell of every notebook executed by `pytest --nbval-lax notebooks/`
+(as a user's CI runs them; notebooks/conftest.py first makes the trainings with `deme reproduce --only 02 03`),
+their outputs checked; papermill's parameters (notebook 06 with `-p full True`, a bad range for notebook 03) and
+the reproduction's records (a second run skips every stage). The whole `reproduce` sequence is rehearsed on the
+paper profiles in tests/test_rehearse.py."""
 
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,22 +29,26 @@ def _run(args, root, **kw):
 @pytest.fixture(scope="module")
 def smoke_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("deme_root")
-    proc = _run(["-m", "deme", "reproduce", "--profile", "smoke", "--no-update-notebooks", "--jobs", "2"], root,
-                timeout=900)
+    proc = _run(["-m", "pytest", "-q", "--nbval-lax", "notebooks/", "--deme-root", str(root), "-p", "no:cacheprovider"],
+                root, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root, proc.stdout
 
 
-def test_reproduce_runs_every_notebook_in_order(smoke_root):
+def test_every_notebook_runs_under_nbval_and_writes_its_outputs(smoke_root):
     root, stdout = smoke_root
     from deme.config import get_profile
-    from deme.reproduce import stages
-    names = [s[0] for s in stages(get_profile("smoke"))]
-    assert names[:2] == ["02_base_model", "01_gradient_conflict"] or names[0] == "02_base_model"
-    for name in names:
+    from deme.reproduce import NOTEBOOKS, stages
+    cells = sum(len([c for c in json.loads(p.read_text())["cells"] if c["cell_type"] == "code"])
+                for p in NOTEBOOKS.glob("*.ipynb"))
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|skipped|failed|error)", stdout.splitlines()[-1])}
+    assert counts.get("passed", 0) + counts.get("skipped", 0) == cells and set(counts) <= {"passed", "skipped"}, \
+        stdout[-2000:]                                   # one nbval item per code cell; skipped: injected parameters
+    made = [s[0] for s in stages(get_profile("smoke")) if s[0].startswith(("02_", "03_"))]   # by the conftest
+    for name in made:
         assert (root / "runs" / "smoke" / "notebooks" / f"{name}.ipynb").exists(), name
         rec = json.loads((root / "runs" / "smoke" / "stages" / f"{name}.json").read_text())
-        assert rec["seconds"] > 0 and rec["parallel_jobs"] == (2 if name.startswith(("01_", "03_")) else 1)
+        assert rec["seconds"] > 0 and rec["parallel_jobs"] == (2 if name.startswith("03_") else 1)
     # the stages' outputs: ranges, merged model, its weights and the candidates the search scored
     import pandas as pd
     for i in range(2):
@@ -53,7 +61,8 @@ def test_reproduce_runs_every_notebook_in_order(smoke_root):
     assert tuple(w) == ast.literal_eval(cands.weights.iloc[0])                # the chosen = the lowest loss
     assert cands.kind.str.startswith("base (reference)").any()   # the base is always scored beside the search
     figs = root / "runs" / "smoke" / "figures"
-    for f in ("merge_samples_smoke.png", "merge_search_smoke.png", "heldout_loss_smoke.png", "compare_smoke.png",
+    for f in ("fig1a_gradient_conflict_smoke.png", "fig4_landscapes_smoke.png", "merge_samples_smoke.png",
+              "merge_search_smoke.png", "heldout_loss_smoke.png", "compare_smoke.png",
               "gallery_smoke.png", "fig2_activation_change_smoke.png", "fig6a_task_vector_plane_smoke.png",
               "fig6b_task_vector_boxes_smoke.png"):
         assert (figs / f).exists(), f
@@ -101,7 +110,8 @@ def test_ablation_full_runs_headlessly(smoke_root, tmp_path):
 
 def test_a_second_reproduce_skips_every_stage(smoke_root):
     root, _ = smoke_root
-    proc = _run(["-m", "deme", "reproduce", "--profile", "smoke", "--no-update-notebooks"], root, timeout=300)
+    proc = _run(["-m", "deme", "reproduce", "--profile", "smoke", "--no-update-notebooks", "--only", "02", "03"],
+                root, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [l for l in proc.stdout.splitlines() if l.startswith("[")]
     assert lines and all("skipped" in l for l in lines), proc.stdout
