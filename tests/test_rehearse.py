@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -374,47 +375,45 @@ def _check_ddpm(profile: str, root: Path, rec: dict) -> None:
     assert claims.measure.str.startswith("FID").any() and set(claims.verdict) <= {"better", "worse", "not resolved"}
 
 
-# The whole-pipeline rehearsals (all 11 stages, stand-in models at paper structure). Which run is chosen by
-# $DEME_REHEARSE: unset → DEFAULT_REHEARSALS (part of `make test`); "all" → all four; "0" → none; or a
-# comma-separated list ("bedroom,sd14"). See the README's Tests section for their measured times.
-DEFAULT_REHEARSALS = ("cifar10", "church", "bedroom", "sd14")
-
-
-def _chosen(profile: str) -> bool:
-    want = os.environ.get("DEME_REHEARSE")
-    if want is None:
-        return profile in DEFAULT_REHEARSALS
-    return want == "all" or profile in want.split(",")
-
-
-def _whole_pipeline(profile: str):
-    return pytest.param(profile, marks=pytest.mark.skipif(
-        not _chosen(profile), reason=f"whole-pipeline rehearsal of {profile} not chosen: DEME_REHEARSE=all or "
-                                     f"DEME_REHEARSE={profile} runs it (minutes on a CPU)"))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("profile", [_whole_pipeline(p) for p in ("cifar10", "church", "bedroom")])
-def test_rehearse_ddpm_profile(profile, tmp_path):
-    _check_ddpm(profile, tmp_path, _rehearse(profile, tmp_path))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("profile", [_whole_pipeline("sd14")])
-def test_rehearse_sd14(profile, tmp_path):
+def _check_sd14(profile: str, root: Path, rec: dict) -> None:
     """Stable Diffusion: latent training from the stand-in pipeline's VAE and text encoder, Table 2 on the three
     prompt sets (FID@256 against the COCO and ImageNet images; CLIP reported missing: no weights offline)."""
-    rec = _rehearse("sd14", tmp_path)
-    figs = _check_common("sd14", tmp_path, rec)
+    figs = _check_common(profile, root, rec)
     t2 = pd.read_csv(figs / "table2_sd14.csv", header=[0, 1], index_col=0)
     assert t2[("fid_256", "MS-COCO")].notna().all() and t2[("fid_256", "ImageNet")].notna().all()
     assert {"Before finetuning", "DeMe (before merge)", "DeMe (after merge)"} <= set(t2.index)
-    scores = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "sd14" / "compare").glob("*_seed0.json")]
+    scores = [json.loads(p.read_text()) for p in (root / "runs" / "sd14" / "compare").glob("*_seed0.json")]
     parti = [r for r in scores if r["n"] == 4 and r["fid_256"] is None]          # PartiPrompts: CLIP only
     assert len(scores) == 3 * len(t2.index) and len(parti) == len(t2.index)
     assert all(r["clip"] is None for r in scores) and rec["clip_score"].startswith("not computed")
-    assert len(list((tmp_path / "runs" / "sd14" / "compare" / "samples" / "deme_after_merge" / "ms-coco").glob(
+    assert len(list((root / "runs" / "sd14" / "compare" / "samples" / "deme_after_merge" / "ms-coco").glob(
         "*.png"))) == 6
+
+
+# The whole-pipeline rehearsals (all 11 stages, stand-in models at paper structure), two at a time: one rehearsal
+# runs one notebook kernel at a time for most of its stages, so two side by side keep both cores of a small CI
+# machine busy. $DEME_REHEARSE chooses: unset → all four (part of `make test`); "0" → none; or a comma-separated
+# list ("church,sd14"). Their measured times are in the README's Tests section.
+CHECKS = {"cifar10": _check_ddpm, "church": _check_ddpm, "bedroom": _check_ddpm, "sd14": _check_sd14}
+
+
+def _chosen() -> list[str]:
+    want = os.environ.get("DEME_REHEARSE", "all")
+    return list(R.PAPER_PROFILES) if want == "all" else [p for p in R.PAPER_PROFILES if p in want.split(",")]
+
+
+@pytest.mark.slow
+def test_rehearse_every_paper_profile(tmp_path):
+    """``python -m deme rehearse --profile P`` for each paper profile: every stage of the reproduction runs on
+    the stand-ins and writes its outputs (checked per profile)."""
+    profiles = _chosen()
+    if not profiles:
+        pytest.skip("no whole-pipeline rehearsal chosen ($DEME_REHEARSE=0)")
+    order = sorted(profiles, key=lambda p: p != "sd14")          # the longest first, the others beside it
+    with ThreadPoolExecutor(2) as pool:
+        records = dict(zip(order, pool.map(lambda p: _rehearse(p, tmp_path / p), order)))
+    for p in profiles:
+        CHECKS[p](p, tmp_path / p, records[p])
 
 
 @pytest.mark.parametrize("profile", ["church", "sd14"])
