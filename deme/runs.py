@@ -54,18 +54,18 @@ def merge_dir(cfg: Config) -> Path:
     return repo_root() / "runs" / cfg.profile / "merge" / variant
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically (write a temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
-
-
 def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically: a temporary file beside ``path``, then rename (a killed run leaves the old
+    file or the new one, never half of one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    _write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 def save_table(table: pd.DataFrame, cfg: Config, name: str, formatted: pd.DataFrame | None = None,
