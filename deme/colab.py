@@ -72,10 +72,10 @@ def _with_badge(text: str, line: str) -> str:
     return "\n".join([line] + rest)
 
 
-def stamp_notebook(path: Path, repository: str, branch: str = "main", repo_root: Path | None = None) -> None:
-    """Add (or replace) the badge and the set-up cell of one notebook, in place; outputs are kept."""
+def stamp_notebook(path: Path, repository: str, branch: str = "main") -> None:
+    """Add (or replace) the badge and the set-up cell of one notebook of notebooks/, in place; outputs are kept."""
     path = Path(path)
-    rel = path.resolve().relative_to(Path(repo_root).resolve()).as_posix() if repo_root else f"notebooks/{path.name}"
+    rel = f"notebooks/{path.name}"
     nb = nbformat.read(path, as_version=4)
     nb.cells = [c for c in nb.cells if SETUP_TAG not in c.metadata.get("tags", [])]
     first_md = next((c for c in nb.cells if c.cell_type == "markdown"), None)
@@ -104,6 +104,6 @@ def stamp(root: Path, repository: str, branch: str = "main") -> list[Path]:
     root = Path(root)
     notebooks = sorted((root / "notebooks").glob("*.ipynb"))
     for nb in notebooks:
-        stamp_notebook(nb, repository, branch, repo_root=root)
+        stamp_notebook(nb, repository, branch)
     stamp_readme(root / "README.md", repository, branch)
     return notebooks + [root / "README.md"]
