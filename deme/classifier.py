@@ -29,7 +29,7 @@ from .config import Config, repo_root
 from .data import get_dataset, load_tensor_dataset
 from .metrics import _default_device
 from .progress import tqdm
-from .runs import device_name
+from .runs import atomic_save, device_name
 
 
 class SmallCNN(nn.Module):
@@ -156,11 +156,8 @@ def train_classifier(cfg: Config, out_path: str | os.PathLike | None = None, epo
                 architecture=model.hparams,
                 purpose="alignment score: the embedded default's stand-in for the CLIP score",
                 made_by=f"deme.classifier.train_classifier(get_profile({cfg.profile!r}), epochs={epochs}, seed={seed})")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    torch.save(dict(hparams=model.hparams, state_dict={k: v.cpu() for k, v in model.state_dict().items()},
-                    info=info), tmp)
-    os.replace(tmp, out_path)
+    atomic_save(dict(hparams=model.hparams, state_dict={k: v.cpu() for k, v in model.state_dict().items()},
+                     info=info), out_path)
     info["sha256"] = hashlib.sha256(out_path.read_bytes()).hexdigest()
     out_path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     return info

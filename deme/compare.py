@@ -34,7 +34,7 @@ from .metrics import _default_device, feature_statistics, inception_features, lo
 from .models import load_unet
 from .paired import fid_bootstrap, paired_difference, paired_fid, paired_kid, t_interval
 from .progress import tqdm
-from .runs import merge_dir, run_dir, write_json
+from .runs import atomic_write, merge_dir, run_dir, write_json
 from .sampling import TimestepEnsemble, ddim_sample
 from .sd import generate
 from .sdeval import COCO_FID_REFERENCES, evaluate, prepare_reference_folder, prepare_val2014_reference
@@ -206,9 +206,7 @@ def collect_sample_outputs(cfg: Config, n: int, steps: int | None = None, seed: 
             rec = sample_outputs(model.to(device), cfg, seed, n, steps, classifier, conditional, cond_inception,
                                  processes=procs)
             if procs.is_main:
-                tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, **rec)
-                tmp.replace(path)
+                atomic_write(path, lambda tmp: np.savez(tmp, **rec))
         results[name] = {k: rec[k] for k in need}   # the same keys for every model, whatever the cache holds
         del model
     return results

@@ -34,6 +34,7 @@ from .losses import per_sample_mse
 from .metrics import _default_device
 from .models import conditioning_kwargs, make_scheduler
 from .progress import tqdm
+from .runs import atomic_write
 from .timesteps import stratified_timesteps, timestep_ranges
 
 CONDITIONS = ("unconditional", "conditional")
@@ -207,9 +208,7 @@ def paired_losses(models: Mapping[str, Callable[[], torch.nn.Module]], cfg: Conf
             for c, cond in inputs.items():
                 per, t = heldout_losses(model, cfg, images, cond, seed)
                 res[c], res["t"] = per.numpy(), t.numpy()
-            tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, **res)
-            tmp.replace(path)
+            atomic_write(path, lambda tmp: np.savez(tmp, **res))
             out[name] = res
         del model
     return out

@@ -36,6 +36,7 @@ import numpy as np
 from .config import Config, repo_root
 from .distributed import SINGLE, Processes
 from .errors import CorruptImageError, DataMissingError
+from .runs import atomic_write
 
 log = logging.getLogger("deme.imagecaptions")
 
@@ -239,9 +240,7 @@ class ImageCaptionFolder:
                 return data
             try:
                 data = {"key": path.stem, "root": str(self.root), **self.scan()}
-                tmp = path.with_suffix(f".tmp{os.getpid()}")
-                tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-                os.replace(tmp, path)
+                atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8"))
             finally:
                 claim.unlink(missing_ok=True)
             return data

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,42 +78,62 @@ def _up_to_date(rec: dict, cfg, notebook: str, params: dict) -> bool:
 
 AFTER_BASE = ("01_", "03_")
 """Stages that need only the base model (02): the analyses of 01 and the training jobs of 03 (one range or one
-baseline each). They are independent of each other and may run side by side."""
+baseline each). They are independent of each other and may run side by side — and beside 02 itself when the
+profile's base model is a pretrained one (02 then only loads and shows it)."""
+
+AFTER_MERGE = ("05_", "06_", "07_")
+"""Stages that need only what 03 trained and 04 merged: the comparison, the ablation and the gallery. Each
+writes its own tables and figures; a held-out loss or a sample set two of them compute is a cache entry either
+may write (atomically, :func:`deme.runs.atomic_write`), so they may run side by side."""
 
 
-def _groups(plan):
-    """Consecutive stages that need only the base model (:data:`AFTER_BASE`) form one group; every other stage
-    is a group of its own."""
-    groups = []
+def _group(name: str, cfg) -> str:
+    """The parallel group of a stage: "after base", "after merge", or the stage's own name (runs alone)."""
+    if name.startswith(AFTER_BASE) or (name.startswith("02_") and cfg.pretrained):
+        return "after base"
+    return "after merge" if name.startswith(AFTER_MERGE) else name
+
+
+def _groups(plan, cfg) -> list[list[tuple[int, tuple[str, str, dict]]]]:
+    """Consecutive stages of one parallel group (:func:`_group`) run side by side; numbered from 1."""
+    groups, last = [], None
     for k, stage in enumerate(plan, 1):
-        if groups and stage[0].startswith(AFTER_BASE) and groups[-1][-1][1][0].startswith(AFTER_BASE):
+        key = _group(stage[0], cfg)
+        if groups and key == last:
             groups[-1].append((k, stage))
         else:
             groups.append([(k, stage)])
+        last = key
     return groups
 
 
+def _say(line: str) -> None:
+    """Print one whole line (stages side by side print from their threads: one write per line, no interleaving)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _run_stage(k: int, n_stages: int, name: str, notebook: str, params: dict, *, cfg, out_dir: Path,
-               rec_dir: Path, jobs: int, keep_going: bool, update: bool) -> dict:
+               rec_dir: Path, jobs: int, side_by_side: bool, keep_going: bool, update: bool) -> dict:
     """Execute one stage's notebook with papermill, write its record, publish it when ``update``."""
-    print(f"[{k}/{n_stages}] {name}: running {notebook} {params}", flush=True)
+    _say(f"[{k}/{n_stages}] {name}: running {notebook} {params}")
     target = out_dir / f"{name}.ipynb"
     t0 = time.time()
     try:
         pm.execute_notebook(str(NOTEBOOKS / notebook), str(target), parameters=params, cwd=str(NOTEBOOKS),
-                            progress_bar=jobs == 1, kernel_name="python3")
+                            progress_bar=not side_by_side, kernel_name="python3")
     except Exception as e:
         if not keep_going:
             raise
-        print(f"[{k}/{n_stages}] {name}: FAILED after {time.time() - t0:.0f} s: {e}", flush=True)
+        _say(f"[{k}/{n_stages}] {name}: FAILED after {time.time() - t0:.0f} s: {e}")
         return {"stage": name, "notebook": notebook, "params": params, "seconds": round(time.time() - t0, 1),
                 "failed": f"{type(e).__name__}: {e}"[:4000]}
     rec = {"stage": name, "notebook": notebook, "params": params, "source": _source_hash(notebook),
            "config": json.loads(cfg.to_json()), "seconds": round(time.time() - t0, 1),
-           "parallel_jobs": jobs if name.startswith(AFTER_BASE) else 1,
+           "parallel_jobs": jobs if side_by_side else 1,
            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_json(rec_dir / f"{name}.json", rec)
-    print(f"[{k}/{n_stages}] {name}: done in {rec['seconds']:.0f} s", flush=True)
+    _say(f"[{k}/{n_stages}] {name}: done in {rec['seconds']:.0f} s")
     if update and (notebook != "03_train.ipynb" or name == "03_train_range0"):
         publish(target, NOTEBOOKS / notebook)
     return rec
@@ -124,11 +145,12 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     """Execute the notebooks in order with papermill; executed copies go to runs/<profile>/notebooks/.
 
     A stage whose record (runs/<profile>/stages/<stage>.json) matches the current config, notebook and
-    parameters is skipped unless ``force``. ``jobs`` > 1 runs up to that many independent stages (the analyses
-    of 01, the N ranges, the baselines: all need only the base model) at once, each kernel with one CPU thread
-    (``OMP_NUM_THREADS=1``; on a 2-core CPU two one-thread jobs train ~1.6× faster together than one after
-    another with two threads);
-    notebook 06 gets the same ``jobs``. ``full`` runs notebook 06 with its sensitivity sweeps (``-p full True``).
+    parameters is skipped unless ``force``. ``jobs`` > 1 runs up to that many independent stages at once — the
+    analyses of 01, the N ranges and the baselines (:data:`AFTER_BASE`), then 05, 06 and 07
+    (:data:`AFTER_MERGE`) — each kernel with one CPU thread (``OMP_NUM_THREADS=1``; on a 2-core CPU two
+    one-thread jobs train ~1.6× faster together than one after another with two threads, and a kernel's
+    imports, ~10 s of single-threaded work, leave the other core idle when run alone); notebook 06 gets the
+    same ``jobs``. ``full`` runs notebook 06 with its sensitivity sweeps (``-p full True``).
     For the embedded default the executed copies also replace the notebooks in notebooks/ (so the committed
     notebooks show the fmnist outputs), unless ``update_notebooks=False``.
 
@@ -148,12 +170,12 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     plan = stages(cfg, full=full, jobs=jobs)
     records = {}
 
-    def run(k: int, name: str, notebook: str, params: dict) -> dict:
+    def run(k: int, name: str, notebook: str, params: dict, side_by_side: bool = False) -> dict:
         return _run_stage(k, len(plan), name, notebook, params, cfg=cfg, out_dir=out_dir, rec_dir=rec_dir,
-                          jobs=jobs, keep_going=keep_going, update=update)
+                          jobs=jobs, side_by_side=side_by_side, keep_going=keep_going, update=update)
 
     started = time.time()
-    for group in _groups(plan):
+    for group in _groups(plan, cfg):
         todo = []
         for k, (name, notebook, params) in group:
             if only and not any(name.startswith(o) for o in only):
@@ -170,7 +192,7 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
             os.environ["OMP_NUM_THREADS"] = "1"           # inherited by the kernels started below
             try:
                 with ThreadPoolExecutor(jobs) as pool:
-                    for rec in pool.map(lambda a: run(*a), todo):
+                    for rec in pool.map(lambda a: run(*a, side_by_side=True), todo):
                         records[rec["stage"]] = rec
             finally:
                 if old is None:

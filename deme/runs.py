@@ -12,9 +12,10 @@ import json
 import os
 import platform
 import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 import torch
@@ -54,13 +55,25 @@ def merge_dir(cfg: Config) -> Path:
     return repo_root() / "runs" / cfg.profile / "merge" / variant
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically: a temporary file beside ``path``, then rename (a killed run leaves the old
-    file or the new one, never half of one)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file beside it, then one rename replaces
+    ``path``. A killed run leaves the old file or the new one, never half of one; the temporary name carries
+    the process and thread, so two stages writing the same cache entry at once (notebooks 05 and 06 side by
+    side) never write into each other's file. The temporary file keeps ``path``'s suffix (``np.savez`` would
+    append ``.npz`` otherwise). Returns ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -98,11 +111,9 @@ def append_run_log(cfg: Config, name: str, record: dict[str, Any]) -> dict[str, 
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically (a temporary file beside it, then rename): a run killed while
-    writing leaves the previous file intact."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to ``path`` atomically (:func:`atomic_write`): a run killed while writing leaves the
+    previous file intact."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def device_name(device: torch.device, *, threads: bool = False) -> str:

@@ -50,6 +50,7 @@ from .distributed import SINGLE, Processes, current_processes
 from .errors import CorruptImageError, DataMissingError, WeightsMissingError
 from .imagecaptions import data_source, open_image_captions, resize_crop
 from .progress import tqdm
+from .runs import atomic_write
 
 log = logging.getLogger("deme.sd")
 
@@ -508,9 +509,7 @@ def generate(pipe_or_unet, prompts: Sequence[str] | str, *, base=None, guidance_
             else:
                 from PIL import Image
                 for arr, p in zip(batch, names):
-                    tmp = p.with_name(p.stem + ".tmp.png")
-                    Image.fromarray(arr).save(tmp)
-                    os.replace(tmp, p)
+                    atomic_write(p, Image.fromarray(arr).save)
                 paths += names
     finally:
         pipe.scheduler = old_scheduler

@@ -25,6 +25,7 @@ from .distributed import SINGLE, Processes
 from .errors import CorruptImageError, DataMissingError
 from .imagecaptions import IMAGE_EXTENSIONS, data_source, open_image_captions, resize_crop
 from .progress import tqdm
+from .runs import atomic_write
 from .sd import TextImageBatches
 
 
@@ -81,10 +82,7 @@ def features_256(source, size: int = 256, *, cache: str | os.PathLike | None = N
                            desc=f"Inception features at {size}px")]
     feats = processes.concat(np.concatenate(feats) if feats else np.empty((0, metrics.FEATURE_DIM), np.float32))
     if cache is not None and processes.is_main:
-        Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(cache) + ".tmp.npz")
-        np.savez(tmp, features=feats, size=size)
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda tmp: np.savez(tmp, features=feats, size=size))
     return feats
 
 

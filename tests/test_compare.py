@@ -1,6 +1,8 @@
 """Comparison tables: mean ± std over seeds and deltas, checked by hand; the paper's numbers stay separate."""
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from deme.compare import PAPER_TABLE1, PAPER_TABLE2, format_paired, text_to_image_table
 
@@ -107,3 +109,34 @@ def test_delta_panels_keep_conditional_metrics_apart_and_leave_out_the_reference
     assert lower == {"FID": True, "FID, class-conditional": True, "alignment %": False}
     assert all(list(p.model) == ["m"] for p in panels.values())
     assert panels["FID, class-conditional"][["delta", "low", "high"]].values.tolist() == [[-1.0, -3.0, 1.0]]
+
+
+def _write_many(path, value):
+    from deme.runs import atomic_write
+    for _ in range(40):
+        atomic_write(path, lambda tmp: np.savez(tmp, x=np.full(200_000, value)))
+
+
+def test_atomic_writes_of_one_file_by_two_processes_never_mix(tmp_path):
+    """deme.runs.atomic_write: two processes writing the same cache entry at once (notebooks 05 and 06 side by
+    side) each write their own temporary file, so the file read afterwards is one writer's whole array; a
+    writer that fails leaves the previous file and no temporary file behind."""
+    import multiprocessing
+
+    from deme.runs import atomic_write
+    path = tmp_path / "cache.npz"
+    procs = [multiprocessing.get_context("fork").Process(target=_write_many, args=(path, v)) for v in (1.0, 2.0)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    x = np.load(path)["x"]
+    assert len(x) == 200_000 and len(set(x.tolist())) == 1 and x[0] in (1.0, 2.0)
+
+    def fail(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, fail)
+    assert np.load(path)["x"][0] in (1.0, 2.0) and [p.name for p in tmp_path.iterdir()] == ["cache.npz"]
