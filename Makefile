@@ -35,7 +35,7 @@ reproduce: setup
 
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=15
 
 lab: setup
 	$(BIN)/python -m jupyter lab notebooks/

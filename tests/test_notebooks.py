@@ -35,6 +35,7 @@ def smoke_root(tmp_path_factory):
     return root, proc.stdout
 
 
+@pytest.mark.slow
 def test_every_notebook_runs_under_nbval_and_writes_its_outputs(smoke_root):
     root, stdout = smoke_root
     from deme.config import get_profile
@@ -81,6 +82,7 @@ def test_every_notebook_runs_under_nbval_and_writes_its_outputs(smoke_root):
     assert set(pd.read_csv(figs / "merge_methods_smoke.csv").model) >= {"TIES (density 0.2)", "ensemble (before merge)"}
 
 
+@pytest.mark.slow
 def test_ablation_full_runs_headlessly(smoke_root, tmp_path):
     """`papermill 06_ablation.ipynb -p full True`: Table 3 (on with full), the budget study, the N and p sweeps
     and the sample metrics of Table 3 train, score and write their tables, and the run is recorded as a full one."""
