@@ -409,7 +409,7 @@ def test_rehearse_paper_profile(profile, tmp_path):
     """``python -m deme rehearse --profile P``: every stage of the reproduction runs on the stand-ins and writes
     its outputs (checked per profile)."""
     if not _chosen(profile):
-        pytest.skip(f"whole-pipeline rehearsal of {profile} not chosen by DEME_REHEARSE={os.environ['DEME_REHEARSE']!r}")
+        pytest.skip(f"rehearsal of {profile} not chosen by DEME_REHEARSE={os.environ['DEME_REHEARSE']!r}")
     CHECKS[profile](profile, tmp_path, _rehearse(profile, tmp_path))
 
 
