@@ -141,8 +141,8 @@ class LoaderBatches:
     def _loader(self, epoch: int):
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=g,
-                                           drop_last=True, num_workers=self.num_workers, pin_memory=True,
-                                           persistent_workers=False)
+                                           drop_last=True, num_workers=self.num_workers,
+                                           pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
     def batch(self, index: int):
         if self._next != index:   # (re)position: start of run, resume, or a new epoch
