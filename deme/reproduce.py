@@ -81,10 +81,13 @@ AFTER_BASE = ("01_", "03_")
 baseline each). They are independent of each other and may run side by side — and beside 02 itself when the
 profile's base model is a pretrained one (02 then only loads and shows it)."""
 
-AFTER_MERGE = ("05_", "06_", "07_")
-"""Stages that need only what 03 trained and 04 merged: the comparison, the ablation and the gallery. Each
-writes its own tables and figures; a held-out loss or a sample set two of them compute is a cache entry either
-may write (atomically, :func:`deme.runs.atomic_write`), so they may run side by side."""
+AFTER_MERGE = ("06_", "07_")
+"""Stages that need only what 03 trained and 04 merged and run after 05: the ablation and the gallery. Each
+writes its own tables and figures (a held-out loss both compute is a cache entry either may write, atomically:
+:func:`deme.runs.atomic_write`), so they may run side by side. Notebook 05 runs alone before them: its sampling
+and Inception passes use every core (on the 2-core CPU, DDIM sampling 1.83× and Inception features 1.65×
+faster with two threads than with the one a kernel gets beside another), and 06 then reuses its held-out
+losses."""
 
 
 def _group(name: str, cfg) -> str:
@@ -146,8 +149,8 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
 
     A stage whose record (runs/<profile>/stages/<stage>.json) matches the current config, notebook and
     parameters is skipped unless ``force``. ``jobs`` > 1 runs up to that many independent stages at once — the
-    analyses of 01, the N ranges and the baselines (:data:`AFTER_BASE`), then 05, 06 and 07
-    (:data:`AFTER_MERGE`) — each kernel with one CPU thread (``OMP_NUM_THREADS=1``; on a 2-core CPU two
+    analyses of 01, the N ranges and the baselines (:data:`AFTER_BASE`), then 06 and 07 (:data:`AFTER_MERGE`) —
+    each kernel with one CPU thread (``OMP_NUM_THREADS=1``; on a 2-core CPU two
     one-thread jobs train ~1.6× faster together than one after another with two threads, and a kernel's
     imports, ~10 s of single-threaded work, leave the other core idle when run alone); notebook 06 gets the
     same ``jobs``. ``full`` runs notebook 06 with its sensitivity sweeps (``-p full True``).

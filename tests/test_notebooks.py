@@ -159,7 +159,7 @@ def test_reproduce_full_and_jobs_reach_notebook_06_and_jobs_do_not_invalidate_re
 
 def test_reproduce_runs_side_by_side_only_stages_whose_inputs_exist():
     """With --jobs, 01 and the 03 trainings run side by side after 02 (beside it when the base model is a
-    pretrained one, which 02 only shows), 05, 06 and 07 side by side after 04; 02 (pretraining) and 04 alone."""
+    pretrained one, which 02 only shows), 06 and 07 side by side after 05; 02 (pretraining), 04 and 05 alone."""
     from deme.config import get_profile
     from deme.reproduce import _groups, stages
     for profile, first in (("smoke", [["02_base_model"]]), ("cifar10", [])):
@@ -168,7 +168,7 @@ def test_reproduce_runs_side_by_side_only_stages_whose_inputs_exist():
         groups = [[stage[0] for _, stage in g] for g in _groups(plan, cfg)]
         trainings = [s[0] for s in plan if s[0].startswith("03_")]
         after_base = ([] if first else ["02_base_model"]) + ["01_gradient_conflict"] + trainings
-        assert groups == first + [after_base, ["04_merge"], ["05_compare", "06_ablation", "07_gallery"]], profile
+        assert groups == first + [after_base, ["04_merge"], ["05_compare"], ["06_ablation", "07_gallery"]], profile
         assert [k for g in _groups(plan, cfg) for k, _ in g] == list(range(1, len(plan) + 1))
 
 
