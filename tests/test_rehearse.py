@@ -391,10 +391,10 @@ def _check_sd14(profile: str, root: Path, rec: dict) -> None:
 
 # The whole-pipeline rehearsals (all 11 stages, stand-in models at paper structure), one test per profile, all
 # four by default; $DEME_REHEARSE chooses fewer while working on something else: "0" → none, or a comma-separated
-# list ("church,bedroom"). Measured on the idle 2-core CPU (2026-11-30), inside `make test` (two pytest workers,
-# the other one running the rest of the suite): cifar10 198 s, church 213 s, bedroom 202 s, sd14 231 s; the whole
-# suite 15 min 15 s. Alone, one at a time: church 160 s (207 s before 05/06/07 ran side by side and the command
-# line stopped importing every module: each stage is ~10 s of kernel start-up and imports, ~3 s of work).
+# list ("church,bedroom"). Measured on the idle 2-core CPU (2026-11-30), in a fresh clone's `make test` (two pytest
+# workers, the other one running the rest of the suite): cifar10 192 s, church 206 s, bedroom 209 s, sd14 175 s;
+# the whole suite 14 min 3 s. Alone: church 175 s (207 s before 02, 06 and 07 ran beside other stages and the
+# command line stopped importing every module: each stage is ~10 s of kernel start-up and imports, ~3 s of work).
 CHECKS = {"cifar10": _check_ddpm, "church": _check_ddpm, "bedroom": _check_ddpm, "sd14": _check_sd14}
 
 
