@@ -83,11 +83,10 @@ profile's base model is a pretrained one (02 then only loads and shows it)."""
 
 AFTER_MERGE = ("06_", "07_")
 """Stages that need only what 03 trained and 04 merged and run after 05: the ablation and the gallery. Each
-writes its own tables and figures (a held-out loss both compute is a cache entry either may write, atomically:
-:func:`deme.runs.atomic_write`), so they may run side by side. Notebook 05 runs alone before them: its sampling
-and Inception passes use every core (on the 2-core CPU, DDIM sampling 1.83× and Inception features 1.65×
-faster with two threads than with the one a kernel gets beside another), and 06 then reuses its held-out
-losses."""
+writes its own tables and figures and reads nothing the other writes, so they may run side by side. Notebook
+05 runs alone before them: its sampling and Inception passes use every core (on the 2-core CPU, DDIM sampling
+1.83× and Inception features 1.65× faster with two threads than with the one a kernel gets beside another),
+and 06 then reuses its held-out losses."""
 
 
 def _group(name: str, cfg) -> str:

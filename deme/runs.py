@@ -58,9 +58,9 @@ def merge_dir(cfg: Config) -> Path:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Write ``path`` atomically: ``write(tmp)`` fills a temporary file beside it, then one rename replaces
     ``path``. A killed run leaves the old file or the new one, never half of one; the temporary name carries
-    the process and thread, so two stages writing the same cache entry at once (notebooks 05 and 06 side by
-    side) never write into each other's file. The temporary file keeps ``path``'s suffix (``np.savez`` would
-    append ``.npz`` otherwise). Returns ``path``."""
+    the process and thread, so two processes writing the same file at once (a notebook run by hand beside
+    ``reproduce``, both filling one cache entry) never write into each other's temporary file. The temporary
+    file keeps ``path``'s suffix (``np.savez`` would append ``.npz`` otherwise). Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp{path.suffix}")

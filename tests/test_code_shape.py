@@ -100,7 +100,6 @@ def test_in_package_imports_sit_at_the_top_of_each_file():
     assert not needless, f"imports inside functions that save nothing (stdlib or torch/numpy/pandas): {needless}"
 
 
-
 def test_modules_and_functions_stay_readable_in_a_sitting():
     long_modules, long_functions = [], []
     for path in sorted(PACKAGE.rglob("*.py")):

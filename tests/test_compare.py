@@ -118,8 +118,8 @@ def _write_many(path, value):
 
 
 def test_atomic_writes_of_one_file_by_two_processes_never_mix(tmp_path):
-    """deme.runs.atomic_write: two processes writing the same cache entry at once (notebooks 05 and 06 side by
-    side) each write their own temporary file, so the file read afterwards is one writer's whole array; a
+    """deme.runs.atomic_write: two processes writing the same cache entry at once (a notebook run by hand beside
+    `reproduce`) each write their own temporary file, so the file read afterwards is one writer's whole array; a
     writer that fails leaves the previous file and no temporary file behind."""
     import multiprocessing
 
