@@ -1,10 +1,11 @@
-"""Command line: ``python -m deme reproduce|rehearse|train|compare|profiles|colab``.
+"""Command line: ``python -m deme reproduce|rehearse|train|compare|premise|profiles|colab``.
 
     python -m deme reproduce --profile fmnist          # the main job: every notebook that exists, in order
     python -m deme reproduce --profile fmnist --force   # redo stages whose outputs exist
     python -m deme train --profile fmnist --range 2     # one training job (see deme.train)
     python -m deme rehearse --profile church            # a paper profile end to end on CPU stand-ins (deme.rehearse)
     accelerate launch -m deme compare --profile cifar10  # 05's samples and scores, sharded over the processes
+    python -m deme premise fmnist-xs fmnist-xxs --jobs 2   # the miniature's premise on candidate settings
     python -m deme colab --repository https://github.com/OWNER/NAME   # Colab badges and set-up cells (deme.colab)
 """
 
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("coco-captions", "coco-images", "parti", "imagenet-classes", "imagenet-images"):
         c.add_argument(f"--{name}", default=None, help="text-to-image prompt set file (see notebook 05)")
     c.add_argument("--n-coco", type=int, default=30_000)
+    m = sub.add_parser("premise", help="train and judge candidate miniatures on the validation images: do the "
+                       "unmerged experts beat the base and equal-budget finetuning? (deme.premise)")
+    m.add_argument("settings", nargs="+", help="PROFILE or PROFILE:KEY=VALUE,... (e.g. fmnist-xs:lr=1e-4)")
+    m.add_argument("--jobs", type=int, default=1, help="training runs at once (one thread each)")
+    m.add_argument("--draws", type=int, default=2, help="noise/timestep draws per validation image")
+    m.add_argument("--name", default="premise_fmnist", help="table name under figures/ (CSV, Markdown, LaTeX)")
     sub.add_parser("profiles", help="list the profiles")
     g = sub.add_parser("colab", help="stamp the notebooks and the README with 'Open in Colab' badges and the Colab "
                        "set-up cell, for the repository's public URL")
@@ -120,6 +127,16 @@ def rehearse_command(a) -> None:
         raise SystemExit(1)
 
 
+def premise_command(a) -> None:
+    from .premise import parse_setting, premise_table, save_premise
+    try:
+        settings = [parse_setting(s) for s in a.settings]
+    except ValueError as e:
+        raise SystemExit(str(e))
+    table = premise_table(settings, jobs=a.jobs, draws=a.draws, progress=True)
+    print(save_premise(table, settings, a.name).to_string())
+
+
 def profiles_command(a) -> None:
     for name in profile_names():
         c = get_profile(name)
@@ -136,4 +153,4 @@ def colab_command(a) -> None:
 
 
 COMMANDS = {"reproduce": reproduce_command, "rehearse": rehearse_command, "compare": compare_command,
-            "profiles": profiles_command, "colab": colab_command}
+            "premise": premise_command, "profiles": profiles_command, "colab": colab_command}

@@ -242,6 +242,14 @@ _FMNIST_UNET = dict(
     norm_num_groups=16, attention_head_dim=32,
 )
 
+def _small_unet(widths: tuple[int, int, int], groups: int) -> dict[str, Any]:
+    """A one-layer-per-block 16x16 UNet of the given widths, self-attention at 4x4: the miniature's candidates."""
+    return dict(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=widths,
+                down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                norm_num_groups=groups, attention_head_dim=widths[-1])
+
+
 # A tiny UNet for the smoke profile (8x8 sklearn digits): seconds per notebook.
 _SMOKE_UNET = dict(
     sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
@@ -276,6 +284,22 @@ PROFILES: dict[str, Config] = {
         sample_steps=25, guidance_scale=1.0,   # DDIM-25 (the paper: 50 for LSUN, 100 for the CIFAR ablation): CPU time
         merge_grid=(0.0, 0.25, 0.5, 0.75, 1.0), fid_samples=1000, fid_reference_size=10_000,
     ),
+}
+# Candidates for the miniature (deme.premise; figures/premise_fmnist.csv): the paper's proportions on the CPU. A
+# DDPM-like pretraining (constant lr 1e-3, batch 128, diffusers' warmup EMA 0.9999: ~3M images), then finetuning
+# on 5% of that (4 ranges x 600 steps x 64 images) at half its noise temperature (lr/batch 2.5e-4/64 vs
+# 1e-3/128, the paper's ratio), with the same warmup EMA for every finetuned model (theta's share left: 0).
+_MINIATURE = dict(
+    dataset="fmnist", image_size=16, channels=1, num_classes=10, label_dropout=0.1,
+    pretrain_steps=24_000, pretrain_batch_size=128, pretrain_lr=1e-3, pretrain_warmup=0,
+    lr=2.5e-4, batch_size=64, grad_accum=1, mixed_precision="no", ema_warmup=True, ema_max_decay=0.9999,
+    num_ranges=4, steps_per_range=600, p_global=0.3, checkpoint_every=200, log_every=50,
+    heldout_size=2000, validation_size=2000, num_workers=0, sample_steps=25, guidance_scale=1.0,
+    fid_samples=1000, fid_reference_size=10_000,
+)
+PROFILES |= {
+    "fmnist-xs": Config(profile="fmnist-xs", unet=_small_unet((8, 16, 16), 4), **_MINIATURE),     # 71K parameters
+    "fmnist-xxs": Config(profile="fmnist-xxs", unet=_small_unet((4, 8, 8), 4), **_MINIATURE),     # 20K parameters
     # The paper's settings (PAPER.md §4): pretrained models from the hub, GPU and internet.
     "cifar10": Config(
         profile="cifar10", dataset="cifar10", image_size=32, channels=3, pretrained="google/ddpm-cifar10-32",

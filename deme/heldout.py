@@ -40,19 +40,35 @@ from .timesteps import stratified_timesteps, timestep_ranges
 CONDITIONS = ("unconditional", "conditional")
 
 
+def draw_inputs(n: int, shape: tuple[int, ...], t_range: tuple[int, int], seed: int = 0, draw: int = 0) \
+        -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise and timesteps of one draw over ``n`` images: ``(noise (n, *shape), t (n,))``.
+
+    Draw 0: noise from ``seed``, image j at the stratified timestep t_j = lo + ⌊(j + ½)(hi − lo)/n⌋. Draw d > 0:
+    noise from ``seed + 10007·d`` and the same stratified timesteps in a seeded random order, so every draw still
+    covers the range evenly while each image meets other noise at another timestep. Averaging an image's loss
+    over draws lowers the estimator's noise without changing what is estimated."""
+    noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed + 10_007 * draw))
+    t = stratified_timesteps(n, t_range)
+    if draw:
+        t = t[torch.randperm(n, generator=torch.Generator().manual_seed(7_919 * draw + seed))]
+    return noise, t
+
+
 @torch.no_grad()
 def heldout_losses(model, cfg: Config, images: torch.Tensor, cond: torch.Tensor | dict | None, seed: int = 0,
-                   t_range: tuple[int, int] | None = None, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+                   t_range: tuple[int, int] | None = None, batch_size: int = 500,
+                   draw: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image ε-MSE of ``model`` on ``images`` with fixed noise (from ``seed``) and stratified timesteps.
 
-    Image j gets t = lo + ⌊(j + ½)(hi − lo)/n⌋ over ``t_range`` (default [0, T)). ``cond``: class labels used
+    Image j gets t = lo + ⌊(j + ½)(hi − lo)/n⌋ over ``t_range`` (default [0, T)); ``draw`` > 0 gives other
+    noise and a permutation of those timesteps (:func:`draw_inputs`). ``cond``: class labels used
     as given (the null token for the unconditional loss), a dict of per-image model inputs (e.g.
     ``{"encoder_hidden_states": ...}``), or None. float32, eval mode (the model's mode is restored).
     Returns (losses (n,), timesteps (n,)) on the CPU.
     """
     t_range = t_range or (0, cfg.num_train_timesteps)
-    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
-    t = stratified_timesteps(len(images), t_range)
+    noise, t = draw_inputs(len(images), tuple(images.shape[1:]), t_range, seed, draw)
     sched = make_scheduler(cfg)
     device = next(model.parameters()).device
     was_training = model.training
@@ -156,10 +172,23 @@ def split_inputs(cfg: Config, part: str = "evaluation", device: str | torch.devi
     return x, condition_inputs(cfg, cond)
 
 
-def relative_difference(losses: np.ndarray, reference: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+def per_image(losses: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Per-image means of losses of shape (n,) or (draws, n) over the draws where ``mask`` holds; images with
+    no such draw are dropped. (n,) with no mask is returned as is."""
+    x = np.atleast_2d(np.asarray(losses, np.float64))
+    m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.atleast_2d(mask), x.shape)
+    count = m.sum(0)
+    return (np.where(m, x, 0.0).sum(0) / np.maximum(count, 1))[count > 0]
+
+
+def relative_difference(losses: np.ndarray, reference: np.ndarray, level: float = 0.95,
+                        mask: np.ndarray | None = None) -> tuple[float, float, float]:
     """Δ% = 100·mean(losses − reference)/mean(reference) of paired per-image losses, with its ``level``
-    interval (delta method for a ratio of means, t quantile): returns (Δ%, low, high)."""
-    d, r = np.asarray(losses, np.float64) - np.asarray(reference, np.float64), np.asarray(reference, np.float64)
+    interval (delta method for a ratio of means, t quantile): returns (Δ%, low, high). Losses of several
+    draws per image, shape (draws, n), are first averaged per image over the draws where ``mask`` holds
+    (:func:`per_image`), so the interval is over images, the unit that was sampled."""
+    losses, reference = per_image(losses, mask), per_image(reference, mask)
+    d, r = losses - reference, reference
     n, rbar = len(d), r.mean()
     ratio = d.mean() / rbar
     se = np.std(d - ratio * r, ddof=1) / np.sqrt(n) / rbar if n > 1 else float("nan")
@@ -186,11 +215,13 @@ def condition_inputs(cfg: Config, labels: torch.Tensor | None) -> dict[str, torc
 
 def paired_losses(models: Mapping[str, Callable[[], torch.nn.Module]], cfg: Config, part: str = "evaluation",
                   seed: int = 0, cache_dir: Path | None = None, device: str | torch.device | None = None,
-                  progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
+                  progress: bool = True, draws: int = 1) -> dict[str, dict[str, np.ndarray]]:
     """Per-image held-out losses of every model (``name → loader``) on the ``part`` of the held-out data
     (:func:`split_inputs`: the test split, or a fixed sample of the training data), for every condition, all
-    on the same images, noise (``seed``) and timesteps. Cached per model fingerprint
-    under ``cache_dir`` (default runs/<profile>/heldout). Returns ``{name: {condition: losses, "t": t}}``."""
+    on the same images, noise (``seed``) and timesteps. Cached per model fingerprint and draw
+    under ``cache_dir`` (default runs/<profile>/heldout). Returns ``{name: {condition: losses, "t": t}}``, arrays
+    of shape (n,) for one draw, (draws, n) for ``draws`` > 1 independent noise/timestep draws
+    (:func:`draw_inputs`; :func:`heldout_table` averages them per image)."""
     device = torch.device(device) if device is not None else _default_device()
     cache_dir = cache_dir or repo_root() / "runs" / cfg.profile / "heldout"
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -200,16 +231,20 @@ def paired_losses(models: Mapping[str, Callable[[], torch.nn.Module]], cfg: Conf
     out = {}
     for name, load in tqdm(models.items(), disable=not progress, desc="held-out loss", mininterval=30):
         model = load().to(device)
-        path = cache_dir / f"{model_fingerprint(model)}_{part}{at}_{len(images)}_seed{seed}.npz"
-        if path.exists():
-            out[name] = dict(np.load(path))
-        else:
+        key = f"{model_fingerprint(model)}_{part}{at}_{len(images)}_seed{seed}"
+        per_draw = []
+        for d in range(draws):
+            path = cache_dir / (key + (f"_draw{d}" if d else "") + ".npz")
+            if path.exists():
+                per_draw.append(dict(np.load(path)))
+                continue
             res = {}
             for c, cond in inputs.items():
-                per, t = heldout_losses(model, cfg, images, cond, seed)
+                per, t = heldout_losses(model, cfg, images, cond, seed, draw=d)
                 res[c], res["t"] = per.numpy(), t.numpy()
             atomic_write(path, lambda tmp: np.savez(tmp, **res))
-            out[name] = res
+            per_draw.append(res)
+        out[name] = per_draw[0] if draws == 1 else {k: np.stack([r[k] for r in per_draw]) for k in per_draw[0]}
         del model
     return out
 
@@ -227,8 +262,8 @@ def heldout_table(losses: Mapping[str, Mapping[str, np.ndarray]], cfg: Config, r
         for rng, (lo, hi) in bounds:
             m = (res["t"] >= lo) & (res["t"] < hi)
             for c in (c for c in CONDITIONS if c in res):
-                d, low, high = relative_difference(res[c][m], ref[c][m])
-                rows.append({"model": name, "range": rng, "condition": c, "loss": float(res[c][m].mean()),
+                d, low, high = relative_difference(res[c], ref[c], mask=m)
+                rows.append({"model": name, "range": rng, "condition": c, "loss": float(per_image(res[c], m).mean()),
                              "delta_pct": d, "ci95_low": low, "ci95_high": high})
     return pd.DataFrame(rows)
 

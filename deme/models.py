@@ -262,11 +262,13 @@ def _weights_help(path_or_id, err) -> str:
 
 def base_model_path(cfg: Config) -> str:
     """Where the profile's pretrained base model lives: the hub id for the paper profiles, the committed
-    checkpoint data/fmnist_base/model for the embedded default, runs/<profile>/base/model otherwise."""
+    checkpoint data/<profile>_base/model for the embedded default and the committed candidates of the miniature,
+    runs/<profile>/base/model otherwise."""
     if cfg.pretrained:
         return cfg.pretrained
-    if cfg.profile == "fmnist":
-        return str(repo_root() / "data" / "fmnist_base" / "model")
+    committed = repo_root() / "data" / f"{cfg.profile}_base"
+    if cfg.profile == "fmnist" or committed.exists():
+        return str(committed / "model")
     return str(repo_root() / "runs" / cfg.profile / "base" / "model")
 
 

@@ -273,12 +273,17 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, objective: Objective, l
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                                   eps=cfg.adam_eps, fused=device.type == "cuda" and all(p.is_cuda for p in params))
-    if cfg.method == "pretrain" and cfg.pretrain_warmup:
-        w = cfg.pretrain_warmup
-        lr_lambda = lambda s: min(1.0, (s + 1) / w) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, s / max(steps, 1))))
-    else:
-        lr_lambda = lambda s: 1.0
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda), params
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps)), params
+
+
+def lr_factor(cfg: Config, step: int, steps: int) -> float:
+    """The learning rate at optimizer step ``step`` of ``steps``, as a fraction of the peak: 1 (constant,
+    PAPER.md §4 and the DDPM pretraining recipe), or for pretraining with ``pretrain_warmup`` > 0 a linear
+    warmup then a cosine decay to 10% of the peak."""
+    if cfg.method != "pretrain" or not cfg.pretrain_warmup:
+        return 1.0
+    warm = min(1.0, (step + 1) / cfg.pretrain_warmup)
+    return warm * (0.55 + 0.45 * math.cos(math.pi * min(1.0, step / max(steps, 1))))
 
 
 def resume(cfg: Config, ckpt_dir: Path, model, ema, optimizer, lr_scheduler, objective) -> int:
@@ -401,12 +406,8 @@ def log_row(r: TrainingRun, acc: torch.Tensor, n_acc: int, done: int, seconds: f
     row = {"step": done, "loss": vals[0], "eps_mse": vals[1], "consistency": vals[2],
            "lr": r.lr_scheduler.get_last_lr()[0], "images_per_s": images / max(seconds, 1e-9), "heldout_loss": ""}
     if r.heldout is not None and (done % r.cfg.heldout_every == 0 or done == r.steps):
-        with torch.no_grad():
-            plain = r.accelerator.unwrap_model(r.model)
-            r.ema.store(plain.parameters())
-            r.ema.copy_to(plain.parameters())
+        with torch.no_grad(), ema_weights(r) as plain:
             row["heldout_loss"] = heldout_loss(plain, r.cfg, *r.heldout)["loss"]
-            r.ema.restore(plain.parameters())
     if r.accelerator.is_main_process:
         with open(r.out / "loss.csv", "a", newline="") as f:
             csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
@@ -425,6 +426,30 @@ def save_checkpoint(r: TrainingRun, step: int) -> None:
     atomic_save(state, r.ckpt_dir / f"step_{step:07d}.pt")
     for old in sorted(r.ckpt_dir.glob("step_*.pt"))[:-2]:
         old.unlink()
+
+
+CONVERGENCE_SNAPSHOT = "model_at_80pct"
+"""Where a pretraining run keeps its EMA weights at 4/5 of its steps (beside ``model/``): the convergence check of
+:func:`deme.premise.convergence` compares them with the final weights."""
+
+
+@contextlib.contextmanager
+def ema_weights(r: TrainingRun):
+    """The unwrapped student holding the EMA weights for the duration of the block, its own weights restored after."""
+    plain = r.accelerator.unwrap_model(r.model)
+    r.ema.store(plain.parameters())
+    r.ema.copy_to(plain.parameters())
+    try:
+        yield plain
+    finally:
+        r.ema.restore(plain.parameters())
+
+
+def save_ema_model(r: TrainingRun, folder: Path) -> None:
+    """The run's current EMA weights as a model (``save_pretrained``) in ``folder``; the student is untouched."""
+    if r.accelerator.is_main_process:
+        with ema_weights(r) as plain:
+            plain.save_pretrained(folder)
 
 
 def save_final(r: TrainingRun, started: float) -> None:
@@ -491,6 +516,8 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
             n_acc, t_last = 0, time.time()
             if checkpoint:
                 save_checkpoint(r, done)
+        if cfg.method == "pretrain" and done == round(0.8 * r.steps):
+            save_ema_model(r, out / CONVERGENCE_SNAPSHOT)
     bar.close()
     if end < r.steps:
         return out   # interrupted on purpose: resumable

@@ -1,0 +1,259 @@
+"""The miniature's premise, tested before any claim, and its proportions beside the paper's.
+
+DeMe's tables compare a merged model with a base that is *converged*, finetuned at a *lower noise temperature*
+than the end of its pretraining, on a few percent of its pretraining images, with an EMA that forgets the
+starting point. A CPU-sized stand-in shows the paper's phenomenon only if it keeps those proportions
+(:func:`proportions`) and if the decoupled experts themselves help (:func:`premise_rows`), judged on the
+validation images only, before anything is merged:
+
+(i)   the timestep-wise ensemble of the N experts beats ``standard`` finetuning at equal total budget over all t;
+(ii)  it beats the base over all t by at least :data:`MIN_GAIN_PCT` percent;
+(iii) each expert beats the base on its own range,
+
+each with a 95% interval that excludes 0 (paired held-out loss, :mod:`deme.heldout`, averaged per image over
+``draws`` independent noise/timestep draws), for the unconditional and the conditional loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+
+from .ablation import total_steps, train_variants
+from .config import Config, check_field, get_profile, normalized
+from .heldout import CONDITIONS, paired_losses, relative_difference
+from .models import base_model_path, load_unet
+from .runs import run_dir, save_table, variant_tag
+from .sampling import TimestepEnsemble
+from .stages import ensure_base_model, load_base, load_experts
+from .timesteps import timestep_ranges
+from .train import lr_factor
+
+MIN_GAIN_PCT = 0.3
+"""(ii): the least gain of the ensemble over the base, in percent of the base's held-out loss."""
+
+CONVERGED_PCT = 0.3
+"""A base is converged when its paired held-out loss moved by less than this (percent, interval inside ±) over
+the last fifth of its pretraining."""
+
+# The paper's CIFAR-10 DDPM (800K steps × 128 images, lr 2e-4 constant) and DeMe's finetuning (4 ranges × 20K
+# steps × 64 images, lr 5e-5 constant, diffusers' warmup EMA started afresh).
+PAPER = {"pretrain_images": 800_000 * 128, "finetune_images": 4 * 20_000 * 64,
+         "pretrain_temperature": 2e-4 / 128, "finetune_temperature": 5e-5 / 64}
+
+
+def theta_share(cfg: Config, steps: int) -> float:
+    """The weight the EMA of a finetuning run of ``steps`` optimizer steps leaves on the weights it started from
+    (the pretrained θ): Π_s d_s over its updates, with diffusers' decay rule (``EMAModel.get_decay``). With
+    warmup the first update has decay 0 (the average restarts: share 0); without, :func:`deme.train.build_ema`
+    starts the average at θ with a fixed decay (share ``decay**steps``)."""
+    if cfg.ema_warmup:
+        return 0.0
+    return float(cfg.ema_max_decay) ** steps
+
+
+def finetune_steps(cfg: Config, method: str = "deme") -> int:
+    """Optimizer steps of one finetuned model: K for a DeMe range, N×K for a one-model baseline."""
+    return cfg.steps_per_range if method == "deme" else total_steps(cfg)
+
+
+def base_pretraining(cfg: Config) -> Config:
+    """The config the profile's base model was pretrained with (its manifest), as a pretraining Config."""
+    manifest = Path(base_model_path(cfg)).parent / "manifest.json"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest} is missing: the base model of {cfg.profile!r} has no pretraining record")
+    fields = {f.name for f in dataclasses.fields(Config)}   # a record may carry fields Config no longer has
+    stored = normalized(json.loads(manifest.read_text())["config"])
+    return Config.from_dict({k: v for k, v in stored.items() if k in fields}).replace(method="pretrain")
+
+
+def proportions(cfg: Config, pretraining: Config | None = None,
+                convergence: tuple[float, float, float] | None = None) -> pd.DataFrame:
+    """The four proportions that decide what finetuning can do, for ``cfg``'s finetuning of a base pretrained
+    with ``pretraining`` (default: the pretraining fields of ``cfg``; :func:`base_pretraining` reads the real
+    record) beside the paper's: columns ``quantity, paper, here`` (text) and ``paper_value, here_value``
+    (numbers). ``convergence``: the base's (Δ%, low, high) over the last fifth of pretraining
+    (:func:`convergence`), when measured."""
+    pre = (pretraining or cfg).replace(method="pretrain")
+    pre_images = pre.pretrain_steps * pre.pretrain_batch_size
+    ft_images = total_steps(cfg) * cfg.device_batch
+    final_lr = pre.pretrain_lr * lr_factor(pre, pre.pretrain_steps, pre.pretrain_steps)
+    temp = (cfg.lr / cfg.device_batch) / (final_lr / pre.pretrain_batch_size)
+    paper_temp = PAPER["finetune_temperature"] / PAPER["pretrain_temperature"]
+    conv_text = "not measured" if convergence is None else "{:+.3f}% [{:+.3f}, {:+.3f}]".format(*convergence)
+    rows = [
+        ("base: held-out loss change over the last fifth of pretraining (%)", "converged (800K steps)", conv_text,
+         np.nan, np.nan if convergence is None else convergence[0]),
+        ("finetuning images per method / pretraining images (%)", "5.0% (4 × 20K × 64 / 800K × 128)",
+         f"{100 * ft_images / pre_images:.1f}% ({cfg.num_ranges} × {cfg.steps_per_range} × {cfg.device_batch} / "
+         f"{pre.pretrain_steps} × {pre.pretrain_batch_size})",
+         100 * PAPER["finetune_images"] / PAPER["pretrain_images"], 100 * ft_images / pre_images),
+        ("noise temperature: finetuning lr/batch ÷ pretraining's final lr/batch", f"{paper_temp:.2f}",
+         f"{temp:.2f} ({cfg.lr:g}/{cfg.device_batch} ÷ {final_lr:g}/{pre.pretrain_batch_size})", paper_temp, temp),
+        ("EMA: θ's share left in a DeMe range model", "0 (diffusers' warmup EMA, restarted)",
+         f"{theta_share(cfg, finetune_steps(cfg)):.3f}", 0.0, theta_share(cfg, finetune_steps(cfg))),
+        ("EMA: θ's share left in a one-model baseline", "0 (diffusers' warmup EMA, restarted)",
+         f"{theta_share(cfg, finetune_steps(cfg, 'standard')):.3f}", 0.0,
+         theta_share(cfg, finetune_steps(cfg, "standard"))),
+    ]
+    return pd.DataFrame(rows, columns=["quantity", "paper", "here", "paper_value", "here_value"])
+
+
+def convergence(cfg: Config, base_dir: str | Path | None = None, part: str = "validation", draws: int = 2,
+                progress: bool = False) -> tuple[float, float, float]:
+    """The base's paired held-out change (Δ%, low, high) from the EMA weights at 4/5 of its pretraining
+    (``model_at_80pct/`` beside ``model/``, written by :func:`deme.train.train` for pretraining runs) to the
+    final ones, on ``part`` of the held-out images, unconditional (the null label)."""
+    base = Path(base_dir) if base_dir is not None else Path(base_model_path(cfg)).parent
+    if not (base / "model_at_80pct" / "config.json").exists():
+        raise FileNotFoundError(f"{base / 'model_at_80pct'} is missing: the pretraining run keeps the EMA weights "
+                                "at 4/5 of its steps there; re-run it with this version of deme")
+    losses = paired_losses({"at 4/5": lambda: load_unet(base / "model_at_80pct"),
+                            "final": lambda: load_unet(base / "model")}, cfg, part, progress=progress, draws=draws)
+    return relative_difference(losses["final"]["unconditional"], losses["at 4/5"]["unconditional"])
+
+
+def setting_name(cfg: Config) -> str:
+    """A setting's name: the profile and the training fields it changes (:func:`deme.runs.variant_tag`)."""
+    return cfg.profile + variant_tag(cfg).replace("__", ", ")
+
+
+def train_setting(cfg: Config, jobs: int = 1) -> pd.DataFrame:
+    """Train the N experts of ``cfg`` (the full DeMe recipe) and ``standard`` at the same total budget, after
+    pretraining the base where the profile's is missing (:func:`deme.stages.ensure_base_model`)."""
+    ensure_base_model(cfg)
+    return train_variants({"DeMe": cfg.replace(method="deme", range_index=None),
+                           "standard": cfg.replace(method="standard", range_index=None)}, jobs=jobs)
+
+
+def premise_losses(cfg: Config, part: str = "validation", draws: int = 2, progress: bool = False) -> dict:
+    """Paired per-image losses of the base, each expert, their ensemble and ``standard`` (trained first)."""
+    experts = lambda: load_experts(cfg)   # noqa: E731
+    models = {"base": lambda: load_base(cfg, projection=False)}
+    models |= {f"expert {i}": (lambda i=i: experts()[i]) for i in range(cfg.num_ranges)}
+    models["ensemble"] = lambda: TimestepEnsemble(experts(), cfg.num_train_timesteps)
+    models["standard"] = lambda: load_unet(run_dir(cfg.replace(method="standard", range_index=None)) / "model")
+    return paired_losses(models, cfg, part, progress=progress, draws=draws)
+
+
+def premise_rows(cfg: Config, losses: dict) -> pd.DataFrame:
+    """The premise's comparisons from :func:`premise_losses`: each expert vs the base on its own range, the
+    ensemble and ``standard`` vs the base over all t and per range, and ``ensemble - standard`` (Δ% against
+    ``standard``); columns ``setting, model, range, condition, delta_pct, ci95_low, ci95_high``."""
+    T, N = cfg.num_train_timesteps, cfg.num_ranges
+    bounds = {"all": (0, T)} | {str(k): b for k, b in enumerate(timestep_ranges(T, N))}
+    pairs = [(f"expert {i}", "base", str(i)) for i in range(N)]
+    pairs += [(m, "base", r) for m in ("ensemble", "standard") for r in bounds]
+    pairs += [("ensemble", "standard", r) for r in bounds]
+    rows = []
+    for model, ref, rng in pairs:
+        t = losses[model]["t"]
+        mask = (t >= bounds[rng][0]) & (t < bounds[rng][1])
+        for c in (c for c in CONDITIONS if c in losses[model]):
+            d, lo, hi = relative_difference(losses[model][c], losses[ref][c], mask=mask)
+            rows.append({"setting": setting_name(cfg), "model": model if ref == "base" else f"{model} - {ref}",
+                         "range": rng, "condition": c, "delta_pct": d, "ci95_low": lo, "ci95_high": hi})
+    return pd.DataFrame(rows)
+
+
+def premise_checks(rows: pd.DataFrame, num_ranges: int) -> dict[str, bool]:
+    """The three checks of the premise on one setting's :func:`premise_rows`, each for every condition:
+    ``(i) ensemble < standard``, ``(ii) ensemble < base by ≥ 0.3%``, ``(iii) each expert < base on its range``
+    (upper interval bound below 0, for (ii) below −0.3)."""
+    def high(model: str, rng: str) -> pd.Series:
+        return rows[(rows.model == model) & (rows.range == rng)].ci95_high
+    experts = [high(f"expert {i}", str(i)) for i in range(num_ranges)]
+    return {"(i) ensemble beats standard": bool((high("ensemble - standard", "all") < 0).all()),
+            "(ii) ensemble beats base by ≥ 0.3%": bool((high("ensemble", "all") < -MIN_GAIN_PCT).all()),
+            "(iii) each expert beats base on its range": bool(all((h < 0).all() for h in experts))}
+
+
+def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int = 2, progress: bool = False) -> pd.DataFrame:
+    """Train and judge every setting on the validation images (:func:`premise_rows`), mark the settings that
+    pass all three checks, and choose among those the one whose ensemble gains most over ``standard``
+    (unconditional, all t). Columns: ``setting, chosen, passes, model, range, condition, delta_pct, ci95_low,
+    ci95_high``."""
+    tables = []
+    for cfg in settings:
+        train_setting(cfg, jobs)
+        rows = premise_rows(cfg, premise_losses(cfg, "validation", draws, progress))
+        tables.append(rows.assign(passes=all(premise_checks(rows, cfg.num_ranges).values())))
+    return mark_chosen(pd.concat(tables, ignore_index=True))
+
+
+def mark_chosen(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` of several settings (with their ``passes``) with a ``chosen`` column: among the settings that pass,
+    the one whose ensemble gains most over ``standard`` (unconditional, all t); none when no setting passes."""
+    rows = rows.reset_index(drop=True)
+    key = rows[(rows.model == "ensemble - standard") & (rows.range == "all") & (rows.condition == "unconditional")
+               & rows.passes]
+    chosen = key.loc[key.delta_pct.idxmin(), "setting"] if len(key) else None
+    out = rows.assign(chosen=rows.setting == chosen)
+    return out[["setting", "chosen", "passes", "model", "range", "condition", "delta_pct", "ci95_low", "ci95_high"]]
+
+
+def parse_setting(spec: str) -> Config:
+    """``"fmnist-xs"`` or ``"fmnist-xs:lr=1e-4,steps_per_range=1200"``: a profile with field overrides."""
+    name, _, rest = spec.partition(":")
+    over = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"setting {spec!r}: expected KEY=VALUE after ':', got {item!r}")
+        try:
+            val = json.loads(raw)
+        except json.JSONDecodeError:
+            val = raw
+        over[key.strip()] = check_field(key.strip(), val)
+    return get_profile(name, **over)
+
+
+def pretraining_record(base_dir: str | Path) -> dict:
+    """The manifest of a pretraining run (its config, steps, images per step, device, time)."""
+    return json.loads((Path(base_dir) / "manifest.json").read_text())
+
+
+def proportions_table(settings: Iterable[Config], reference: str | None = "fmnist") -> pd.DataFrame:
+    """:func:`proportions` of every setting (its base's real pretraining record and, where the base kept its
+    4/5 snapshot, its measured :func:`convergence`), and of the ``reference`` profile where its base is there,
+    with a ``setting`` column."""
+    cfgs = list(settings)
+    if reference and reference not in {c.profile for c in cfgs}:
+        ref = get_profile(reference)
+        if (Path(base_model_path(ref)).parent / "manifest.json").exists():
+            cfgs.insert(0, ref)
+    tables = []
+    for cfg in cfgs:
+        base = Path(base_model_path(cfg)).parent
+        conv = convergence(cfg) if (base / "model_at_80pct" / "config.json").exists() else None
+        tables.append(proportions(cfg, base_pretraining(cfg), conv).assign(setting=setting_name(cfg)))
+    out = pd.concat(tables, ignore_index=True)
+    return out[["setting", "quantity", "paper", "here", "paper_value", "here_value"]]
+
+
+def format_premise(rows: pd.DataFrame) -> pd.DataFrame:
+    """A readable pivot of :func:`premise_table`: one row per setting, model and range, one column per condition,
+    cells ``Δ% [low, high]`` (three decimals, so every interval's sign shows)."""
+    cell = [f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]" for d, lo, hi in zip(rows.delta_pct, rows.ci95_low, rows.ci95_high)]
+    out = rows.assign(cell=cell).pivot_table(index=["setting", "chosen", "passes", "model", "range"],
+                                             columns="condition", values="cell", aggfunc="first", sort=False)
+    out.columns.name = None
+    return out
+
+
+def save_premise(rows: pd.DataFrame, settings: Iterable[Config], name: str = "premise_fmnist") -> pd.DataFrame:
+    """Write ``<name>.csv/.md/.tex`` and ``proportions_fmnist.csv`` beside the figures; returns the formatted table."""
+    cfgs = list(settings)
+    formatted = format_premise(rows)
+    caption = (f"The miniature's premise on the validation images: Δ% of held-out loss against the base (experts on "
+               f"their own range), and ensemble − standard at equal budget; 95% intervals over images, "
+               f"{MIN_GAIN_PCT}% the least gain asked of the ensemble.")
+    save_table(rows, cfgs[0], name, formatted, caption)
+    props = proportions_table(cfgs)
+    save_table(props, cfgs[0], "proportions_fmnist")
+    return formatted
