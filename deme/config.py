@@ -207,6 +207,26 @@ def check_field(name: str, value: Any) -> Any:
     raise ValueError(f"field {name!r} expects {types[name]}, got {value!r}")
 
 
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "adam_betas=[0.9,0.99]"]`` -> ``{"lr": 1e-4, "adam_betas": (0.9, 0.99)}``: each VALUE parsed as
+    JSON when it parses, else kept as a string, and checked against its field (:func:`check_field`). An item without
+    ``=``, an unknown field or a wrong type raises ``ValueError`` naming the item."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        try:
+            val = json.loads(raw)
+        except json.JSONDecodeError:
+            val = raw
+        try:
+            out[key.strip()] = check_field(key.strip(), val)
+        except ValueError as e:
+            raise ValueError(f"{item}: {e}") from None
+    return out
+
+
 def normalized(d: dict[str, Any]) -> dict[str, Any]:
     """A stored config dict (manifest, checkpoint, stage record) in JSON form, with the fields it lacks —
     fields added to :class:`Config` after it was written — at their defaults, so adding a field with a

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .ablation import total_steps, train_variants
-from .config import Config, check_field, get_profile, normalized
+from .config import Config, get_profile, normalized, parse_assignments
 from .heldout import CONDITIONS, paired_losses, relative_difference
 from .models import base_model_path, load_unet
 from .runs import run_dir, save_table, variant_tag
@@ -198,19 +198,10 @@ def mark_chosen(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def parse_setting(spec: str) -> Config:
-    """``"fmnist-xs"`` or ``"fmnist-xs:lr=1e-4,steps_per_range=1200"``: a profile with field overrides."""
+    """``"fmnist-xs"`` or ``"fmnist-xs:lr=1e-4,steps_per_range=1200"``: a profile with field overrides
+    (:func:`deme.config.parse_assignments`; a bad one raises ``ValueError``)."""
     name, _, rest = spec.partition(":")
-    over = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"setting {spec!r}: expected KEY=VALUE after ':', got {item!r}")
-        try:
-            val = json.loads(raw)
-        except json.JSONDecodeError:
-            val = raw
-        over[key.strip()] = check_field(key.strip(), val)
-    return get_profile(name, **over)
+    return get_profile(name, **parse_assignments([item for item in rest.split(",") if item]))
 
 
 def pretraining_record(base_dir: str | Path) -> dict:

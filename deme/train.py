@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 
-from .config import Config, check_field, get_profile, training_identity
+from .config import Config, get_profile, parse_assignments, training_identity
 from .data import is_text_to_image, training_batches
 from .errors import NonFiniteLossError
 from .heldout import heldout_inputs, heldout_loss
@@ -526,21 +526,12 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["lr=1e-4", "adam_betas=[0.9,0.99]"]`` -> ``{"lr": 1e-4, "adam_betas": (0.9, 0.99)}``."""
-    out = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            val = json.loads(raw)
-        except json.JSONDecodeError:
-            val = raw
-        try:
-            out[key.strip()] = check_field(key.strip(), val)
-        except ValueError as e:
-            raise SystemExit(f"--set {item}: {e}") from None
-    return out
+    """``["lr=1e-4", "adam_betas=[0.9,0.99]"]`` -> ``{"lr": 1e-4, "adam_betas": (0.9, 0.99)}`` (``--set``); a bad
+    item stops with its message (:func:`deme.config.parse_assignments`)."""
+    try:
+        return parse_assignments(items)
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
