@@ -239,6 +239,23 @@ def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, lab
     return sim, info
 
 
+def split_half_reliability(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
+                           timesteps: Sequence[int] | np.ndarray | int, seed: int = 0,
+                           **kwargs) -> tuple[float, np.ndarray, np.ndarray]:
+    """How much of Fig. 1a is the model and how much the draw: :func:`gradient_similarity` on two disjoint halves
+    of ``images``, each with its own fixed noise (seeds ``seed`` and ``seed + 1``), and the Pearson correlation of
+    their off-diagonal entries. Near 1: the matrix is a property of the model; low: of the images and noise that
+    happened to be drawn (then use more images). Returns ``(r, sim_first_half, sim_second_half)``."""
+    h = len(images) // 2
+    if h < 1:
+        raise ValueError("split_half_reliability needs at least two images")
+    halves = [(slice(0, h), seed), (slice(h, 2 * h), seed + 1)]
+    sims = [gradient_similarity(model, cfg, images[s], None if labels is None else labels[s], timesteps, seed=sd,
+                                **kwargs)[0] for s, sd in halves]
+    iu = np.triu_indices(len(sims[0]), 1)
+    return float(np.corrcoef(sims[0][iu], sims[1][iu])[0, 1]), sims[0], sims[1]
+
+
 # sizes of the analyses of notebooks 01 (Fig. 1a, 4) and 06 (Fig. 2, 6a): a few seconds for smoke, a few minutes
 # on a CPU for the others; "rehearsal": the fewest points that still run every code path (deme.rehearse)
 ANALYSIS_SIZES = {"smoke": dict(num_timesteps_grid=12, batch=16, check_timesteps=4, landscape_points=5,

@@ -97,6 +97,21 @@ def test_conflicting_timesteps_give_cosine_minus_one():
     np.testing.assert_allclose(s["early_pairs"], [1.0], atol=1e-6)  # only (100, 200) lies inside [0, 250)
 
 
+def test_split_half_reliability_of_a_structure_that_does_not_depend_on_the_draw():
+    # SignModel's gradients agree or conflict exactly by the half of [0, T) whatever the images and noise: both
+    # halves give the same ±1 matrix, so their correlation is 1
+    x = torch.randn(10, 1, 4, 4)
+    r, a, b = A.split_half_reliability(SignModel(), CFG, x, None, [100, 200, 600, 700, 900], seed=3)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert r == pytest.approx(1.0, abs=1e-9)
+    # a real (tiny) model: two symmetric matrices, a correlation in [-1, 1]
+    xs, ys = batch(4)
+    r, a, b = A.split_half_reliability(smoke_unet(), CFG, xs, ys, [10, 300, 600, 990])
+    assert -1 <= r <= 1 and a.shape == b.shape == (4, 4) and not np.allclose(a, b)
+    with pytest.raises(ValueError, match="two images"):
+        A.split_half_reliability(SignModel(), CFG, x[:1], None, [100, 900])
+
+
 def test_gradients_are_taken_wrt_all_parameters_and_flags_restored():
     net = TinyNet()
     net.conv1.requires_grad_(False)

@@ -21,7 +21,7 @@ from deme.premise import (
     theta_share,
 )
 from deme.timesteps import stratified_timesteps
-from deme.train import build_ema, train
+from deme.train import build_ema, export_pretraining_ema, train
 
 MINIATURES = ("fmnist-xs", "fmnist-xxs")
 
@@ -177,6 +177,9 @@ def test_pretraining_keeps_its_ema_at_four_fifths(tmp_path):
     snap = load_unet(out / "model_at_80pct")
     for p, shadow in zip(snap.parameters(), state["ema"]["shadow_params"]):
         assert torch.equal(p, shadow)
+    exported = export_pretraining_ema(out / "checkpoints" / "step_0000008.pt", tmp_path / "exported")
+    for a, b in zip(snap.parameters(), load_unet(exported).parameters()):
+        assert torch.equal(a, b)
     final = load_unet(out / "model")
     assert not all(torch.equal(a, b) for a, b in zip(snap.parameters(), final.parameters()))
     assert json.loads((out / "manifest.json").read_text())["steps"] == 10
