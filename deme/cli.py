@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--jobs", type=int, default=1, help="training runs at once (one thread each)")
     m.add_argument("--draws", type=int, default=2, help="noise/timestep draws per validation image")
     m.add_argument("--name", default="premise_fmnist", help="table name under figures/ (CSV, Markdown, LaTeX)")
+    m.add_argument("--capacity", action="store_true", help="instead: the capacity x budget map of the settings on "
+                   "the evaluation images (figures/capacity_fmnist.csv)")
     sub.add_parser("profiles", help="list the profiles")
     g = sub.add_parser("colab", help="stamp the notebooks and the README with 'Open in Colab' badges and the Colab "
                        "set-up cell, for the repository's public URL")
@@ -128,11 +130,17 @@ def rehearse_command(a) -> None:
 
 
 def premise_command(a) -> None:
-    from .premise import parse_setting, premise_table, save_premise
+    from .premise import capacity_table, parse_setting, premise_table, save_premise
     try:
         settings = [parse_setting(s) for s in a.settings]
     except ValueError as e:
         raise SystemExit(str(e))
+    if a.capacity:
+        from .runs import save_table
+        table = capacity_table(settings, jobs=a.jobs, draws=a.draws, progress=True)
+        save_table(table, settings[0], "capacity_fmnist")
+        print(table.to_string())
+        return
     table = premise_table(settings, jobs=a.jobs, draws=a.draws, progress=True)
     print(save_premise(table, settings, a.name).to_string())
 

@@ -24,9 +24,10 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from .ablation import total_steps, train_variants
+from .ablation import merge_models, total_steps, train_variants
 from .config import Config, get_profile, normalized, parse_assignments
 from .heldout import CONDITIONS, paired_losses, relative_difference
+from .merge import MERGE_METHODS
 from .models import base_model_path, load_unet
 from .runs import run_dir, save_table, variant_tag
 from .sampling import TimestepEnsemble
@@ -138,7 +139,31 @@ def premise_losses(cfg: Config, part: str = "validation", draws: int = 2, progre
     models |= {f"expert {i}": (lambda i=i: experts()[i]) for i in range(cfg.num_ranges)}
     models["ensemble"] = lambda: TimestepEnsemble(experts(), cfg.num_train_timesteps)
     models["standard"] = lambda: load_unet(run_dir(cfg.replace(method="standard", range_index=None)) / "model")
+    models[MERGED] = lambda: merge_models(cfg, ("uniform",))[MERGE_METHODS["uniform"].label]
     return paired_losses(models, cfg, part, progress=progress, draws=draws)
+
+
+MERGED = "merged (w = 1/N)"
+"""The merge the capacity map reports: task arithmetic with w_i = 1/N (Table 3's rule; no weight search)."""
+
+
+def capacity_rows(cfg: Config, losses: dict) -> pd.DataFrame:
+    """One point of the capacity × budget map from :func:`premise_losses` (on the evaluation images): the ensemble,
+    the uniform merge and ``standard`` against the base, and the ensemble and the merge against ``standard``, over
+    all t; with the model's size and the finetuning budget (images per method, % of pretraining images)."""
+    pairs = [("ensemble", "base"), (MERGED, "base"), ("standard", "base"), ("ensemble", "standard"),
+             (MERGED, "standard")]
+    size = sum(p.numel() for p in load_base(cfg, projection=False).parameters())
+    budget = 100 * total_steps(cfg) * cfg.device_batch / (base_pretraining(cfg).pretrain_steps
+                                                        * base_pretraining(cfg).pretrain_batch_size)
+    rows = []
+    for model, ref in pairs:
+        for c in (c for c in CONDITIONS if c in losses[model]):
+            d, lo, hi = relative_difference(losses[model][c], losses[ref][c])
+            rows.append({"setting": setting_name(cfg), "parameters": size, "steps_per_range": cfg.steps_per_range,
+                         "budget_pct": budget, "model": model if ref == "base" else f"{model} - {ref}",
+                         "condition": c, "delta_pct": d, "ci95_low": lo, "ci95_high": hi})
+    return pd.DataFrame(rows)
 
 
 def premise_rows(cfg: Config, losses: dict) -> pd.DataFrame:
@@ -184,6 +209,16 @@ def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int = 2, pro
         rows = premise_rows(cfg, premise_losses(cfg, "validation", draws, progress))
         tables.append(rows.assign(passes=all(premise_checks(rows, cfg.num_ranges).values())))
     return mark_chosen(pd.concat(tables, ignore_index=True))
+
+
+def capacity_table(settings: Iterable[Config], jobs: int = 1, draws: int = 2, progress: bool = False) -> pd.DataFrame:
+    """The capacity × budget map: every setting trained (as :func:`premise_table` does) and judged on the
+    *evaluation* images (:func:`capacity_rows`); it chooses nothing."""
+    tables = []
+    for cfg in settings:
+        train_setting(cfg, jobs)
+        tables.append(capacity_rows(cfg, premise_losses(cfg, "evaluation", draws, progress)))
+    return pd.concat(tables, ignore_index=True)
 
 
 def mark_chosen(rows: pd.DataFrame) -> pd.DataFrame:
@@ -285,3 +320,47 @@ def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
               + (f" ({', '.join(passing)})" if passing else "") + "; "
               + (f"chosen: **{chosen[0]}**." if len(chosen) else "none is chosen: no setting met the premise.")]
     return "\n".join(lines + ["", README_MARKERS[1]])
+
+
+def heldout_curve_change(loss_csv: str | Path, fraction: float = 0.2) -> tuple[int, float, int, float]:
+    """From a pretraining log (``loss.csv``): the logged held-out loss at the evaluation nearest to the start of the
+    last ``fraction`` of the run and at its end, ``(step, loss, final step, final loss)`` (no interval: the log
+    keeps means only; :func:`convergence` gives the paired change)."""
+    log = pd.read_csv(loss_csv).dropna(subset=["heldout_loss"])
+    end = log.iloc[-1]
+    start = log.iloc[(log.step - end.step * (1 - fraction)).abs().argmin()]
+    return int(start.step), float(start.heldout_loss), int(end.step), float(end.heldout_loss)
+
+
+def write_provenance(base_dir: str | Path, cfg: Config, command: str, conv: tuple[float, float, float],
+                     note: str = "") -> Path:
+    """``PROVENANCE.md`` of a committed base model, every number read from its manifest and log: the command,
+    model size, pretraining recipe, device, time, and the convergence over the last fifth (paired, with its
+    interval, on the validation images)."""
+    base = Path(base_dir)
+    man = pretraining_record(base)
+    pre = base_pretraining(cfg)
+    n_params = sum(p.numel() for p in load_unet(base / "model").parameters())
+    s0, l0, s1, l1 = heldout_curve_change(base / "loss.csv")
+    rows = [("profile", f"`{cfg.profile}` (16×16 Fashion-MNIST, class-conditional, {pre.label_dropout:.0%} label "
+                        "dropout)"),
+            ("model", f"diffusers `UNet2DModel`, {n_params:,} parameters (`model/config.json`); EMA weights"),
+            ("command", f"`{command}`"),
+            ("recipe", f"{man['steps']:,} steps × {man['images_per_step']} images, AdamW lr {pre.pretrain_lr:g} "
+                       f"constant, betas {tuple(pre.adam_betas)}, wd {pre.weight_decay:g}, grad clip "
+                       f"{pre.max_grad_norm:g}; EMA {pre.ema_max_decay:g} with warmup (diffusers' rule)"),
+            ("device", f"{man['device']}, torch {man['torch']}, {man['mixed_precision']} precision"),
+            ("wall time", f"{man['wall_time_s_last_session'] / 60:.0f} min (last session)"),
+            ("logged held-out loss", f"{l0:.5f} at step {s0:,} → {l1:.5f} at step {s1:,} "
+                                     f"({100 * (l1 / l0 - 1):+.2f}%)"),
+            ("convergence (paired)", "{:+.3f}% [{:+.3f}, {:+.3f}] from the EMA at 4/5 of the steps to the final "
+                                     "one, validation images, two draws".format(*conv)),
+            ("seed", str(man["seed"]))]
+    text = (f"# Provenance of `{cfg.profile}`'s base model\n\n| | |\n|---|---|\n"
+            + "".join(f"| {k} | {v} |\n" for k, v in rows)
+            + (f"\n{note}\n" if note else "")
+            + "\n`loss.csv` is the training log, `manifest.json` the run's manifest (`deme.train`), `model_at_80pct/` "
+              "the EMA weights at 4/5 of the steps (the convergence check's reference).\n")
+    path = base / "PROVENANCE.md"
+    path.write_text(text)
+    return path

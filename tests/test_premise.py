@@ -12,12 +12,19 @@ from deme.config import get_profile
 from deme.heldout import draw_inputs, heldout_table, per_image, relative_difference
 from deme.models import load_unet
 from deme.premise import (
+    MERGED,
+    README_MARKERS,
+    capacity_rows,
     finetune_steps,
     mark_chosen,
     parse_setting,
     premise_checks,
+    premise_losses,
     premise_rows,
+    premise_table,
     proportions,
+    readme_block,
+    save_premise,
     theta_share,
 )
 from deme.timesteps import stratified_timesteps
@@ -183,3 +190,32 @@ def test_pretraining_keeps_its_ema_at_four_fifths(tmp_path):
     final = load_unet(out / "model")
     assert not all(torch.equal(a, b) for a, b in zip(snap.parameters(), final.parameters()))
     assert json.loads((out / "manifest.json").read_text())["steps"] == 10
+
+
+def test_the_premise_and_the_capacity_map_end_to_end_on_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path))
+    cfg = get_profile("smoke")
+    settings = [cfg, cfg.replace(lr=1e-3)]
+    table = premise_table(settings, draws=2)
+    assert set(table.setting) == {"smoke", "smoke, lr=0.001"} and table.chosen.sum() in (0, len(table) // 2)
+    one = table[table.setting == "smoke"]
+    assert set(one.model) == {"expert 0", "expert 1", "ensemble", "standard", "ensemble - standard"}
+    assert set(one[one.model == "expert 1"].range) == {"1"}                  # each expert on its own range only
+    assert len(one) == 2 * (2 + 3 + 3 + 3)                                   # two conditions
+    assert (one.passes == all(premise_checks(one, 2).values())).all()
+    formatted = save_premise(table, settings, "premise_smoke")
+    assert len(formatted) == len(table) // 2
+    written = pd.read_csv(tmp_path / "runs" / "smoke" / "figures" / "premise_smoke.csv")
+    assert np.allclose(written.delta_pct, table.delta_pct)
+    props = pd.read_csv(tmp_path / "runs" / "smoke" / "figures" / "proportions_fmnist.csv")
+    assert set(props.setting) == {"smoke", "smoke, lr=0.001"}   # fmnist's committed base is not under tmp_path
+    block = readme_block(written, props)
+    assert block.startswith(README_MARKERS[0]) and block.endswith(README_MARKERS[1])
+    assert "2 setting(s) tried" in block
+    losses = premise_losses(cfg, "validation", draws=2)                      # served from the cache
+    cap = capacity_rows(cfg, losses).set_index(["model", "condition"])
+    same = one.set_index(["model", "range", "condition"])
+    for model in ("ensemble", "standard", "ensemble - standard"):
+        assert cap.loc[(model, "conditional"), "delta_pct"] == pytest.approx(
+            same.loc[(model, "all", "conditional"), "delta_pct"])
+    assert cap.loc[(MERGED, "unconditional"), "budget_pct"] == pytest.approx(100 * 2 * 4 * 16 / (60 * 64))
