@@ -31,7 +31,7 @@ from .merge import MERGE_METHODS
 from .models import base_model_path, load_unet
 from .runs import run_dir, save_table, variant_tag
 from .sampling import TimestepEnsemble
-from .stages import ensure_base_model, load_base, load_experts
+from .stages import ensure_base_model, last_fraction_change, load_base, load_experts
 from .timesteps import timestep_ranges
 from .train import lr_factor
 
@@ -322,16 +322,6 @@ def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
     return "\n".join(lines + ["", README_MARKERS[1]])
 
 
-def heldout_curve_change(loss_csv: str | Path, fraction: float = 0.2) -> tuple[int, float, int, float]:
-    """From a pretraining log (``loss.csv``): the logged held-out loss at the evaluation nearest to the start of the
-    last ``fraction`` of the run and at its end, ``(step, loss, final step, final loss)`` (no interval: the log
-    keeps means only; :func:`convergence` gives the paired change)."""
-    log = pd.read_csv(loss_csv).dropna(subset=["heldout_loss"])
-    end = log.iloc[-1]
-    start = log.iloc[(log.step - end.step * (1 - fraction)).abs().argmin()]
-    return int(start.step), float(start.heldout_loss), int(end.step), float(end.heldout_loss)
-
-
 def write_provenance(base_dir: str | Path, cfg: Config, command: str, conv: tuple[float, float, float],
                      note: str = "") -> Path:
     """``PROVENANCE.md`` of a committed base model, every number read from its manifest and log: the command,
@@ -341,7 +331,7 @@ def write_provenance(base_dir: str | Path, cfg: Config, command: str, conv: tupl
     man = pretraining_record(base)
     pre = base_pretraining(cfg)
     n_params = sum(p.numel() for p in load_unet(base / "model").parameters())
-    s0, l0, s1, l1 = heldout_curve_change(base / "loss.csv")
+    l0, l1, change = last_fraction_change(pd.read_csv(base / "loss.csv"), man["steps"])
     rows = [("profile", f"`{cfg.profile}` (16×16 Fashion-MNIST, class-conditional, {pre.label_dropout:.0%} label "
                         "dropout)"),
             ("model", f"diffusers `UNet2DModel`, {n_params:,} parameters (`model/config.json`); EMA weights"),
@@ -351,8 +341,7 @@ def write_provenance(base_dir: str | Path, cfg: Config, command: str, conv: tupl
                        f"{pre.max_grad_norm:g}; EMA {pre.ema_max_decay:g} with warmup (diffusers' rule)"),
             ("device", f"{man['device']}, torch {man['torch']}, {man['mixed_precision']} precision"),
             ("wall time", f"{man['wall_time_s_last_session'] / 60:.0f} min (last session)"),
-            ("logged held-out loss", f"{l0:.5f} at step {s0:,} → {l1:.5f} at step {s1:,} "
-                                     f"({100 * (l1 / l0 - 1):+.2f}%)"),
+            ("logged held-out loss, last fifth", f"{l0:.5f} → {l1:.5f} ({100 * change:+.2f}%; one fixed draw)"),
             ("convergence (paired)", "{:+.3f}% [{:+.3f}, {:+.3f}] from the EMA at 4/5 of the steps to the final "
                                      "one, validation images, two draws".format(*conv)),
             ("seed", str(man["seed"]))]
