@@ -24,6 +24,7 @@ from .results import (
     plot_base_convergence,
     plot_base_samples,
     plot_budget_study,
+    plot_capacity,
     plot_heldout_by_range,
     plot_merge_search,
     plot_paired_deltas,
@@ -36,7 +37,8 @@ from .theme import README_WIDTH_IN, THEME, apply_theme, block_title, math_label,
 
 __all__ = [
     "apply_theme", "block_title", "math_label", "plot_activation_changes", "plot_base_convergence",
-    "plot_base_samples", "plot_budget_study", "plot_gradient_conflict", "plot_heldout_by_range", "plot_landscapes",
+    "plot_base_samples", "plot_budget_study", "plot_capacity", "plot_gradient_conflict", "plot_heldout_by_range",
+    "plot_landscapes",
     "plot_merge_search", "plot_paired_deltas", "plot_sample_rows", "plot_sensitivity", "plot_similarity_heatmap",
     "plot_similarity_histograms", "plot_task_vector_boxes", "plot_task_vector_plane", "plot_timestep_draws",
     "plot_training_log", "README_WIDTH_IN", "save_figure", "THEME", "themed", "unet_order", "VERDICT_COLOURS"
