@@ -130,7 +130,7 @@ def rehearse_command(a) -> None:
 
 
 def premise_command(a) -> None:
-    from .premise import capacity_table, parse_setting, premise_table, save_premise
+    from .premise import capacity_table, parse_setting, premise_table, save_premise, update_readme
     try:
         settings = [parse_setting(s) for s in a.settings]
     except ValueError as e:
@@ -143,6 +143,8 @@ def premise_command(a) -> None:
         return
     table = premise_table(settings, jobs=a.jobs, draws=a.draws, progress=True)
     print(save_premise(table, settings, a.name).to_string())
+    if a.name == "premise_fmnist" and update_readme():
+        print("README.md: the premise block regenerated from figures/premise_fmnist.csv and proportions_fmnist.csv")
 
 
 def profiles_command(a) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from .ablation import merge_models, total_steps, train_variants
-from .config import Config, get_profile, normalized, parse_assignments
+from .config import Config, get_profile, normalized, parse_assignments, repo_root
 from .heldout import CONDITIONS, paired_losses, relative_difference
 from .merge import MERGE_METHODS
 from .models import base_model_path, load_unet
@@ -353,3 +353,19 @@ def write_provenance(base_dir: str | Path, cfg: Config, command: str, conv: tupl
     path = base / "PROVENANCE.md"
     path.write_text(text)
     return path
+
+
+def update_readme(readme: str | Path | None = None, figures: str | Path | None = None) -> bool:
+    """Replace the README's premise block (between :data:`README_MARKERS`) by :func:`readme_block` of the committed
+    ``premise_fmnist.csv`` and ``proportions_fmnist.csv``. Returns whether the README changed; a README without
+    the markers is left alone (False)."""
+    readme = Path(readme or repo_root() / "README.md")
+    figures = Path(figures or repo_root() / "figures")
+    text = readme.read_text()
+    if README_MARKERS[0] not in text or README_MARKERS[1] not in text:
+        return False
+    block = readme_block(pd.read_csv(figures / "premise_fmnist.csv"), pd.read_csv(figures / "proportions_fmnist.csv"))
+    a, b = text.index(README_MARKERS[0]), text.index(README_MARKERS[1]) + len(README_MARKERS[1])
+    new = text[:a] + block + text[b:]
+    readme.write_text(new)
+    return new != text

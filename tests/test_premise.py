@@ -26,6 +26,7 @@ from deme.premise import (
     readme_block,
     save_premise,
     theta_share,
+    update_readme,
 )
 from deme.timesteps import stratified_timesteps
 from deme.train import build_ema, export_pretraining_ema, train
@@ -219,3 +220,20 @@ def test_the_premise_and_the_capacity_map_end_to_end_on_smoke(tmp_path, monkeypa
         assert cap.loc[(model, "conditional"), "delta_pct"] == pytest.approx(
             same.loc[(model, "all", "conditional"), "delta_pct"])
     assert cap.loc[(MERGED, "unconditional"), "budget_pct"] == pytest.approx(100 * 2 * 4 * 16 / (60 * 64))
+
+
+def test_update_readme_replaces_only_the_marked_block(tmp_path):
+    rows = premise_rows(get_profile("smoke").replace(num_ranges=4), _planted_losses()).assign(passes=True)
+    mark_chosen(rows).to_csv(tmp_path / "premise_fmnist.csv", index=False)
+    props = proportions(get_profile("fmnist-xs")).assign(setting="fmnist-xs")
+    props.to_csv(tmp_path / "proportions_fmnist.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n\n{README_MARKERS[0]}\nstale\n{README_MARKERS[1]}\n\nafter\n")
+    assert update_readme(readme, tmp_path)
+    text = readme.read_text()
+    assert text.startswith("# title\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "stale" not in text
+    assert "| finetuning images per method / pretraining images (%) | 5.0% (4 × 20K × 64 / 800K × 128) |" in text
+    assert "chosen: **smoke, num_ranges=4**" in text and "-5.0" in text
+    assert not update_readme(readme, tmp_path)                       # unchanged the second time
+    readme.write_text("no markers\n")
+    assert not update_readme(readme, tmp_path) and readme.read_text() == "no markers\n"
