@@ -292,7 +292,7 @@ def resume(cfg: Config, ckpt_dir: Path, model, ema, optimizer, lr_scheduler, obj
     latest, state = _load_latest_intact(ckpt_dir)
     if latest is None:
         return 0
-    if training_identity(state["config"]) != cfg.training_identity():
+    if not continues(state["config"], cfg):
         raise ValueError(f"{latest} was written by a run with another config; use another out_dir or "
                          "delete the checkpoints to start over")
     model.load_state_dict(state["model"])
@@ -301,6 +301,18 @@ def resume(cfg: Config, ckpt_dir: Path, model, ema, optimizer, lr_scheduler, obj
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     objective.load_state_dict(state["objective"])
     return state["step"]
+
+
+def continues(stored: dict, cfg: Config) -> bool:
+    """Whether a run of ``cfg`` may resume from a checkpoint written under the config ``stored``: the same
+    training config, or a longer pretraining at a constant learning rate (no ``pretrain_warmup``: then the first
+    steps of the longer run are the shorter run's steps, so extending a base until it converges is resuming it)."""
+    mine, theirs = cfg.training_identity(), training_identity(stored)
+    if mine == theirs:
+        return True
+    constant = cfg.method == "pretrain" and not cfg.pretrain_warmup and not theirs.get("pretrain_warmup")
+    return constant and theirs.get("pretrain_steps", 0) <= cfg.pretrain_steps and \
+        {**theirs, "pretrain_steps": cfg.pretrain_steps} == mine
 
 
 def setup(cfg: Config, out: Path, base: str) -> TrainingRun:
@@ -512,6 +524,9 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     if cfg.method != "pretrain":   # a profile whose base is trained here: say the command that makes it
         require_base_model(cfg, base or base_model_path(cfg))
     r = setup(cfg, out, base or base_model_path(cfg))
+    if cfg.method == "pretrain" and r.start > round(0.8 * r.steps) and not (out / CONVERGENCE_SNAPSHOT).exists():
+        warnings.warn(f"resuming at step {r.start}, past 4/5 of {r.steps}: this run keeps no {CONVERGENCE_SNAPSHOT}/ "
+                      "for the convergence check (extend it by at least a quarter to get one)")
     start_log(r)
     end = r.steps if max_steps is None else min(r.steps, max_steps)
     acc = torch.zeros(3, device=r.device)   # running sums of loss, eps-mse, consistency (no per-step sync)

@@ -18,8 +18,8 @@ from deme.train import heldout_loss, train
 
 
 def _pretrain_cfg(**kw):
-    return get_profile("smoke", method="pretrain", pretrain_steps=6, checkpoint_every=2, log_every=2,
-                       heldout_every=0, **kw)
+    return get_profile("smoke", **{"method": "pretrain", "pretrain_steps": 6, "checkpoint_every": 2, "log_every": 2,
+                                   "heldout_every": 0, **kw})
 
 
 def _weights(out):
@@ -45,6 +45,22 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
     assert steps == [2, 4, 6]
     m = json.loads((a / "manifest.json").read_text())
     assert m["steps"] == 6 and m["config"]["seed"] == 0 and m["device"]
+
+
+def test_a_constant_lr_pretraining_extended_equals_the_longer_run(tmp_path):
+    short, long = _pretrain_cfg(pretrain_steps=4), _pretrain_cfg(pretrain_steps=6)
+    train(short, tmp_path / "x", progress=False)                      # finished at 4 steps
+    extended = train(long, tmp_path / "x", progress=False)             # resumed from step 4, on to 6
+    straight = train(long, tmp_path / "y", progress=False)
+    wa, wb = _weights(extended), _weights(straight)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((extended / "manifest.json").read_text())["steps"] == 6
+    # a shorter run, or a schedule that depends on the length (warmup + cosine), may not continue it
+    with pytest.raises(ValueError, match="another config"):
+        train(_pretrain_cfg(pretrain_steps=5), tmp_path / "y", force=True, progress=False)
+    train(_pretrain_cfg(pretrain_steps=4, pretrain_warmup=2), tmp_path / "z", progress=False)
+    with pytest.raises(ValueError, match="another config"):
+        train(_pretrain_cfg(pretrain_steps=6, pretrain_warmup=2), tmp_path / "z", progress=False)
 
 
 def test_a_finished_run_is_not_redone_and_another_config_refuses_its_checkpoints(tmp_path):
