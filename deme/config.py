@@ -241,11 +241,21 @@ def normalized(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out, sort_keys=True))
 
 
+FINETUNING_ONLY = frozenset({
+    "profile", "pretrained", "lr", "batch_size", "grad_accum", "num_ranges", "steps_per_range", "p_global", "sampling",
+    "consistency_weight", "projection", "min_snr_gamma", "p2_k", "p2_gamma", "ant_clusters", "ant_uw_lr",
+    "nash_every", "range_index", "shared_randomness"})
+"""Fields a pretraining run never reads: two profiles that pretrain alike (e.g. a candidate launched as another
+profile with overrides) share its checkpoints and manifest."""
+
+
 def training_identity(d: dict[str, Any]) -> dict[str, Any]:
     """:meth:`Config.training_identity` of a stored config dict (e.g. from a checkpoint or manifest). Fields
-    the dict has but :class:`Config` no longer has (removed evaluation settings) are ignored."""
+    the dict has but :class:`Config` no longer has (removed evaluation settings) are ignored; a pretraining
+    run's identity leaves out :data:`FINETUNING_ONLY`."""
     fields = {f.name for f in dataclasses.fields(Config)}
-    return {k: v for k, v in normalized(d).items() if k in fields and k not in NOT_TRAINING}
+    skip = NOT_TRAINING | (FINETUNING_ONLY if d.get("method") == "pretrain" else frozenset())
+    return {k: v for k, v in normalized(d).items() if k in fields and k not in skip}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -339,7 +339,7 @@ def write_provenance(base_dir: str | Path, cfg: Config, command: str, conv: tupl
             ("recipe", f"{man['steps']:,} steps × {man['images_per_step']} images, AdamW lr {pre.pretrain_lr:g} "
                        f"constant, betas {tuple(pre.adam_betas)}, wd {pre.weight_decay:g}, grad clip "
                        f"{pre.max_grad_norm:g}; EMA {pre.ema_max_decay:g} with warmup (diffusers' rule)"),
-            ("device", f"{man['device']}, torch {man['torch']}, {man['mixed_precision']} precision"),
+            ("device", f"{man['device']}, torch {man['torch']}, mixed precision: {man['mixed_precision']}"),
             ("wall time", f"{man['wall_time_s_last_session'] / 60:.0f} min (last session)"),
             ("logged held-out loss, last fifth", f"{l0:.5f} → {l1:.5f} ({100 * change:+.2f}%; one fixed draw)"),
             ("convergence (paired)", "{:+.3f}% [{:+.3f}, {:+.3f}] from the EMA at 4/5 of the steps to the final "

@@ -63,6 +63,19 @@ def test_a_constant_lr_pretraining_extended_equals_the_longer_run(tmp_path):
         train(_pretrain_cfg(pretrain_steps=6, pretrain_warmup=2), tmp_path / "z", progress=False)
 
 
+def test_a_pretraining_is_the_same_run_for_profiles_that_differ_only_in_finetuning(tmp_path):
+    cfg = _pretrain_cfg()
+    train(cfg, tmp_path / "p", max_steps=4, progress=False)
+    other = cfg.replace(profile="fmnist", lr=1e-3, batch_size=7, steps_per_range=3, p_global=0.9)   # same pretraining
+    assert other.training_identity() == cfg.training_identity()
+    a = train(other, tmp_path / "p", progress=False)                 # resumes the first one's checkpoint
+    b = train(cfg, tmp_path / "q", progress=False)
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    finetune = get_profile("smoke", method="deme", range_index=0)
+    assert finetune.training_identity() != finetune.replace(lr=1e-3).training_identity()   # finetuning reads lr
+
+
 def test_a_finished_run_is_not_redone_and_another_config_refuses_its_checkpoints(tmp_path):
     cfg = _pretrain_cfg()
     out = train(cfg, tmp_path / "r", progress=False)
