@@ -168,12 +168,14 @@ def capacity_rows(cfg: Config, losses: dict) -> pd.DataFrame:
 
 def premise_rows(cfg: Config, losses: dict) -> pd.DataFrame:
     """The premise's comparisons from :func:`premise_losses`: each expert vs the base on its own range, the
-    ensemble and ``standard`` vs the base over all t and per range, and ``ensemble - standard`` (Δ% against
-    ``standard``); columns ``setting, model, range, condition, delta_pct, ci95_low, ci95_high``."""
+    ensemble vs the base over all t, ``standard`` vs the base over all t and per range, and ``ensemble -
+    standard`` (Δ% against ``standard``) over all t and per range; columns ``setting, model, range, condition,
+    delta_pct, ci95_low, ci95_high``."""
     T, N = cfg.num_train_timesteps, cfg.num_ranges
     bounds = {"all": (0, T)} | {str(k): b for k, b in enumerate(timestep_ranges(T, N))}
     pairs = [(f"expert {i}", "base", str(i)) for i in range(N)]
-    pairs += [(m, "base", r) for m in ("ensemble", "standard") for r in bounds]
+    pairs += [("ensemble", "base", "all")]                 # per range, the ensemble is its expert (rows above)
+    pairs += [("standard", "base", r) for r in bounds]
     pairs += [("ensemble", "standard", r) for r in bounds]
     rows = []
     for model, ref, rng in pairs:
@@ -269,7 +271,7 @@ def format_premise(rows: pd.DataFrame) -> pd.DataFrame:
     out = rows.assign(cell=cell).pivot_table(index=["setting", "chosen", "passes", "model", "range"],
                                              columns="condition", values="cell", aggfunc="first", sort=False)
     out.columns.name = None
-    return out
+    return out.reset_index().set_index("setting")
 
 
 def save_premise(rows: pd.DataFrame, settings: Iterable[Config], name: str = "premise_fmnist") -> pd.DataFrame:

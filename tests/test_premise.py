@@ -202,7 +202,7 @@ def test_the_premise_and_the_capacity_map_end_to_end_on_smoke(tmp_path, monkeypa
     one = table[table.setting == "smoke"]
     assert set(one.model) == {"expert 0", "expert 1", "ensemble", "standard", "ensemble - standard"}
     assert set(one[one.model == "expert 1"].range) == {"1"}                  # each expert on its own range only
-    assert len(one) == 2 * (2 + 3 + 3 + 3)                                   # two conditions
+    assert len(one) == 2 * (2 + 1 + 3 + 3)                                   # two conditions
     assert (one.passes == all(premise_checks(one, 2).values())).all()
     formatted = save_premise(table, settings, "premise_smoke")
     assert len(formatted) == len(table) // 2
