@@ -15,6 +15,7 @@ torch ``DataLoader``.
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -125,39 +126,58 @@ class TensorBatches:
         return self.images[idx], self.labels[idx]
 
 
+class _EveryNthBatch(torch.utils.data.Sampler):
+    """Every ``stride``-th batch of ``batches`` (a batch sampler), from position ``start`` on: the batches one
+    process of ``stride`` reads, without loading the ones in between."""
+
+    def __init__(self, batches: torch.utils.data.BatchSampler, start: int, stride: int):
+        self.batches, self.start, self.stride = batches, start, stride
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batches), self.start, None, self.stride)
+
+    def __len__(self) -> int:
+        return max(0, -(-(len(self.batches) - self.start) // self.stride))
+
+
 class LoaderBatches:
     """Batches from a torch ``DataLoader`` over a map-style dataset, re-shuffled (seeded) each epoch.
 
-    On resume the sampler skips to the right epoch; within an epoch the order is reproduced by the seeded
-    generator and the first ``pos`` batches are skipped.
+    Batch ``index`` is batch ``index % per_epoch`` of the loader of epoch ``index // per_epoch`` (its order
+    seeded by (seed, epoch)). Indices read at a constant stride (process r of W reads r, r + W, r + 2W, …) come
+    from one loader per epoch whose sampler yields only those batches; any other jump (start, resume, a new
+    epoch, a new stride) builds the loader anew, positioned at the index.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, num_workers: int):
         self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
         self.per_epoch = len(dataset) // batch_size
         self._iter: Iterator | None = None
-        self._next = None
+        self._last: int | None = None
+        self._stride = 1
 
-    def _loader(self, epoch: int):
+    def _loader(self, epoch: int, start: int, stride: int) -> torch.utils.data.DataLoader:
+        """The loader of batches ``start``, ``start + stride``, … of ``epoch``."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=g,
-                                           drop_last=True, num_workers=self.num_workers,
+        batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(self.dataset, generator=g),
+                                                self.batch_size, drop_last=True)
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=_EveryNthBatch(batches, start, stride),
+                                           generator=g, num_workers=self.num_workers,
                                            pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
+    def _continues(self, index: int) -> bool:
+        """Whether ``index`` is the next batch of the current loader (the last index plus the stride, same epoch)."""
+        return (self._last is not None and index == self._last + self._stride
+                and index // self.per_epoch == self._last // self.per_epoch)
+
     def batch(self, index: int):
-        if self._next != index:   # (re)position: start of run, resume, or a new epoch
+        if not self._continues(index):
+            if self._last is not None and index > self._last:
+                self._stride = index - self._last   # the step between this process's indices
             epoch, pos = divmod(index, self.per_epoch)
-            self._iter = iter(self._loader(epoch))
-            for _ in range(pos):
-                next(self._iter)
-        try:
-            item = next(self._iter)
-        except StopIteration:
-            self._iter = iter(self._loader(index // self.per_epoch))
-            item = next(self._iter)
-        self._next = index + 1
-        if (index + 1) % self.per_epoch == 0:
-            self._next = None
+            self._iter = iter(self._loader(epoch, pos, self._stride))
+        item = next(self._iter)
+        self._last = index
         images, labels = item if isinstance(item, (tuple, list)) else (item, None)
         if labels is None:
             labels = torch.full((len(images),), -1, dtype=torch.long)
