@@ -365,7 +365,9 @@ DATASETS: dict[str, DatasetSpec] = {d.name: d for d in (
     DatasetSpec("cifar10", "CIFAR-10", "loader", "torchvision CIFAR10 (python download layout)",
                 split_sizes={"train": 50_000, "test": 10_000}, train_set=_cifar10_train_set,
                 test_set=_cifar10_test_set),
-    DatasetSpec("lsun-church", "LSUN Church", "loader", "hub dataset tglcourse/lsun_church_train",
+    DatasetSpec("lsun-church", "LSUN Church", "loader", "hub dataset tglcourse/lsun_church_train (LSUN "
+                "church_outdoor's 126,227 training images, split by the hub dataset; training reads its train split)",
+                split_sizes={"train": 119_915, "test": 6_312},
                 train_set=_lsun_train_set("tglcourse/lsun_church_train")),
     DatasetSpec("lsun-bedroom", "LSUN Bedroom", "loader", "hub dataset pcuenq/lsun-bedrooms",
                 train_set=_lsun_train_set("pcuenq/lsun-bedrooms")),

@@ -3,6 +3,7 @@ the paired FID bootstrap's memory, the data loader under several processes, conc
 reference images written by every process, the LSUN split sizes, the fp16 loss scaler and the EMA."""
 
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ import scipy.linalg
 import torch
 
 from deme import data
+from deme.config import get_profile
+from deme.metrics import reference_size
 from deme.paired import _GramBootstrap, fid_bootstrap
 
 
@@ -103,3 +106,15 @@ def test_the_fid_bootstrap_memory_does_not_grow_with_n_squared(monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak < 20 * f.nbytes, peak
+
+
+def test_lsun_church_split_sizes_are_the_hub_datasets_and_the_docs_say_so():
+    """The hub dataset's train split holds 119,915 of LSUN church_outdoor's 126,227 training images (its
+    card: train 119,915 + test 6,312); training and the FID reference read the train split."""
+    sizes = data.DATASETS["lsun-church"].split_sizes
+    assert sizes == {"train": 119_915, "test": 6_312} and sum(sizes.values()) == 126_227
+    church = get_profile("church")
+    assert reference_size(church) == min(church.fid_reference_size, 119_915)
+    assert reference_size(church, n=200_000) == 119_915
+    docs = (Path(__file__).parents[1] / "docs" / "paper_scale.md").read_text(encoding="utf-8")
+    assert "train 119,915" in docs and "LSUN church_outdoor train, 126,227" not in docs
