@@ -14,14 +14,21 @@ torch ``DataLoader``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import os
 import pickle
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+try:
+    import fcntl
+except ImportError:         # Windows: download_once runs unlocked
+    fcntl = None
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -216,6 +223,10 @@ def _hf_image_dataset(name: str, size: int, center_crop: bool = False):
     return _Wrapped()
 
 
+CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+"""The batch files of each split in CIFAR-10's python download layout (``cifar-10-batches-py``)."""
+
+
 class CIFAR10Images(torch.utils.data.Dataset):
     """CIFAR-10 images of ``split`` from the python download layout (``<root>/cifar-10-batches-py/``: training
     ``data_batch_1…5``, test ``test_batch``; pickled dicts whose ``data`` rows are 3072 uint8 values,
@@ -227,8 +238,7 @@ class CIFAR10Images(torch.utils.data.Dataset):
         folder = Path(root) / "cifar-10-batches-py"
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        batches = ([folder / f"data_batch_{i}" for i in range(1, 6)] if split == "train"
-                   else [folder / "test_batch"])
+        batches = [folder / name for name in CIFAR10_FILES[split]]
         missing = [p.name for p in batches if not p.is_file()]
         if missing:
             raise DataMissingError(f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}; run once with "
@@ -252,15 +262,56 @@ class CIFAR10Images(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
+def download_once(root: Path, folder: str, download: Callable[[Path], None],
+                  complete: Callable[[Path], bool] = Path.is_dir) -> Path:
+    """``root/folder``, downloaded first unless ``complete(root/folder)``: ``download(tmp)`` fills a new temporary
+    folder beside it, whose ``folder`` then replaces ``root/folder`` whole (an incomplete one, e.g. left by an
+    interrupted download, is removed first). Every process that calls this for the same ``root`` (the jobs of one
+    machine, the ranks of a launch) takes an exclusive lock first: one downloads, the others wait and find the
+    folder complete. A process that only looks at ``root/folder`` sees it complete or not at all."""
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / folder
+    with _exclusive(root / f".{folder}.lock"):
+        if not complete(target):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=root))
+            try:
+                download(tmp)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp / folder, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created) held for the block, by one process or thread at a time;
+    unlocked where there is no ``fcntl`` (Windows)."""
+    with open(path, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield                   # closing the file releases the lock
+
+
+def _download_cifar10(into: Path) -> None:
+    """Download and extract CIFAR-10's python archive into ``into`` (torchvision: ``into/cifar-10-batches-py``)."""
+    from torchvision.datasets import CIFAR10
+    CIFAR10(str(into), train=True, download=True)
+
+
+def _cifar10_complete(folder: Path) -> bool:
+    """Whether ``folder`` (``cifar-10-batches-py``) holds every batch of both splits."""
+    return all((folder / name).is_file() for names in CIFAR10_FILES.values() for name in names)
+
+
 def cifar10_dataset(size: int, center_crop: bool = False, split: str = "train") -> CIFAR10Images:
     """CIFAR-10's ``split`` (train: 50K, test: 10K images) under ``$DEME_DATA`` (default runs/data under the
-    repository root); downloaded there by torchvision first when it is missing and the hub is not offline."""
+    repository root); downloaded there by torchvision first (:func:`download_once`: one process downloads,
+    concurrent ones wait) when it is missing and the hub is not offline."""
     root = Path(os.environ.get("DEME_DATA") or repo_root() / "runs" / "data")
-    first = "data_batch_1" if split == "train" else "test_batch"
-    if not (root / "cifar-10-batches-py" / first).is_file() and os.environ.get("HF_HUB_OFFLINE") != "1":
+    if not _cifar10_complete(root / "cifar-10-batches-py") and os.environ.get("HF_HUB_OFFLINE") != "1":
         try:
-            from torchvision.datasets import CIFAR10
-            CIFAR10(str(root), train=split == "train", download=True)
+            download_once(root, "cifar-10-batches-py", _download_cifar10, _cifar10_complete)
         except Exception as e:
             raise DataMissingError(f"CIFAR-10 not found under {root} and could not be downloaded ({e}); set "
                                    "DEME_DATA to a folder holding cifar-10-batches-py") from e

@@ -2,13 +2,18 @@
 the paired FID bootstrap's memory, the data loader under several processes, concurrent dataset downloads,
 reference images written by every process, the LSUN split sizes, the fp16 loss scaler and the EMA."""
 
+import pickle
+import threading
+import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torchvision.datasets
 
 from deme import data
 from deme.config import get_profile
@@ -118,3 +123,53 @@ def test_lsun_church_split_sizes_are_the_hub_datasets_and_the_docs_say_so():
     assert reference_size(church, n=200_000) == 119_915
     docs = (Path(__file__).parents[1] / "docs" / "paper_scale.md").read_text(encoding="utf-8")
     assert "train 119,915" in docs and "LSUN church_outdoor train, 126,227" not in docs
+
+
+def test_concurrent_cifar10_downloads_run_once_and_readers_never_see_a_partial_file(tmp_path, monkeypatch):
+    """Four processes' worth of callers (threads here) ask for CIFAR-10 at once, online, with no copy yet: the
+    stand-in for torchvision's download (which writes straight under its root, each file in two halves) must
+    run once, every caller gets the full split, and a reader watching the final folder never meets a
+    missing or half-written batch."""
+    rng = np.random.default_rng(0)
+    blobs = {name: pickle.dumps({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [1, 2, 3, 4]})
+             for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
+    calls = []
+
+    class SlowCIFAR10:
+        def __init__(self, root, train=True, download=False):
+            calls.append(root)
+            out = Path(root) / "cifar-10-batches-py"
+            out.mkdir(parents=True, exist_ok=True)
+            for name, blob in blobs.items():
+                with open(out / name, "wb") as f:
+                    f.write(blob[:len(blob) // 2])
+                    f.flush()
+                    time.sleep(0.02)
+                    f.write(blob[len(blob) // 2:])
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", SlowCIFAR10)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("DEME_DATA", str(tmp_path / "data"))
+    done, problems = threading.Event(), []
+
+    def watch():
+        while not done.is_set():
+            if (tmp_path / "data" / "cifar-10-batches-py").is_dir():
+                try:
+                    data.CIFAR10Images(tmp_path / "data", 32, split="train")
+                    data.CIFAR10Images(tmp_path / "data", 32, split="test")
+                except Exception as e:          # a missing or half-written batch
+                    problems.append(e)
+            time.sleep(0.002)
+
+    with ThreadPoolExecutor(5) as pool:
+        watcher = pool.submit(watch)
+        try:
+            sizes = list(pool.map(lambda split: len(data.cifar10_dataset(32, split=split)), ["train", "test"] * 2))
+        finally:
+            done.set()
+        watcher.result()
+    assert len(calls) == 1 and not problems, (calls, problems[:2])
+    assert sizes == [20, 4, 20, 4]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".cifar-10-batches-py.lock",
+                                                                     "cifar-10-batches-py"]
