@@ -2,21 +2,27 @@
 the paired FID bootstrap's memory, the data loader under several processes, concurrent dataset downloads,
 reference images written by every process, the LSUN split sizes, the fp16 loss scaler and the EMA."""
 
+import contextlib
 import pickle
+import sys
 import threading
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 import torchvision.datasets
+from PIL import Image
 
-from deme import data
+import deme.train as train_mod
+from deme import data, sdeval
 from deme.config import get_profile
+from deme.distributed import Processes
 from deme.metrics import reference_size
 from deme.paired import _GramBootstrap, fid_bootstrap
 
@@ -173,3 +179,129 @@ def test_concurrent_cifar10_downloads_run_once_and_readers_never_see_a_partial_f
     assert sizes == [20, 4, 20, 4]
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".cifar-10-batches-py.lock",
                                                                      "cifar-10-batches-py"]
+
+
+def test_every_process_writes_its_share_of_the_reference_pngs_and_waits_without_a_collective(tmp_path, monkeypatch):
+    """`deme compare` for sd14 under a launcher: the other ranks used to wait at a barrier (NCCL's 10-minute
+    timeout) while the main process wrote 40,504 reference PNGs. Two ranks (threads; no process group, so any
+    collective would raise) must each write half the files and both return once all are written."""
+    src = tmp_path / "val2014"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)).save(src / f"COCO_{i}.jpg")
+    written = []
+    real_write = sdeval.atomic_write
+    monkeypatch.setattr(sdeval, "atomic_write",
+                        lambda path, write: written.append((threading.current_thread().name, path.name))
+                        or real_write(path, write))
+    out = tmp_path / "ref"
+    with ThreadPoolExecutor(2, thread_name_prefix="rank") as pool:
+        folders = list(pool.map(lambda r: sdeval.prepare_val2014_reference(src, out, size=8,
+                                                                           processes=Processes(r, 2)), [1, 0]))
+    assert folders == [out, out] and sorted(p.name for p in out.iterdir()) == [f"COCO_{i}.png" for i in range(6)]
+    by_thread = {}
+    for thread, name in written:
+        by_thread.setdefault(thread, []).append(name)
+    assert sorted(len(v) for v in by_thread.values()) == [3, 3] and len(written) == 6
+    for i in range(6):                      # PIL's bicubic squash to 8×8, computed here
+        with Image.open(src / f"COCO_{i}.jpg") as im:
+            expected = np.asarray(im.convert("RGB").resize((8, 8), Image.BICUBIC))
+        np.testing.assert_array_equal(np.asarray(Image.open(out / f"COCO_{i}.png")), expected)
+
+
+def test_compare_for_text_to_image_passes_the_processes_instead_of_a_barrier(monkeypatch):
+    """The command hands its processes to the prompt sets (each writes its share of the reference images)
+    instead of running them under main_process_first, whose barrier rank 1 would wait at."""
+    from deme import cli, compare, distributed
+    seen = {}
+    monkeypatch.setattr(distributed, "current_processes", lambda: Processes(1, 2))
+    monkeypatch.setattr(compare, "comparison_models", lambda cfg, methods: {})
+    monkeypatch.setattr(compare, "text_to_image_prompt_sets", lambda cfg, **kw: seen.update(kw) or {})
+    monkeypatch.setattr(compare, "run_text_to_image_comparison", lambda *a, **kw: None)
+    cli.main(["compare", "--profile", "sd14"])
+    assert seen["processes"] == Processes(1, 2)
+
+
+class _Stateless:
+    """A stand-in for a part of a run whose state does not matter here (EMA, objective)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def step(self, params) -> None:
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _run(tmp_path, skipped: bool = False, scaler=None) -> SimpleNamespace:
+    """The parts of a deme.train.TrainingRun that optimizer_step and save_checkpoint touch, on a 1-weight model."""
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    accelerator = SimpleNamespace(num_processes=1, process_index=0, is_main_process=True, sync_gradients=True,
+                                  accumulate=lambda m: contextlib.nullcontext(), autocast=contextlib.nullcontext,
+                                  backward=lambda loss: None, clip_grad_norm_=lambda params, norm: None,
+                                  unwrap_model=lambda m: m, scaler=scaler,
+                                  optimizer_step_was_skipped=skipped)
+    return SimpleNamespace(cfg=get_profile("smoke"), accelerator=accelerator, model=model, optimizer=optimizer,
+                           lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), accum=2,
+                           ema=_Stateless(), objective=_Stateless(), params=list(model.parameters()),
+                           student_fwd=None, teacher_fwd=None, alphas_cumprod=None, ckpt_dir=tmp_path)
+
+
+def test_the_ema_does_not_step_on_a_step_the_loss_scaler_skipped(tmp_path, monkeypatch):
+    """fp16: a step with non-finite gradients is skipped by the loss scaler; the weights stay, so the EMA must
+    not decay towards them (nor count the step)."""
+    monkeypatch.setattr(train_mod, "micro_batch", lambda r, index: (None, None, None, {}))
+    monkeypatch.setattr(train_mod, "step_loss", lambda *a: (torch.tensor(1.0), torch.zeros(2), torch.tensor(0.0)))
+    for skipped, ema_steps in ((True, 0), (False, 1)):
+        r = _run(tmp_path, skipped)
+        train_mod.optimizer_step(r, 0, torch.zeros(3))
+        assert r.ema.steps == ema_steps, skipped
+
+
+def test_the_fp16_loss_scale_is_checkpointed_and_resumed(tmp_path):
+    """A resumed fp16 run starts from the loss scale (and growth tracker) it had, not from 65,536 again."""
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.load_state_dict({"scale": 512.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                            "_growth_tracker": 7})
+    r = _run(tmp_path, scaler=scaler)
+    train_mod.save_checkpoint(r, 3)
+    fresh = _run(tmp_path, scaler=torch.amp.GradScaler("cpu"))
+    step = train_mod.resume(fresh.cfg, tmp_path, fresh.model, fresh.ema, fresh.optimizer, fresh.lr_scheduler,
+                            fresh.objective, fresh.accelerator.scaler)
+    assert step == 3 and fresh.accelerator.scaler.get_scale() == 512.0
+    assert fresh.accelerator.scaler.state_dict()["_growth_tracker"] == 7
+
+
+class _ImageRows:
+    """A stand-in for a Hugging Face image dataset: ``column_names`` and rows ``{"image": PIL image}``."""
+
+    column_names = ["image"]
+
+    def __init__(self, n: int):
+        rng = np.random.default_rng(0)
+        self.images = [Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)) for _ in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i) -> dict:
+        return {"image": self.images[i]}
+
+
+def test_the_lsun_dataset_pickles_for_spawned_loader_workers(monkeypatch):
+    """DataLoader workers started by spawn receive the dataset pickled; a class defined inside a function
+    cannot be."""
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=lambda name, split: _ImageRows(3)))
+    ds = data._hf_image_dataset("stand-in/lsun", 8, center_crop=True)
+    again = pickle.loads(pickle.dumps(ds))
+    assert len(again) == 3
+    for i in range(3):
+        (x, y), (x2, y2) = ds[i], again[i]
+        assert x.shape == (3, 8, 8) and y == y2 == -1 and torch.equal(x, x2)
