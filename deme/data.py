@@ -25,10 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-try:
-    import fcntl
-except ImportError:         # Windows: download_once runs unlocked
-    fcntl = None
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,6 +33,11 @@ from .config import Config, repo_root
 from .errors import DataMissingError
 from .registry import add_entry
 from .sd import text_image_batches
+
+if os.name == "posix":      # download_once's lock; elsewhere (Windows) it runs unlocked
+    import fcntl
+else:
+    fcntl = None
 
 FMNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"   # Debian's dataset-fashion-mnist
 FMNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -200,7 +201,22 @@ def _image_transform(size: int, center_crop: bool = False):
                                transforms.Normalize([0.5], [0.5])])
 
 
-def _hf_image_dataset(name: str, size: int, center_crop: bool = False):
+class HubImages(torch.utils.data.Dataset):
+    """The images of a Hugging Face dataset ``ds`` (column ``key``) through ``transform``, unlabelled (−1). Defined
+    at module level so that it pickles: DataLoader workers started by spawn (Python ≥ 3.14's default, macOS,
+    Windows) receive the dataset pickled."""
+
+    def __init__(self, ds, key: str, transform: Callable):
+        self.ds, self.key, self.transform = ds, key, transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.transform(self.ds[i][self.key].convert("RGB")), -1
+
+
+def _hf_image_dataset(name: str, size: int, center_crop: bool = False) -> HubImages:
     """LSUN church/bedroom through Hugging Face ``datasets`` (needs internet or a local HF cache)."""
     try:
         import datasets
@@ -210,17 +226,8 @@ def _hf_image_dataset(name: str, size: int, center_crop: bool = False):
             f"could not load the Hugging Face dataset {name!r} ({type(e).__name__}: {e}). It needs internet, or "
             "a local copy in the HF cache; set HF_DATASETS_OFFLINE=0 and HF_HUB_OFFLINE=0 on a machine online.") \
             from e
-    tf = _image_transform(size, center_crop)
     key = "image" if "image" in ds.column_names else ds.column_names[0]
-
-    class _Wrapped(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(ds)
-
-        def __getitem__(self, i):
-            return tf(ds[i][key].convert("RGB")), -1
-
-    return _Wrapped()
+    return HubImages(ds, key, _image_transform(size, center_crop))
 
 
 CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
