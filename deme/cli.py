@@ -36,10 +36,10 @@ def compare_command(a) -> None:
     procs = current_processes()
     models = C.comparison_models(cfg, baselines(default_only=not a.full))
     if is_text_to_image(cfg):
-        with procs.main_process_first():       # reference images written once
-            sets = C.text_to_image_prompt_sets(cfg, coco_captions=a.coco_captions, coco_images=a.coco_images,
-                                               parti=a.parti, imagenet_classes=a.imagenet_classes,
-                                               imagenet_images=a.imagenet_images, n_coco=a.n_coco, seed=a.seed)
+        sets = C.text_to_image_prompt_sets(cfg, coco_captions=a.coco_captions, coco_images=a.coco_images,
+                                           parti=a.parti, imagenet_classes=a.imagenet_classes,
+                                           imagenet_images=a.imagenet_images, n_coco=a.n_coco, seed=a.seed,
+                                           processes=procs)   # reference images: each process writes its share
         table = C.run_text_to_image_comparison(cfg, sets, seed=a.seed, models=models, processes=procs)
         if procs.is_main:
             print(table.to_string())

@@ -267,7 +267,8 @@ PROMPT_SET_ENV = {"coco_captions": "DEME_COCO_CAPTIONS", "coco_images": "DEME_CO
 def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, coco_images: str | None = None,
                               parti: str | None = None, imagenet_classes: str | None = None,
                               imagenet_images: str | None = None, n_coco: int = 30_000, seed: int = 0,
-                              out_dir: Path | None = None, coco_fid_reference: str | None = None) -> dict[str, dict]:
+                              out_dir: Path | None = None, coco_fid_reference: str | None = None,
+                              processes: Processes = SINGLE) -> dict[str, dict]:
     """Table 2's prompt sets for a text-to-image profile, from the files given (a set whose file is not given
     is left out; a given file that is missing stops with what to provide):
 
@@ -283,6 +284,9 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
     A path not given here is taken from its environment variable (:data:`PROMPT_SET_ENV`: ``DEME_COCO_CAPTIONS``,
     ``DEME_COCO_IMAGES``, ``DEME_IMAGENET_CLASSES``, ``DEME_IMAGENET_IMAGES``, ``DEME_PARTI``), so that
     ``python -m deme reproduce --profile sd14`` — which passes notebook 05 no file paths — finds them.
+
+    ``processes``: every process of a launch calls this; each writes its share of the reference PNGs and
+    returns when all are written (no collective that could time out meanwhile).
 
     Returns ``{name: {"prompts": [...], "reference": folder or None}}``.
     """
@@ -301,10 +305,10 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
         if not coco_images:
             ref = None
         elif mode == "bk-sdm":
-            ref = prepare_val2014_reference(coco_images, out_dir / "coco_reference_val2014_256")
+            ref = prepare_val2014_reference(coco_images, out_dir / "coco_reference_val2014_256", processes=processes)
         else:
             ref = prepare_reference_folder(coco_images, [f for _, f, _ in rows],
-                                           out_dir / f"coco_reference_{len(rows)}")
+                                           out_dir / f"coco_reference_{len(rows)}", processes=processes)
         sets["MS-COCO"] = {"prompts": [c for _, _, c in rows], "reference": ref,
                            **({"reference_tag": mode} if mode != "chosen" else {})}
     if imagenet_classes:

@@ -14,9 +14,13 @@ torch ``DataLoader``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import itertools
 import os
 import pickle
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -29,6 +33,11 @@ from .config import Config, repo_root
 from .errors import DataMissingError
 from .registry import add_entry
 from .sd import text_image_batches
+
+if os.name == "posix":      # download_once's lock; elsewhere (Windows) it runs unlocked
+    import fcntl
+else:
+    fcntl = None
 
 FMNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"   # Debian's dataset-fashion-mnist
 FMNIST_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
@@ -125,39 +134,58 @@ class TensorBatches:
         return self.images[idx], self.labels[idx]
 
 
+class _EveryNthBatch(torch.utils.data.Sampler):
+    """Every ``stride``-th batch of ``batches`` (a batch sampler), from position ``start`` on: the batches one
+    process of ``stride`` reads, without loading the ones in between."""
+
+    def __init__(self, batches: torch.utils.data.BatchSampler, start: int, stride: int):
+        self.batches, self.start, self.stride = batches, start, stride
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batches), self.start, None, self.stride)
+
+    def __len__(self) -> int:
+        return max(0, -(-(len(self.batches) - self.start) // self.stride))
+
+
 class LoaderBatches:
     """Batches from a torch ``DataLoader`` over a map-style dataset, re-shuffled (seeded) each epoch.
 
-    On resume the sampler skips to the right epoch; within an epoch the order is reproduced by the seeded
-    generator and the first ``pos`` batches are skipped.
+    Batch ``index`` is batch ``index % per_epoch`` of the loader of epoch ``index // per_epoch`` (its order
+    seeded by (seed, epoch)). Indices read at a constant stride (process r of W reads r, r + W, r + 2W, …) come
+    from one loader per epoch whose sampler yields only those batches; any other jump (start, resume, a new
+    epoch, a new stride) builds the loader anew, positioned at the index.
     """
 
     def __init__(self, dataset, batch_size: int, seed: int, num_workers: int):
         self.dataset, self.batch_size, self.seed, self.num_workers = dataset, batch_size, seed, num_workers
         self.per_epoch = len(dataset) // batch_size
         self._iter: Iterator | None = None
-        self._next = None
+        self._last: int | None = None
+        self._stride = 1
 
-    def _loader(self, epoch: int):
+    def _loader(self, epoch: int, start: int, stride: int) -> torch.utils.data.DataLoader:
+        """The loader of batches ``start``, ``start + stride``, … of ``epoch``."""
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, generator=g,
-                                           drop_last=True, num_workers=self.num_workers,
+        batches = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(self.dataset, generator=g),
+                                                self.batch_size, drop_last=True)
+        return torch.utils.data.DataLoader(self.dataset, batch_sampler=_EveryNthBatch(batches, start, stride),
+                                           generator=g, num_workers=self.num_workers,
                                            pin_memory=torch.cuda.is_available(), persistent_workers=False)
 
+    def _continues(self, index: int) -> bool:
+        """Whether ``index`` is the next batch of the current loader (the last index plus the stride, same epoch)."""
+        return (self._last is not None and index == self._last + self._stride
+                and index // self.per_epoch == self._last // self.per_epoch)
+
     def batch(self, index: int):
-        if self._next != index:   # (re)position: start of run, resume, or a new epoch
+        if not self._continues(index):
+            if self._last is not None and index > self._last:
+                self._stride = index - self._last   # the step between this process's indices
             epoch, pos = divmod(index, self.per_epoch)
-            self._iter = iter(self._loader(epoch))
-            for _ in range(pos):
-                next(self._iter)
-        try:
-            item = next(self._iter)
-        except StopIteration:
-            self._iter = iter(self._loader(index // self.per_epoch))
-            item = next(self._iter)
-        self._next = index + 1
-        if (index + 1) % self.per_epoch == 0:
-            self._next = None
+            self._iter = iter(self._loader(epoch, pos, self._stride))
+        item = next(self._iter)
+        self._last = index
         images, labels = item if isinstance(item, (tuple, list)) else (item, None)
         if labels is None:
             labels = torch.full((len(images),), -1, dtype=torch.long)
@@ -173,7 +201,22 @@ def _image_transform(size: int, center_crop: bool = False):
                                transforms.Normalize([0.5], [0.5])])
 
 
-def _hf_image_dataset(name: str, size: int, center_crop: bool = False):
+class HubImages(torch.utils.data.Dataset):
+    """The images of a Hugging Face dataset ``ds`` (column ``key``) through ``transform``, unlabelled (−1). Defined
+    at module level so that it pickles: DataLoader workers started by spawn (Python ≥ 3.14's default, macOS,
+    Windows) receive the dataset pickled."""
+
+    def __init__(self, ds, key: str, transform: Callable):
+        self.ds, self.key, self.transform = ds, key, transform
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.transform(self.ds[i][self.key].convert("RGB")), -1
+
+
+def _hf_image_dataset(name: str, size: int, center_crop: bool = False) -> HubImages:
     """LSUN church/bedroom through Hugging Face ``datasets`` (needs internet or a local HF cache)."""
     try:
         import datasets
@@ -183,17 +226,12 @@ def _hf_image_dataset(name: str, size: int, center_crop: bool = False):
             f"could not load the Hugging Face dataset {name!r} ({type(e).__name__}: {e}). It needs internet, or "
             "a local copy in the HF cache; set HF_DATASETS_OFFLINE=0 and HF_HUB_OFFLINE=0 on a machine online.") \
             from e
-    tf = _image_transform(size, center_crop)
     key = "image" if "image" in ds.column_names else ds.column_names[0]
+    return HubImages(ds, key, _image_transform(size, center_crop))
 
-    class _Wrapped(torch.utils.data.Dataset):
-        def __len__(self):
-            return len(ds)
 
-        def __getitem__(self, i):
-            return tf(ds[i][key].convert("RGB")), -1
-
-    return _Wrapped()
+CIFAR10_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+"""The batch files of each split in CIFAR-10's python download layout (``cifar-10-batches-py``)."""
 
 
 class CIFAR10Images(torch.utils.data.Dataset):
@@ -207,8 +245,7 @@ class CIFAR10Images(torch.utils.data.Dataset):
         folder = Path(root) / "cifar-10-batches-py"
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        batches = ([folder / f"data_batch_{i}" for i in range(1, 6)] if split == "train"
-                   else [folder / "test_batch"])
+        batches = [folder / name for name in CIFAR10_FILES[split]]
         missing = [p.name for p in batches if not p.is_file()]
         if missing:
             raise DataMissingError(f"CIFAR-10 not found: {folder} lacks {', '.join(missing)}; run once with "
@@ -232,15 +269,56 @@ class CIFAR10Images(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
+def download_once(root: Path, folder: str, download: Callable[[Path], None],
+                  complete: Callable[[Path], bool] = Path.is_dir) -> Path:
+    """``root/folder``, downloaded first unless ``complete(root/folder)``: ``download(tmp)`` fills a new temporary
+    folder beside it, whose ``folder`` then replaces ``root/folder`` whole (an incomplete one, e.g. left by an
+    interrupted download, is removed first). Every process that calls this for the same ``root`` (the jobs of one
+    machine, the ranks of a launch) takes an exclusive lock first: one downloads, the others wait and find the
+    folder complete. A process that only looks at ``root/folder`` sees it complete or not at all."""
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / folder
+    with _exclusive(root / f".{folder}.lock"):
+        if not complete(target):
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=root))
+            try:
+                download(tmp)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp / folder, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created) held for the block, by one process or thread at a time;
+    unlocked where there is no ``fcntl`` (Windows)."""
+    with open(path, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield                   # closing the file releases the lock
+
+
+def _download_cifar10(into: Path) -> None:
+    """Download and extract CIFAR-10's python archive into ``into`` (torchvision: ``into/cifar-10-batches-py``)."""
+    from torchvision.datasets import CIFAR10
+    CIFAR10(str(into), train=True, download=True)
+
+
+def _cifar10_complete(folder: Path) -> bool:
+    """Whether ``folder`` (``cifar-10-batches-py``) holds every batch of both splits."""
+    return all((folder / name).is_file() for names in CIFAR10_FILES.values() for name in names)
+
+
 def cifar10_dataset(size: int, center_crop: bool = False, split: str = "train") -> CIFAR10Images:
     """CIFAR-10's ``split`` (train: 50K, test: 10K images) under ``$DEME_DATA`` (default runs/data under the
-    repository root); downloaded there by torchvision first when it is missing and the hub is not offline."""
+    repository root); downloaded there by torchvision first (:func:`download_once`: one process downloads,
+    concurrent ones wait) when it is missing and the hub is not offline."""
     root = Path(os.environ.get("DEME_DATA") or repo_root() / "runs" / "data")
-    first = "data_batch_1" if split == "train" else "test_batch"
-    if not (root / "cifar-10-batches-py" / first).is_file() and os.environ.get("HF_HUB_OFFLINE") != "1":
+    if not _cifar10_complete(root / "cifar-10-batches-py") and os.environ.get("HF_HUB_OFFLINE") != "1":
         try:
-            from torchvision.datasets import CIFAR10
-            CIFAR10(str(root), train=split == "train", download=True)
+            download_once(root, "cifar-10-batches-py", _download_cifar10, _cifar10_complete)
         except Exception as e:
             raise DataMissingError(f"CIFAR-10 not found under {root} and could not be downloaded ({e}); set "
                                    "DEME_DATA to a folder holding cifar-10-batches-py") from e
@@ -345,7 +423,9 @@ DATASETS: dict[str, DatasetSpec] = {d.name: d for d in (
     DatasetSpec("cifar10", "CIFAR-10", "loader", "torchvision CIFAR10 (python download layout)",
                 split_sizes={"train": 50_000, "test": 10_000}, train_set=_cifar10_train_set,
                 test_set=_cifar10_test_set),
-    DatasetSpec("lsun-church", "LSUN Church", "loader", "hub dataset tglcourse/lsun_church_train",
+    DatasetSpec("lsun-church", "LSUN Church", "loader", "hub dataset tglcourse/lsun_church_train (LSUN "
+                "church_outdoor's 126,227 training images, split by the hub dataset; training reads its train split)",
+                split_sizes={"train": 119_915, "test": 6_312},
                 train_set=_lsun_train_set("tglcourse/lsun_church_train")),
     DatasetSpec("lsun-bedroom", "LSUN Bedroom", "loader", "hub dataset pcuenq/lsun-bedrooms",
                 train_set=_lsun_train_set("pcuenq/lsun-bedrooms")),

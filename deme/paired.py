@@ -23,11 +23,44 @@ def t_interval(d: np.ndarray, level: float = 0.95) -> tuple[float, float, float]
     return float(m), float(m - half), float(m + half)
 
 
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric positive semi-definite matrix (negative rounding clipped)."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def _trace_sqrt(k: np.ndarray) -> float:
+    """Σ √λ over the eigenvalues of the symmetric positive semi-definite ``k`` (negative rounding clipped)."""
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((k + k.T) / 2), 0, None)).sum())
+
+
 class _FrechetBootstrap:
-    """FID of one feature set against fixed reference statistics (μr, Σr), for the full set and for
-    bootstrap resamples of its rows. With G = F Σr Fᵀ precomputed (n × n), a resample's
-    tr (Σa Σr)^½ is Σ √λ of H G[idx, idx] H / (n − 1) (H centres; the n × n form of :func:`_fid_low_rank`),
-    so each resample costs one n × n eigendecomposition."""
+    """FID of one feature set F (n × d) against fixed reference statistics (μr, Σr), for the full set and for
+    bootstrap resamples of its rows given as ``counts`` (how often each row is drawn; all ones: the full set).
+    A resample's mean and covariance Σa come from count-weighted sums of the rows, and tr (Σa Σr)^½ is Σ √λ of
+    the d × d matrix Σr^½ Σa Σr^½: memory n·d + d², time n·d² + d³ per resample, whatever n. (Where n ≤ d,
+    :class:`_GramBootstrap` is cheaper; it is also less exact where n ≫ d: √ of its n − d rounding-level
+    eigenvalues.)"""
+
+    def __init__(self, features: np.ndarray, mu_r: np.ndarray, sigma_r: np.ndarray):
+        self.f = np.asarray(features, np.float64)
+        self.root_r = _psd_sqrt(np.asarray(sigma_r, np.float64))
+        self.mu_r, self.tr_r = np.asarray(mu_r, np.float64), float(np.trace(sigma_r))
+
+    def fid(self, counts: np.ndarray | None = None) -> float:
+        c = np.ones(len(self.f)) if counts is None else np.asarray(counts, np.float64)
+        n = c.sum()
+        mu = c @ self.f / n
+        sigma_a = ((self.f * c[:, None]).T @ self.f - n * np.outer(mu, mu)) / (n - 1)
+        diff = mu - self.mu_r
+        return float(diff @ diff + np.trace(sigma_a) + self.tr_r
+                     - 2 * _trace_sqrt(self.root_r @ sigma_a @ self.root_r))
+
+
+class _GramBootstrap:
+    """:class:`_FrechetBootstrap` in its n × n form, for n ≤ d: with G = F Σr Fᵀ precomputed, a resample's
+    tr (Σa Σr)^½ is Σ √λ of H G[idx, idx] H / (n − 1) (idx: the drawn rows; H centres; the n × n form of
+    :func:`deme.metrics._fid_low_rank`)."""
 
     def __init__(self, features: np.ndarray, mu_r: np.ndarray, sigma_r: np.ndarray):
         self.f = np.asarray(features, np.float64)
@@ -35,17 +68,24 @@ class _FrechetBootstrap:
         self.sq = (self.f ** 2).sum(1)
         self.mu_r, self.tr_r = np.asarray(mu_r, np.float64), float(np.trace(sigma_r))
 
-    def fid(self, idx: np.ndarray | None = None) -> float:
-        idx = np.arange(len(self.f)) if idx is None else idx
+    def fid(self, counts: np.ndarray | None = None) -> float:
+        idx = np.arange(len(self.f)) if counts is None else np.repeat(np.arange(len(self.f)), counts)
         n = len(idx)
         mu = self.f[idx].mean(0)
         g = self.gram[np.ix_(idx, idx)]
         rm = g.mean(1)
         k = (g - rm[:, None] - rm[None, :] + rm.mean()) / (n - 1)
-        tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((k + k.T) / 2), 0, None)).sum()
         tr_a = (self.sq[idx].sum() - n * mu @ mu) / (n - 1)
         diff = mu - self.mu_r
-        return float(diff @ diff + tr_a + self.tr_r - 2 * tr_sqrt)
+        return float(diff @ diff + tr_a + self.tr_r - 2 * _trace_sqrt(k))
+
+
+def _bootstrap_for(features: np.ndarray, mu_r: np.ndarray,
+                   sigma_r: np.ndarray) -> _FrechetBootstrap | _GramBootstrap:
+    """The cheaper form for ``features`` (n × d): n × n where n ≤ d (as :func:`deme.metrics.fid_from_features`),
+    else d × d (above 2,048 Inception samples)."""
+    n, d = np.shape(features)
+    return (_GramBootstrap if n <= d else _FrechetBootstrap)(features, mu_r, sigma_r)
 
 
 def fid_bootstrap(features: dict[str, np.ndarray], mu_r: np.ndarray, sigma_r: np.ndarray,
@@ -53,19 +93,20 @@ def fid_bootstrap(features: dict[str, np.ndarray], mu_r: np.ndarray, sigma_r: np
     """FID of each model's features against (μr, Σr), and of ``num_bootstrap`` resamples of their rows, the
     same rows for every model (row j of every model comes from the same initial noise). Returns
     ``(full, draws)``: ``{name: FID}`` and ``{name: array of resampled FIDs}``; any two models' paired
-    difference is read from these (:func:`paired_fid`), so the eigendecompositions are done once per model."""
+    difference is read from these (:func:`paired_fid`), so the eigendecompositions are done once per model.
+    Memory per model: n·d, plus n² where n ≤ d (:func:`_bootstrap_for`)."""
     n = {len(f) for f in features.values()}
     if len(n) != 1:
         raise ValueError(f"paired FID needs the same number of samples for every model, got {sorted(n)}")
     n = n.pop()
-    boots = {k: _FrechetBootstrap(f, mu_r, sigma_r) for k, f in features.items()}
+    boots = {k: _bootstrap_for(f, mu_r, sigma_r) for k, f in features.items()}
     full = {k: b.fid() for k, b in boots.items()}
     rng = np.random.default_rng(seed)
     draws = {k: np.empty(num_bootstrap) for k in boots}
     for i in range(num_bootstrap):
-        idx = rng.integers(0, n, n)
+        counts = np.bincount(rng.integers(0, n, n), minlength=n)
         for k, b in boots.items():
-            draws[k][i] = b.fid(idx)
+            draws[k][i] = b.fid(counts)
     return full, draws
 
 

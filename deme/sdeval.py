@@ -11,12 +11,15 @@ ViT-g-14 through :func:`deme.metrics.clip_scores`; ``None`` without weights), sh
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from . import metrics  # through the module: tests replace metrics.inception_features by cheap stand-ins
@@ -27,6 +30,8 @@ from .imagecaptions import IMAGE_EXTENSIONS, data_source, open_image_captions, r
 from .progress import tqdm
 from .runs import atomic_write
 from .sd import TextImageBatches
+
+log = logging.getLogger(__name__)
 
 
 def image_files(folder: str | os.PathLike) -> list[Path]:
@@ -43,7 +48,6 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
 def _image_chunks(source, size: int, chunk: int = 500) -> Iterator[np.ndarray]:
     """uint8 (n, size, size, 3) chunks of a folder / list of files / uint8 array, resized (shorter side) and
     centre-cropped to ``size``."""
-    from PIL import Image
     if isinstance(source, np.ndarray):
         for i in range(0, len(source), chunk):
             yield np.stack([resize_crop(Image.fromarray(a), size) for a in source[i:i + chunk]])
@@ -104,24 +108,43 @@ def fid_256(samples, reference, size: int = 256, *, reference_cache: str | os.Pa
     return metrics.fid_from_features(feats(samples), feats(reference, reference_cache))
 
 
+def _write_shared(jobs: list[tuple[Path, Path]], write: Callable[[Path, Path], None], processes: Processes,
+                  progress: bool, desc: str) -> None:
+    """``write(src, tmp)`` for each ``(src, dst)`` of ``jobs`` whose ``dst`` is missing, each file written atomically
+    (:func:`deme.runs.atomic_write`); process r of W writes its share of the list (:meth:`Processes.share`), then
+    waits until every ``dst`` exists by looking at the files — no collective, so a process-group timeout (NCCL's
+    10 minutes) cannot stop the launch while the others are still writing."""
+    mine = processes.share(len(jobs))
+    for src, dst in tqdm(jobs[mine.start:mine.stop], disable=not (progress and processes.is_main), desc=desc):
+        if not dst.is_file():
+            atomic_write(dst, lambda tmp, src=src: write(src, tmp))
+    missing, waited = [dst for _, dst in jobs], time.time()
+    while missing := [dst for dst in missing if not dst.is_file()]:
+        if time.time() - waited > 60:
+            log.info("%s: waiting for the other processes' %d files (%s)", desc, len(missing), missing[0])
+            waited = time.time()
+        time.sleep(0.5)
+
+
 def prepare_reference_folder(images_dir: str | os.PathLike, file_names: Sequence[str], out_dir: str | os.PathLike,
-                             size: int = 256, progress: bool = False) -> Path:
+                             size: int = 256, progress: bool = False, processes: Processes = SINGLE) -> Path:
     """Write the reference images for FID at ``size`` px: each of ``file_names`` (e.g. the COCO file names from
     :func:`coco_captions`) read from ``images_dir``, resized (shorter side) and centre-cropped, saved as PNG.
-    Existing outputs are kept; a missing source image stops with its name."""
-    from PIL import Image
+    Existing outputs are kept; a missing source image stops with its name (in every process, before any writes).
+    ``processes``: each writes its share and returns when all are written (:func:`_write_shared`)."""
     images_dir, out = Path(images_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in tqdm(file_names, disable=not progress, desc="reference images"):
-        dst = out / (Path(name).stem + ".png")
-        if dst.is_file():
-            continue
-        src = images_dir / name
-        if not src.is_file():
-            raise DataMissingError(f"reference image {src} not found: provide the MS-COCO images "
-                                   f"(e.g. val2014.zip from https://cocodataset.org/#download) in {images_dir}")
+    jobs = [(images_dir / name, out / (Path(name).stem + ".png")) for name in file_names]
+    absent = next((src for src, dst in jobs if not dst.is_file() and not src.is_file()), None)
+    if absent is not None:
+        raise DataMissingError(f"reference image {absent} not found: provide the MS-COCO images "
+                               f"(e.g. val2014.zip from https://cocodataset.org/#download) in {images_dir}")
+
+    def write(src: Path, tmp: Path) -> None:
         with Image.open(src) as im:
-            Image.fromarray(resize_crop(im.convert("RGB"), size)).save(dst)
+            Image.fromarray(resize_crop(im.convert("RGB"), size)).save(tmp)
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_shared(jobs, write, processes, progress, "reference images")
     return out
 
 
@@ -135,24 +158,26 @@ differ slightly from published ones."""
 
 
 def prepare_val2014_reference(images_dir: str | os.PathLike, out_dir: str | os.PathLike, size: int = 256,
-                              progress: bool = False) -> Path:
+                              progress: bool = False, processes: Processes = SINGLE) -> Path:
     """BK-SDM's FID reference (``"bk-sdm"`` in :data:`COCO_FID_REFERENCES`): every ``.jpg`` of ``images_dir``
     (the unpacked val2014.zip: 40,504 images) resized to ``size``×``size`` without keeping the aspect ratio
     (PIL bicubic, as ``img.resize((256, 256))`` in BK-SDM's ``change_img_size``), saved as PNG under
-    ``out_dir``. Existing outputs are kept (resumable)."""
-    from PIL import Image
+    ``out_dir``. Existing outputs are kept (resumable). ``processes``: each writes its share and returns when all
+    are written (:func:`_write_shared`)."""
     images_dir, out = Path(images_dir), Path(out_dir)
     files = sorted(p for p in images_dir.glob("*") if p.suffix.lower() in (".jpg", ".jpeg")) \
         if images_dir.is_dir() else []
     if not files:
         raise DataMissingError(f"no val2014 .jpg images in {images_dir}: unpack val2014.zip from "
                                "https://cocodataset.org/#download (images.cocodataset.org/zips/val2014.zip) there")
+
+    def write(src: Path, tmp: Path) -> None:
+        with Image.open(src) as im:
+            im.convert("RGB").resize((size, size), Image.BICUBIC).save(tmp)
+
     out.mkdir(parents=True, exist_ok=True)
-    for src in tqdm(files, disable=not progress, desc="val2014 reference images"):
-        dst = out / (src.stem + ".png")
-        if not dst.is_file():
-            with Image.open(src) as im:
-                im.convert("RGB").resize((size, size), Image.BICUBIC).save(dst)
+    _write_shared([(src, out / (src.stem + ".png")) for src in files], write, processes, progress,
+                  "val2014 reference images")
     return out
 
 
@@ -181,7 +206,6 @@ def evaluate(samples, prompts: Sequence[str], *, reference=None, size: int = 256
                   desc="CLIP score"):
         part = samples[i:min(i + chunk, rows.stop)]
         if not isinstance(part, np.ndarray):
-            from PIL import Image
             part = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in part])
         s = metrics.clip_scores(part, list(prompts[i:i + len(part)]), weights_path=clip_weights, model=clip_model,
                         preprocess=clip_preprocess, tokenizer=clip_tokenizer, device=device)

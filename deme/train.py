@@ -286,9 +286,10 @@ def lr_factor(cfg: Config, step: int, steps: int) -> float:
     return warm * (0.55 + 0.45 * math.cos(math.pi * min(1.0, step / max(steps, 1))))
 
 
-def resume(cfg: Config, ckpt_dir: Path, model, ema, optimizer, lr_scheduler, objective) -> int:
-    """Load the newest intact checkpoint of ``ckpt_dir`` into the run's state; returns the step it was written
-    at (0 when there is none). A checkpoint of another config stops with a message."""
+def resume(cfg: Config, ckpt_dir: Path, model, ema, optimizer, lr_scheduler, objective, scaler=None) -> int:
+    """Load the newest intact checkpoint of ``ckpt_dir`` into the run's state (and fp16's loss ``scaler``, where
+    both the run and the checkpoint have one); returns the step it was written at (0 when there is none). A
+    checkpoint of another config stops with a message."""
     latest, state = _load_latest_intact(ckpt_dir)
     if latest is None:
         return 0
@@ -300,6 +301,8 @@ def resume(cfg: Config, ckpt_dir: Path, model, ema, optimizer, lr_scheduler, obj
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     objective.load_state_dict(state["objective"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     return state["step"]
 
 
@@ -329,7 +332,7 @@ def setup(cfg: Config, out: Path, base: str) -> TrainingRun:
     objective = make_objective(cfg, alphas_cumprod)
     ema = build_ema(cfg, model)
     optimizer, lr_sched, params = build_optimizer(cfg, model, objective, lr, steps, device)
-    start = resume(cfg, out / "checkpoints", model, ema, optimizer, lr_sched, objective)
+    start = resume(cfg, out / "checkpoints", model, ema, optimizer, lr_sched, objective, accelerator.scaler)
     ema.to(device)
     model, optimizer = accelerator.prepare(model, optimizer)
     mode = cfg.compile_mode if device.type == "cuda" or cfg.compile_mode != "reduce-overhead" else None
@@ -368,7 +371,9 @@ def micro_batch(r: TrainingRun, index: int) -> tuple[torch.Tensor, torch.Tensor,
 
 def optimizer_step(r: TrainingRun, step: int, acc: torch.Tensor) -> None:
     """One optimizer step: ``accum`` micro-batches (loss, backward, clip, AdamW), then the lr schedule and the
-    EMA. Adds the step's mean loss, ε-MSE and consistency to ``acc`` (on the device: no host sync)."""
+    EMA — unless fp16's loss scaler skipped the step (non-finite gradients): the weights did not change, so the
+    EMA does not move towards them. Adds the step's mean loss, ε-MSE and consistency to ``acc`` (on the device:
+    no host sync)."""
     accelerator, world, rank = r.accelerator, r.accelerator.num_processes, r.accelerator.process_index
     for micro in range(r.accum):
         x0, noise, t, kw = micro_batch(r, (step * r.accum + micro) * world + rank)
@@ -383,7 +388,8 @@ def optimizer_step(r: TrainingRun, step: int, acc: torch.Tensor) -> None:
             r.optimizer.zero_grad(set_to_none=True)
         acc += torch.stack([loss.detach(), eps_mse.detach().mean(), cons.detach()]) / r.accum
     r.lr_scheduler.step()
-    r.ema.step(accelerator.unwrap_model(r.model).parameters())
+    if not accelerator.optimizer_step_was_skipped:
+        r.ema.step(accelerator.unwrap_model(r.model).parameters())
 
 
 LOG_FIELDS = ["step", "loss", "eps_mse", "consistency", "lr", "images_per_s", "heldout_loss"]
@@ -427,14 +433,15 @@ def log_row(r: TrainingRun, acc: torch.Tensor, n_acc: int, done: int, seconds: f
 
 
 def save_checkpoint(r: TrainingRun, step: int) -> None:
-    """``checkpoints/step_XXXXXXX.pt`` (student, EMA, optimizer, schedule, objective state), written
-    atomically by the main process; the two newest are kept."""
+    """``checkpoints/step_XXXXXXX.pt`` (student, EMA, optimizer, schedule, objective state, fp16's loss scaler),
+    written atomically by the main process; the two newest are kept."""
     if not r.accelerator.is_main_process:
         return
     state = {"step": step, "config": json.loads(r.cfg.to_json()),
              "model": r.accelerator.unwrap_model(r.model).state_dict(), "ema": r.ema.state_dict(),
              "optimizer": r.optimizer.state_dict(), "lr_scheduler": r.lr_scheduler.state_dict(),
-             "objective": r.objective.state_dict()}
+             "objective": r.objective.state_dict(),
+             "scaler": r.accelerator.scaler.state_dict() if r.accelerator.scaler is not None else None}
     atomic_save(state, r.ckpt_dir / f"step_{step:07d}.pt")
     for old in sorted(r.ckpt_dir.glob("step_*.pt"))[:-2]:
         old.unlink()
