@@ -6,6 +6,7 @@ outputs exist for the same config.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +17,17 @@ import torch
 
 from . import sd, sdeval  # through the modules: tests and users replace sd.generate to skip real generation
 from .classifier import classifier_features, ensure_classifier
-from .config import Config, get_profile
+from .config import Config, get_profile, normalized
 from .data import get_dataset, heldout_batch, heldout_split
 from .heldout import heldout_inputs, heldout_losses, relative_difference
 from .merge import merged_model, task_arithmetic
 from .metrics import compute_fid_kid, fid_from_features, reference_statistics
-from .models import base_model_path, load_unet
+from .models import base_model_path, build_unet, load_unet
 from .progress import tqdm
 from .runs import merge_dir, run_dir, write_json
 from .sampling import ddim_sample
 from .timesteps import timestep_ranges
-from .train import train
+from .train import load_checkpoint, train
 
 
 def ensure_base_model(cfg: Config) -> str:
@@ -47,6 +48,21 @@ def base_training_log(base_path: str | Path) -> tuple[dict, pd.DataFrame]:
     """The manifest and ``loss.csv`` of a base model pretrained by the project (the folder above ``model/``)."""
     run = Path(base_path).parent
     return json.loads((run / "manifest.json").read_text()), pd.read_csv(run / "loss.csv")
+
+
+def export_pretraining_ema(checkpoint: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """The EMA weights held by a pretraining run's checkpoint, saved as a model (``save_pretrained``) in ``folder``:
+    e.g. :data:`deme.train.CONVERGENCE_SNAPSHOT` of a run that started before the loop kept it."""
+    state = load_checkpoint(Path(checkpoint))
+    cfg = Config.from_dict(normalized(state["config"]))
+    if cfg.method != "pretrain":
+        raise ValueError(f"{checkpoint} is a checkpoint of a {cfg.method!r} run, not of a pretraining run")
+    model = build_unet(cfg)
+    with torch.no_grad():
+        for p, shadow in zip(model.parameters(), state["ema"]["shadow_params"], strict=True):
+            p.copy_(shadow)
+    model.save_pretrained(folder)
+    return Path(folder)
 
 
 def last_fraction_change(log: pd.DataFrame, steps: int, fraction: float = 0.2) -> tuple[float, float, float]:

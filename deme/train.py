@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 
-from .config import Config, get_profile, normalized, parse_assignments, training_identity
+from .config import Config, get_profile, parse_assignments, training_identity
 from .data import is_text_to_image, training_batches
 from .errors import NonFiniteLossError
 from .heldout import heldout_inputs, heldout_loss
@@ -469,21 +469,6 @@ def save_ema_model(r: TrainingRun, folder: Path) -> None:
     if r.accelerator.is_main_process:
         with ema_weights(r) as plain:
             plain.save_pretrained(folder)
-
-
-def export_pretraining_ema(checkpoint: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """The EMA weights held by a pretraining run's checkpoint, saved as a model (``save_pretrained``) in ``folder``:
-    e.g. :data:`CONVERGENCE_SNAPSHOT` of a run that started before the loop kept it."""
-    state = load_checkpoint(Path(checkpoint))
-    cfg = Config.from_dict(normalized(state["config"]))
-    if cfg.method != "pretrain":
-        raise ValueError(f"{checkpoint} is a checkpoint of a {cfg.method!r} run, not of a pretraining run")
-    model = build_unet(cfg)
-    with torch.no_grad():
-        for p, shadow in zip(model.parameters(), state["ema"]["shadow_params"], strict=True):
-            p.copy_(shadow)
-    model.save_pretrained(folder)
-    return Path(folder)
 
 
 def save_final(r: TrainingRun, started: float) -> None:

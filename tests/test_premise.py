@@ -28,8 +28,9 @@ from deme.premise import (
     theta_share,
     update_readme,
 )
+from deme.stages import export_pretraining_ema
 from deme.timesteps import stratified_timesteps
-from deme.train import build_ema, export_pretraining_ema, train
+from deme.train import build_ema, train
 
 MINIATURES = ("fmnist-xs", "fmnist-xxs")
 
