@@ -136,9 +136,11 @@ def premise_command(a) -> None:
     except ValueError as e:
         raise SystemExit(str(e))
     if a.capacity:
+        from .plots import plot_capacity, save_figure
         from .runs import save_table
         table = capacity_table(settings, jobs=a.jobs, draws=a.draws, progress=True)
         save_table(table, settings[0], "capacity_fmnist")
+        save_figure(plot_capacity(table), settings[0], "capacity_fmnist")
         print(table.to_string())
         return
     table = premise_table(settings, jobs=a.jobs, draws=a.draws, progress=True)

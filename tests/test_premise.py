@@ -2,6 +2,7 @@
 pretraining's convergence snapshot — checked against diffusers' own EMA, hand-derived values and planted cases."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ from deme.heldout import draw_inputs, heldout_table, per_image, relative_differe
 from deme.models import load_unet
 from deme.premise import (
     MERGED,
+    MIN_GAIN_PCT,
     README_MARKERS,
     capacity_rows,
     finetune_steps,
@@ -238,3 +240,17 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path):
     assert not update_readme(readme, tmp_path)                       # unchanged the second time
     readme.write_text("no markers\n")
     assert not update_readme(readme, tmp_path) and readme.read_text() == "no markers\n"
+
+
+def test_the_readme_premise_block_is_the_committed_tables():
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "README.md").read_text()
+    a, b = text.index(README_MARKERS[0]), text.index(README_MARKERS[1]) + len(README_MARKERS[1])
+    rows = pd.read_csv(repo / "figures" / "premise_fmnist.csv")
+    props = pd.read_csv(repo / "figures" / "proportions_fmnist.csv")
+    assert text[a:b] == readme_block(rows, props)
+    assert f"at least {MIN_GAIN_PCT:g}%" in text
+    # the chosen setting passes all three checks in both conditions, on the rows themselves
+    for setting in rows[rows.chosen].setting.unique():
+        one = rows[rows.setting == setting]
+        assert all(premise_checks(one, one.model.str.startswith("expert").sum() // 2).values())
