@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nbformat
 import papermill as pm
+from traitlets.config import Config
 
 from .colab import SETUP_TAG
 from .config import get_profile, normalized, repo_root
@@ -49,6 +50,19 @@ def stages(cfg, full: bool = False, jobs: int = 1) -> list[tuple[str, str, dict]
     plan += [("04_merge", "04_merge.ipynb", p), ("05_compare", "05_compare.ipynb", pfull),
              ("06_ablation", "06_ablation.ipynb", p06), ("07_gallery", "07_gallery.ipynb", p)]
     return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
+
+
+KERNEL_CONFIG = Config({"KernelManager": {"transport_encryption": "auto"}})
+"""The kernels' settings: jupyter_client provisions CurveZMQ keys for kernels whose kernelspec declares support
+(ipykernel's does), so the kernel runs encrypted and does not print ipykernel's warning "Kernel is running over
+TCP without encryption" on the terminal once per stage. A jupyter_client without this setting ignores it."""
+
+
+def execute(notebook: Path, target: Path, params: dict, *, cwd: Path, progress_bar: bool = False) -> None:
+    """Execute ``notebook`` into ``target`` with papermill (``params`` injected, kernel ``python3`` started in
+    ``cwd`` with :data:`KERNEL_CONFIG`): the one place deme starts notebook kernels."""
+    pm.execute_notebook(str(notebook), str(target), parameters=params, cwd=str(cwd), progress_bar=progress_bar,
+                        kernel_name="python3", config=KERNEL_CONFIG)
 
 
 def publish(executed: Path, dest: Path) -> None:
@@ -122,8 +136,7 @@ def _run_stage(k: int, n_stages: int, name: str, notebook: str, params: dict, *,
     target = out_dir / f"{name}.ipynb"
     t0 = time.time()
     try:
-        pm.execute_notebook(str(NOTEBOOKS / notebook), str(target), parameters=params, cwd=str(NOTEBOOKS),
-                            progress_bar=not side_by_side, kernel_name="python3")
+        execute(NOTEBOOKS / notebook, target, params, cwd=NOTEBOOKS, progress_bar=not side_by_side)
     except Exception as e:
         if not keep_going:
             raise

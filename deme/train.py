@@ -38,7 +38,7 @@ from diffusers.training_utils import EMAModel
 
 from .config import Config, get_profile, normalized, parse_assignments, training_identity
 from .data import is_text_to_image, training_batches
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, SettingsError, reported
 from .heldout import heldout_inputs, heldout_loss
 from .losses import consistency_loss, per_sample_mse
 from .methods import METHODS, get_method
@@ -565,7 +565,10 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m deme train`` / ``python -m deme.train``: one training job. A project error (a missing base
+    model, a setting out of range) ends with one line on stderr unless ``--debug`` or ``DEME_DEBUG=1``."""
+    p = argparse.ArgumentParser(prog="python -m deme train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default=None, help="profile name (default: $DEME_PROFILE or fmnist)")
     p.add_argument("--method", default="deme", choices=list(METHODS))
     p.add_argument("--range", dest="range_index", type=int, default=None, help="range index 0..N-1 (deme)")
@@ -580,6 +583,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any Config field, VALUE parsed as JSON when it parses (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a project error (or DEME_DEBUG=1)")
     a = p.parse_args(argv)
     over = {"method": a.method, **parse_overrides(a.set)}
     for k, v in (("range_index", a.range_index), ("num_ranges", a.num_ranges), ("p_global", a.p_global),
@@ -590,8 +594,12 @@ def main(argv: list[str] | None = None) -> None:
         over["consistency_weight"] = 0.0
     if a.no_projection:
         over["projection"] = False
-    cfg = get_profile(a.profile, **over)
-    print(train(cfg, a.out, base=a.base, force=a.force))
+    with reported("python -m deme train", debug=a.debug):
+        try:
+            cfg = get_profile(a.profile, **over)
+        except ValueError as e:
+            raise SettingsError(str(e)) from e
+        print(train(cfg, a.out, base=a.base, force=a.force))
 
 
 if __name__ == "__main__":
