@@ -46,7 +46,7 @@ from .models import base_model_path, build_unet, load_unet, make_scheduler, requ
 from .mtl import make_ant_objective
 from .objectives import DeMeObjective, Objective, PretrainObjective
 from .progress import tqdm
-from .runs import atomic_save, device_name, git_commit, run_dir
+from .runs import atomic_save, device_name, git_commit, package_versions, run_dir
 from .sd import prepare_unet_for_training
 
 # ---------------------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def build_ema(cfg: Config, model: torch.nn.Module) -> EMAModel:
 def build_optimizer(cfg: Config, model: torch.nn.Module, objective: Objective, lr: float, steps: int,
                     device: torch.device):
     """AdamW over the student (and the objective's own parameters: ANT-UW's log-variances, their own lr, no
-    weight decay, as the ANT authors) and its lr schedule: constant (PAPER.md §4), or for pretraining with
+    weight decay, as the ANT authors) and its lr schedule: constant (docs/method.md §4), or for pretraining with
     ``pretrain_warmup`` a linear warmup then cosine decay to 10% of the peak. Returns (optimizer, schedule,
     parameters)."""
     groups = [{"params": list(model.parameters())}]
@@ -278,7 +278,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, objective: Objective, l
 
 def lr_factor(cfg: Config, step: int, steps: int) -> float:
     """The learning rate at optimizer step ``step`` of ``steps``, as a fraction of the peak: 1 (constant,
-    PAPER.md §4 and the DDPM pretraining recipe), or for pretraining with ``pretrain_warmup`` > 0 a linear
+    docs/method.md §4 and the DDPM pretraining recipe), or for pretraining with ``pretrain_warmup`` > 0 a linear
     warmup then a cosine decay to 10% of the peak."""
     if cfg.method != "pretrain" or not cfg.pretrain_warmup:
         return 1.0
@@ -494,7 +494,8 @@ def save_final(r: TrainingRun, started: float) -> None:
                 "steps": r.steps, "images_per_step": r.micro_batch_size * r.accum * world, "seed": r.cfg.seed,
                 "final_loss": float(last["loss"]), "wall_time_s_last_session": round(time.time() - started, 1),
                 "device": device_name(r.device, threads=True), "processes": world,
-                "mixed_precision": r.mixed_precision, "git_commit": git_commit(), "torch": torch.__version__}
+                "mixed_precision": r.mixed_precision, "git_commit": git_commit(), "torch": torch.__version__,
+                "versions": package_versions()}
     (r.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 

@@ -31,7 +31,7 @@ def test_text_to_image_table_keeps_scores_that_were_not_computed():
 
 
 def test_paper_tables_match_paper_md():
-    # PAPER.md §6, spot checks of the transcription
+    # docs/method.md §6, spot checks of the transcription
     t1 = PAPER_TABLE1.set_index("model")
     assert t1.loc["DeMe (after merge)", "LSUN-Church FID"] == 7.27
     assert t1.loc["ANT-UW", "CIFAR-10 FID"] == 4.21
