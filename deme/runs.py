@@ -149,9 +149,10 @@ those that execute the notebooks. requirements.lock pins them all (fid-helper-py
 
 
 def package_versions(names: tuple[str, ...] = VERSIONED_PACKAGES) -> dict[str, str | None]:
-    """The installed version of each package in ``names`` (``importlib.metadata``; None when it is not
-    installed), and Python's under ``"python"``: what a manifest or stage record stamps, so a result can be
-    traced to the environment that made it."""
+    """The installed version of each package in ``names`` (``importlib.metadata``, the version pip installed and
+    requirements.lock pins: torch's "2.14.1" where ``torch.__version__`` adds its build, "2.14.1+cu130"; None
+    when it is not installed), and Python's under ``"python"``: what a manifest or stage record stamps, so a
+    result can be traced to the environment that made it."""
     def version(name: str) -> str | None:
         try:
             return importlib.metadata.version(name)

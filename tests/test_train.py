@@ -45,6 +45,8 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
     assert steps == [2, 4, 6]
     m = json.loads((a / "manifest.json").read_text())
     assert m["steps"] == 6 and m["config"]["seed"] == 0 and m["device"]
+    assert m["versions"]["torch"] == torch.__version__.split("+")[0] and m["versions"]["python"] == ".".join(
+        map(str, sys.version_info[:3]))
 
 
 def test_a_constant_lr_pretraining_extended_equals_the_longer_run(tmp_path):
