@@ -21,20 +21,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import Config, get_profile, profile_names, repo_root
-from .errors import SettingsError, reported
+from .config import get_profile, profile_names, repo_root
+from .errors import checked_settings, reported
 
 # Each command imports its own module when it runs (the one exception to "imports at the top", checked by
 # tests/test_code_shape.py): `reproduce` only starts notebook kernels and needs neither diffusers nor the
 # training code, so it starts in ~4 s instead of the ~13 s of importing every command's module.
-
-
-def profile(name: str | None) -> Config:
-    """:func:`deme.config.get_profile`, an unknown name raised as a :class:`~deme.errors.SettingsError`."""
-    try:
-        return get_profile(name)
-    except ValueError as e:
-        raise SettingsError(str(e)) from e
 
 
 def compare_command(a) -> None:
@@ -45,7 +37,7 @@ def compare_command(a) -> None:
     from .data import is_text_to_image
     from .distributed import current_processes
     from .methods import baselines
-    cfg = profile(a.profile)
+    cfg = checked_settings(get_profile, a.profile)
     procs = current_processes()
     models = C.comparison_models(cfg, baselines(default_only=not a.full))
     if is_text_to_image(cfg):
@@ -123,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def reproduce_command(a) -> None:
     from .reproduce import reproduce
-    profile(a.profile)
+    checked_settings(get_profile, a.profile)
     out = reproduce(a.profile, force=a.force, only=a.only, update_notebooks=False if a.no_update_notebooks else None,
                     jobs=a.jobs, full=a.full, keep_going=a.keep_going)
     if any(r.get("failed") for r in out):
@@ -144,10 +136,7 @@ def rehearse_command(a) -> None:
 
 def premise_command(a) -> None:
     from .premise import capacity_table, parse_setting, premise_table, save_premise, update_readme
-    try:
-        settings = [parse_setting(s) for s in a.settings]
-    except ValueError as e:
-        raise SettingsError(str(e)) from e
+    settings = [checked_settings(parse_setting, s) for s in a.settings]
     if a.capacity:
         from .runs import save_table
         table = capacity_table(settings, jobs=a.jobs, draws=a.draws, progress=True)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 DEBUG_ENV = "DEME_DEBUG"
 """Set to anything but "" or "0" to see the traceback of a project error on the command line (as ``--debug``)."""
@@ -41,6 +42,18 @@ class SettingsError(ValueError):
 PROJECT_ERRORS = (DataMissingError, WeightsMissingError, CorruptImageError, MergeMismatchError,
                   NonFiniteLossError, SettingsError)
 """The errors the command line reports as one line (:func:`reported`); any other exception keeps its traceback."""
+
+
+T = TypeVar("T")
+
+
+def checked_settings(make: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``make(*args, **kwargs)`` — a profile with its overrides, say — with the ``ValueError`` of its checks
+    (an unknown profile, a range index out of bounds) raised as a :class:`SettingsError`."""
+    try:
+        return make(*args, **kwargs)
+    except ValueError as e:
+        raise SettingsError(str(e)) from e
 
 
 def debug_requested(flag: bool = False) -> bool:

@@ -38,7 +38,7 @@ from diffusers.training_utils import EMAModel
 
 from .config import Config, get_profile, normalized, parse_assignments, training_identity
 from .data import is_text_to_image, training_batches
-from .errors import NonFiniteLossError, SettingsError, reported
+from .errors import NonFiniteLossError, checked_settings, reported
 from .heldout import heldout_inputs, heldout_loss
 from .losses import consistency_loss, per_sample_mse
 from .methods import METHODS, get_method
@@ -493,9 +493,8 @@ def save_final(r: TrainingRun, started: float) -> None:
     manifest = {"config": json.loads(r.cfg.to_json()), "base": str(r.base) if r.cfg.method != "pretrain" else None,
                 "steps": r.steps, "images_per_step": r.micro_batch_size * r.accum * world, "seed": r.cfg.seed,
                 "final_loss": float(last["loss"]), "wall_time_s_last_session": round(time.time() - started, 1),
-                "device": device_name(r.device, threads=True), "processes": world,
-                "mixed_precision": r.mixed_precision, "git_commit": git_commit(), "torch": torch.__version__,
-                "versions": package_versions()}
+                "device": device_name(r.device, threads=True), "processes": world, "versions": package_versions(),
+                "mixed_precision": r.mixed_precision, "git_commit": git_commit(), "torch": torch.__version__}
     (r.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
@@ -566,10 +565,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m deme train`` / ``python -m deme.train``: one training job. A project error (a missing base
-    model, a setting out of range) ends with one line on stderr unless ``--debug`` or ``DEME_DEBUG=1``."""
-    p = argparse.ArgumentParser(prog="python -m deme train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default=None, help="profile name (default: $DEME_PROFILE or fmnist)")
     p.add_argument("--method", default="deme", choices=list(METHODS))
     p.add_argument("--range", dest="range_index", type=int, default=None, help="range index 0..N-1 (deme)")
@@ -595,11 +591,8 @@ def main(argv: list[str] | None = None) -> None:
         over["consistency_weight"] = 0.0
     if a.no_projection:
         over["projection"] = False
-    with reported("python -m deme train", debug=a.debug):
-        try:
-            cfg = get_profile(a.profile, **over)
-        except ValueError as e:
-            raise SettingsError(str(e)) from e
+    with reported("python -m deme train", debug=a.debug):   # a project error: one line unless --debug
+        cfg = checked_settings(get_profile, a.profile, **over)
         print(train(cfg, a.out, base=a.base, force=a.force))
 
 
