@@ -18,7 +18,7 @@ import torch
 
 import deme.reproduce as R
 from deme.config import get_profile
-from deme.errors import DEBUG_ENV, SettingsError, WeightsMissingError, reported
+from deme.errors import DEBUG_ENV, SettingsError, WeightsMissingError, checked_settings, reported
 from deme.runs import VERSIONED_PACKAGES, package_versions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +43,9 @@ def test_a_project_error_becomes_one_line_and_other_errors_keep_their_traceback(
     with pytest.raises(WeightsMissingError):    # --debug
         with reported("prog", debug=True):
             raise WeightsMissingError("missing")
+    with pytest.raises(SettingsError, match="valid profiles: smoke"):       # a Config check's ValueError
+        checked_settings(get_profile, "nope")
+    assert checked_settings(get_profile, "smoke", range_index=1).range_index == 1
     monkeypatch.setenv(DEBUG_ENV, "1")
     with pytest.raises(SettingsError):
         with reported("prog"):
