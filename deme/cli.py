@@ -7,6 +7,10 @@
     accelerate launch -m deme compare --profile cifar10  # 05's samples and scores, sharded over the processes
     python -m deme premise fmnist-xs fmnist-xxs --jobs 2   # the miniature's premise on candidate settings
     python -m deme colab --repository https://github.com/OWNER/NAME   # Colab badges and set-up cells (deme.colab)
+
+A project error (a missing base model or dataset, an unknown profile, a setting out of range) ends with one line
+on stderr — the message and what to do — and exit status 1; add --debug to a command (or set DEME_DEBUG=1) to
+see its traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from .config import get_profile, profile_names, repo_root
+from .errors import checked_settings, reported
 
 # Each command imports its own module when it runs (the one exception to "imports at the top", checked by
 # tests/test_code_shape.py): `reproduce` only starts notebook kernels and needs neither diffusers nor the
@@ -32,7 +37,7 @@ def compare_command(a) -> None:
     from .data import is_text_to_image
     from .distributed import current_processes
     from .methods import baselines
-    cfg = get_profile(a.profile)
+    cfg = checked_settings(get_profile, a.profile)
     procs = current_processes()
     models = C.comparison_models(cfg, baselines(default_only=not a.full))
     if is_text_to_image(cfg):
@@ -101,16 +106,16 @@ def main(argv: list[str] | None = None) -> None:
                        "set-up cell, for the repository's public URL")
     g.add_argument("--repository", required=True, help="https://github.com/OWNER/NAME")
     g.add_argument("--branch", default="main")
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="show the traceback of a project error")
     a = p.parse_args(argv)
-    COMMANDS[a.cmd](a)
+    with reported(f"python -m deme {a.cmd}", debug=a.debug):
+        COMMANDS[a.cmd](a)
 
 
 def reproduce_command(a) -> None:
     from .reproduce import reproduce
-    try:
-        get_profile(a.profile)
-    except ValueError as e:
-        raise SystemExit(str(e))
+    checked_settings(get_profile, a.profile)
     out = reproduce(a.profile, force=a.force, only=a.only, update_notebooks=False if a.no_update_notebooks else None,
                     jobs=a.jobs, full=a.full, keep_going=a.keep_going)
     if any(r.get("failed") for r in out):
@@ -131,10 +136,7 @@ def rehearse_command(a) -> None:
 
 def premise_command(a) -> None:
     from .premise import capacity_table, parse_setting, premise_table, save_premise, update_readme
-    try:
-        settings = [parse_setting(s) for s in a.settings]
-    except ValueError as e:
-        raise SystemExit(str(e))
+    settings = [checked_settings(parse_setting, s) for s in a.settings]
     if a.capacity:
         from .plots import plot_capacity, save_figure
         from .runs import save_table

@@ -40,7 +40,7 @@ from .sd import generate
 from .sdeval import COCO_FID_REFERENCES, evaluate, prepare_reference_folder, prepare_val2014_reference
 from .stages import PAPER_MERGE_WEIGHTS, load_base, load_experts
 
-# The paper's numbers (PAPER.md §6), shown beside ours in separate, labelled tables — never mixed with ours.
+# The paper's numbers (docs/method.md §6), shown beside ours in separate, labelled tables — never mixed with ours.
 PAPER_ROWS = ["Before finetuning", "SNR+1", "Trun-SNR", "Min-SNR-γ", "P2", "ANT-NashMTL", "ANT-UW",
               "DeMe (before merge)", "DeMe (after merge)"]
 PAPER_TABLE1 = pd.DataFrame({

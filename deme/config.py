@@ -68,7 +68,7 @@ class Config:
     pretrain_batch_size: int = 128
     pretrain_lr: float = 2e-4
     pretrain_warmup: int = 0
-    # -- finetuning (DeMe and baselines; PAPER.md §4, LSUN-Church recipe) --------------------------------
+    # -- finetuning (DeMe and baselines; docs/method.md §4, LSUN-Church recipe) --------------------------
     lr: float = 5e-5                      # constant, no warmup
     adam_betas: tuple[float, float] = (0.95, 0.999)
     weight_decay: float = 1e-6
@@ -85,14 +85,14 @@ class Config:
                                           # at the pretrained weights and averages ~1/(1-decay) steps
     ema_inv_gamma: float = 1.0
     ema_power: float = 0.75
-    # -- DeMe (PAPER.md §2) -------------------------------------------------------------------------------
+    # -- DeMe (docs/method.md §2) -------------------------------------------------------------------------
     num_ranges: int = 4                   # N
     steps_per_range: int = 20_000         # K optimizer steps per range; baselines train N*K steps
     p_global: float = 0.3                 # probabilistic sampling: P(draw t from [0,T)) (Eq. 6)
     sampling: str = "antithetic"          # "antithetic" (one Bernoulli per micro-batch, as released) | "iid"
     consistency_weight: float = 1.0       # λ of Eq. 5; 0 disables the consistency loss
     projection: bool = True               # channel-wise projections (§2.3)
-    # -- baselines (PAPER.md §5) ----------------------------------------------------------------------------
+    # -- baselines (docs/method.md §5) ----------------------------------------------------------------------
     min_snr_gamma: float = 5.0
     p2_k: float = 1.0
     p2_gamma: float = 1.0
@@ -330,7 +330,7 @@ _MINIATURE = dict(
 PROFILES |= {
     "fmnist-xs": Config(profile="fmnist-xs", unet=_small_unet((8, 16, 16), 4), **_MINIATURE),     # 71K parameters
     "fmnist-xxs": Config(profile="fmnist-xxs", unet=_small_unet((4, 8, 8), 4), **_MINIATURE),     # 20K parameters
-    # The paper's settings (PAPER.md §4): pretrained models from the hub, GPU and internet.
+    # The paper's settings (docs/method.md §4): pretrained models from the hub, GPU and internet.
     "cifar10": Config(
         profile="cifar10", dataset="cifar10", image_size=32, channels=3, pretrained="google/ddpm-cifar10-32",
         num_workers=8, sample_steps=100,

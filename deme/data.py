@@ -194,8 +194,8 @@ class LoaderBatches:
 
 def _image_transform(size: int, center_crop: bool = False):
     from torchvision import transforms
-    # PAPER.md §4: resize + random crop, no flip, normalise to [-1, 1]. Centre crops (cfg.center_crop) for held-out
-    # images: the same pixels in every process, so paired losses cached by one run stay paired with the next.
+    # docs/method.md §4: resize + random crop, no flip, normalise to [-1, 1]. Centre crops (cfg.center_crop) for
+    # held-out images: the same pixels in every process, so paired losses cached by one run stay paired with the next.
     crop = transforms.CenterCrop(size) if center_crop else transforms.RandomCrop(size)
     return transforms.Compose([transforms.Resize(size), crop, transforms.ToTensor(),
                                transforms.Normalize([0.5], [0.5])])

@@ -1,5 +1,5 @@
 """Training objectives: the ε-MSE, DeMe's consistency loss (Eq. 4–5) and the SNR weightings of the baselines
-(PAPER.md §5).
+(docs/method.md §5).
 
 The weightings themselves live in the method registry (:mod:`deme.methods`), one entry per method.
 """

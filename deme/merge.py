@@ -1,4 +1,4 @@
-"""Merging in parameter space (PAPER.md §3, Eq. 8) and its alternatives.
+"""Merging in parameter space (docs/method.md §3, Eq. 8) and its alternatives.
 
 Task vector of range i: τ_i = θ_i − θ over every floating-point tensor (projections included: the base gets
 identity projections, so τ = W_i − I); integer buffers are skipped. Task arithmetic:

@@ -2,7 +2,7 @@
 objective kind. The config's method list, the CLI choices, the comparison tables and the tests read it, so a
 new weighting is one entry here (and its test).
 
-Weights multiply the per-sample ε-MSE (mean over C, H, W); SNR(t) = ᾱ_t / (1 − ᾱ_t) (PAPER.md §5). They are
+Weights multiply the per-sample ε-MSE (mean over C, H, W); SNR(t) = ᾱ_t / (1 − ᾱ_t) (docs/method.md §5). They are
 used exactly as the formulas give them (no normalisation: with linear betas the SNR+1 and Trun-SNR weights
 reach ~2.5e4 at t = 999; the paper does not say whether it normalised them, and the grad-norm clip of the
 recipe bounds the update size either way).

@@ -1,4 +1,4 @@
-"""Models: building and loading diffusers UNets, and DeMe's channel-wise projections (PAPER.md §2.3).
+"""Models: building and loading diffusers UNets, and DeMe's channel-wise projections (docs/method.md §2.3).
 
 Channel-wise projection (Eq. 7): ``P(F) = W F`` with ``W ∈ R^{C×C}``, a bias-free 1×1 convolution initialised
 to the identity, placed after the output of every down block, the mid block and every up block — on the main

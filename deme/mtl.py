@@ -1,5 +1,5 @@
 """The ANT baselines (Go et al., NeurIPS 2023, "Addressing Negative Transfer in Diffusion Models") as objectives
-of the one training loop (:func:`deme.train.train`), PAPER.md §5.
+of the one training loop (:func:`deme.train.train`), docs/method.md §5.
 
 Denoising at different timesteps is treated as multi-task learning over ``k = cfg.ant_clusters`` *timestep
 clusters*:

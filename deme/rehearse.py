@@ -235,7 +235,7 @@ def write_cifar10(root: Path, per_batch: int = 32, seed: int = 0) -> Path:
 
 def write_lsun(folder: Path, n: int = 80, seed: int = 0) -> Path:
     """The LSUN training set as the loader reads it: a Hugging Face dataset folder (like the hub's
-    ``tglcourse/lsun_church_train``) with ``data/train-00000-of-00001.parquet``, one ``image`` column
+    ``tglcourse/lsun_church_train``) with ``<folder>/data/train-00000-of-00001.parquet``, one ``image`` column
     (encoded JPEGs of varied aspect ratio, shorter side above the training resolution)."""
     import datasets
     from PIL import Image

@@ -1,7 +1,7 @@
 """The reproduction: every notebook of a profile executed in order by papermill (``python -m deme reproduce``).
 
-:func:`stages` is the plan (DESIGN.md's data flow), :func:`reproduce` runs it — independent training stages side
-by side, a stage skipped when its record matches the current config, notebook source and parameters — and
+:func:`stages` is the plan (docs/method.md §9, the data flow), :func:`reproduce` runs it — independent training
+stages side by side, a stage skipped when its record matches the current config, notebook source and parameters — and
 :func:`publish` copies an executed notebook into notebooks/ without machine paths.
 """
 
@@ -17,11 +17,12 @@ from pathlib import Path
 
 import nbformat
 import papermill as pm
+from traitlets.config import Config
 
 from .colab import SETUP_TAG
 from .config import get_profile, normalized, repo_root
 from .methods import baselines
-from .runs import write_json
+from .runs import package_versions, write_json
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"   # the notebooks ship beside the package
 
@@ -32,7 +33,7 @@ SPEED_PARAMS = ("jobs",)
 
 
 def stages(cfg, full: bool = False, jobs: int = 1) -> list[tuple[str, str, dict]]:
-    """(stage name, notebook, papermill parameters) in the order of DESIGN.md's data flow, for the notebooks
+    """(stage name, notebook, papermill parameters) in the order of docs/method.md §9 (the data flow), for the notebooks
     that exist: 02 base → 01 analysis → 03 training jobs (baselines, then one job per range) → 04 merge → 05 →
     06 → 07. The training jobs are independent; the baselines (N×K steps each) come first so that, run side
     by side, the short range jobs fill the end instead of one long baseline running alone. ``full`` adds the
@@ -49,6 +50,19 @@ def stages(cfg, full: bool = False, jobs: int = 1) -> list[tuple[str, str, dict]
     plan += [("04_merge", "04_merge.ipynb", p), ("05_compare", "05_compare.ipynb", pfull),
              ("06_ablation", "06_ablation.ipynb", p06), ("07_gallery", "07_gallery.ipynb", p)]
     return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
+
+
+KERNEL_CONFIG = Config({"KernelManager": {"transport_encryption": "auto"}})
+"""The kernels' settings: jupyter_client provisions CurveZMQ keys for kernels whose kernelspec declares support
+(ipykernel's does), so the kernel runs encrypted and does not print ipykernel's warning "Kernel is running over
+TCP without encryption" on the terminal once per stage. A jupyter_client without this setting ignores it."""
+
+
+def execute(notebook: Path, target: Path, params: dict, *, cwd: Path, progress_bar: bool = False) -> None:
+    """Execute ``notebook`` into ``target`` with papermill (``params`` injected, kernel ``python3`` started in
+    ``cwd`` with :data:`KERNEL_CONFIG`): the one place deme starts notebook kernels."""
+    pm.execute_notebook(str(notebook), str(target), parameters=params, cwd=str(cwd), progress_bar=progress_bar,
+                        kernel_name="python3", config=KERNEL_CONFIG)
 
 
 def publish(executed: Path, dest: Path) -> None:
@@ -122,8 +136,7 @@ def _run_stage(k: int, n_stages: int, name: str, notebook: str, params: dict, *,
     target = out_dir / f"{name}.ipynb"
     t0 = time.time()
     try:
-        pm.execute_notebook(str(NOTEBOOKS / notebook), str(target), parameters=params, cwd=str(NOTEBOOKS),
-                            progress_bar=not side_by_side, kernel_name="python3")
+        execute(NOTEBOOKS / notebook, target, params, cwd=NOTEBOOKS, progress_bar=not side_by_side)
     except Exception as e:
         if not keep_going:
             raise
@@ -132,7 +145,7 @@ def _run_stage(k: int, n_stages: int, name: str, notebook: str, params: dict, *,
                 "failed": f"{type(e).__name__}: {e}"[:4000]}
     rec = {"stage": name, "notebook": notebook, "params": params, "source": _source_hash(notebook),
            "config": json.loads(cfg.to_json()), "seconds": round(time.time() - t0, 1),
-           "parallel_jobs": jobs if side_by_side else 1,
+           "parallel_jobs": jobs if side_by_side else 1, "versions": package_versions(),
            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_json(rec_dir / f"{name}.json", rec)
     _say(f"[{k}/{n_stages}] {name}: done in {rec['seconds']:.0f} s")

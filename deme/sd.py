@@ -1,4 +1,4 @@
-"""Stable Diffusion v1.4 (PAPER.md §4, Table 2): the pipeline and its frozen encoders, latent DeMe finetuning
+"""Stable Diffusion v1.4 (docs/method.md §4, Table 2): the pipeline and its frozen encoders, latent DeMe finetuning
 batches, an offline CLIP tokenizer, generation, and a tiny random SD pipeline for offline tests.
 
 **Training** goes through the one loop, :func:`deme.train.train`, like every other profile. Only the data
@@ -56,7 +56,7 @@ log = logging.getLogger("deme.sd")
 
 
 PAPER_PROMPTS = (
-    # PAPER.md §6, Fig. 5 (the end of the first prompt is cut in the poster: inferred)
+    # docs/method.md §6, Fig. 5 (the end of the first prompt is cut in the poster: inferred)
     "A graceful white horse galloping through a field of wildflowers, its mane flowing in the wind as the sun "
     "sets behind it",
     "A tropical beach with crystal-clear turquoise water gently lapping against white sandy shores, tall palm "

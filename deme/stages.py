@@ -1,4 +1,4 @@
-"""The pipeline's stages as functions the notebooks call (DESIGN.md, data flow): base model → per-range
+"""The pipeline's stages as functions the notebooks call (docs/method.md §9, the data flow): base model → per-range
 finetuning → merge. Each stage reads the previous one's outputs under runs/<profile>/ and skips work whose
 outputs exist for the same config.
 """
@@ -202,7 +202,7 @@ QUALITY_SCORES = {"fid@256": _fid256_score, "classifier-fd": _classifier_fd_scor
 
 
 PAPER_MERGE_WEIGHTS = (0.1, 0.1, 0.2, 0.5)
-"""The only merge weights the paper gives (LSUN-Church, N = 4, low → high noise; PAPER.md §3)."""
+"""The only merge weights the paper gives (LSUN-Church, N = 4, low → high noise; docs/method.md §3)."""
 
 
 def validation_inputs(cfg: Config, device: str | torch.device | None = None):

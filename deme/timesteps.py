@@ -1,4 +1,4 @@
-"""Timestep ranges and DeMe's probabilistic sampling (PAPER.md §2, Eq. 6)."""
+"""Timestep ranges and DeMe's probabilistic sampling (docs/method.md §2, Eq. 6)."""
 
 from __future__ import annotations
 

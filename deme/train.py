@@ -38,7 +38,7 @@ from diffusers.training_utils import EMAModel
 
 from .config import Config, get_profile, parse_assignments, training_identity
 from .data import is_text_to_image, training_batches
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, checked_settings, reported
 from .heldout import heldout_inputs, heldout_loss
 from .losses import consistency_loss, per_sample_mse
 from .methods import METHODS, get_method
@@ -46,7 +46,7 @@ from .models import base_model_path, build_unet, load_unet, make_scheduler, requ
 from .mtl import make_ant_objective
 from .objectives import DeMeObjective, Objective, PretrainObjective
 from .progress import tqdm
-from .runs import atomic_save, device_name, git_commit, run_dir
+from .runs import atomic_save, device_name, git_commit, package_versions, run_dir
 from .sd import prepare_unet_for_training
 
 # ---------------------------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def build_ema(cfg: Config, model: torch.nn.Module) -> EMAModel:
 def build_optimizer(cfg: Config, model: torch.nn.Module, objective: Objective, lr: float, steps: int,
                     device: torch.device):
     """AdamW over the student (and the objective's own parameters: ANT-UW's log-variances, their own lr, no
-    weight decay, as the ANT authors) and its lr schedule: constant (PAPER.md §4), or for pretraining with
+    weight decay, as the ANT authors) and its lr schedule: constant (docs/method.md §4), or for pretraining with
     ``pretrain_warmup`` a linear warmup then cosine decay to 10% of the peak. Returns (optimizer, schedule,
     parameters)."""
     groups = [{"params": list(model.parameters())}]
@@ -278,7 +278,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, objective: Objective, l
 
 def lr_factor(cfg: Config, step: int, steps: int) -> float:
     """The learning rate at optimizer step ``step`` of ``steps``, as a fraction of the peak: 1 (constant,
-    PAPER.md §4 and the DDPM pretraining recipe), or for pretraining with ``pretrain_warmup`` > 0 a linear
+    docs/method.md §4 and the DDPM pretraining recipe), or for pretraining with ``pretrain_warmup`` > 0 a linear
     warmup then a cosine decay to 10% of the peak."""
     if cfg.method != "pretrain" or not cfg.pretrain_warmup:
         return 1.0
@@ -485,7 +485,7 @@ def save_final(r: TrainingRun, started: float) -> None:
     manifest = {"config": json.loads(r.cfg.to_json()), "base": str(r.base) if r.cfg.method != "pretrain" else None,
                 "steps": r.steps, "images_per_step": r.micro_batch_size * r.accum * world, "seed": r.cfg.seed,
                 "final_loss": float(last["loss"]), "wall_time_s_last_session": round(time.time() - started, 1),
-                "device": device_name(r.device, threads=True), "processes": world,
+                "device": device_name(r.device, threads=True), "processes": world, "versions": package_versions(),
                 "mixed_precision": r.mixed_precision, "git_commit": git_commit(), "torch": torch.__version__}
     (r.out / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
@@ -572,6 +572,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any Config field, VALUE parsed as JSON when it parses (repeatable)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of a project error (or DEME_DEBUG=1)")
     a = p.parse_args(argv)
     over = {"method": a.method, **parse_overrides(a.set)}
     for k, v in (("range_index", a.range_index), ("num_ranges", a.num_ranges), ("p_global", a.p_global),
@@ -582,8 +583,9 @@ def main(argv: list[str] | None = None) -> None:
         over["consistency_weight"] = 0.0
     if a.no_projection:
         over["projection"] = False
-    cfg = get_profile(a.profile, **over)
-    print(train(cfg, a.out, base=a.base, force=a.force))
+    with reported("python -m deme train", debug=a.debug):   # a project error: one line unless --debug
+        cfg = checked_settings(get_profile, a.profile, **over)
+        print(train(cfg, a.out, base=a.base, force=a.force))
 
 
 if __name__ == "__main__":

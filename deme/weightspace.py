@@ -1,4 +1,4 @@
-"""Weight-space analyses (PAPER.md §1, §2.4): loss landscapes of the base model per timestep range (Fig. 4),
+"""Weight-space analyses (docs/method.md §1): loss landscapes of the base model per timestep range (Fig. 4),
 the loss on the plane of two task vectors (Fig. 6a) and per-layer statistics of the task vectors τ_i = θ_i − θ
 (Fig. 6b).
 

@@ -1,4 +1,4 @@
-"""The six equal-budget baselines of PAPER.md §5: the SNR weightings (against diffusers' own ``compute_snr``) and
+"""The six equal-budget baselines of docs/method.md §5: the SNR weightings (against diffusers' own ``compute_snr``) and
 the ANT objectives of deme.mtl (clusters, uncertainty weighting, the Nash bargaining solution, training and
 resuming through deme.train)."""
 
@@ -31,7 +31,7 @@ TS = torch.tensor([0, 1, 10, 250, 500, 999])
 
 
 # ---------------------------------------------------------------------------------------------------------
-# SNR weightings: deme.losses.loss_weight against PAPER.md §5 computed from diffusers' compute_snr
+# SNR weightings: deme.losses.loss_weight against docs/method.md §5 computed from diffusers' compute_snr
 # ---------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_snr_weights_match_paper_formulas(ddpm, method, kw, formula):
 
 def test_snr_weights_regimes(ddpm):
     s = compute_snr(ddpm, TS)
-    assert s[0] > 5 and s[-1] < 1e-4   # high SNR at t=0, ~4e-5 at t=999 (PAPER.md §5 note)
+    assert s[0] > 5 and s[-1] < 1e-4   # high SNR at t=0, ~4e-5 at t=999 (docs/method.md §5 note)
     w = loss_weight("trunc-snr", snr(ddpm.alphas_cumprod, TS))
     assert w[0] == 1 and w[-1] > 2e4
     w = loss_weight("min-snr", snr(ddpm.alphas_cumprod, TS))

@@ -31,7 +31,7 @@ def test_text_to_image_table_keeps_scores_that_were_not_computed():
 
 
 def test_paper_tables_match_paper_md():
-    # PAPER.md §6, spot checks of the transcription
+    # docs/method.md §6, spot checks of the transcription
     t1 = PAPER_TABLE1.set_index("model")
     assert t1.loc["DeMe (after merge)", "LSUN-Church FID"] == 7.27
     assert t1.loc["ANT-UW", "CIFAR-10 FID"] == 4.21
@@ -96,6 +96,7 @@ def test_tables_and_run_logs_are_saved_beside_the_figures(tmp_path, monkeypatch)
     lines = [json.loads(x) for x in (figs / "log_smoke.jsonl").read_text().splitlines()]
     assert [x["seconds"]["total"] for x in lines] == [1.5, 2.5] and lines[-1] == line
     assert {"device", "commit", "finished"} <= set(line) and "threads" in line["device"]
+    assert line["versions"]["pandas"] == pd.__version__ and line["versions"]["numpy"] == np.__version__
 
 
 def test_delta_panels_keep_conditional_metrics_apart_and_leave_out_the_reference():

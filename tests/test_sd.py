@@ -101,7 +101,7 @@ def test_projections_leave_images_unchanged_before_training(pipe_dir):
 
 
 def test_sd14_unet_gets_nine_projections_holding_1_06_percent():
-    """PAPER.md §2.3: on SD v1.4's UNet the placement gives 9 projections and 1.06% of the parameters."""
+    """docs/method.md §2.3: on SD v1.4's UNet the placement gives 9 projections and 1.06% of the parameters."""
     from deme.models import ProjectedUNet2DConditionModel
     with torch.device("meta"):                       # shapes only: no memory, no weights
         unet = ProjectedUNet2DConditionModel(**sd.SD14_UNET_CONFIG)

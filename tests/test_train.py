@@ -45,6 +45,8 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
     assert steps == [2, 4, 6]
     m = json.loads((a / "manifest.json").read_text())
     assert m["steps"] == 6 and m["config"]["seed"] == 0 and m["device"]
+    assert m["versions"]["torch"] == torch.__version__.split("+")[0] and m["versions"]["python"] == ".".join(
+        map(str, sys.version_info[:3]))
 
 
 def test_a_constant_lr_pretraining_extended_equals_the_longer_run(tmp_path):
@@ -262,11 +264,13 @@ def test_set_overrides_are_checked_against_the_config_fields():
         assert item.split("=")[0] in str(e.value)
     with pytest.raises(SystemExit, match="valid fields"):
         main(["--profile", "smoke", "--set", "nosuchfield=1"])
-    # a run of zero steps stops at once, naming the field (it failed deep inside the loop before)
-    with pytest.raises(ValueError, match="steps_per_range=0"):
+    # a run of zero steps stops at once with one line naming the field (it failed deep inside the loop before)
+    with pytest.raises(SystemExit, match="^python -m deme train: error: steps_per_range=0"):
         main(["--profile", "smoke", "--steps", "0"])
-    with pytest.raises(ValueError, match="pretrain_steps=0"):
+    with pytest.raises(SystemExit, match="pretrain_steps=0"):
         main(["--profile", "smoke", "--method", "pretrain", "--set", "pretrain_steps=0"])
+    with pytest.raises(ValueError, match="steps_per_range=0"):      # --debug: the error itself, traceback and all
+        main(["--profile", "smoke", "--steps", "0", "--debug"])
 
 
 def test_a_missing_base_model_says_the_command_that_makes_it(tmp_path, monkeypatch):
