@@ -35,7 +35,7 @@ def repo_root() -> Path:
 
 @dataclass(frozen=True)
 class Config:
-    """All settings of one profile / one run. Field groups follow the data flow of DESIGN.md."""
+    """All settings of one profile / one run. Field groups follow the data flow (docs/method.md §9)."""
 
     profile: str
     # -- data ----------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ SECTION_HEADING = re.compile(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", re.M)
 
 # (file, reference) pairs that are not missing files, each with its reason.
 ALLOWED = {
-    ("deme/config.py", "DESIGN.md"): "pending: another branch owns this line (the data flow is docs/method.md §9)",
     ("deme/config.py", "figures/premise_fmnist.csv"): "pending: `python -m deme premise` writes it, committed with "
                                                       "the run that the line describes",
     ("deme/cli.py", "figures/premise_fmnist.csv"): "pending, as above",
