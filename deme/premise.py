@@ -319,7 +319,7 @@ def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
     passing = [s for s in settings if rows[rows.setting == s].passes.all()]
     chosen = rows[rows.chosen].setting.unique()
     lines += ["", f"{len(settings)} setting(s) tried on the validation images, {len(passing)} pass all three checks"
-              + (f" ({', '.join(passing)})" if passing else "") + "; "
+              + (f" ({'; '.join(passing)})" if passing else "") + "; "
               + (f"chosen: **{chosen[0]}**." if len(chosen) else "none is chosen: no setting met the premise.")]
     return "\n".join(lines + ["", README_MARKERS[1]])
 

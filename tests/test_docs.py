@@ -24,10 +24,6 @@ SECTION_HEADING = re.compile(r"^#{2,3} (\d+(?:\.\d+)?)\.? ", re.M)
 
 # (file, reference) pairs that are not missing files, each with its reason.
 ALLOWED = {
-    ("deme/config.py", "figures/premise_fmnist.csv"): "pending: `python -m deme premise` writes it, committed with "
-                                                      "the run that the line describes",
-    ("deme/cli.py", "figures/premise_fmnist.csv"): "pending, as above",
-    ("deme/cli.py", "figures/capacity_fmnist.csv"): "pending: `python -m deme premise --capacity` writes it",
     ("tests/test_colab.py", "notebooks/x.ipynb"): "a made-up notebook name the badge builder is tested with",
 }
 
