@@ -33,7 +33,7 @@ from .runs import run_dir, save_table, variant_tag
 from .sampling import TimestepEnsemble
 from .stages import ensure_base_model, last_fraction_change, load_base, load_experts
 from .timesteps import timestep_ranges
-from .train import lr_factor
+from .train import CONVERGENCE_SNAPSHOT, lr_factor
 
 MIN_GAIN_PCT = 0.3
 """(ii): the least gain of the ensemble over the base, in percent of the base's held-out loss."""
@@ -111,10 +111,10 @@ def convergence(cfg: Config, base_dir: str | Path | None = None, part: str = "va
     (``model_at_80pct/`` beside ``model/``, written by :func:`deme.train.train` for pretraining runs) to the
     final ones, on ``part`` of the held-out images, unconditional (the null label)."""
     base = Path(base_dir) if base_dir is not None else Path(base_model_path(cfg)).parent
-    if not (base / "model_at_80pct" / "config.json").exists():
-        raise FileNotFoundError(f"{base / 'model_at_80pct'} is missing: the pretraining run keeps the EMA weights "
+    if not (base / CONVERGENCE_SNAPSHOT / "config.json").exists():
+        raise FileNotFoundError(f"{base / CONVERGENCE_SNAPSHOT} is missing: the pretraining run keeps the EMA weights "
                                 "at 4/5 of its steps there; re-run it with this version of deme")
-    losses = paired_losses({"at 4/5": lambda: load_unet(base / "model_at_80pct"),
+    losses = paired_losses({"at 4/5": lambda: load_unet(base / CONVERGENCE_SNAPSHOT),
                             "final": lambda: load_unet(base / "model")}, cfg, part, progress=progress, draws=draws)
     return relative_difference(losses["final"]["unconditional"], losses["at 4/5"]["unconditional"])
 
@@ -133,7 +133,8 @@ def train_setting(cfg: Config, jobs: int = 1) -> pd.DataFrame:
 
 
 def premise_losses(cfg: Config, part: str = "validation", draws: int = 2, progress: bool = False) -> dict:
-    """Paired per-image losses of the base, each expert, their ensemble and ``standard`` (trained first)."""
+    """Paired per-image losses of the base, each expert, their ensemble, ``standard`` and the uniform merge
+    (:data:`MERGED`; the capacity map's, never the premise's) — all trained first (:func:`train_setting`)."""
     experts = lambda: load_experts(cfg)   # noqa: E731
     models = {"base": lambda: load_base(cfg, projection=False)}
     models |= {f"expert {i}": (lambda i=i: experts()[i]) for i in range(cfg.num_ranges)}
@@ -258,7 +259,7 @@ def proportions_table(settings: Iterable[Config], reference: str | None = "fmnis
     tables = []
     for cfg in cfgs:
         base = Path(base_model_path(cfg)).parent
-        conv = convergence(cfg) if (base / "model_at_80pct" / "config.json").exists() else None
+        conv = convergence(cfg) if (base / CONVERGENCE_SNAPSHOT / "config.json").exists() else None
         tables.append(proportions(cfg, base_pretraining(cfg), conv).assign(setting=setting_name(cfg)))
     out = pd.concat(tables, ignore_index=True)
     return out[["setting", "quantity", "paper", "here", "paper_value", "here_value"]]
