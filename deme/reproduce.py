@@ -52,7 +52,8 @@ def stages(cfg, full: bool = False, jobs: int = 1) -> list[tuple[str, str, dict]
     return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
 
 
-KERNEL_CONFIG = Config({"KernelManager": {"transport_encryption": "auto"}})
+KERNEL_CONFIG = Config({})   # encrypted kernels ({"KernelManager": {"transport_encryption": "auto"}}) silence the
+                             # transport warning, but one died before kernel_info in a clean-clone CI run: off
 """The kernels' settings: jupyter_client provisions CurveZMQ keys for kernels whose kernelspec declares support
 (ipykernel's does), so the kernel runs encrypted and does not print ipykernel's warning "Kernel is running over
 TCP without encryption" on the terminal once per stage. A jupyter_client without this setting ignores it."""
