@@ -68,6 +68,9 @@ class Config:
     pretrain_batch_size: int = 128
     pretrain_lr: float = 2e-4
     pretrain_warmup: int = 0
+    # (start, end, floor): constant lr until step start, linear to floor * lr at step end, then constant there. A
+    # base that converges in CPU time (docs/method.md §9); None: constant (or warmup + cosine, pretrain_warmup)
+    pretrain_cooldown: tuple[int, int, float] | None = None
     # -- finetuning (DeMe and baselines; docs/method.md §4, LSUN-Church recipe) --------------------------
     lr: float = 5e-5                      # constant, no warmup
     adam_betas: tuple[float, float] = (0.95, 0.999)
@@ -147,6 +150,11 @@ class Config:
             which = "pretrain_steps" if self.method == "pretrain" else "steps_per_range"
             raise ValueError(f"{which}={getattr(self, which)}: a training run needs at least one optimizer step "
                              "(the model before finetuning is the base model itself: no run needed)")
+        if self.pretrain_cooldown is not None:
+            start, end, floor = self.pretrain_cooldown
+            if not (0 <= start <= end and 0.0 < floor <= 1.0):
+                raise ValueError(f"pretrain_cooldown=(start, end, floor) needs 0 <= start <= end and 0 < floor <= 1, "
+                                 f"got {self.pretrain_cooldown}")
         if self.range_index is not None and not 0 <= self.range_index < self.num_ranges:
             raise ValueError(
                 f"range_index={self.range_index} is outside 0..{self.num_ranges - 1} for N={self.num_ranges} ranges")
@@ -170,7 +178,7 @@ class Config:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
         d = dict(d)
-        for k in ("adam_betas", "merge_grid"):
+        for k in ("adam_betas", "merge_grid", "pretrain_cooldown"):
             if k in d and isinstance(d[k], list):
                 d[k] = tuple(d[k])
         return cls(**d)

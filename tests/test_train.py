@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import deme.train as train_mod
+from deme.train import lr_factor
 from deme.config import PROFILES, get_profile
 from deme.data import TensorBatches, load_fmnist_raw
 from deme.errors import DataMissingError, NonFiniteLossError, WeightsMissingError
@@ -63,6 +64,20 @@ def test_a_constant_lr_pretraining_extended_equals_the_longer_run(tmp_path):
     train(_pretrain_cfg(pretrain_steps=4, pretrain_warmup=2), tmp_path / "z", progress=False)
     with pytest.raises(ValueError, match="another config"):
         train(_pretrain_cfg(pretrain_steps=6, pretrain_warmup=2), tmp_path / "z", progress=False)
+    # (x has 6 steps) a cooldown that starts after the steps taken continues the constant run; one before may not
+    cooled = _pretrain_cfg(pretrain_steps=9, pretrain_cooldown=(6, 8, 0.25))
+    with pytest.raises(ValueError, match="another config"):
+        train(_pretrain_cfg(pretrain_steps=9, pretrain_cooldown=(4, 8, 0.25)), tmp_path / "x", progress=False)
+    wc, ws = _weights(train(cooled, tmp_path / "x", progress=False)), _weights(train(cooled, tmp_path / "w", progress=False))
+    assert all(torch.equal(wc[k], ws[k]) for k in wc)
+
+
+def test_the_cooldown_schedule_by_hand():
+    cfg = _pretrain_cfg(pretrain_steps=10, pretrain_cooldown=(4, 8, 0.2))
+    assert [round(lr_factor(cfg, s, 10), 6) for s in range(10)] == [1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2, 0.2]
+    assert lr_factor(cfg.replace(method="deme"), 9, 10) == 1.0                  # finetuning: constant
+    with pytest.raises(ValueError, match="pretrain_cooldown"):
+        _pretrain_cfg(pretrain_cooldown=(8, 4, 0.2))
 
 
 def test_a_pretraining_is_the_same_run_for_profiles_that_differ_only_in_finetuning(tmp_path):
