@@ -1,4 +1,4 @@
-"""Command line: ``python -m deme reproduce|rehearse|train|compare|premise|profiles|colab``.
+"""Command line: ``python -m deme reproduce|rehearse|train|compare|premise|profiles|readme|colab``.
 
     python -m deme reproduce --profile fmnist          # the main job: every notebook that exists, in order
     python -m deme reproduce --profile fmnist --force   # redo stages whose outputs exist
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--capacity", action="store_true", help="instead: the capacity x budget map of the settings on "
                    "the evaluation images (figures/capacity_fmnist.csv)")
     sub.add_parser("profiles", help="list the profiles")
+    sub.add_parser("readme", help="rewrite the README's generated result blocks from the tables in figures/ "
+                   "(deme.readme)")
     g = sub.add_parser("colab", help="stamp the notebooks and the README with 'Open in Colab' badges and the Colab "
                        "set-up cell, for the repository's public URL")
     g.add_argument("--repository", required=True, help="https://github.com/OWNER/NAME")
@@ -135,7 +137,8 @@ def rehearse_command(a) -> None:
 
 
 def premise_command(a) -> None:
-    from .premise import capacity_table, parse_setting, premise_table, save_premise, update_readme
+    from .premise import capacity_table, parse_setting, premise_table, save_premise
+    from .readme import update_readme
     settings = [checked_settings(parse_setting, s) for s in a.settings]
     if a.capacity:
         from .plots import plot_capacity, save_figure
@@ -148,7 +151,12 @@ def premise_command(a) -> None:
     table = premise_table(settings, jobs=a.jobs, draws=a.draws, progress=True)
     print(save_premise(table, settings, a.name).to_string())
     if a.name == "premise_fmnist" and update_readme():
-        print("README.md: the premise block regenerated from figures/premise_fmnist.csv and proportions_fmnist.csv")
+        print("README.md: its generated blocks rewritten from figures/")
+
+
+def readme_command(a) -> None:
+    from .readme import update_readme
+    print("README.md " + ("rewritten from figures/" if update_readme() else "already matches figures/"))
 
 
 def profiles_command(a) -> None:
@@ -167,4 +175,5 @@ def colab_command(a) -> None:
 
 
 COMMANDS = {"reproduce": reproduce_command, "rehearse": rehearse_command, "compare": compare_command,
-            "premise": premise_command, "profiles": profiles_command, "colab": colab_command}
+            "premise": premise_command, "profiles": profiles_command, "readme": readme_command,
+            "colab": colab_command}
