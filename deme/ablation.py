@@ -27,8 +27,7 @@ from .heldout import heldout_table, paired_losses, relative_difference, verdict
 from .merge import MERGE_METHODS, merged_model
 from .models import load_unet
 from .runs import merge_dir, run_dir, variant_tag
-from .sampling import TimestepEnsemble
-from .stages import load_base, load_experts
+from .stages import load_base, load_ensemble, load_experts
 from .train import train
 
 # The paper's Table 3 (docs/method.md §6): CIFAR-10, 100-step DDIM, FID ↓. N=8 there.
@@ -47,8 +46,11 @@ def total_steps(cfg: Config) -> int:
 
 
 def at_budget(cfg: Config, num_ranges: int) -> Config:
-    """``cfg`` with ``num_ranges`` ranges at the same total budget: K' = ⌊N×K / N'⌋ steps per range."""
-    return cfg.replace(num_ranges=num_ranges, steps_per_range=max(1, total_steps(cfg) // num_ranges))
+    """``cfg`` with ``num_ranges`` ranges at the same total budget: K' = ⌊N×K / N'⌋ steps per range. Explicit
+    boundaries belong to the profile's N: with another N the ranges are equal ("gradient" ones are found anew)."""
+    keep = isinstance(cfg.range_bounds, str) or num_ranges == cfg.num_ranges
+    return cfg.replace(num_ranges=num_ranges, steps_per_range=max(1, total_steps(cfg) // num_ranges),
+                       range_bounds=cfg.range_bounds if keep else "equal")
 
 
 def table3_variants(cfg: Config, num_ranges: int | None = None) -> dict[str, Config]:
@@ -153,7 +155,7 @@ def variant_models(cfg: Config, variants: dict[str, Config]) -> list[tuple[str, 
         out.append((name, "merge", f"{tag} uniform merge",
                     lambda v=v: merge_models(v, ("uniform",))[MERGE_METHODS["uniform"].label]))
         out.append((name, "ensemble", ens_key,
-                    lambda v=v: TimestepEnsemble(load_experts(v), v.num_train_timesteps)))
+                    lambda v=v: load_ensemble(v)))
     return out
 
 
@@ -187,7 +189,7 @@ def merge_method_heldout(cfg: Config, part: str = "evaluation", progress: bool =
     models = {"Before finetuning": lambda: load_base(cfg, projection=False),
               "task arithmetic, searched (04)": one("searched"),
               **{m.label: one(name) for name, m in MERGE_METHODS.items()},
-              "ensemble (before merge)": lambda: TimestepEnsemble(load_experts(cfg), cfg.num_train_timesteps)}
+              "ensemble (before merge)": lambda: load_ensemble(cfg)}
     return heldout_table(paired_losses(models, cfg, part, progress=progress), cfg)
 
 
@@ -248,7 +250,7 @@ def budget_study(cfg: Config, budgets, part: str = "evaluation", progress: bool 
     for k in budgets:
         c = cfg.replace(steps_per_range=k)
         entries = {"standard": lambda c=c: load_unet(run_dir(c.replace(method="standard", range_index=None)) / "model"),
-                   "DeMe ensemble": lambda c=c: TimestepEnsemble(load_experts(c), c.num_train_timesteps),
+                   "DeMe ensemble": lambda c=c: load_ensemble(c),
                    "DeMe merge, uniform 1/N": merge_variants(c)["DeMe merge, uniform 1/N"]}
         for kind, load in entries.items():
             models[f"K={k} {kind}"] = load
