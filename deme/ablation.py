@@ -21,12 +21,14 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from .analysis import find_gradient_ranges
 from .compare import merge_variants
 from .config import Config
 from .heldout import heldout_table, paired_losses, relative_difference, verdict
 from .merge import MERGE_METHODS, merged_model
 from .models import load_unet
-from .runs import merge_dir, run_dir, variant_tag
+from .ranges import range_bounds, resolved
+from .runs import merge_dir, run_dir, save_table, variant_tag
 from .stages import load_base, load_ensemble, load_experts
 from .train import train
 
@@ -284,3 +286,55 @@ def step_table(rows: pd.DataFrame, losses: dict, kinds: tuple[str, ...] = ("merg
              for k in kinds for c in dict.fromkeys(rows.condition)]
     out = pd.concat(parts, ignore_index=True)
     return out[["kind", "condition", "from", "to", "delta_pct", "ci95_low", "ci95_high", "verdict"]]
+
+
+RANGE_CHOICES = ("equal", "gradient")
+"""The ranges :func:`compare_ranges` sets against each other by default: the paper's and the data-driven ones."""
+
+
+def range_variants(cfg: Config, choices=RANGE_CHOICES) -> dict[str, Config]:
+    """DeMe with each choice of ranges (a ``Config.range_bounds`` value: "equal", "gradient" or N+1 boundaries),
+    named by its boundaries, at the profile's budget: N ranges of K steps each whatever their widths, N×K steps
+    in all. "gradient" ranges are found first (:func:`deme.analysis.find_gradient_ranges`) and pinned as a list."""
+    out = {}
+    for choice in choices:
+        v = cfg.replace(method="deme", range_index=None, range_bounds=choice)
+        if v.range_bounds == "gradient":
+            find_gradient_ranges(v)
+        label = v.range_bounds if isinstance(v.range_bounds, str) else "explicit"
+        out[f"{label} ranges {list(range_bounds(v))}"] = resolved(v)
+    return out
+
+
+def ranges_table(rows: pd.DataFrame, losses: dict, variants: dict[str, Config]) -> pd.DataFrame:
+    """From :func:`variant_heldout`'s rows and losses, over all t: each variant against before finetuning, and each
+    later variant against the first (the same images, noise and timesteps: paired Δ% with its 95% interval), for
+    the merged model (w = 1/N) and the ensemble, per condition. Columns ``comparison, kind, condition, delta_pct,
+    ci95_low, ci95_high, verdict``."""
+    t = rows[rows["range"] == "all"]
+    out = [{"comparison": f"{r.variant} vs before finetuning", "kind": r.kind, "condition": r.condition,
+            "delta_pct": r.delta_pct, "ci95_low": r.ci95_low, "ci95_high": r.ci95_high,
+            "verdict": verdict(r.ci95_low, r.ci95_high)} for r in t.itertuples()]
+    first, *others = list(variants)
+    for kind in dict.fromkeys(t.kind):
+        key = dict(zip(t.variant[t.kind == kind], t.model[t.kind == kind]))
+        for c in dict.fromkeys(t.condition):
+            for name in others:
+                d, lo, hi = relative_difference(losses[key[name]][c], losses[key[first]][c])
+                out.append({"comparison": f"{name} vs {first}", "kind": kind, "condition": c, "delta_pct": d,
+                            "ci95_low": lo, "ci95_high": hi, "verdict": verdict(lo, hi)})
+    return pd.DataFrame(out)
+
+
+def compare_ranges(cfg: Config, choices=RANGE_CHOICES, part: str = "evaluation", jobs: int = 1,
+                   name: str = "ranges_fmnist", progress: bool = False) -> pd.DataFrame:
+    """Equal against data-driven ranges at equal budget (docs/method.md §2.4): train every run of
+    :func:`range_variants` not trained yet (:func:`train_variants`, ``jobs`` at once), score the merged models
+    (w = 1/N) and the ensembles on the ``part`` images by the paired held-out loss (:func:`variant_heldout`), and
+    save :func:`ranges_table`, with the part and the budget, as ``<name>.csv`` beside the figures. Returns it."""
+    variants = range_variants(cfg, choices)
+    train_variants(variants, jobs=jobs)
+    rows, losses = variant_heldout(cfg, variants, part, progress=progress)
+    table = ranges_table(rows, losses, variants).assign(part=part, budget_steps=total_steps(cfg))
+    save_table(table, cfg, name)
+    return table

@@ -7,6 +7,7 @@
     accelerate launch -m deme compare --profile cifar10  # 05's samples and scores, sharded over the processes
     python -m deme premise fmnist-xs fmnist-xxs --jobs 2   # the miniature's premise on candidate settings
     python -m deme ranges --profile fmnist               # the "gradient" timestep ranges of the base model
+    python -m deme ranges --profile fmnist --compare --jobs 2   # equal vs gradient ranges at equal budget
     python -m deme colab --repository https://github.com/OWNER/NAME   # Colab badges and set-up cells (deme.colab)
 
 A project error (a missing base model or dataset, an unknown profile, a setting out of range) ends with one line
@@ -103,9 +104,14 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--capacity", action="store_true", help="instead: the capacity x budget map of the settings on "
                    "the evaluation images (figures/capacity_fmnist.csv)")
     rg = sub.add_parser("ranges", help="find the base model's \"gradient\" timestep ranges (range_bounds=gradient) "
-                       "and record them")
+                       "and record them; --compare: equal vs gradient ranges at equal budget (deme.ablation)")
     rg.add_argument("--profile", default=None)
     rg.add_argument("--num-ranges", type=int, default=None, help="N (default: the profile's)")
+    rg.add_argument("--compare", action="store_true", help="train both, judge them on the held-out loss and write "
+                   "the table beside the figures")
+    rg.add_argument("--jobs", type=int, default=1, help="training runs at once (one thread each)")
+    rg.add_argument("--part", default="evaluation", choices=["validation", "evaluation"])
+    rg.add_argument("--name", default="ranges_fmnist", help="table name under figures/ (CSV)")
     sub.add_parser("profiles", help="list the profiles")
     g = sub.add_parser("colab", help="stamp the notebooks and the README with 'Open in Colab' badges and the Colab "
                        "set-up cell, for the repository's public URL")
@@ -157,9 +163,13 @@ def premise_command(a) -> None:
 
 
 def ranges_command(a) -> None:
+    from .ablation import compare_ranges
     from .analysis import find_gradient_ranges
     over = {} if a.num_ranges is None else {"num_ranges": a.num_ranges}
     cfg = checked_settings(get_profile, a.profile, range_bounds="gradient", **over)
+    if a.compare:
+        print(compare_ranges(cfg, jobs=a.jobs, part=a.part, name=a.name, progress=True).to_string())
+        return
     rec = find_gradient_ranges(cfg, progress=True)
     print(f"{cfg.profile}, N={cfg.num_ranges}: gradient ranges {rec['range_bounds']} (coherence "
           f"{[round(c, 3) for c in rec['coherence']]}; equal ranges: {[round(c, 3) for c in rec['equal_coherence']]})")

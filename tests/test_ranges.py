@@ -8,6 +8,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -223,3 +224,49 @@ def test_find_gradient_ranges_records_the_optimal_split_of_its_own_matrix(tmp_pa
     monkeypatch.setattr(A, "gradient_similarity", lambda *a, **kw: pytest.fail("computed twice"))
     assert A.find_gradient_ranges(cfg) == rec
     assert config_ranges(cfg) == list(zip(rec["range_bounds"][:-1], rec["range_bounds"][1:]))
+
+
+def test_ranges_table_sets_each_variant_against_the_first_on_the_same_images():
+    rng = np.random.default_rng(1)
+    base = 1 + rng.random(400)
+    losses = {"Before finetuning": {"unconditional": base, "t": np.arange(400)},
+              "eq merge": {"unconditional": base * 0.98, "t": np.arange(400)},
+              "gr merge": {"unconditional": base * 0.97, "t": np.arange(400)}}
+    rows = pd.DataFrame([{"variant": v, "kind": "merge", "model": m, "range": "all", "condition": "unconditional",
+                          "delta_pct": d, "ci95_low": d - 0.1, "ci95_high": d + 0.1}
+                         for v, m, d in (("equal", "eq merge", -2.0), ("gradient", "gr merge", -3.0))])
+    variants = {"equal": None, "gradient": None}
+    table = AB.ranges_table(rows, losses, variants).set_index("comparison")
+    assert table.loc["gradient vs equal", "delta_pct"] == pytest.approx(100 * (0.97 - 0.98) / 0.98)
+    assert table.loc["gradient vs equal", "verdict"] == "better"    # a constant ratio: a zero-width interval
+    assert table.loc["equal vs before finetuning", "delta_pct"] == -2.0
+
+
+def test_compare_ranges_trains_both_choices_at_equal_budget_and_writes_the_table(tmp_path, monkeypatch):
+    """The wiring of compare_ranges, with training and scoring stood in for: "gradient" is found, pinned and
+    trained as its list beside "equal", at the same N and K; the table lands beside the figures."""
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path))
+    cfg = get_profile("smoke")
+    monkeypatch.setattr(AB, "find_gradient_ranges", lambda c: _record(c, (0, 300, 1000)))
+    trained = {}
+    monkeypatch.setattr(AB, "train_variants", lambda variants, jobs=1: trained.update(variants))
+    rng = np.random.default_rng(2)
+    base = 1 + rng.random(200)
+    losses = {"Before finetuning": {"unconditional": base, "t": np.arange(200)},
+              "eq": {"unconditional": base * (0.99 + 0.001 * rng.random(200)), "t": np.arange(200)},
+              "gr": {"unconditional": base * (0.97 + 0.001 * rng.random(200)), "t": np.arange(200)}}
+
+    def scored(c, variants, part, progress=False):
+        keys = dict(zip(variants, ("eq", "gr")))
+        return pd.DataFrame([{"variant": v, "kind": "ensemble", "model": keys[v], "range": "all",
+                              "condition": "unconditional", "delta_pct": -1.0, "ci95_low": -1.1, "ci95_high": -0.9}
+                             for v in variants]), losses
+    monkeypatch.setattr(AB, "variant_heldout", scored)
+    table = AB.compare_ranges(cfg, name="ranges_test")
+    assert list(trained) == ["equal ranges [0, 500, 1000]", "gradient ranges [0, 300, 1000]"]
+    assert [v.range_bounds for v in trained.values()] == ["equal", (0, 300, 1000)]
+    assert {(v.num_ranges, v.steps_per_range) for v in trained.values()} == {(cfg.num_ranges, cfg.steps_per_range)}
+    written = pd.read_csv(tmp_path / "runs" / "smoke" / "figures" / "ranges_test.csv")
+    row = written[written.comparison == "gradient ranges [0, 300, 1000] vs equal ranges [0, 500, 1000]"].iloc[0]
+    assert row.verdict == "better" and row.part == "evaluation" and row.budget_steps == 2 * cfg.steps_per_range
+    assert len(table) == len(written) == 3
