@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import get_method
+from .timesteps import check_range_bounds
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 """The folder that holds this package: the repository root of a clone."""
@@ -90,6 +91,9 @@ class Config:
     ema_power: float = 0.75
     # -- DeMe (docs/method.md §2) -------------------------------------------------------------------------
     num_ranges: int = 4                   # N
+    range_bounds: str | tuple[int, ...] = "equal"   # "equal": [iT/N, (i+1)T/N) (the paper) | N+1 boundaries
+                                          # (0, b_1, ..., T) | "gradient": found from the base model's gradient
+                                          # similarity and recorded (deme.ranges; docs/method.md §2.4)
     steps_per_range: int = 20_000         # K optimizer steps per range; baselines train N*K steps
     p_global: float = 0.3                 # probabilistic sampling: P(draw t from [0,T)) (Eq. 6)
     sampling: str = "antithetic"          # "antithetic" (one Bernoulli per micro-batch, as released) | "iid"
@@ -142,10 +146,15 @@ class Config:
             raise ValueError(f"sampling must be 'antithetic' or 'iid', got {self.sampling!r}")
         if not 0.0 <= self.p_global <= 1.0:
             raise ValueError(f"p_global must lie in [0, 1], got {self.p_global}")
-        if self.num_train_timesteps % self.num_ranges:
+        if not 1 <= self.num_ranges <= self.num_train_timesteps:
+            raise ValueError(f"num_ranges={self.num_ranges} must lie in 1..T={self.num_train_timesteps}")
+        if self.range_bounds == "equal" and self.num_train_timesteps % self.num_ranges:
             raise ValueError(
                 f"N={self.num_ranges} ranges do not divide T={self.num_train_timesteps} timesteps; "
-                "choose N among the divisors of T (e.g. 1, 2, 4, 5, 8, 10)")
+                "choose N among the divisors of T (e.g. 1, 2, 4, 5, 8, 10), or give the boundaries (range_bounds)")
+        if self.range_bounds not in ("equal", "gradient"):   # explicit boundaries, kept as a tuple of ints
+            object.__setattr__(self, "range_bounds",
+                               check_range_bounds(self.range_bounds, self.num_train_timesteps, self.num_ranges))
         if self.steps_per_range < 1 or (self.method == "pretrain" and self.pretrain_steps < 1):
             which = "pretrain_steps" if self.method == "pretrain" else "steps_per_range"
             raise ValueError(f"{which}={getattr(self, which)}: a training run needs at least one optimizer step "
@@ -256,13 +265,18 @@ FINETUNING_ONLY = frozenset({
 """Fields a pretraining run never reads: two profiles that pretrain alike (e.g. a candidate launched as another
 profile with overrides) share its checkpoints and manifest."""
 
+DEME_ONLY = frozenset({"range_bounds"})
+"""Fields only DeMe's range runs read: a baseline trained over all timesteps leaves them out of its identity, so
+DeMe variants with other ranges share one baseline."""
+
 
 def training_identity(d: dict[str, Any]) -> dict[str, Any]:
     """:meth:`Config.training_identity` of a stored config dict (e.g. from a checkpoint or manifest). Fields
     the dict has but :class:`Config` no longer has (removed evaluation settings) are ignored; a pretraining
-    run's identity leaves out :data:`FINETUNING_ONLY`."""
+    run's identity leaves out :data:`FINETUNING_ONLY`, any other run but DeMe's leaves out :data:`DEME_ONLY`."""
     fields = {f.name for f in dataclasses.fields(Config)}
-    skip = NOT_TRAINING | (FINETUNING_ONLY if d.get("method") == "pretrain" else frozenset())
+    skip = NOT_TRAINING | (FINETUNING_ONLY if d.get("method") == "pretrain" else frozenset()) | (
+        DEME_ONLY if d.get("method", "deme") != "deme" else frozenset())
     return {k: v for k, v in normalized(d).items() if k in fields and k not in skip}
 
 

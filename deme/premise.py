@@ -29,10 +29,9 @@ from .config import Config, get_profile, normalized, parse_assignments
 from .heldout import CONDITIONS, paired_losses, relative_difference
 from .merge import MERGE_METHODS
 from .models import base_model_path, load_unet
+from .ranges import config_ranges
 from .runs import run_dir, save_table, variant_tag
-from .sampling import TimestepEnsemble
-from .stages import ensure_base_model, last_fraction_change, load_base, load_experts
-from .timesteps import timestep_ranges
+from .stages import ensure_base_model, last_fraction_change, load_base, load_ensemble, load_experts
 from .train import CONVERGENCE_SNAPSHOT, lr_factor
 
 MIN_GAIN_PCT = 0.3
@@ -151,7 +150,7 @@ def premise_losses(cfg: Config, part: str = "validation", draws: int = 2, progre
     experts = lambda: load_experts(cfg)   # noqa: E731
     models = {"base": lambda: load_base(cfg, projection=False)}
     models |= {f"expert {i}": (lambda i=i: experts()[i]) for i in range(cfg.num_ranges)}
-    models["ensemble"] = lambda: TimestepEnsemble(experts(), cfg.num_train_timesteps)
+    models["ensemble"] = lambda: load_ensemble(cfg)
     models["standard"] = lambda: load_unet(run_dir(cfg.replace(method="standard", range_index=None)) / "model")
     models[MERGED] = lambda: merge_models(cfg, ("uniform",))[MERGE_METHODS["uniform"].label]
     return paired_losses(models, cfg, part, progress=progress, draws=draws)
@@ -186,7 +185,7 @@ def premise_rows(cfg: Config, losses: dict) -> pd.DataFrame:
     standard`` (Δ% against ``standard``) over all t and per range; columns ``setting, model, range, condition,
     delta_pct, ci95_low, ci95_high``."""
     T, N = cfg.num_train_timesteps, cfg.num_ranges
-    bounds = {"all": (0, T)} | {str(k): b for k, b in enumerate(timestep_ranges(T, N))}
+    bounds = {"all": (0, T)} | {str(k): b for k, b in enumerate(config_ranges(cfg))}
     pairs = [(f"expert {i}", "base", str(i)) for i in range(N)]
     pairs += [("ensemble", "base", "all")]                 # per range, the ensemble is its expert (rows above)
     pairs += [("standard", "base", r) for r in bounds]

@@ -46,6 +46,7 @@ from .models import base_model_path, build_unet, load_unet, make_scheduler, requ
 from .mtl import make_ant_objective
 from .objectives import DeMeObjective, Objective, PretrainObjective
 from .progress import tqdm
+from .ranges import resolved
 from .runs import atomic_save, device_name, git_commit, package_versions, run_dir
 from .sd import prepare_unet_for_training
 
@@ -438,7 +439,7 @@ def log_row(r: TrainingRun, acc: torch.Tensor, n_acc: int, done: int, seconds: f
            "lr": r.lr_scheduler.get_last_lr()[0], "images_per_s": images / max(seconds, 1e-9), "heldout_loss": ""}
     if r.heldout is not None and (done % r.cfg.heldout_every == 0 or done == r.steps):
         with torch.no_grad(), ema_weights(r) as plain:
-            row["heldout_loss"] = heldout_loss(plain, r.cfg, *r.heldout)["loss"]
+            row["heldout_loss"] = heldout_loss(plain, r.cfg, *r.heldout, ranges=())["loss"]
     if r.accelerator.is_main_process:
         with open(r.out / "loss.csv", "a", newline="") as f:
             csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
@@ -521,8 +522,10 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     ``cfg.method`` chooses the job: ``pretrain`` (random init, ``pretrain_*`` settings, warmup + cosine lr),
     ``deme`` (range ``cfg.range_index`` of N, from the pretrained EMA weights ``base``), or a baseline (all
     timesteps, N×K steps, equal budget). ``max_steps`` stops early (the run stays resumable; used to simulate
-    interruptions). A finished run with the same config is returned as is unless ``force``.
+    interruptions). A finished run with the same config is returned as is unless ``force``. "gradient" ranges: the
+    run trains on, and records, their recorded boundaries (:func:`deme.ranges.resolved`).
     """
+    cfg = resolved(cfg) if cfg.method == "deme" else cfg
     out = Path(out_dir) if out_dir is not None else run_dir(cfg)
     if not force and is_finished(cfg, out):
         return out
