@@ -31,8 +31,9 @@ from .merge import MERGE_METHODS
 from .models import base_model_path, load_unet
 from .ranges import config_ranges
 from .runs import run_dir, save_table, variant_tag
+from .schedule import lr_factor
 from .stages import ensure_base_model, last_fraction_change, load_base, load_ensemble, load_experts
-from .train import CONVERGENCE_SNAPSHOT, lr_factor
+from .train import CONVERGENCE_SNAPSHOT
 
 MIN_GAIN_PCT = 0.3
 """(ii): the least gain of the ensemble over the base, in percent of the base's held-out loss."""
@@ -215,14 +216,18 @@ def premise_checks(rows: pd.DataFrame, num_ranges: int) -> dict[str, bool]:
 
 def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int = 2, progress: bool = False) -> pd.DataFrame:
     """Train and judge every setting on the validation images (:func:`premise_rows`), mark the settings that
-    pass all three checks, and choose among those the one whose ensemble gains most over ``standard``
-    (unconditional, all t). Columns: ``setting, chosen, passes, model, range, condition, delta_pct, ci95_low,
-    ci95_high``."""
+    pass all three checks, measure each base's convergence (:func:`convergence`), and choose by :func:`mark_chosen`.
+    Columns: ``setting, chosen, passes, base_converged, base_change_pct, model, range, condition, delta_pct,
+    ci95_low, ci95_high``."""
     tables = []
     for cfg in settings:
         train_setting(cfg, jobs)
         rows = premise_rows(cfg, premise_losses(cfg, "validation", draws, progress))
-        tables.append(rows.assign(passes=all(premise_checks(rows, cfg.num_ranges).values())))
+        base = Path(base_model_path(cfg)).parent
+        change = convergence(cfg, base) if (base / CONVERGENCE_SNAPSHOT / "config.json").exists() else None
+        tables.append(rows.assign(passes=all(premise_checks(rows, cfg.num_ranges).values()),
+                                  base_change_pct=change[0] if change else float("nan"),
+                                  base_converged=bool(change) and convergence_verdict(*change).startswith("converged")))
     return mark_chosen(pd.concat(tables, ignore_index=True))
 
 
@@ -237,14 +242,24 @@ def capacity_table(settings: Iterable[Config], jobs: int = 1, draws: int = 2, pr
 
 
 def mark_chosen(rows: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` of several settings (with their ``passes``) with a ``chosen`` column: among the settings that pass,
-    the one whose ensemble gains most over ``standard`` (unconditional, all t); none when no setting passes."""
+    """``rows`` of several settings (with their ``passes`` and, where measured, ``base_change_pct`` — the base's
+    paired change over the last fifth of its pretraining — and ``base_converged``) with a ``chosen`` column. Among
+    the settings that pass: those on a converged base first, the one whose ensemble gains most over ``standard``
+    (unconditional, all t); when no passing setting's base is converged, the one whose base is closest to it
+    (smallest |change|), then the largest gain. None when no setting passes."""
     rows = rows.reset_index(drop=True)
+    if "base_converged" not in rows:
+        rows = rows.assign(base_converged=False, base_change_pct=float("nan"))
     key = rows[(rows.model == "ensemble - standard") & (rows.range == "all") & (rows.condition == "unconditional")
                & rows.passes]
+    if key.base_converged.any():
+        key = key[key.base_converged]
+    elif key.base_change_pct.notna().any():
+        key = key[key.base_change_pct.abs() == key.base_change_pct.abs().min()]
     chosen = key.loc[key.delta_pct.idxmin(), "setting"] if len(key) else None
     out = rows.assign(chosen=rows.setting == chosen)
-    return out[["setting", "chosen", "passes", "model", "range", "condition", "delta_pct", "ci95_low", "ci95_high"]]
+    return out[["setting", "chosen", "passes", "base_converged", "base_change_pct", "model", "range", "condition",
+                "delta_pct", "ci95_low", "ci95_high"]]
 
 
 def parse_setting(spec: str) -> Config:
@@ -329,7 +344,12 @@ def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
     chosen = rows[rows.chosen].setting.unique()
     lines += ["", f"{len(settings)} setting(s) tried on the validation images, {len(passing)} pass all three checks"
               + (f" ({'; '.join(passing)})" if passing else "") + "; "
-              + (f"chosen: **{chosen[0]}**." if len(chosen) else "none is chosen: no setting met the premise.")]
+              + (f"chosen: **{chosen[0]}**" if len(chosen) else "none is chosen: no setting met the premise.")]
+    if len(chosen):
+        converged = rows.get("base_converged", pd.Series(False, index=rows.index))[rows.chosen].any()
+        lines[-1] += (" (among the passing settings on a converged base, the largest gain over `standard`)."
+                      if converged else " (no passing setting's base is converged: the one whose base is closest to "
+                      "it, then the largest gain over `standard`).")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 import pandas as pd
 
+from .analysis import similarity_summary
 from .config import repo_root
 from .premise import readme_block as premise_block
 
@@ -101,7 +102,6 @@ def _pooled_std(rows: pd.DataFrame) -> float:
 def analyses(figures: Path) -> str:
     """Claims (a), (e), (f): the gradient conflict of Fig. 1a (descriptive), Table 3's steps (paired, merged model,
     unconditional), and the spread of the highest-noise range's task vector against the lowest's (Fig. 6b)."""
-    from .analysis import similarity_summary
     lines = []
     sim = pd.read_csv(figures / "fig1a_gradient_similarity_fmnist.csv", index_col=0)
     t = sim.index.to_numpy()

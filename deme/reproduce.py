@@ -16,13 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import papermill as pm
+import torch
 from traitlets.config import Config
 
 from .colab import SETUP_TAG
-from .config import get_profile, normalized, repo_root
+from .config import figures_dir, get_profile, normalized, repo_root
 from .methods import baselines
-from .runs import package_versions, write_json
+from .runs import device_name, git_commit, package_versions, write_json
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"   # the notebooks ship beside the package
 
@@ -158,11 +160,6 @@ def _run_stage(k: int, n_stages: int, name: str, notebook: str, params: dict, *,
 def write_timing(records: list[dict], wall: float, cfg, jobs: int) -> Path:
     """``figures/reproduce_time_<profile>.csv`` of a reproduction that ran every stage: each stage's seconds and
     the wall clock of the whole, with the machine, date, commit and ``jobs`` (the README's time block reads it)."""
-    import pandas as pd
-    import torch
-
-    from .config import figures_dir
-    from .runs import device_name, git_commit
     rows = [{"stage": r["stage"], "seconds": r["seconds"]} for r in records]
     rows.append({"stage": "total (wall clock)", "seconds": wall})
     table = pd.DataFrame(rows).assign(machine=device_name(torch.device("cpu")), date=time.strftime("%Y-%m-%d"),

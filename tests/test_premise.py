@@ -169,6 +169,16 @@ def test_the_chosen_setting_passes_and_gains_most_over_standard():
     table = mark_chosen(pd.concat([rows("a", True, -0.2), rows("b", False, -0.9), rows("c", True, -0.4)]))
     assert table.set_index("setting").chosen.to_dict() == {"a": False, "b": False, "c": True}
     assert not mark_chosen(rows("b", False, -0.9)).chosen.any()
+    # a converged base comes first; without one, the base closest to convergence, then the gain
+    base = {"a": (True, -0.1), "b": (False, -1.5), "c": (False, -0.5)}
+    both = pd.concat([rows(k, True, g) for k, g in (("a", -0.2), ("b", -0.9), ("c", -0.4))])
+    both["base_converged"] = both.setting.map(lambda k: base[k][0])
+    both["base_change_pct"] = both.setting.map(lambda k: base[k][1])
+    assert mark_chosen(both).set_index("setting").chosen.to_dict() == {"a": True, "b": False, "c": False}
+    none = both.assign(base_converged=False)
+    assert mark_chosen(none).set_index("setting").chosen.to_dict() == {"a": True, "b": False, "c": False}
+    far = none.assign(base_change_pct=none.setting.map({"a": -0.9, "b": -1.5, "c": -0.5}))
+    assert mark_chosen(far).set_index("setting").chosen.to_dict() == {"a": False, "b": False, "c": True}
 
 
 def test_parse_setting():
