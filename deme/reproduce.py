@@ -54,11 +54,11 @@ def stages(cfg, full: bool = False, jobs: int = 1) -> list[tuple[str, str, dict]
     return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
 
 
-KERNEL_CONFIG = Config({})   # encrypted kernels ({"KernelManager": {"transport_encryption": "auto"}}) silence the
-                             # transport warning, but one died before kernel_info in a clean-clone CI run: off
-"""The kernels' settings: jupyter_client provisions CurveZMQ keys for kernels whose kernelspec declares support
-(ipykernel's does), so the kernel runs encrypted and does not print ipykernel's warning "Kernel is running over
-TCP without encryption" on the terminal once per stage. A jupyter_client without this setting ignores it."""
+KERNEL_CONFIG = Config({"KernelManager": {"transport": "tcp" if os.name == "nt" else "ipc"}})
+"""The kernels' settings: the kernel talks to papermill over Unix sockets (beside its connection file in Jupyter's
+runtime folder) instead of TCP on localhost, so ipykernel does not print "Kernel is running over TCP without
+encryption" on the terminal once per stage. (CurveZMQ encryption, ``transport_encryption="auto"``, silences it too,
+but a kernel died with it before kernel_info in a clean-clone CI run.) Windows has no Unix sockets: TCP there."""
 
 
 def execute(notebook: Path, target: Path, params: dict, *, cwd: Path, progress_bar: bool = False) -> None:
