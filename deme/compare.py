@@ -123,14 +123,15 @@ def delta_panels(samples: pd.DataFrame, reference: str = "Before finetuning"
                  ) -> tuple[dict[str, pd.DataFrame], dict[str, bool]]:
     """The panels of notebook 05's comparison figure (:func:`deme.plots.plot_paired_deltas`) from a
     :func:`paired_sample_table`: per metric, the rows of every model but ``reference`` with ``delta``, ``low``,
-    ``high``, titled by the metric's display name (class-conditional Inception metrics marked as such); and,
-    per title, whether lower is better."""
+    ``high`` in the units of the metric's display name (KID ×10³: the differences times 10³), titled by that
+    name (class-conditional Inception metrics marked as such); and, per title, whether lower is better."""
     panels, lower_is_better = {}, {}
     for m in dict.fromkeys(samples.metric):
-        name, _, _, higher = SAMPLE_METRICS[m]
+        name, scale, _, higher = SAMPLE_METRICS[m]
         title = f"{name}, class-conditional" if m.startswith("cond_") else name
         rows = samples[(samples.metric == m) & (samples.model != reference)]
-        panels[title] = rows.rename(columns={"ci95_low": "low", "ci95_high": "high"})
+        rows = rows.rename(columns={"ci95_low": "low", "ci95_high": "high"})
+        panels[title] = rows.assign(**{c: rows[c] * scale for c in ("delta", "low", "high")})
         lower_is_better[title] = not higher
     return panels, lower_is_better
 

@@ -112,6 +112,17 @@ def test_delta_panels_keep_conditional_metrics_apart_and_leave_out_the_reference
     assert panels["FID, class-conditional"][["delta", "low", "high"]].values.tolist() == [[-1.0, -3.0, 1.0]]
 
 
+def test_delta_panels_show_kid_in_the_units_its_title_names():
+    """KID's panel is titled "KID ×10³", so its differences are the raw ones times 1000 (the axis read as
+    titled, no ×10⁻⁴ offset)."""
+    from deme.compare import delta_panels
+    t = pd.DataFrame({"model": ["Before finetuning", "m"], "metric": ["kid", "kid"], "value": [0.002, 0.0018],
+                      "delta": [0.0, -2e-4], "ci95_low": [0.0, -3e-4], "ci95_high": [0.0, -1e-4]})
+    panels, _ = delta_panels(t)
+    assert list(panels) == ["KID ×10³"]
+    np.testing.assert_allclose(panels["KID ×10³"][["delta", "low", "high"]].values, [[-0.2, -0.3, -0.1]])
+
+
 def _write_many(path, value):
     from deme.runs import atomic_write
     for _ in range(40):

@@ -241,3 +241,38 @@ def test_gallery_difference_panels_sit_under_their_samples():
         assert abs(top.x0 - bottom.x0) < 2 and abs(top.width - bottom.width) < 2, j
     lo, hi = axes[1, 1].images[0].get_clim()
     assert lo == -hi and hi >= 5
+
+
+def test_gallery_colour_scale_is_not_set_by_one_pixel_and_no_panel_is_empty():
+    """One pixel moved by 200 grey levels among thousands moved by 2: the difference maps saturate at the
+    99.5th percentile of |difference| (≈ 2), not at 200, and say so on the colour bar; the cell under the
+    reference holds the distribution of |difference| per model (one histogram each), not an empty frame."""
+    rng = np.random.default_rng(0)
+    imgs = rng.uniform(0, 200, (60, 16, 16))
+    moved = imgs + 2.0
+    moved[0, 0, 0] += 200
+    fig = plots.plot_sample_rows({"base": imgs, "moved": moved}, "base")
+    fig.canvas.draw()
+    axes = np.array(fig.axes[:4]).reshape(2, 2)
+    lo, hi = axes[1, 1].images[0].get_clim()
+    assert lo == -hi and 1.0 <= hi < 3.0
+    under_reference = axes[1, 0]
+    assert under_reference.axison and len(under_reference.patches) == 1          # one step histogram per model
+    assert "moved: mean 2." in under_reference.get_legend().get_texts()[0].get_text()
+    assert "99.5th percentile" in fig.axes[-1].get_ylabel()
+
+
+def test_merge_search_says_how_many_candidates_it_shows():
+    """36 searched weightings, the best 12 drawn: the title says "the best 12 of 36" (the named ones are always
+    drawn, outside the count)."""
+    import pandas as pd
+    k = np.arange(36)
+    cands = pd.DataFrame({"weights": [(float(i),) for i in k], "kind": ["coordinate search"] * 36,
+                          "loss": 1 + k / 100, "delta_pct": k / 10 - 1, "ci95_low": k / 10 - 1.5,
+                          "ci95_high": k / 10 - 0.5})
+    cands = pd.concat([cands, pd.DataFrame({"weights": [(0.0,)], "kind": ["base (reference)"], "loss": [1.2],
+                                            "delta_pct": [0.0], "ci95_low": [0.0], "ci95_high": [0.0]})],
+                      ignore_index=True)
+    fig = plots.plot_merge_search(cands, top=12)
+    assert "the best 12 of 36 searched weightings" in fig.axes[0].get_title()
+    assert len(fig.axes[0].get_yticklabels()) == 13

@@ -260,12 +260,10 @@ def plot_activation_changes(changes: Mapping[str, Mapping[str, np.ndarray]], bin
     if "cv_ratio_shuffled" in summary:
         s.bar(x + 0.2, summary.loc[names, "cv_ratio_shuffled"], 0.4, color="0.7",
               label="same entries shuffled (no structure)")
-    s.axhline(1, color="k", lw=0.8, ls=":")
     s.set_xticks(x, [block_title(n) for n in names], fontsize=8)
-    s.set_ylabel("CV per channel ÷\nCV per position")
+    s.set_ylabel("spread per channel ÷\nspread per position\n(CV = std/mean)", fontsize=8)
     s.set_ylim(0, 1.3 * float(np.nanmax(summary.loc[names].select_dtypes("number").filter(like="cv_ratio").values)))
-    s.set_title("spread of the change per channel ÷ per position (CV = std/mean; > 1: organised by channel)",
-                fontsize=9.5, pad=22)
+    s.set_title("organised by channel where the red bar stands above its grey reference", fontsize=9.5, pad=22)
     s.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False, borderaxespad=0.2)
     for k, name in enumerate(names):
         ax = axd[name]

@@ -297,65 +297,79 @@ def plot_merge_search(candidates, top: int = 12):
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel("Δ validation held-out ε-MSE vs the base, % (dot; bar: 95% CI over images)")
-    ax.set_title("merge-weight search (chosen: first row, lowest loss)", fontsize=10)
+    shown = int((t.kind == "coordinate search").sum())
+    ax.set_title(f"merge-weight search: the best {shown} of {int((candidates.kind == 'coordinate search').sum())} "
+                 "searched weightings and the named ones\n(chosen: first row, lowest validation loss)", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return fig
 
 
 @themed
-def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_labels: Sequence[str] | None = None):
+def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_labels: Sequence[str] | None = None,
+                     saturate: float = 99.5):
     """Image grids of several models that sampled from the same noise (``rows``: name → images (n, H, W[, C])
-    in [0, 255] or [-1, 1] tensors), one panel per model, and below each non-reference panel the per-pixel
-    difference to ``reference`` on one symmetric colour scale (red brighter, blue darker)."""
+    in [0, 255] or [-1, 1] tensors), one panel per model; below each non-reference panel its per-pixel
+    difference to ``reference`` (red brighter, blue darker) on one symmetric scale that saturates at the
+    ``saturate``-th percentile of |difference| (so a few extreme pixels do not wash the maps out), and below the
+    reference the distribution of |difference| per model."""
     import matplotlib.pyplot as plt
     arrays = {}
     for k, v in rows.items():
         v = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
         if v.ndim == 4 and v.shape[1] in (1, 3):   # (n, C, H, W) in [-1, 1]
             v = np.transpose((v.clip(-1, 1) + 1) * 127.5, (0, 2, 3, 1))
-        arrays[k] = np.asarray(v, np.float64)
+        arrays[k] = np.asarray(v, np.float64).reshape(*v.shape[:3], -1)
     names = list(arrays)
     n = len(arrays[reference])
     ncol = int(np.ceil(np.sqrt(n))) if row_labels is None else n // len(row_labels)
+    h = arrays[reference].shape[1]
 
-    def grid(a):
-        h, w = a.shape[1:3]
-        c = a.shape[3] if a.ndim == 4 else 1
-        a = a.reshape(n, h, w, c)
+    def grid(a, fill):   # thumbnails separated by one pixel of ``fill``
+        c = a.shape[-1]
         nrow = int(np.ceil(n / ncol))
-        out = np.zeros((nrow * h, ncol * w, c))
+        out = np.full((nrow * (h + 1) - 1, ncol * (a.shape[2] + 1) - 1, c), fill)
         for i in range(n):
-            out[(i // ncol) * h:(i // ncol + 1) * h, (i % ncol) * w:(i % ncol + 1) * w] = a[i]
+            r, q = divmod(i, ncol)
+            out[r * (h + 1):r * (h + 1) + h, q * (a.shape[2] + 1):q * (a.shape[2] + 1) + a.shape[2]] = a[i]
         return out[..., 0] if c == 1 else out
 
-    diffs = {k: arrays[k] - arrays[reference] for k in names if k != reference}
-    vmax = max([np.abs(d).max() for d in diffs.values()] + [1.0])
-    first = grid(arrays[reference])
-    panel_h = 3.2                                                   # inches; panels as wide as the grids need
-    panel_w = min(4.0, panel_h * first.shape[1] / first.shape[0])
+    diffs = {k: (arrays[k] - arrays[reference]).mean(-1, keepdims=True) for k in names if k != reference}
+    pooled = np.abs(np.concatenate([d.ravel() for d in diffs.values()])) if diffs else np.zeros(1)
+    vmax = max(1.0, float(np.percentile(pooled, saturate)))
+    first = grid(arrays[reference], 255.0)
+    panel_h = 4.2                                                   # inches; panels as wide as the grids need
+    panel_w = min(5.0, panel_h * first.shape[1] / first.shape[0])
     margin = 1.8 if row_labels is not None else 0.3
-    fig, axes = plt.subplots(2, len(names), figsize=((panel_w + 0.35) * len(names) + margin + 1.1, 2 * panel_h + 0.9),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(2 if diffs else 1, len(names), squeeze=False, layout="constrained",
+                             figsize=((panel_w + 0.35) * len(names) + margin + 1.1, (2 if diffs else 1) * panel_h + 0.9))
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.8")
     for j, k in enumerate(names):
-        g = grid(arrays[k])
+        g = grid(arrays[k], 255.0)
         axes[0, j].imshow(g / 255 if g.ndim == 3 else g, cmap="gray", vmin=0, vmax=255)
         axes[0, j].set_title(k, fontsize=9)
         if k in diffs:
-            d = grid(diffs[k])
-            im = axes[1, j].imshow(d.mean(-1) if d.ndim == 3 else d, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+            im = axes[1, j].imshow(grid(diffs[k], np.nan), cmap=cmap, vmin=-vmax, vmax=vmax)
             axes[1, j].set_title(f"{k}\nminus {reference}", fontsize=8)
-        else:
-            axes[1, j].axis("off")
         for a in axes[:, j]:
-            a.set_xticks([])
-            a.set_yticks([])
+            if a.images:
+                a.set_xticks([])
+                a.set_yticks([])
     if row_labels is not None:
-        h = arrays[reference].shape[1]
-        axes[0, 0].set_yticks([(i + 0.5) * h for i in range(len(row_labels))], row_labels, fontsize=7)
+        axes[0, 0].set_yticks([(i + 0.5) * (h + 1) for i in range(len(row_labels))], row_labels, fontsize=7)
     if diffs:
-        fig.colorbar(im, ax=list(axes[:, -1]), shrink=0.5, label="pixel difference (0–255 scale)")   # beside the
-        # whole last column: the difference panels keep the width and position of the samples above them
+        hist = axes[1, names.index(reference)]
+        edges = np.linspace(0, max(float(np.abs(d).max()) for d in diffs.values()) + 1e-9, 41)
+        for k, d in diffs.items():
+            a = np.abs(d).ravel()
+            hist.hist(a, bins=edges, histtype="step", lw=1.4, label=f"{k}: mean {a.mean():.2f}")
+        hist.set_yscale("log")
+        hist.set_xlabel("|pixel difference| to " + reference + " (0–255)", fontsize=8)
+        hist.set_ylabel("pixels", fontsize=8)
+        hist.legend(fontsize=7, frameon=False)
+        hist.set_title("how far each model's samples moved", fontsize=8)
+        fig.colorbar(im, ax=list(axes[:, -1]), shrink=0.5, extend="both",
+                     label=f"pixel difference (0–255; colours saturate at ±{vmax:.0f}, the {saturate:g}th percentile)")
     return fig
 
 
