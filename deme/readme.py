@@ -150,12 +150,18 @@ def time_block(figures: Path) -> str:
 
 
 def render(text: str, figures: Path) -> str:
-    """``text`` with every marked block replaced by its function's output (unmarked blocks are left alone)."""
+    """``text`` with every marked block replaced by its function's output (unmarked blocks are left alone); a
+    block whose table is not there yet says which file is missing and what writes it."""
     for name, fn in BLOCKS.items():
         begin, end = markers(name)
         if begin in text and end in text:
+            try:
+                body = fn(figures)
+            except FileNotFoundError as e:
+                body = (f"*Not produced yet: `figures/{Path(e.filename).name}` is missing (`make reproduce` writes "
+                        "it).*")
             a, b = text.index(begin), text.index(end) + len(end)
-            text = text[:a] + f"{begin}\n\n{fn(figures)}\n\n{end}" + text[b:]
+            text = text[:a] + f"{begin}\n\n{body}\n\n{end}" + text[b:]
     return text
 
 

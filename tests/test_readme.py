@@ -43,6 +43,15 @@ def test_render_replaces_only_the_marked_blocks(tmp_path):
     assert not update_readme(readme, tmp_path) and readme.read_text() == "no markers\n"
 
 
+def test_a_block_whose_table_is_missing_says_which_file_and_what_writes_it(tmp_path):
+    begin, end = markers("time")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{begin}\nold\n{end}\n")
+    assert update_readme(readme, tmp_path)
+    assert "*Not produced yet: `figures/reproduce_time_fmnist.csv` is missing (`make reproduce` writes it).*" \
+        in readme.read_text()
+
+
 def test_the_committed_readme_is_what_the_committed_tables_make():
     text = (REPO / "README.md").read_text()
     present = [name for name in BLOCKS if markers(name)[0] in text]
