@@ -24,7 +24,7 @@ import torch
 from .compare import merge_variants
 from .config import Config
 from .heldout import heldout_table, paired_losses, relative_difference, verdict
-from .merge import MERGE_METHODS, merged_model
+from .merge import MERGE_METHODS, MergeData, merged_model
 from .models import load_unet
 from .runs import merge_dir, run_dir, variant_tag
 from .sampling import TimestepEnsemble
@@ -160,10 +160,11 @@ def variant_models(cfg: Config, variants: dict[str, Config]) -> list[tuple[str, 
 def merge_models(cfg: Config, methods=None) -> dict[str, torch.nn.Module]:
     """The range models of ``cfg`` merged by each method of :data:`deme.merge.MERGE_METHODS` (default: all
     of them), and ``"searched"``: task arithmetic with notebook 04's weights (its saved model). Keys: the
-    methods' labels."""
+    methods' labels. Methods that fit on validation images keep their fits beside notebook 04's merge."""
     methods = list(MERGE_METHODS) if methods is None else list(methods)
     experts = load_experts(cfg)
     base_sd, sds = load_base(cfg, projection=cfg.projection).state_dict(), [e.state_dict() for e in experts]
+    data = MergeData(cfg, experts[0], merge_dir(cfg))
     out = {}
     for m in methods:
         if m == "searched":
@@ -172,7 +173,7 @@ def merge_models(cfg: Config, methods=None) -> dict[str, torch.nn.Module]:
                 raise FileNotFoundError(f"no searched merge at {d}: run notebooks/04_merge.ipynb first")
             out["task arithmetic, searched (04)"] = load_unet(d)
         elif m in MERGE_METHODS:
-            out[MERGE_METHODS[m].label] = merged_model(experts[0], MERGE_METHODS[m].merge(base_sd, sds))
+            out[MERGE_METHODS[m].label] = merged_model(experts[0], MERGE_METHODS[m](base_sd, sds, data))
         else:
             raise ValueError(f"unknown merge method {m!r}; registered: searched, {', '.join(MERGE_METHODS)}")
     return out
@@ -180,7 +181,7 @@ def merge_models(cfg: Config, methods=None) -> dict[str, torch.nn.Module]:
 
 def merge_method_heldout(cfg: Config, part: str = "evaluation", progress: bool = False) -> pd.DataFrame:
     """The merge methods on the profile's own range models — task arithmetic with notebook 04's searched
-    weights and every method of :data:`deme.merge.MERGE_METHODS` (uniform, TIES, DARE, ...) — and the
+    weights and every method of :data:`deme.merge.MERGE_METHODS` (uniform, TIES, DARE, learned weights, ...) — and the
     ensemble, by paired held-out loss against before finetuning (:func:`deme.heldout.heldout_table` rows)."""
     def one(method):
         return lambda: next(iter(merge_models(cfg, (method,)).values()))

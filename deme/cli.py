@@ -1,4 +1,4 @@
-"""Command line: ``python -m deme reproduce|rehearse|train|compare|premise|profiles|colab``.
+"""Command line: ``python -m deme reproduce|rehearse|train|compare|premise|merge-methods|export|profiles|colab``.
 
     python -m deme reproduce --profile fmnist          # the main job: every notebook that exists, in order
     python -m deme reproduce --profile fmnist --force   # redo stages whose outputs exist
@@ -6,6 +6,8 @@
     python -m deme rehearse --profile church            # a paper profile end to end on CPU stand-ins (deme.rehearse)
     accelerate launch -m deme compare --profile cifar10  # 05's samples and scores, sharded over the processes
     python -m deme premise fmnist-xs fmnist-xxs --jobs 2   # the miniature's premise on candidate settings
+    python -m deme merge-methods --profile fmnist       # learned merge weights, then 06's merge-method table
+    python -m deme export --profile fmnist --out pipe   # the range experts as one diffusers pipeline
     python -m deme colab --repository https://github.com/OWNER/NAME   # Colab badges and set-up cells (deme.colab)
 
 A project error (a missing base model or dataset, an unknown profile, a setting out of range) ends with one line
@@ -101,6 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--name", default="premise_fmnist", help="table name under figures/ (CSV, Markdown, LaTeX)")
     m.add_argument("--capacity", action="store_true", help="instead: the capacity x budget map of the settings on "
                    "the evaluation images (figures/capacity_fmnist.csv)")
+    w = sub.add_parser("merge-methods", help="learn the merge weights on the validation images (per range, per "
+                       "range x block), then score every merge method on the evaluation images: figures/"
+                       "merge_methods_<profile>.csv (notebook 06's table) and merge_costs_<profile>.csv")
+    w.add_argument("--profile", default=None)
+    e = sub.add_parser("export", help="save the trained range experts (or the merged model) as a diffusers pipeline")
+    e.add_argument("--profile", default=None)
+    e.add_argument("--out", required=True, help="the pipeline folder to write")
+    e.add_argument("--merged", action="store_true", help="the merged model of notebook 04 instead of the experts")
     sub.add_parser("profiles", help="list the profiles")
     g = sub.add_parser("colab", help="stamp the notebooks and the README with 'Open in Colab' badges and the Colab "
                        "set-up cell, for the repository's public URL")
@@ -151,6 +161,29 @@ def premise_command(a) -> None:
         print("README.md: the premise block regenerated from figures/premise_fmnist.csv and proportions_fmnist.csv")
 
 
+def merge_methods_command(a) -> None:
+    from .ablation import merge_method_heldout
+    from .heldout import format_heldout
+    from .merge import MERGE_METHODS
+    from .runs import save_table
+    from .stages import learned_merge_weights, merge_costs
+    cfg = checked_settings(get_profile, a.profile)
+    learned = {MERGE_METHODS[name].label: learned_merge_weights(cfg, layerwise=layerwise)
+               for name, layerwise in (("learned", False), ("learned-layerwise", True))}
+    costs = merge_costs(cfg, learned)
+    table = merge_method_heldout(cfg, progress=True)
+    save_table(table, cfg, f"merge_methods_{cfg.profile}")
+    save_table(costs, cfg, f"merge_costs_{cfg.profile}")
+    print(costs.to_string(index=False), format_heldout(table).to_string(), sep="\n\n")
+
+
+def export_command(a) -> None:
+    from .export import export_run
+    cfg = checked_settings(get_profile, a.profile)
+    out = export_run(cfg, a.out, merged=a.merged)
+    print(f"{out}: load it with diffusers.DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)")
+
+
 def profiles_command(a) -> None:
     for name in profile_names():
         c = get_profile(name)
@@ -167,4 +200,5 @@ def colab_command(a) -> None:
 
 
 COMMANDS = {"reproduce": reproduce_command, "rehearse": rehearse_command, "compare": compare_command,
-            "premise": premise_command, "profiles": profiles_command, "colab": colab_command}
+            "premise": premise_command, "merge-methods": merge_methods_command, "export": export_command,
+            "profiles": profiles_command, "colab": colab_command}

@@ -14,12 +14,6 @@ def timestep_ranges(num_timesteps: int, num_ranges: int) -> list[tuple[int, int]
     return [(i * width, (i + 1) * width) for i in range(num_ranges)]
 
 
-def range_of(t: torch.Tensor | int, num_timesteps: int, num_ranges: int):
-    """Index of the range holding timestep ``t`` (elementwise for tensors)."""
-    width = num_timesteps // num_ranges
-    return t // width
-
-
 def _uniform(low: int, high: int, n: int, generator, device) -> torch.Tensor:
     return torch.randint(low, high, (n,), generator=generator, device=device)
 
