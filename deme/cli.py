@@ -1,4 +1,5 @@
-"""Command line: ``python -m deme reproduce|rehearse|train|compare|premise|merge-methods|export|profiles|colab``.
+"""Command line: ``python -m deme reproduce|rehearse|train|compare|premise|ranges|merge-methods|export|profiles|
+readme|colab``.
 
     python -m deme reproduce --profile fmnist          # the main job: every notebook that exists, in order
     python -m deme reproduce --profile fmnist --force   # redo stages whose outputs exist
@@ -6,6 +7,8 @@
     python -m deme rehearse --profile church            # a paper profile end to end on CPU stand-ins (deme.rehearse)
     accelerate launch -m deme compare --profile cifar10  # 05's samples and scores, sharded over the processes
     python -m deme premise fmnist-xs fmnist-xxs --jobs 2   # the miniature's premise on candidate settings
+    python -m deme ranges --profile fmnist               # the "gradient" timestep ranges of the base model
+    python -m deme ranges --profile fmnist --compare --jobs 2   # equal vs gradient ranges at equal budget
     python -m deme merge-methods --profile fmnist       # learned merge weights, then 06's merge-method table
     python -m deme export --profile fmnist --out pipe   # the range experts as one diffusers pipeline
     python -m deme colab --repository https://github.com/OWNER/NAME   # Colab badges and set-up cells (deme.colab)
@@ -103,15 +106,27 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--name", default="premise_fmnist", help="table name under figures/ (CSV, Markdown, LaTeX)")
     m.add_argument("--capacity", action="store_true", help="instead: the capacity x budget map of the settings on "
                    "the evaluation images (figures/capacity_fmnist.csv)")
+    rg = sub.add_parser("ranges", help="find the base model's \"gradient\" timestep ranges (range_bounds=gradient) "
+                       "and record them; --compare: equal vs gradient ranges at equal budget (deme.ablation)")
+    rg.add_argument("--profile", default=None)
+    rg.add_argument("--num-ranges", type=int, default=None, help="N (default: the profile's)")
+    rg.add_argument("--compare", action="store_true", help="train both, judge them on the held-out loss and write "
+                   "the table beside the figures")
+    rg.add_argument("--jobs", type=int, default=1, help="training runs at once (one thread each)")
+    rg.add_argument("--part", default="evaluation", choices=["validation", "evaluation"])
+    rg.add_argument("--name", default="ranges_fmnist", help="table name under figures/ (CSV)")
     w = sub.add_parser("merge-methods", help="learn the merge weights on the validation images (per range, per "
                        "range x block), then score every merge method on the evaluation images: figures/"
-                       "merge_methods_<profile>.csv (notebook 06's table) and merge_costs_<profile>.csv")
+                       "merge_methods_<profile>.csv (notebook 06's table), merge_learned_<profile>.csv (learned vs "
+                       "searched, uniform, paper weights) and merge_costs_<profile>.csv")
     w.add_argument("--profile", default=None)
     e = sub.add_parser("export", help="save the trained range experts (or the merged model) as a diffusers pipeline")
     e.add_argument("--profile", default=None)
     e.add_argument("--out", required=True, help="the pipeline folder to write")
     e.add_argument("--merged", action="store_true", help="the merged model of notebook 04 instead of the experts")
     sub.add_parser("profiles", help="list the profiles")
+    sub.add_parser("readme", help="rewrite the README's generated result blocks from the tables in figures/ "
+                   "(deme.readme)")
     g = sub.add_parser("colab", help="stamp the notebooks and the README with 'Open in Colab' badges and the Colab "
                        "set-up cell, for the repository's public URL")
     g.add_argument("--repository", required=True, help="https://github.com/OWNER/NAME")
@@ -145,7 +160,8 @@ def rehearse_command(a) -> None:
 
 
 def premise_command(a) -> None:
-    from .premise import capacity_table, parse_setting, premise_table, save_premise, update_readme
+    from .premise import capacity_table, parse_setting, premise_table, save_premise
+    from .readme import update_readme
     settings = [checked_settings(parse_setting, s) for s in a.settings]
     if a.capacity:
         from .plots import plot_capacity, save_figure
@@ -158,22 +174,38 @@ def premise_command(a) -> None:
     table = premise_table(settings, jobs=a.jobs, draws=a.draws, progress=True)
     print(save_premise(table, settings, a.name).to_string())
     if a.name == "premise_fmnist" and update_readme():
-        print("README.md: the premise block regenerated from figures/premise_fmnist.csv and proportions_fmnist.csv")
+        print("README.md: its generated blocks rewritten from figures/")
+
+
+def readme_command(a) -> None:
+    from .readme import update_readme
+    print("README.md " + ("rewritten from figures/" if update_readme() else "already matches figures/"))
+
+
+def ranges_command(a) -> None:
+    from .ablation import compare_ranges
+    from .analysis import find_gradient_ranges
+    over = {} if a.num_ranges is None else {"num_ranges": a.num_ranges}
+    cfg = checked_settings(get_profile, a.profile, range_bounds="gradient", **over)
+    if a.compare:
+        print(compare_ranges(cfg, jobs=a.jobs, part=a.part, name=a.name, progress=True).to_string())
+        return
+    rec = find_gradient_ranges(cfg, progress=True)
+    print(f"{cfg.profile}, N={cfg.num_ranges}: gradient ranges {rec['range_bounds']} (coherence "
+          f"{[round(c, 3) for c in rec['coherence']]}; equal ranges: {[round(c, 3) for c in rec['equal_coherence']]})")
 
 
 def merge_methods_command(a) -> None:
-    from .ablation import merge_method_heldout
+    from .ablation import learned_merge_pairs, merge_method_heldout
     from .heldout import format_heldout
-    from .merge import MERGE_METHODS
     from .runs import save_table
-    from .stages import learned_merge_weights, merge_costs
+    from .stages import learned_merge_fits, merge_costs
     cfg = checked_settings(get_profile, a.profile)
-    learned = {MERGE_METHODS[name].label: learned_merge_weights(cfg, layerwise=layerwise)
-               for name, layerwise in (("learned", False), ("learned-layerwise", True))}
-    costs = merge_costs(cfg, learned)
-    table = merge_method_heldout(cfg, progress=True)
-    save_table(table, cfg, f"merge_methods_{cfg.profile}")
-    save_table(costs, cfg, f"merge_costs_{cfg.profile}")
+    costs = merge_costs(cfg, learned_merge_fits(cfg))
+    table, pairs = merge_method_heldout(cfg, progress=True), learned_merge_pairs(cfg)
+    for name, t in ((f"merge_methods_{cfg.profile}", table), (f"merge_learned_{cfg.profile}", pairs),
+                    (f"merge_costs_{cfg.profile}", costs)):
+        save_table(t, cfg, name)
     print(costs.to_string(index=False), format_heldout(table).to_string(), sep="\n\n")
 
 
@@ -200,5 +232,5 @@ def colab_command(a) -> None:
 
 
 COMMANDS = {"reproduce": reproduce_command, "rehearse": rehearse_command, "compare": compare_command,
-            "premise": premise_command, "merge-methods": merge_methods_command, "export": export_command,
-            "profiles": profiles_command, "colab": colab_command}
+            "premise": premise_command, "ranges": ranges_command, "merge-methods": merge_methods_command,
+            "export": export_command, "profiles": profiles_command, "readme": readme_command, "colab": colab_command}

@@ -20,7 +20,6 @@ import inspect
 import json
 import os
 from pathlib import Path
-from typing import Sequence
 
 from diffusers import UNet2DModel
 from torch import nn
@@ -38,8 +37,9 @@ from .models import (
 )
 from .pipeline import DeMeDDIMPipeline, TimestepExperts, ddim_denoise, expert_class, route_by_timestep
 from .runs import merge_dir
-from .stages import load_experts
-from .timesteps import timestep_ranges
+from .sampling import TimestepEnsemble
+from .stages import load_ensemble
+from .timesteps import ranges_from_bounds, which_range
 
 PIPELINE_MODULE = "pipeline_deme"
 """The pipeline's module file at the folder's root (``model_index.json`` names it)."""
@@ -54,20 +54,20 @@ def pipeline_source() -> str:
 
 
 def experts_source() -> str:
-    """``unet/deme_unet.py``: the projected UNets and :class:`deme.pipeline.TimestepExperts`."""
+    """``unet/deme_unet.py``: the projected UNets and :class:`deme.pipeline.TimestepExperts` with its routing."""
     imports = ("from diffusers import ModelMixin\nfrom diffusers.configuration_utils import ConfigMixin, "
                "register_to_config\nfrom diffusers.models.unets.unet_2d import UNet2DOutput\n")
-    return export_module_source(route_by_timestep, expert_class, TimestepExperts, imports=imports)
+    return export_module_source(which_range, ranges_from_bounds, route_by_timestep, expert_class, TimestepExperts,
+                                imports=imports)
 
 
-def timestep_experts(experts: Sequence[nn.Module], boundaries: Sequence[int]) -> TimestepExperts:
-    """The experts as one :class:`deme.pipeline.TimestepExperts` holding copies of their weights; expert i covers
-    [boundaries[i], boundaries[i+1])."""
-    b = [int(v) for v in boundaries]
-    if len(b) != len(experts) + 1 or b != sorted(set(b)) or b[0] != 0:
-        raise ValueError(f"{len(experts)} experts need {len(experts) + 1} increasing boundaries from 0, got {b}")
+def timestep_experts(ensemble: TimestepEnsemble) -> TimestepExperts:
+    """The ensemble's experts as one :class:`deme.pipeline.TimestepExperts` holding copies of their weights, expert
+    i for the timesteps of ``ensemble.ranges[i]`` (checked by the ensemble)."""
+    experts = list(ensemble.experts)
     config = {k: v for k, v in experts[0].config.items() if not k.startswith("_")}
-    model = TimestepExperts(config, b, type(experts[0]).__name__)
+    bounds = [lo for lo, _ in ensemble.ranges] + [ensemble.ranges[-1][1]]
+    model = TimestepExperts(config, bounds, type(experts[0]).__name__)
     for mine, theirs in zip(model.experts, experts, strict=True):
         mine.load_state_dict(theirs.state_dict())
     return model.eval()
@@ -98,19 +98,15 @@ def _plain_if_identity(unet: nn.Module) -> nn.Module:
         return unet
 
 
-def export_experts(experts: Sequence[nn.Module], cfg: Config, out_dir: str | os.PathLike,
-                   boundaries: Sequence[int] | None = None) -> Path:
-    """The N range experts as one pipeline folder (the module docstring's layout): expert i for the timesteps in
-    [boundaries[i], boundaries[i+1]) — by default the profile's equal ranges — and the profile's DDIM scheduler.
-    UNet2DModel experts only (the DDPM profiles and the embedded default; a text-to-image pipeline would also
-    need the text encoder and VAE)."""
-    if is_text_to_image(cfg) or not isinstance(experts[0], UNet2DModel):
+def export_experts(ensemble: TimestepEnsemble, cfg: Config, out_dir: str | os.PathLike) -> Path:
+    """The N range experts of ``ensemble`` (:func:`deme.stages.load_ensemble`: the run's ranges,
+    :func:`deme.ranges.config_ranges`) as one pipeline folder (the module docstring's layout) with the profile's
+    DDIM scheduler. UNet2DModel experts only (the DDPM profiles and the embedded default; a text-to-image
+    pipeline would also need the text encoder and VAE)."""
+    if is_text_to_image(cfg) or not isinstance(ensemble.experts[0], UNet2DModel):
         raise ValueError(f"profile {cfg.profile!r}: only UNet2DModel experts export as a pipeline; for a "
                          "text-to-image model export the merged UNet (deme.models.export_for_diffusers)")
-    if boundaries is None:
-        ranges = timestep_ranges(cfg.num_train_timesteps, len(experts))
-        boundaries = [lo for lo, _ in ranges] + [ranges[-1][1]]
-    return save_pipeline(timestep_experts(experts, boundaries), make_scheduler(cfg, "ddim"), out_dir)
+    return save_pipeline(timestep_experts(ensemble), make_scheduler(cfg, "ddim"), out_dir)
 
 
 def export_merged(unet: nn.Module, cfg: Config, out_dir: str | os.PathLike) -> Path:
@@ -127,7 +123,7 @@ def export_run(cfg: Config, out_dir: str | os.PathLike, merged: bool = False) ->
     """``python -m deme export``: the profile's N trained range experts (:func:`export_experts`) or, with
     ``merged``, notebook 04's merged model (:func:`export_merged`), as a pipeline folder ``out_dir``."""
     if not merged:
-        return export_experts(load_experts(cfg), cfg, out_dir)
+        return export_experts(load_ensemble(cfg), cfg, out_dir)
     folder = merge_dir(cfg) / "model"
     if not (folder / "config.json").exists():
         raise WeightsMissingError(f"no merged model at {folder}: run notebooks/04_merge.ipynb first")

@@ -128,6 +128,10 @@ def dare(base: StateDict, experts: Sequence[StateDict], weights: Sequence[float]
 # The merge-method registry: one entry per method; the ablations' merge-method table reads it
 # ---------------------------------------------------------------------------------------------------------
 
+PAPER_MERGE_WEIGHTS = (0.1, 0.1, 0.2, 0.5)
+"""The only merge weights the paper gives (LSUN-Church, N = 4, low → high noise; docs/method.md §3)."""
+
+
 @dataclass(frozen=True)
 class MergeData:
     """What a method that fits its weights on held-out data gets beside the state dicts: the profile ``cfg`` (it
@@ -144,13 +148,18 @@ class MergeMethod:
     """A way to combine N experts with the base: ``merge(base, experts)`` → state dict, with the method's
     settings fixed in the entry (so its ``label`` says exactly what was merged). A ``fitted`` method chooses on
     held-out data: ``merge(base, experts, data)`` with a :class:`MergeData`. Call the entry itself, which passes
-    ``data`` to the methods that take it."""
+    ``data`` to the methods that take it. ``num_experts``: the only N the method is defined for (None: any);
+    the merge-method table leaves it out for other N (:meth:`applies`)."""
 
     name: str
     label: str
     source: str
     merge: Callable[..., dict[str, torch.Tensor]]
     fitted: bool = False
+    num_experts: int | None = None
+
+    def applies(self, num_experts: int) -> bool:
+        return self.num_experts in (None, num_experts)
 
     def __call__(self, base: StateDict, experts: Sequence[StateDict], data: MergeData | None = None) \
             -> dict[str, torch.Tensor]:
@@ -171,19 +180,24 @@ def learned_merge(base: StateDict, experts: Sequence[StateDict], data: MergeData
     return task_arithmetic(base, experts, fit.of)
 
 
+LEARNED = {"learned": False, "learned-layerwise": True}
+"""The merge methods whose weights are fitted by gradient descent (:mod:`deme.learned`): name → layer-wise."""
+
+
 MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("uniform", "uniform average (w = 1/N)", "task arithmetic with equal weights",
                 uniform_average),
+    MergeMethod("paper", "task arithmetic, paper weights (0.1, 0.1, 0.2, 0.5)",
+                "the authors' released code (LSUN-Church, N = 4)",
+                lambda base, experts: task_arithmetic(base, experts, PAPER_MERGE_WEIGHTS), num_experts=4),
     MergeMethod("ties", "TIES (density 0.2)", "Yadav et al., NeurIPS 2023",
                 lambda base, experts: ties(base, experts, density=0.2)),
     MergeMethod("dare", "DARE (drop 0.5, w = 1/N)", "Yu et al., ICML 2024",
                 lambda base, experts: dare(base, experts, [1.0 / len(experts)] * len(experts), drop=0.5, seed=0)),
-    MergeMethod("learned", "task arithmetic, learned w (per range)",
-                "AdaMerging (Yang et al., ICLR 2024), task-wise, on the validation held-out loss", learned_merge,
-                fitted=True),
-    MergeMethod("learned-layerwise", "task arithmetic, learned w (per range × block)",
-                "AdaMerging (Yang et al., ICLR 2024), layer-wise by block, on the validation held-out loss",
-                functools.partial(learned_merge, layerwise=True), fitted=True),
+    *(MergeMethod(name, f"task arithmetic, learned w (per range{' × block' if layerwise else ''})",
+                  f"AdaMerging (Yang et al., ICLR 2024), {'layer-wise by block' if layerwise else 'task-wise'}, "
+                  "on the validation held-out loss", functools.partial(learned_merge, layerwise=layerwise),
+                  fitted=True) for name, layerwise in LEARNED.items()),
 )}
 """Merge methods compared beside DeMe's searched task arithmetic (whose weights come from notebook 04)."""
 

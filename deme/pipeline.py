@@ -1,5 +1,6 @@
 """The range experts as one diffusers model and pipeline (docs/method.md §3.2), in code that also runs without
-``deme``: :mod:`deme.export` writes the sources of :func:`route_by_timestep`, :func:`expert_class` and
+``deme``: :mod:`deme.export` writes the sources of :func:`deme.timesteps.which_range`,
+:func:`deme.timesteps.ranges_from_bounds`, :func:`route_by_timestep`, :func:`expert_class` and
 :class:`TimestepExperts` (beside DeMe's projected UNets) and of :func:`ddim_denoise` and
 :class:`DeMeDDIMPipeline` into the pipeline folder it saves, so these use torch and diffusers only.
 
@@ -19,16 +20,17 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from .models import ProjectedUNet2DConditionModel, ProjectedUNet2DModel
+from .timesteps import ranges_from_bounds, which_range
 
 
-def route_by_timestep(experts, boundaries, sample, timestep, class_labels=None, **kwargs):
-    """The noise prediction, for each sample, of the expert whose range [boundaries[i], boundaries[i+1]) holds its
-    timestep: each expert runs once on its samples. ``class_labels`` and per-sample keyword inputs (a tensor whose
-    first dimension is the batch, e.g. ``encoder_hidden_states``) follow their samples to the expert."""
+def route_by_timestep(experts, ranges, sample, timestep, class_labels=None, **kwargs):
+    """The noise prediction, for each sample, of the expert whose range ``ranges[i]`` (contiguous half-open ``(low,
+    high)`` pairs from 0) holds its timestep (:func:`deme.timesteps.which_range`): each expert runs once on its
+    samples. ``class_labels`` and per-sample keyword inputs (a tensor whose first dimension is the batch, e.g.
+    ``encoder_hidden_states``) follow their samples to the expert."""
     t = torch.as_tensor(timestep, device=sample.device)
     t = t.expand(sample.shape[0]) if t.ndim == 0 else t
-    inner = torch.as_tensor(list(boundaries)[1:-1], device=t.device, dtype=t.dtype)
-    which = torch.bucketize(t.contiguous(), inner, right=True)
+    which = which_range(t, ranges)
     out = torch.empty_like(sample)
     n = sample.shape[0]
     for i in which.unique().tolist():
@@ -57,7 +59,8 @@ class TimestepExperts(ModelMixin, ConfigMixin):
         self.experts = nn.ModuleList(cls.from_config(expert_config) for _ in range(len(boundaries) - 1))
 
     def forward(self, sample, timestep, class_labels=None, return_dict: bool = True, **kwargs):
-        out = route_by_timestep(self.experts, self.config.boundaries, sample, timestep, class_labels, **kwargs)
+        ranges = ranges_from_bounds(self.config.boundaries)
+        out = route_by_timestep(self.experts, ranges, sample, timestep, class_labels, **kwargs)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 

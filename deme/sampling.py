@@ -22,24 +22,28 @@ from .models import make_scheduler
 from .pipeline import ddim_denoise, route_by_timestep
 from .progress import tqdm
 from .sd import PAPER_PROMPTS, generate
-from .timesteps import timestep_ranges
+from .timesteps import check_range_bounds, timestep_ranges
 
 
 class TimestepEnsemble(nn.Module):
     """DeMe before merge: at timestep t, the expert whose range holds t predicts the noise.
 
-    Same FLOPs per step as one model, N× the storage. ``experts[i]`` covers ``[boundaries[i], boundaries[i+1])``,
-    by default the N equal ranges ``[i·T/N, (i+1)·T/N)``. :class:`deme.pipeline.TimestepExperts` is the same
-    routing (:func:`deme.pipeline.route_by_timestep`) as a diffusers model, for export.
+    Same FLOPs per step as one model, N× the storage. ``experts[i]`` covers ``ranges[i]`` — the run's ranges
+    (:func:`deme.ranges.config_ranges`; :func:`deme.stages.load_ensemble` passes them) — by default the equal
+    ``[i·T/N, (i+1)·T/N)``. :class:`deme.pipeline.TimestepExperts` is the same routing
+    (:func:`deme.pipeline.route_by_timestep`) as a diffusers model, for export.
     """
 
     def __init__(self, experts: list[nn.Module], num_train_timesteps: int = 1000,
-                 boundaries: list[int] | None = None):
+                 ranges: list[tuple[int, int]] | None = None):
         super().__init__()
         self.experts = nn.ModuleList(experts)
         self.num_train_timesteps = num_train_timesteps
-        ranges = timestep_ranges(num_train_timesteps, len(experts)) if boundaries is None else None
-        self.boundaries = list(boundaries) if boundaries is not None else [lo for lo, _ in ranges] + [ranges[-1][1]]
+        self.ranges = timestep_ranges(num_train_timesteps, len(experts)) if ranges is None else \
+            [(int(lo), int(hi)) for lo, hi in ranges]
+        if any(a[1] != b[0] for a, b in zip(self.ranges, self.ranges[1:])):
+            raise ValueError(f"the ensemble's ranges {self.ranges} are not contiguous")
+        check_range_bounds([lo for lo, _ in self.ranges] + [self.ranges[-1][1]], num_train_timesteps, len(experts))
         self.config = experts[0].config
 
     @property
@@ -51,7 +55,7 @@ class TimestepEnsemble(nn.Module):
         return next(self.parameters()).device
 
     def forward(self, sample: torch.Tensor, timestep, class_labels=None, return_dict: bool = True, **kw):
-        out = route_by_timestep(self.experts, self.boundaries, sample, timestep, class_labels, **kw)
+        out = route_by_timestep(self.experts, self.ranges, sample, timestep, class_labels, **kw)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 

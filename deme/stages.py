@@ -22,13 +22,13 @@ from .config import Config, get_profile, normalized
 from .data import get_dataset, heldout_batch
 from .heldout import heldout_losses, relative_difference, validation_inputs
 from .learned import LearnedWeights, cached_merge_weights
-from .merge import merged_model, task_arithmetic
+from .merge import LEARNED, MERGE_METHODS, PAPER_MERGE_WEIGHTS, merged_model, task_arithmetic
 from .metrics import compute_fid_kid, fid_from_features, reference_statistics
 from .models import base_model_path, build_unet, load_unet
 from .progress import tqdm
+from .ranges import config_ranges
 from .runs import merge_dir, run_dir, write_json
-from .sampling import ddim_sample
-from .timesteps import timestep_ranges
+from .sampling import TimestepEnsemble, ddim_sample
 from .train import load_checkpoint, train
 
 
@@ -94,7 +94,8 @@ def training_config(profile: str | None = None, method: str = "deme", range_inde
 
 def describe_training(cfg: Config) -> str:
     """What a training run does, in two or three lines (printed by notebook 03)."""
-    ranges = timestep_ranges(cfg.num_train_timesteps, cfg.num_ranges)
+    # a baseline never reads the ranges: unfound "gradient" ones are named, not looked up
+    ranges = cfg.range_bounds if cfg.method != "deme" and cfg.range_bounds == "gradient" else config_ranges(cfg)
     lines = [f"profile={cfg.profile} method={cfg.method} N={cfg.num_ranges} ranges={ranges}"]
     if cfg.method == "deme":
         lines.append(f"range {cfg.range_index}: t in {ranges[cfg.range_index]}, p={cfg.p_global} ({cfg.sampling}), "
@@ -123,6 +124,12 @@ def load_experts(cfg: Config, device: str | torch.device = "cpu") -> list[torch.
                                     f"(or `python -m deme.train --profile {cfg.profile} --range {i}`)")
         experts.append(load_unet(d).to(device).eval())
     return experts
+
+
+def load_ensemble(cfg: Config, device: str | torch.device = "cpu") -> TimestepEnsemble:
+    """DeMe before merge: the N range models of ``cfg``, each predicting on its own range
+    (:func:`deme.ranges.config_ranges`)."""
+    return TimestepEnsemble(load_experts(cfg, device), cfg.num_train_timesteps, config_ranges(cfg))
 
 
 def load_base(cfg: Config, projection: bool, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -201,10 +208,6 @@ def _inception_fid_score(cfg: Config, n: int, seed: int, steps: int, device, dty
 QUALITY_SCORES = {"fid@256": _fid256_score, "classifier-fd": _classifier_fd_score,
                   "inception-fid": _inception_fid_score}
 """The sample-quality criteria by name (a dataset description's ``quality`` is one of these keys)."""
-
-
-PAPER_MERGE_WEIGHTS = (0.1, 0.1, 0.2, 0.5)
-"""The only merge weights the paper gives (LSUN-Church, N = 4, low → high noise; docs/method.md §3)."""
 
 
 @dataclass
@@ -320,6 +323,13 @@ def learned_merge_weights(cfg: Config, layerwise: bool = False, device: str | to
     base = load_base(cfg, projection=cfg.projection).state_dict()
     return cached_merge_weights(experts[0], base, [e.state_dict() for e in experts], cfg, layerwise=layerwise,
                                 cache_dir=merge_dir(cfg), device=device, progress=progress)
+
+
+def learned_merge_fits(cfg: Config, device: str | torch.device | None = None, progress: bool = True) \
+        -> dict[str, LearnedWeights]:
+    """Every learned merge of :data:`deme.merge.LEARNED` (:func:`learned_merge_weights`), by its merge-method label."""
+    return {MERGE_METHODS[name].label: learned_merge_weights(cfg, layerwise=layerwise, device=device, progress=progress)
+            for name, layerwise in LEARNED.items()}
 
 
 def merge_costs(cfg: Config, learned: dict[str, LearnedWeights]) -> pd.DataFrame:

@@ -184,34 +184,77 @@ def test_merge_costs_put_the_learned_fits_beside_the_coordinate_search(monkeypat
     assert table.loc["learned", "backward passes"] == 2
 
 
-def test_the_merge_methods_command_fits_scores_and_writes_both_tables(monkeypatch, tmp_path, capsys):
-    """`python -m deme merge-methods`: the learned fits (their cost beside the search's) and notebook 06's
-    merge-method table, written beside the figures."""
+def test_the_paper_weights_are_a_merge_method_for_four_ranges_only(monkeypatch):
+    """The paper's w = (0.1, 0.1, 0.2, 0.5) as a registry entry: θ + Σ w_i τ_i computed here by hand; the
+    merge-method table lists it for N = 4 and leaves it out for the smoke profile's N = 2."""
+    torch.manual_seed(0)
+    base = {"a": torch.randn(3), "step": torch.tensor(7)}
+    experts = [{"a": torch.randn(3), "step": torch.tensor(7)} for _ in range(4)]
+    merged = M.MERGE_METHODS["paper"](base, experts)
+    want = base["a"].double() + sum(w * (e["a"].double() - base["a"].double())
+                                     for w, e in zip((0.1, 0.1, 0.2, 0.5), experts))
+    assert torch.allclose(merged["a"].double(), want, atol=1e-6) and merged["step"] == 7
+    assert M.MERGE_METHODS["paper"].applies(4) and not M.MERGE_METHODS["paper"].applies(2)
+    assert "paper" in AB._applicable(CFG.replace(num_ranges=4)) and "paper" not in AB._applicable(CFG)
+
+
+def _fake_losses(scale):
+    """paired_losses standing in: per-image losses of every model as ``scale[name]`` × a fixed vector."""
     import numpy as np
+
+    def fake(models, cfg, part, progress=False):
+        t = np.array([100, 300, 600, 900] * 50)
+        base = np.linspace(1.0, 2.0, len(t))
+        return {name: {"unconditional": base * scale.get(name, 1.0), "t": t} for name in models}
+    return fake
+
+
+def test_learned_merges_are_compared_pairwise_with_searched_and_uniform(monkeypatch):
+    """learned_merge_pairs: every learned row against each reference, Δ% = 100·(ratio − 1) when one model's
+    per-image losses are another's times a constant (an exact answer, the interval collapses onto it)."""
+    searched, uniform = AB.SEARCHED, M.MERGE_METHODS["uniform"].label
+    learned, layerwise = (M.MERGE_METHODS[m].label for m in M.LEARNED)
+    scale = {searched: 1.0, uniform: 1.02, learned: 0.99, layerwise: 0.98}
+    monkeypatch.setattr(AB, "paired_losses", _fake_losses(scale))
+    monkeypatch.setattr(AB, "merge_models", lambda cfg, methods: {m: None for m in methods})
+    table = AB.learned_merge_pairs(CFG)
+    assert set(table.reference) == {searched, uniform} and set(table.model) == {learned, layerwise}
+    rows = table[(table["range"] == "all")].set_index(["model", "reference"])
+    for (model, ref), row in rows.iterrows():
+        want = 100 * (scale[model] / scale[ref] - 1)
+        assert row.delta_pct == pytest.approx(want, abs=1e-9)
+        assert row.ci95_low == pytest.approx(want, abs=1e-6) and row.ci95_high == pytest.approx(want, abs=1e-6)
+
+
+def test_the_merge_methods_command_fits_scores_and_writes_its_tables(monkeypatch, tmp_path, capsys):
+    """`python -m deme merge-methods`: the learned fits (their cost beside the search's), notebook 06's
+    merge-method table and the learned-vs-searched/uniform table, written beside the figures."""
     import pandas as pd
 
     from deme import stages
     from deme.cli import main
-    from deme.heldout import heldout_table
     monkeypatch.setenv("DEME_ROOT", str(tmp_path))
     fits = []
 
-    def fake_fit(cfg, layerwise=False):
+    def fake_fit(cfg, layerwise=False, **kw):
         fits.append(layerwise)
         return L.LearnedWeights({"all": (0.5, 0.5)}, [1.0], 3.0, 1, "cpu", layerwise)
-
-    def fake_table(cfg, progress=False):
-        t = np.array([100, 700])
-        losses = {m: {"unconditional": np.array([1.0, 2.0]) * s, "t": t}
-                  for m, s in (("Before finetuning", 1.0), (M.MERGE_METHODS["learned"].label, 0.99))}
-        return heldout_table(losses, cfg)
+    learned = M.MERGE_METHODS["learned"].label
     monkeypatch.setattr(stages, "learned_merge_weights", fake_fit)
-    monkeypatch.setattr(AB, "merge_method_heldout", fake_table)
+    monkeypatch.setattr(AB, "paired_losses", _fake_losses({learned: 0.99}))
+    monkeypatch.setattr(AB, "merge_models", lambda cfg, methods: {m: None for m in methods})
+    monkeypatch.setattr(AB, "load_base", lambda cfg, projection: None)
+    monkeypatch.setattr(AB, "load_ensemble", lambda cfg: None)
     main(["merge-methods", "--profile", "smoke"])
     assert fits == [False, True]
     figures = tmp_path / "runs" / "smoke" / "figures"
     table = pd.read_csv(figures / "merge_methods_smoke.csv")
-    assert M.MERGE_METHODS["learned"].label in set(table.model) and {"ci95_low", "ci95_high"} <= set(table.columns)
+    assert {learned, AB.SEARCHED, "ensemble (before merge)"} <= set(table.model)
+    assert {"ci95_low", "ci95_high"} <= set(table.columns)
+    row = table[(table.model == learned) & (table["range"] == "all")].iloc[0]
+    assert row.delta_pct == pytest.approx(-1.0)
+    assert set(pd.read_csv(figures / "merge_learned_smoke.csv").reference) == {AB.SEARCHED,
+                                                                               M.MERGE_METHODS["uniform"].label}
     costs = pd.read_csv(figures / "merge_costs_smoke.csv")
-    assert list(costs.method) == [M.MERGE_METHODS["learned"].label, M.MERGE_METHODS["learned-layerwise"].label]
+    assert list(costs.method) == [learned, M.MERGE_METHODS["learned-layerwise"].label]
     assert "learned w (per range × block)" in capsys.readouterr().out

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import deme.train as train_mod
-from deme.train import lr_factor
 from deme.config import PROFILES, get_profile
 from deme.data import TensorBatches, load_fmnist_raw
 from deme.errors import DataMissingError, NonFiniteLossError, WeightsMissingError
 from deme.models import load_unet
-from deme.train import heldout_loss, train
+from deme.train import heldout_loss, lr_factor, train
 
 
 def _pretrain_cfg(**kw):
@@ -68,7 +67,8 @@ def test_a_constant_lr_pretraining_extended_equals_the_longer_run(tmp_path):
     cooled = _pretrain_cfg(pretrain_steps=9, pretrain_cooldown=(6, 8, 0.25))
     with pytest.raises(ValueError, match="another config"):
         train(_pretrain_cfg(pretrain_steps=9, pretrain_cooldown=(4, 8, 0.25)), tmp_path / "x", progress=False)
-    wc, ws = _weights(train(cooled, tmp_path / "x", progress=False)), _weights(train(cooled, tmp_path / "w", progress=False))
+    wc = _weights(train(cooled, tmp_path / "x", progress=False))
+    ws = _weights(train(cooled, tmp_path / "w", progress=False))
     assert all(torch.equal(wc[k], ws[k]) for k in wc)
 
 
