@@ -258,3 +258,24 @@ def test_the_merge_methods_command_fits_scores_and_writes_its_tables(monkeypatch
     costs = pd.read_csv(figures / "merge_costs_smoke.csv")
     assert list(costs.method) == [learned, M.MERGE_METHODS["learned-layerwise"].label]
     assert "learned w (per range × block)" in capsys.readouterr().out
+
+
+def test_notebook_04s_fits_are_the_ones_the_merge_method_table_merges_with(monkeypatch, tmp_path):
+    """stages.learned_merge_fits (notebook 04) keeps both fits where deme.ablation.merge_models (notebook 06)
+    finds them: 06 fits nothing again and merges with 04's weights."""
+    from deme import stages
+    base, experts = _unets()
+    cfg = CFG.replace(merge_learn_steps=1)
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path))
+    for module in (stages, AB):
+        monkeypatch.setattr(module, "load_experts", lambda c: experts)
+        monkeypatch.setattr(module, "load_base", lambda c, projection: base)
+    fits = stages.learned_merge_fits(cfg, device="cpu", progress=False)
+    assert list(fits) == [M.MERGE_METHODS[m].label for m in M.LEARNED]
+    assert [f.layerwise for f in fits.values()] == list(M.LEARNED.values())
+    monkeypatch.setattr(L, "fit_merge_weights", lambda *a, **k: pytest.fail("fitted again"))
+    merged = AB.merge_models(cfg, list(M.LEARNED))
+    sds = [e.state_dict() for e in experts]
+    for label, fit in fits.items():
+        want = M.task_arithmetic(base.state_dict(), sds, fit.of)
+        assert all(torch.equal(v, want[k]) for k, v in merged[label].state_dict().items())
