@@ -25,7 +25,7 @@ from .analysis import find_gradient_ranges
 from .compare import merge_variants
 from .config import Config
 from .heldout import heldout_table, paired_losses, relative_difference, verdict
-from .merge import MERGE_METHODS, merged_model
+from .merge import LEARNED, MERGE_METHODS, MergeData, merged_model
 from .models import load_unet
 from .ranges import range_bounds, resolved
 from .runs import merge_dir, run_dir, save_table, variant_tag
@@ -163,36 +163,67 @@ def variant_models(cfg: Config, variants: dict[str, Config]) -> list[tuple[str, 
 
 def merge_models(cfg: Config, methods=None) -> dict[str, torch.nn.Module]:
     """The range models of ``cfg`` merged by each method of :data:`deme.merge.MERGE_METHODS` (default: all
-    of them), and ``"searched"``: task arithmetic with notebook 04's weights (its saved model). Keys: the
-    methods' labels."""
-    methods = list(MERGE_METHODS) if methods is None else list(methods)
+    of them that apply to its N), and ``"searched"``: task arithmetic with notebook 04's weights (its saved model).
+    Keys: the methods' labels. Methods that fit on validation images keep their fits beside notebook 04's merge."""
+    methods = _applicable(cfg) if methods is None else list(methods)
     experts = load_experts(cfg)
     base_sd, sds = load_base(cfg, projection=cfg.projection).state_dict(), [e.state_dict() for e in experts]
+    data = MergeData(cfg, experts[0], merge_dir(cfg))
     out = {}
     for m in methods:
         if m == "searched":
             d = merge_dir(cfg) / "model"
             if not (d / "config.json").exists():
                 raise FileNotFoundError(f"no searched merge at {d}: run notebooks/04_merge.ipynb first")
-            out["task arithmetic, searched (04)"] = load_unet(d)
+            out[SEARCHED] = load_unet(d)
         elif m in MERGE_METHODS:
-            out[MERGE_METHODS[m].label] = merged_model(experts[0], MERGE_METHODS[m].merge(base_sd, sds))
+            out[MERGE_METHODS[m].label] = merged_model(experts[0], MERGE_METHODS[m](base_sd, sds, data))
         else:
             raise ValueError(f"unknown merge method {m!r}; registered: searched, {', '.join(MERGE_METHODS)}")
     return out
 
 
-def merge_method_heldout(cfg: Config, part: str = "evaluation", progress: bool = False) -> pd.DataFrame:
-    """The merge methods on the profile's own range models — task arithmetic with notebook 04's searched
-    weights and every method of :data:`deme.merge.MERGE_METHODS` (uniform, TIES, DARE, ...) — and the
-    ensemble, by paired held-out loss against before finetuning (:func:`deme.heldout.heldout_table` rows)."""
+SEARCHED = "task arithmetic, searched (04)"
+
+
+def _applicable(cfg: Config) -> list[str]:
+    return [name for name, m in MERGE_METHODS.items() if m.applies(cfg.num_ranges)]
+
+
+def _merge_losses(cfg: Config, methods, part: str, progress: bool, extra=None) -> dict:
+    """:func:`deme.heldout.paired_losses` of before finetuning, ``methods`` (names, "searched" included) merged
+    by :func:`merge_models`, and the loaders ``extra``."""
     def one(method):
         return lambda: next(iter(merge_models(cfg, (method,)).values()))
+    labels = {m: SEARCHED if m == "searched" else MERGE_METHODS[m].label for m in methods}
     models = {"Before finetuning": lambda: load_base(cfg, projection=False),
-              "task arithmetic, searched (04)": one("searched"),
-              **{m.label: one(name) for name, m in MERGE_METHODS.items()},
-              "ensemble (before merge)": lambda: load_ensemble(cfg)}
-    return heldout_table(paired_losses(models, cfg, part, progress=progress), cfg)
+              **{labels[m]: one(m) for m in methods}, **(extra or {})}
+    return paired_losses(models, cfg, part, progress=progress)
+
+
+def merge_method_heldout(cfg: Config, part: str = "evaluation", progress: bool = False) -> pd.DataFrame:
+    """The merge methods on the profile's own range models — task arithmetic with notebook 04's searched
+    weights and every method of :data:`deme.merge.MERGE_METHODS` that applies to its N (uniform, the paper's
+    weights, TIES, DARE, learned weights, ...) — and the ensemble, by paired held-out loss against before
+    finetuning (:func:`deme.heldout.heldout_table` rows)."""
+    extra = {"ensemble (before merge)": lambda: load_ensemble(cfg)}
+    return heldout_table(_merge_losses(cfg, ["searched", *_applicable(cfg)], part, progress, extra), cfg)
+
+
+def learned_merge_pairs(cfg: Config, part: str = "evaluation", progress: bool = False) -> pd.DataFrame:
+    """The learned merges (:data:`deme.merge.LEARNED`) against each way of choosing task arithmetic's weights by
+    hand or by search — notebook 04's searched weights, uniform 1/N and the paper's weights (N = 4) — on the same images
+    (paired; the losses are those of :func:`merge_method_heldout`, cached): :func:`deme.heldout.heldout_table`
+    rows of the learned models with a ``reference`` column."""
+    references = ["searched", *(m for m in ("uniform", "paper") if MERGE_METHODS[m].applies(cfg.num_ranges))]
+    losses = _merge_losses(cfg, [*references, *LEARNED], part, progress)
+    learned = [MERGE_METHODS[m].label for m in LEARNED]
+    tables = []
+    for ref in references:
+        label = SEARCHED if ref == "searched" else MERGE_METHODS[ref].label
+        t = heldout_table(losses, cfg, reference=label)
+        tables.append(t[t.model.isin(learned)].assign(reference=label))
+    return pd.concat(tables, ignore_index=True)
 
 
 def variant_heldout(cfg: Config, variants: dict[str, Config], part: str = "evaluation",

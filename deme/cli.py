@@ -1,4 +1,5 @@
-"""Command line: ``python -m deme reproduce|rehearse|train|compare|premise|ranges|profiles|readme|colab``.
+"""Command line: ``python -m deme reproduce|rehearse|train|compare|premise|ranges|merge-methods|export|profiles|
+readme|colab``.
 
     python -m deme reproduce --profile fmnist          # the main job: every notebook that exists, in order
     python -m deme reproduce --profile fmnist --force   # redo stages whose outputs exist
@@ -8,6 +9,8 @@
     python -m deme premise fmnist-xs fmnist-xxs --jobs 2   # the miniature's premise on candidate settings
     python -m deme ranges --profile fmnist               # the "gradient" timestep ranges of the base model
     python -m deme ranges --profile fmnist --compare --jobs 2   # equal vs gradient ranges at equal budget
+    python -m deme merge-methods --profile fmnist       # learned merge weights, then 06's merge-method table
+    python -m deme export --profile fmnist --out pipe   # the range experts as one diffusers pipeline
     python -m deme colab --repository https://github.com/OWNER/NAME   # Colab badges and set-up cells (deme.colab)
 
 A project error (a missing base model or dataset, an unknown profile, a setting out of range) ends with one line
@@ -112,6 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     rg.add_argument("--jobs", type=int, default=1, help="training runs at once (one thread each)")
     rg.add_argument("--part", default="evaluation", choices=["validation", "evaluation"])
     rg.add_argument("--name", default="ranges_fmnist", help="table name under figures/ (CSV)")
+    w = sub.add_parser("merge-methods", help="learn the merge weights on the validation images (per range, per "
+                       "range x block), then score every merge method on the evaluation images: figures/"
+                       "merge_methods_<profile>.csv (notebook 06's table), merge_learned_<profile>.csv (learned vs "
+                       "searched, uniform, paper weights) and merge_costs_<profile>.csv")
+    w.add_argument("--profile", default=None)
+    e = sub.add_parser("export", help="save the trained range experts (or the merged model) as a diffusers pipeline")
+    e.add_argument("--profile", default=None)
+    e.add_argument("--out", required=True, help="the pipeline folder to write")
+    e.add_argument("--merged", action="store_true", help="the merged model of notebook 04 instead of the experts")
     sub.add_parser("profiles", help="list the profiles")
     sub.add_parser("readme", help="rewrite the README's generated result blocks from the tables in figures/ "
                    "(deme.readme)")
@@ -183,6 +195,27 @@ def ranges_command(a) -> None:
           f"{[round(c, 3) for c in rec['coherence']]}; equal ranges: {[round(c, 3) for c in rec['equal_coherence']]})")
 
 
+def merge_methods_command(a) -> None:
+    from .ablation import learned_merge_pairs, merge_method_heldout
+    from .heldout import format_heldout
+    from .runs import save_table
+    from .stages import learned_merge_fits, merge_costs
+    cfg = checked_settings(get_profile, a.profile)
+    costs = merge_costs(cfg, learned_merge_fits(cfg))
+    table, pairs = merge_method_heldout(cfg, progress=True), learned_merge_pairs(cfg)
+    for name, t in ((f"merge_methods_{cfg.profile}", table), (f"merge_learned_{cfg.profile}", pairs),
+                    (f"merge_costs_{cfg.profile}", costs)):
+        save_table(t, cfg, name)
+    print(costs.to_string(index=False), format_heldout(table).to_string(), sep="\n\n")
+
+
+def export_command(a) -> None:
+    from .export import export_run
+    cfg = checked_settings(get_profile, a.profile)
+    out = export_run(cfg, a.out, merged=a.merged)
+    print(f"{out}: load it with diffusers.DiffusionPipeline.from_pretrained({str(out)!r}, trust_remote_code=True)")
+
+
 def profiles_command(a) -> None:
     for name in profile_names():
         c = get_profile(name)
@@ -199,5 +232,5 @@ def colab_command(a) -> None:
 
 
 COMMANDS = {"reproduce": reproduce_command, "rehearse": rehearse_command, "compare": compare_command,
-            "premise": premise_command, "ranges": ranges_command, "profiles": profiles_command,
-            "readme": readme_command, "colab": colab_command}
+            "premise": premise_command, "ranges": ranges_command, "merge-methods": merge_methods_command,
+            "export": export_command, "profiles": profiles_command, "readme": readme_command, "colab": colab_command}

@@ -128,6 +128,9 @@ class Config:
     fid_reference_size: int = 50_000     # real images behind the cached reference statistics
     guidance_scale: float = 1.0           # classifier-free guidance for class-conditional sampling
     merge_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    merge_learn_steps: int = 20           # learned merge weights (deme.learned): Adam steps on all validation
+    merge_learn_lr: float = 0.1           # images, lr decaying linearly to 0 (a path of ≤ steps·lr/2 = 1 per
+                                          # weight: from 1/N to 0 or 1); w clamped to [0, 1]
     coco_fid_reference: str = "chosen"    # text-to-image MS-COCO FID reference: "chosen" (the images of the chosen
                                           # captions, shorter side to 256 + centre crop) | "bk-sdm" (the paper's
                                           # protocol: all 40,504 val2014 images resized to 256x256)

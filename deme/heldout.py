@@ -154,6 +154,20 @@ def heldout_inputs(cfg: Config, n: int, seed: int = 4321, device: str | torch.de
     return x, (torch.full_like(cond, cfg.num_classes) if cfg.num_classes else None)
 
 
+def validation_inputs(cfg: Config, device: str | torch.device | None = None):
+    """The inputs ``(x0, cond)`` that choose merge weights (the coordinate search, the learned weights), for
+    :func:`heldout_losses`: the validation part of the test split (never the images the evaluation judges with).
+    Class-conditional models see both paths equally: even images with the null label (what unconditional
+    sampling uses), odd ones with their label. Other profiles: :func:`heldout_inputs` (``cfg.validation_size``
+    inputs)."""
+    if get_dataset(cfg).in_memory:
+        x, y = heldout_split(cfg, "validation")
+        if cfg.num_classes:
+            y = torch.where(torch.arange(len(y)) % 2 == 0, torch.full_like(y, cfg.num_classes), y)
+        return x, (y if cfg.num_classes else None)
+    return heldout_inputs(cfg, cfg.validation_size, device=device)
+
+
 def split_inputs(cfg: Config, part: str = "evaluation", device: str | torch.device | None = None):
     """The images of ``part`` of the held-out data and the model inputs of each condition: ``(x0, {condition:
     inputs})`` for :func:`paired_losses`. In-memory datasets: the test split (:func:`deme.data.heldout_split`),
@@ -200,10 +214,18 @@ def relative_difference(losses: np.ndarray, reference: np.ndarray, level: float 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A short hash of every tensor of ``model``'s state dict: caches keyed by it never serve a retrained model."""
+    return state_fingerprint([model.state_dict()])
+
+
+def state_fingerprint(states, extra: str = "") -> str:
+    """A short hash of every tensor of the state dicts ``states``, in order, and of the text ``extra`` (e.g. the
+    settings of a computation cached under it)."""
     h = hashlib.sha1()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for state in states:
+        for k, v in sorted(state.items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(extra.encode())
     return h.hexdigest()[:16]
 
 

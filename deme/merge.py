@@ -3,21 +3,26 @@
 Task vector of range i: τ_i = θ_i − θ over every floating-point tensor (projections included: the base gets
 identity projections, so τ = W_i − I); integer buffers are skipped. Task arithmetic:
 θ_merged = θ + Σ_i w_i τ_i (weights need not sum to 1). Alternatives: uniform averaging, TIES
-(Yadav et al. 2023: trim, elect sign, disjoint mean) and DARE (Yu et al. 2024: drop and rescale).
+(Yadav et al. 2023: trim, elect sign, disjoint mean), DARE (Yu et al. 2024: drop and rescale) and task arithmetic
+with weights learned on the validation images (:mod:`deme.learned`, per range or per range and block).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
 from torch import nn
 
+from .config import Config
 from .errors import MergeMismatchError
+from .learned import cached_merge_weights
 from .progress import tqdm
 from .registry import add_entry
 
@@ -52,11 +57,13 @@ def apply_task_vector(base: StateDict, delta: Mapping[str, torch.Tensor]) -> dic
     return {k: (v.double() + delta[k].double()).to(v.dtype) if k in delta else v.clone() for k, v in base.items()}
 
 
-def task_arithmetic(base: StateDict, experts: Sequence[StateDict], weights: Sequence[float]) \
-        -> dict[str, torch.Tensor]:
+def task_arithmetic(base: StateDict, experts: Sequence[StateDict],
+                    weights: Sequence[float] | Callable[[str], Sequence[float]]) -> dict[str, torch.Tensor]:
     """Eq. 8: θ_merged = θ + Σ_i w_i τ_i, computed tensor by tensor in float64 and cast back, so that w = 0
-    gives θ and w = e_i gives θ_i bit for bit. Integer buffers are copied from θ."""
-    if len(weights) != len(experts):
+    gives θ and w = e_i gives θ_i bit for bit. Integer buffers are copied from θ. ``weights``: one per expert,
+    or a function of a tensor's name giving them (a layer-wise merge, e.g. :meth:`deme.learned.LearnedWeights.of`)."""
+    weights_of = weights if callable(weights) else (lambda key: weights)
+    if not callable(weights) and len(weights) != len(experts):
         raise ValueError(f"{len(weights)} weights for {len(experts)} experts")
     check_compatible(base, experts)
     out = {}
@@ -65,7 +72,7 @@ def task_arithmetic(base: StateDict, experts: Sequence[StateDict], weights: Sequ
             out[k] = v.clone()
             continue
         acc = v.double()
-        for w, sd in zip(weights, experts):
+        for w, sd in zip(weights_of(k), experts, strict=True):
             if w:
                 acc = acc + w * (sd[k].to(v.device).double() - v.double())
         out[k] = acc.to(v.dtype)
@@ -121,24 +128,76 @@ def dare(base: StateDict, experts: Sequence[StateDict], weights: Sequence[float]
 # The merge-method registry: one entry per method; the ablations' merge-method table reads it
 # ---------------------------------------------------------------------------------------------------------
 
+PAPER_MERGE_WEIGHTS = (0.1, 0.1, 0.2, 0.5)
+"""The only merge weights the paper gives (LSUN-Church, N = 4, low → high noise; docs/method.md §3)."""
+
+
+@dataclass(frozen=True)
+class MergeData:
+    """What a method that fits its weights on held-out data gets beside the state dicts: the profile ``cfg`` (it
+    fits on its validation images, :func:`deme.heldout.validation_inputs`), a ``template`` module of the experts'
+    architecture (an expert) and ``cache_dir``, where its fits are kept (None: fitted at every call)."""
+
+    cfg: Config
+    template: nn.Module
+    cache_dir: Path | None = None
+
+
 @dataclass(frozen=True)
 class MergeMethod:
     """A way to combine N experts with the base: ``merge(base, experts)`` → state dict, with the method's
-    settings fixed in the entry (so its ``label`` says exactly what was merged)."""
+    settings fixed in the entry (so its ``label`` says exactly what was merged). A ``fitted`` method chooses on
+    held-out data: ``merge(base, experts, data)`` with a :class:`MergeData`. Call the entry itself, which passes
+    ``data`` to the methods that take it. ``num_experts``: the only N the method is defined for (None: any);
+    the merge-method table leaves it out for other N (:meth:`applies`)."""
 
     name: str
     label: str
     source: str
-    merge: Callable[[StateDict, Sequence[StateDict]], dict[str, torch.Tensor]]
+    merge: Callable[..., dict[str, torch.Tensor]]
+    fitted: bool = False
+    num_experts: int | None = None
+
+    def applies(self, num_experts: int) -> bool:
+        return self.num_experts in (None, num_experts)
+
+    def __call__(self, base: StateDict, experts: Sequence[StateDict], data: MergeData | None = None) \
+            -> dict[str, torch.Tensor]:
+        if not self.fitted:
+            return self.merge(base, experts)
+        if data is None:
+            raise ValueError(f"merge method {self.name!r} fits its weights on validation images: pass "
+                             "data=MergeData(cfg, template)")
+        return self.merge(base, experts, data)
+
+
+def learned_merge(base: StateDict, experts: Sequence[StateDict], data: MergeData, layerwise: bool = False) \
+        -> dict[str, torch.Tensor]:
+    """Task arithmetic with weights learned on the validation images of ``data.cfg`` by gradient descent
+    (:func:`deme.learned.cached_merge_weights`; per range, or per range and block group with ``layerwise``)."""
+    check_compatible(base, experts)
+    fit = cached_merge_weights(data.template, base, experts, data.cfg, layerwise=layerwise, cache_dir=data.cache_dir)
+    return task_arithmetic(base, experts, fit.of)
+
+
+LEARNED = {"learned": False, "learned-layerwise": True}
+"""The merge methods whose weights are fitted by gradient descent (:mod:`deme.learned`): name → layer-wise."""
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in (
     MergeMethod("uniform", "uniform average (w = 1/N)", "task arithmetic with equal weights",
                 uniform_average),
+    MergeMethod("paper", "task arithmetic, paper weights (0.1, 0.1, 0.2, 0.5)",
+                "the authors' released code (LSUN-Church, N = 4)",
+                lambda base, experts: task_arithmetic(base, experts, PAPER_MERGE_WEIGHTS), num_experts=4),
     MergeMethod("ties", "TIES (density 0.2)", "Yadav et al., NeurIPS 2023",
                 lambda base, experts: ties(base, experts, density=0.2)),
     MergeMethod("dare", "DARE (drop 0.5, w = 1/N)", "Yu et al., ICML 2024",
                 lambda base, experts: dare(base, experts, [1.0 / len(experts)] * len(experts), drop=0.5, seed=0)),
+    *(MergeMethod(name, f"task arithmetic, learned w (per range{' × block' if layerwise else ''})",
+                  f"AdaMerging (Yang et al., ICLR 2024), {'layer-wise by block' if layerwise else 'task-wise'}, "
+                  "on the validation held-out loss", functools.partial(learned_merge, layerwise=layerwise),
+                  fitted=True) for name, layerwise in LEARNED.items()),
 )}
 """Merge methods compared beside DeMe's searched task arithmetic (whose weights come from notebook 04)."""
 

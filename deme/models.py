@@ -141,15 +141,16 @@ EXPORT_MODULE = "deme_unet"
 """The module file (``unet/deme_unet.py``) an exported pipeline carries its projected UNet class in."""
 
 
-def _export_module_source() -> str:
-    """A self-contained module (diffusers and torch only) defining the projected UNet classes: the source of
-    this module's own definitions, so the exported code is the code that was trained and tested."""
+def export_module_source(*extra, imports: str = "") -> str:
+    """A self-contained module (diffusers and torch only) defining the projected UNet classes, then the
+    definitions ``extra`` (functions, classes) with the import lines ``imports`` they need: the sources of the
+    package's own definitions, so the exported code is the code that was trained and tested."""
     parts = [ChannelProjection, _project_main_path, projection_channels, attach_channel_projections,
-             ProjectedUNet2DModel, ProjectedUNet2DConditionModel]
+             ProjectedUNet2DModel, ProjectedUNet2DConditionModel, *extra]
     head = ('"""DeMe\'s channel-wise projections (CVPR 2025, Decouple-Then-Merge, Eq. 7) on diffusers UNets.\n\n'
-            'Written by deme.models.export_for_diffusers; diffusers loads it with trust_remote_code=True."""\n\n'
+            'Written by the deme package; diffusers loads it with trust_remote_code=True."""\n\n'
             "import functools\n\nimport torch\nfrom torch import nn\n"
-            "from diffusers import UNet2DConditionModel, UNet2DModel\n")
+            "from diffusers import UNet2DConditionModel, UNet2DModel\n" + imports)
     return head + "".join("\n\n" + inspect.getsource(p) for p in parts)
 
 
@@ -184,7 +185,7 @@ def export_for_diffusers(unet: nn.Module, base, out_dir: str | os.PathLike) -> P
     out = Path(out_dir)
     type(pipe)(**comps).save_pretrained(str(out))
     if projected:
-        (out / "unet" / f"{EXPORT_MODULE}.py").write_text(_export_module_source(), encoding="utf-8")
+        (out / "unet" / f"{EXPORT_MODULE}.py").write_text(export_module_source(), encoding="utf-8")
         index = json.loads((out / "model_index.json").read_text())
         index["unet"] = [EXPORT_MODULE, type(unet).__name__]
         (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

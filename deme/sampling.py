@@ -19,9 +19,10 @@ from torch import nn
 from .config import Config
 from .data import get_dataset
 from .models import make_scheduler
+from .pipeline import ddim_denoise, route_by_timestep
 from .progress import tqdm
 from .sd import PAPER_PROMPTS, generate
-from .timesteps import check_range_bounds, timestep_ranges, which_range
+from .timesteps import check_range_bounds, timestep_ranges
 
 
 class TimestepEnsemble(nn.Module):
@@ -29,7 +30,8 @@ class TimestepEnsemble(nn.Module):
 
     Same FLOPs per step as one model, N× the storage. ``experts[i]`` covers ``ranges[i]`` — the run's ranges
     (:func:`deme.ranges.config_ranges`; :func:`deme.stages.load_ensemble` passes them) — by default the equal
-    ``[i·T/N, (i+1)·T/N)``.
+    ``[i·T/N, (i+1)·T/N)``. :class:`deme.pipeline.TimestepExperts` is the same routing
+    (:func:`deme.pipeline.route_by_timestep`) as a diffusers model, for export.
     """
 
     def __init__(self, experts: list[nn.Module], num_train_timesteps: int = 1000,
@@ -53,17 +55,7 @@ class TimestepEnsemble(nn.Module):
         return next(self.parameters()).device
 
     def forward(self, sample: torch.Tensor, timestep, class_labels=None, return_dict: bool = True, **kw):
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.expand(sample.shape[0]) if t.ndim == 0 else t
-        which = which_range(t, self.ranges)
-        out = torch.empty_like(sample)
-        n = sample.shape[0]
-        for i in which.unique().tolist():
-            m = which == i
-            extra = {"class_labels": class_labels[m]} if class_labels is not None else {}
-            # per-sample inputs (e.g. encoder_hidden_states) follow their samples to the expert
-            part = {k: v[m] if torch.is_tensor(v) and v.ndim and v.shape[0] == n else v for k, v in kw.items()}
-            out[m] = self.experts[i](sample[m], t[m], **extra, **part).sample.to(out.dtype)
+        out = route_by_timestep(self.experts, self.ranges, sample, timestep, class_labels, **kw)
         return UNet2DOutput(sample=out) if return_dict else (out,)
 
 
@@ -148,19 +140,7 @@ def ddim_sample(model: nn.Module, cfg: Config, n: int, *, labels: torch.Tensor |
     for i in tqdm(batches, disable=not progress, desc="sampling"):
         x = noise[i:i + batch_size].to(device)
         y = y_all[i:i + batch_size].to(device) if y_all is not None else None
-        for t in sched.timesteps:
-            tt = t.to(device).expand(len(x))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                if y is None:
-                    eps = model(x, tt).sample
-                elif guidance == 1.0:
-                    eps = model(x, tt, class_labels=y).sample
-                else:
-                    both = model(torch.cat([x, x]), torch.cat([tt, tt]),
-                                 class_labels=torch.cat([y, torch.full_like(y, null)])).sample
-                    eps_c, eps_u = both.chunk(2)
-                    eps = eps_u + guidance * (eps_c - eps_u)
-            x = sched.step(eps.float(), t, x, eta=0.0).prev_sample
+        x = ddim_denoise(model, sched, x, y, null, guidance, autocast)
         out.append(x.clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty((0, *shape))

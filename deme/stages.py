@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,10 @@ import torch
 from . import sd, sdeval  # through the modules: tests and users replace sd.generate to skip real generation
 from .classifier import classifier_features, ensure_classifier
 from .config import Config, get_profile, normalized
-from .data import get_dataset, heldout_batch, heldout_split
-from .heldout import heldout_inputs, heldout_losses, relative_difference
-from .merge import merged_model, task_arithmetic
+from .data import get_dataset, heldout_batch
+from .heldout import heldout_losses, relative_difference, validation_inputs
+from .learned import LearnedWeights, cached_merge_weights
+from .merge import LEARNED, MERGE_METHODS, PAPER_MERGE_WEIGHTS, merged_model, task_arithmetic
 from .metrics import compute_fid_kid, fid_from_features, reference_statistics
 from .models import base_model_path, build_unet, load_unet
 from .progress import tqdm
@@ -208,33 +210,20 @@ QUALITY_SCORES = {"fid@256": _fid256_score, "classifier-fd": _classifier_fd_scor
 """The sample-quality criteria by name (a dataset description's ``quality`` is one of these keys)."""
 
 
-PAPER_MERGE_WEIGHTS = (0.1, 0.1, 0.2, 0.5)
-"""The only merge weights the paper gives (LSUN-Church, N = 4, low → high noise; docs/method.md §3)."""
-
-
-def validation_inputs(cfg: Config, device: str | torch.device | None = None):
-    """The merge search's inputs ``(x0, cond)`` for :func:`deme.heldout.heldout_losses`: the validation part
-    of the test split (never the images the evaluation judges with). Class-conditional models see both paths
-    equally: even images with the null label (what unconditional sampling uses), odd ones with their label.
-    Other profiles: :func:`heldout_inputs` (``cfg.validation_size`` inputs)."""
-    if get_dataset(cfg).in_memory:
-        x, y = heldout_split(cfg, "validation")
-        if cfg.num_classes:
-            y = torch.where(torch.arange(len(y)) % 2 == 0, torch.full_like(y, cfg.num_classes), y)
-        return x, (y if cfg.num_classes else None)
-    return heldout_inputs(cfg, cfg.validation_size, device=device)
-
-
 @dataclass
 class MergeResult:
     """What the merge stage produced: the chosen ``weights``, every evaluated weighting with its validation
-    loss and paired Δ% against the base (``candidates``), the merged state dict and where it was saved."""
+    loss and paired Δ% against the base (``candidates``), the merged state dict, the search's wall time
+    (``seconds``, on ``device``; one forward pass over the validation images per candidate) and where it was
+    saved."""
 
     weights: tuple[float, ...]
     candidates: pd.DataFrame
     state_dict: dict
     criterion: str
     folder: Path | None = None
+    seconds: float = float("nan")
+    device: str = ""
 
 
 def search_merge_weights(cfg: Config, *, base: torch.nn.Module | None = None,
@@ -252,6 +241,7 @@ def search_merge_weights(cfg: Config, *, base: torch.nn.Module | None = None,
     to the profile's (the base with identity projections when ``cfg.projection``); models are evaluated on
     ``device`` (default: CUDA when available), merged on the CPU.
     """
+    started = time.time()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     grid = tuple(grid or cfg.merge_grid)
     base = base if base is not None else load_base(cfg, projection=cfg.projection)
@@ -296,7 +286,8 @@ def search_merge_weights(cfg: Config, *, base: torch.nn.Module | None = None,
     best = tuple(table.weights.iloc[0])
     criterion = (f"held-out ε-MSE over [0, T) on the {len(x)} validation images (null label on half, true label "
                  f"on the other half)" if cfg.num_classes else f"held-out ε-MSE on {len(x)} validation inputs")
-    return MergeResult(best, table, task_arithmetic(base_sd, expert_sds, best), criterion)
+    return MergeResult(best, table, task_arithmetic(base_sd, expert_sds, best), criterion,
+                       seconds=time.time() - started, device=str(device))
 
 
 def merge_stage(cfg: Config, **search_kwargs) -> MergeResult:
@@ -309,7 +300,8 @@ def merge_stage(cfg: Config, **search_kwargs) -> MergeResult:
     merged_model(experts[0], res.state_dict).save_pretrained(out / "model")
     res.candidates.to_csv(out / "candidates.csv", index=False)
     write_json(out / "weights.json", {"weights": list(res.weights), "criterion": res.criterion,
-                                      "grid": list(cfg.merge_grid)})
+                                      "grid": list(cfg.merge_grid), "seconds": res.seconds,
+                                      "evaluations": len(res.candidates), "device": res.device})
     res.folder = out
     return res
 
@@ -320,3 +312,37 @@ def merge_weights(cfg: Config) -> tuple[float, ...]:
     if not path.exists():
         raise FileNotFoundError(f"no merge record at {path}: run notebooks/04_merge.ipynb")
     return tuple(float(v) for v in json.loads(path.read_text())["weights"])
+
+
+def learned_merge_weights(cfg: Config, layerwise: bool = False, device: str | torch.device | None = None,
+                          progress: bool = True) -> LearnedWeights:
+    """The learned merge weights of the profile's range models (:mod:`deme.learned`: gradient descent on the
+    validation loss the coordinate search scores, per range or, with ``layerwise``, per range and block), fitted
+    once and kept under :func:`deme.runs.merge_dir` — where notebook 06's merge-method table finds them."""
+    experts = load_experts(cfg)
+    base = load_base(cfg, projection=cfg.projection).state_dict()
+    return cached_merge_weights(experts[0], base, [e.state_dict() for e in experts], cfg, layerwise=layerwise,
+                                cache_dir=merge_dir(cfg), device=device, progress=progress)
+
+
+def learned_merge_fits(cfg: Config, device: str | torch.device | None = None, progress: bool = True) \
+        -> dict[str, LearnedWeights]:
+    """Every learned merge of :data:`deme.merge.LEARNED` (:func:`learned_merge_weights`), by its merge-method label."""
+    return {MERGE_METHODS[name].label: learned_merge_weights(cfg, layerwise=layerwise, device=device, progress=progress)
+            for name, layerwise in LEARNED.items()}
+
+
+def merge_costs(cfg: Config, learned: dict[str, LearnedWeights]) -> pd.DataFrame:
+    """What choosing the merge weights cost: the coordinate search of the merge stage (its record, when it has
+    one) beside each learned fit in ``learned`` (label → :class:`deme.learned.LearnedWeights`). Columns: wall
+    ``seconds``, ``forward passes`` and ``backward passes`` over the validation images, ``device``."""
+    rows = []
+    path = merge_dir(cfg) / "weights.json"
+    if path.exists():
+        rec = json.loads(path.read_text())
+        rows.append({"method": "coordinate search (04)", "seconds": rec.get("seconds", float("nan")),
+                     "forward passes": rec.get("evaluations"), "backward passes": 0, "device": rec.get("device")})
+    for label, fit in learned.items():
+        rows.append({"method": label, "seconds": fit.seconds, "forward passes": fit.steps + 1,
+                     "backward passes": fit.steps, "device": fit.device})
+    return pd.DataFrame(rows)

@@ -397,6 +397,12 @@ def test_merge_weight_search_on_a_tiny_sd_model(pipe_dir, folder, tmp_path, monk
     assert losses[(0.0, 0.0)] == pytest.approx(heldout_loss(base, cfg, x, cond)["loss"], rel=1e-5)
     assert losses[(1.0, 0.0)] == pytest.approx(heldout_loss(experts[0], cfg, x, cond)["loss"], rel=1e-5)
     assert losses[res.weights] == min(losses.values())
+    # the learned weights (layer-wise) fit the same caption-conditioned criterion, from uniform, inside [0, 1]
+    from deme.learned import cached_merge_weights
+    fit = cached_merge_weights(experts[0], base.state_dict(), [e.state_dict() for e in experts],
+                               cfg.replace(merge_learn_steps=2), layerwise=True, device="cpu")
+    assert fit.losses[0] == pytest.approx(losses[(0.5, 0.5)], rel=1e-5) and len(fit.losses) == 3
+    assert "mid_block" in fit.weights and all(0 <= v <= 1 for w in fit.weights.values() for v in w)
 
 
 def test_table2_protocol_on_a_tiny_sd_model(pipe_dir, tmp_path):
