@@ -188,6 +188,38 @@ def task_vector_plane_loss(base: nn.Module, expert_a: nn.Module, expert_b: nn.Mo
     return out
 
 
+def plane_around_minimum(base: nn.Module, expert_a: nn.Module, expert_b: nn.Module, cfg: Config,
+                         images: torch.Tensor, labels: torch.Tensor | None, coords, max_extensions: int = 2,
+                         **kwargs) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray], bool]:
+    """:func:`task_vector_plane_loss` on ``coords``, widened while its lowest point lies on the grid's edge: each
+    time by half the grid's points beyond that edge (same spacing; only the new points are computed, every point
+    with the same fixed batch), at most ``max_extensions`` times. Returns the loss, the axes ``(a, b)`` and
+    whether the lowest point is inside the grid (False: the grid still cannot locate it)."""
+    a, b = grid_coords(coords)
+    plane = task_vector_plane_loss(base, expert_a, expert_b, cfg, images, labels, (a, b), **kwargs)
+    for _ in range(max_extensions + 1):
+        i, j = np.unravel_index(np.argmin(plane), plane.shape)
+        edges = {"a-": i == 0, "a+": i == len(a) - 1, "b-": j == 0, "b+": j == len(b) - 1}
+        if not any(edges.values()):
+            return plane, (a, b), True
+        if _ == max_extensions:
+            break
+        for side in (s for s, hit in edges.items() if hit):
+            axis = a if side[0] == "a" else b
+            k, step = max(1, (len(axis) - 1) // 2), axis[1] - axis[0]
+            new = axis[0] - step * np.arange(k, 0, -1) if side[1] == "-" else axis[-1] + step * np.arange(1, k + 1)
+            part = task_vector_plane_loss(base, expert_a, expert_b, cfg, images, labels,
+                                          (new, b) if side[0] == "a" else (a, new), **kwargs)
+            low = side[1] == "-"
+            if side[0] == "a":
+                a, plane = (np.concatenate([new, a]), np.vstack([part, plane])) if low else \
+                    (np.concatenate([a, new]), np.vstack([plane, part]))
+            else:
+                b, plane = (np.concatenate([new, b]), np.hstack([part, plane])) if low else \
+                    (np.concatenate([b, new]), np.hstack([plane, part]))
+    return plane, (a, b), False
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Task-vector statistics (Fig. 6b)
 # ---------------------------------------------------------------------------------------------------------
