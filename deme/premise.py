@@ -320,18 +320,21 @@ def _interval(row) -> str:
 
 
 def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
-    """The README's premise section, from ``premise_fmnist.csv`` and ``proportions_fmnist.csv`` alone: the
-    proportions of every setting beside the paper's, then per setting the three checks (unconditional and
-    conditional Δ% with 95% intervals) and the verdict; the chosen setting is named, or the absence of one."""
+    """The README's premise section, from ``premise_fmnist.csv`` and ``proportions_fmnist.csv`` alone: the chosen
+    setting's proportions beside the paper's and its three checks (unconditional and conditional Δ% with 95%
+    intervals), then one line per setting tried with the checks it failed (every setting's table is in
+    ``figures/premise_fmnist.md``). Without a chosen setting the tables show every setting."""
     settings = list(dict.fromkeys(rows.setting))
-    qty = list(dict.fromkeys(props.quantity))
-    lines = ["| quantity | paper | " + " | ".join(dict.fromkeys(props.setting)) + " |",
-             "|---" * (2 + props.setting.nunique()) + "|"]
-    for q in qty:
-        p = props[props.quantity == q]
-        lines.append(f"| {q} | {p.paper.iloc[0]} | " + " | ".join(p.here) + " |")
+    chosen = list(rows[rows.chosen].setting.unique())
+    shown = chosen or settings
+    p = props[props.setting.isin(shown)]
+    lines = ["| quantity | paper | " + " | ".join(dict.fromkeys(p.setting)) + " |",
+             "|---" * (2 + p.setting.nunique()) + "|"]
+    for q in dict.fromkeys(p.quantity):
+        pq = p[p.quantity == q]
+        lines.append(f"| {q} | {pq.paper.iloc[0]} | " + " | ".join(pq.here) + " |")
     lines += ["", "| setting | check | unconditional Δ% [95% CI] | conditional Δ% [95% CI] |", "|---|---|---|---|"]
-    for s in settings:
+    for s in shown:
         r = rows[rows.setting == s]
         n = r.model.str.startswith("expert").sum() // max(r.condition.nunique(), 1)
         checks = [("(i) ensemble − standard, all t", "ensemble - standard", ["all"]),
@@ -340,16 +343,24 @@ def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
         for label, model, rng in checks:
             cells = [_interval(x) for x in r[(r.model == model) & r.range.isin(rng)].itertuples()]
             lines.append(f"| {s} | {label} | " + " | ".join(cells) + " |")
-    passing = [s for s in settings if rows[rows.setting == s].passes.all()]
-    chosen = rows[rows.chosen].setting.unique()
-    lines += ["", f"{len(settings)} setting(s) tried on the validation images, {len(passing)} pass all three checks"
-              + (f" ({'; '.join(passing)})" if passing else "") + "; "
-              + (f"chosen: **{chosen[0]}**" if len(chosen) else "none is chosen: no setting met the premise.")]
-    if len(chosen):
+    lines += ["", f"{len(settings)} setting(s) tried on the validation images (`figures/premise_fmnist.md` has every "
+              "one's table):"]
+    for s in settings:
+        r = rows[rows.setting == s]
+        failed = [k.split(")")[0] + ")" for k, ok in
+                  premise_checks(r, r.model.str.startswith("expert").sum() // max(r.condition.nunique(), 1)).items()
+                  if not ok]
+        change = r.base_change_pct.iloc[0] if "base_change_pct" in r else float("nan")
+        base = "" if pd.isna(change) else f"; its base moved {change:+.2f}% over its last fifth"
+        lines.append(f"- {s}: " + ("passes all three checks" if not failed else f"fails {', '.join(failed)}")
+                     + base + (" — **chosen**" if s in chosen else ""))
+    if chosen:
         converged = rows.get("base_converged", pd.Series(False, index=rows.index))[rows.chosen].any()
-        lines[-1] += (" (among the passing settings on a converged base, the largest gain over `standard`)."
-                      if converged else " (no passing setting's base is converged: the one whose base is closest to "
-                      "it, then the largest gain over `standard`).")
+        lines += ["", ("Chosen among the passing settings on a converged base: the largest gain over `standard`."
+                       if converged else "No passing setting's base is converged: chosen is the passing setting whose "
+                       "base is closest to it, then the largest gain over `standard`.")]
+    else:
+        lines += ["", "None is chosen: no setting met the premise."]
     return "\n".join(lines)
 
 

@@ -28,8 +28,9 @@ def test_render_replaces_only_the_marked_blocks(tmp_path):
     from tests.test_premise import _planted_losses
     rows = premise_rows(get_profile("smoke").replace(num_ranges=4), _planted_losses()).assign(passes=True)
     mark_chosen(rows).to_csv(tmp_path / "premise_fmnist.csv", index=False)
-    proportions(get_profile("fmnist-xs")).assign(setting="fmnist-xs").to_csv(tmp_path / "proportions_fmnist.csv",
-                                                                               index=False)
+    props = pd.concat([proportions(get_profile("fmnist-xs")).assign(setting="fmnist-xs"),
+                       proportions(get_profile("fmnist-xxs")).assign(setting="smoke, num_ranges=4")])
+    props.to_csv(tmp_path / "proportions_fmnist.csv", index=False)
     begin, end = markers("premise")
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nbefore\n\n{begin}\nstale\n{end}\n\nafter\n")
@@ -37,7 +38,13 @@ def test_render_replaces_only_the_marked_blocks(tmp_path):
     text = readme.read_text()
     assert text.startswith("# title\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "stale" not in text
     assert "| finetuning images per method / pretraining images (%) | 5.0% (4 × 20K × 64 / 800K × 128) |" in text
-    assert "chosen: **smoke, num_ranges=4**" in text
+    assert "- smoke, num_ranges=4: passes all three checks — **chosen**" in text
+    assert "| quantity | paper | smoke, num_ranges=4 |" in text                    # the chosen setting's column only
+    from deme.premise import readme_block
+    worse = rows.copy()
+    worse.loc[(worse.model == "ensemble - standard") & (worse.range == "all"), "ci95_high"] = 1.0
+    worse = worse.assign(chosen=False)
+    assert "- smoke, num_ranges=4: fails (i)\n" in readme_block(worse, props) + "\n"
     assert not update_readme(readme, tmp_path)                       # unchanged the second time
     readme.write_text("no markers\n")
     assert not update_readme(readme, tmp_path) and readme.read_text() == "no markers\n"
