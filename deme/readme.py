@@ -17,6 +17,7 @@ import pandas as pd
 
 from .analysis import similarity_summary
 from .config import repo_root
+from .heldout import verdict
 from .premise import readme_block as premise_block
 
 BLOCKS: dict[str, Callable[[Path], str]] = {}
@@ -128,6 +129,38 @@ def analyses(figures: Path) -> str:
     lines.append(f"- **(f) the high-noise range's task vector is larger** (Fig. 6b, descriptive): the spread of its "
                  f"entries is {ratio:.2f}× that of the low-noise range's (range {hi} vs range {lo}; the paper: "
                  "about 4×).")
+    return "\n".join(lines)
+
+
+@block("beyond")
+def beyond(figures: Path) -> str:
+    """The extensions beyond the paper, each as it was measured (evaluation images, all t): learned merge weights
+    against the searched, uniform and paper weights, with what each way of choosing cost; equal against
+    data-driven timestep ranges at equal budget (when ``python -m deme ranges --compare`` has run)."""
+    lines = []
+    learned = pd.read_csv(figures / "merge_learned_fmnist.csv")
+    learned = learned[learned["range"].astype(str) == "all"]
+    costs = pd.read_csv(figures / "merge_costs_fmnist.csv").set_index("method")
+    for model in dict.fromkeys(learned.model):
+        m = learned[learned.model == model]
+        parts = [f"vs {x.reference}, {x.condition} {interval(x.delta_pct, x.ci95_low, x.ci95_high, '%')} "
+                 f"*{verdict(x.ci95_low, x.ci95_high)}*" for x in m.itertuples()]
+        cost = f" (fitted in {costs.at[model, 'seconds']:.0f} s)" if model in costs.index else ""
+        lines.append(f"- **{model}**{cost}: " + "; ".join(parts) + ".")
+    if "coordinate search (04)" in costs.index:
+        lines.append(f"- The coordinate search it is compared with took "
+                     f"{costs.at['coordinate search (04)', 'seconds']:.0f} s.")
+    ranges = figures / "ranges_fmnist.csv"
+    if ranges.exists():
+        r = pd.read_csv(ranges)
+        r = r[~r.comparison.str.endswith("vs before finetuning")]
+        parts = [f"{x.kind}, {x.condition} {interval(x.delta_pct, x.ci95_low, x.ci95_high, '%')} *{x.verdict}*"
+                 for x in r.itertuples()]
+        lines.append(f"- **Timestep ranges from the gradients** ({r.comparison.iloc[0]}, equal budget): "
+                     + "; ".join(parts) + ".")
+    else:
+        lines.append("- **Timestep ranges from the gradients**: not compared in this reproduction "
+                     "(`python -m deme ranges --profile fmnist --compare --jobs 2`).")
     return "\n".join(lines)
 
 

@@ -72,3 +72,28 @@ def test_the_claims_block_has_every_row_of_the_claims_table():
     assert len(block.splitlines()) == 2 + len(claims)
     for x in claims.itertuples():
         assert f"| {x.claim} | {x.measure} | {interval(x.delta, x.ci95_low, x.ci95_high)} | {x.verdict} |" in block
+
+
+def test_the_beyond_block_reads_learned_merges_costs_and_ranges(tmp_path):
+    rows = [{"model": "learned", "range": "all", "condition": "unconditional", "delta_pct": -0.5, "ci95_low": -0.8,
+             "ci95_high": -0.2, "reference": "searched"},
+            {"model": "learned", "range": "0", "condition": "unconditional", "delta_pct": 9.0, "ci95_low": 8.0,
+             "ci95_high": 10.0, "reference": "searched"},
+            {"model": "learned", "range": "all", "condition": "unconditional", "delta_pct": 0.1, "ci95_low": -0.2,
+             "ci95_high": 0.4, "reference": "uniform"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "merge_learned_fmnist.csv", index=False)
+    pd.DataFrame([{"method": "coordinate search (04)", "seconds": 40.0}, {"method": "learned", "seconds": 12.4}]
+                 ).to_csv(tmp_path / "merge_costs_fmnist.csv", index=False)
+    text = BLOCKS["beyond"](tmp_path)
+    assert ("- **learned** (fitted in 12 s): vs searched, unconditional −0.50% [−0.80, −0.20] *better*; "
+            "vs uniform, unconditional +0.10% [−0.20, +0.40] *not resolved*.") in text
+    assert "took 40 s" in text and "9.0" not in text                                 # per-range rows left out
+    assert "not compared in this reproduction" in text
+    pd.DataFrame([{"comparison": "gradient vs equal", "kind": "merged", "condition": "unconditional",
+                   "delta_pct": 0.3, "ci95_low": 0.1, "ci95_high": 0.5, "verdict": "worse"},
+                  {"comparison": "gradient vs before finetuning", "kind": "merged", "condition": "unconditional",
+                   "delta_pct": -1.0, "ci95_low": -1.2, "ci95_high": -0.8, "verdict": "better"}]
+                 ).to_csv(tmp_path / "ranges_fmnist.csv", index=False)
+    text = BLOCKS["beyond"](tmp_path)
+    assert ("**Timestep ranges from the gradients** (gradient vs equal, equal budget): merged, unconditional "
+            "+0.30% [+0.10, +0.50] *worse*.") in text
