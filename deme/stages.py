@@ -25,7 +25,7 @@ from .metrics import compute_fid_kid, fid_from_features, reference_statistics
 from .models import base_model_path, build_unet, load_unet
 from .progress import tqdm
 from .runs import merge_dir, run_dir, write_json
-from .sampling import ddim_sample
+from .sampling import ddim_batches, ddim_sample
 from .timesteps import timestep_ranges
 from .train import load_checkpoint, train
 
@@ -192,7 +192,7 @@ def _inception_fid_score(cfg: Config, n: int, seed: int, steps: int, device, dty
     ref = reference_statistics(cfg, "train")
 
     def score(model) -> float:
-        return compute_fid_kid(ddim_sample(model, cfg, n, seed=seed, steps=steps), ref)["fid"]
+        return compute_fid_kid(ddim_batches(model, cfg, n, seed=seed, steps=steps), ref)["fid"]   # streamed
     return score, f"Inception FID ({n} samples, DDIM-{steps})"
 
 

@@ -20,11 +20,14 @@ import torchvision.datasets
 from PIL import Image
 
 import deme.train as train_mod
-from deme import data, sdeval
+from deme import analysis, data, sd, sdeval
 from deme.config import get_profile
 from deme.distributed import Processes
+from deme.heldout import heldout_losses
 from deme.metrics import reference_size
+from deme.models import build_unet, make_scheduler
 from deme.paired import _GramBootstrap, fid_bootstrap
+from deme.sampling import ddim_sample, noise_chunks
 
 
 class _Numbered(torch.utils.data.Dataset):
@@ -305,3 +308,169 @@ def test_the_lsun_dataset_pickles_for_spawned_loader_workers(monkeypatch):
     for i in range(3):
         (x, y), (x2, y2) = ds[i], again[i]
         assert x.shape == (3, 8, 8) and y == y2 == -1 and torch.equal(x, x2)
+
+
+# -- evaluation batches are configuration; chunking changes no number (issue 24, "What to build" 2) -----------------
+
+def test_the_embedded_default_keeps_the_batches_its_numbers_were_made_with():
+    """fmnist's committed results were sampled, scored and analysed with batches of 500, 500 and 256."""
+    fmnist = get_profile("fmnist")
+    assert (fmnist.sample_batch_size, fmnist.heldout_batch_size, fmnist.analysis_batch_size) == (500, 500, 256)
+    for name in ("cifar10", "church", "bedroom", "sd14"):
+        cfg = get_profile(name)
+        assert cfg.gpu_memory_gib and cfg.host_memory_gib, name        # sized: python -m deme rehearse --memory
+    assert "sample_batch_size" not in get_profile("church").training_identity()   # no finished run invalidated
+
+
+def test_noise_drawn_batch_by_batch_is_the_whole_draw():
+    """torch's own draw of all samples at once against noise_chunks: every chunk size, a share of the rows, sizes
+    that are and are not multiples of torch's 16-value blocks (whose ragged tail torch redraws), and fewer than 16."""
+    for shape in [(3, 4, 4), (1, 3, 3), (5,), (1, 1, 3), (2, 5, 5)]:
+        for n in (1, 7, 13):
+            whole = torch.randn((n, *shape), generator=torch.Generator().manual_seed(5))
+            for chunk in (1, 2, 5, n):
+                for rows in (range(n), range(n // 3, n), range(0, n // 2 + 1)):
+                    pieces = list(noise_chunks(n, shape, 5, chunk, rows))
+                    assert max(len(p) for p in pieces) <= chunk
+                    assert torch.equal(torch.cat(pieces), whole[rows.start:rows.stop]), (shape, n, chunk, rows)
+
+
+def _smoke_unet():
+    torch.manual_seed(0)
+    return build_unet(get_profile("smoke")).eval()
+
+
+def test_sampling_and_heldout_losses_in_small_batches_equal_one_batch():
+    cfg = get_profile("smoke")
+    model = _smoke_unet()
+    one = ddim_sample(model, cfg, 7, labels=torch.arange(7) % 10, steps=2, seed=3)               # 500 at once
+    small = ddim_sample(model, cfg.replace(sample_batch_size=3), 7, labels=torch.arange(7) % 10, steps=2, seed=3)
+    torch.testing.assert_close(small, one, rtol=0, atol=1e-5)
+    x, y = torch.rand(9, 1, 8, 8) * 2 - 1, torch.arange(9) % 10
+    whole, t = heldout_losses(model, cfg, x, y, seed=1)
+    chunked, t2 = heldout_losses(model, cfg.replace(heldout_batch_size=4), x, y, seed=1)
+    assert torch.equal(t, t2)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=0)
+
+
+def test_vae_encoding_in_chunks_draws_the_posterior_noise_of_one_call():
+    """FrozenEncoders.encode_images, 3 images per VAE call, against diffusers' own one-call encode + sample."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16).eval()
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    enc = sd.FrozenEncoders(vae, None, None, torch.device("cpu"), torch.float32, batch_size=3)
+    chunked = enc.encode_images(x, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(chunked, expected * vae.config.scaling_factor, rtol=1e-5, atol=1e-6)
+
+
+# -- notebook 01: back-propagation in micro-batches, full gradients never all held (issue 24, item 4) ----------
+
+def _gradient_by_hand(model, cfg, images, labels, t, seed):
+    """∇θ of the batch-mean ε-MSE written out, one backward over the whole batch."""
+    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    a = make_scheduler(cfg).alphas_cumprod[t]
+    xt = a.sqrt() * images + (1 - a).sqrt() * eps
+    out = model(xt, torch.full((len(images),), t), class_labels=labels).sample
+    grads = torch.autograd.grad(((out - eps) ** 2).mean(), list(model.parameters()), allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(grads, model.parameters())]).double()
+
+
+def test_gradients_accumulated_over_micro_batches_equal_the_one_batch_gradient_and_stream_their_products(monkeypatch):
+    """analysis_batch_size=2 over 6 images against one backward over all 6; then the cosines with one full gradient
+    held at a time (recomputing the later ones) against the cosines of the hand-computed gradients."""
+    cfg = get_profile("smoke", analysis_batch_size=2)
+    model = _smoke_unet()
+    x, y = torch.rand(6, 1, 8, 8) * 2 - 1, torch.arange(6) % 10
+    ts = [30, 400, 650, 980]
+    params = list(model.parameters())
+    grads, _ = analysis._batch_gradient(model, make_scheduler(cfg), params, x, analysis.fixed_noise(x.shape, 0), y,
+                                        400, cfg.analysis_batch_size)
+    by_hand = [_gradient_by_hand(model, cfg, x, y, t, 0) for t in ts]
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in grads]).double(), by_hand[1], rtol=1e-4, atol=1e-7)
+    calls = []
+    real = analysis._batch_gradient
+    monkeypatch.setattr(analysis, "_batch_gradient", lambda *a: calls.append(a[6]) or real(*a))
+    G = torch.stack(by_hand)
+    unit = G / G.norm(dim=1, keepdim=True)
+    expected = (unit @ unit.T).numpy()
+    all_held, info = analysis.gradient_similarity(model, cfg, x, y, ts)
+    assert len(calls) == 4 and info["held"] == 4
+    one_held, info1 = analysis.gradient_similarity(model, cfg, x, y, ts, held=1)
+    assert calls[4:] == [30, 400, 650, 980, 400, 650, 980, 650, 980, 980] and info1["held"] == 1
+    np.testing.assert_allclose(one_held, all_held, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(all_held, expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(info1["grad_norm"], info["grad_norm"])
+    big = get_profile("sd14")                  # 40 full gradients of SD's UNet: 137 GB; held: a quarter of the host
+    assert analysis.held_gradients(big, 859_520_964, 40) == int(big.host_memory_gib * 2 ** 30 / 4 // 3_438_083_856)
+    assert analysis.held_gradients(get_profile("fmnist"), 1_620_000, 40) == 40
+
+
+# -- Table 1's samples and the FID reference stream (issue 24, item 5) -----------------------------------------
+
+class _TinyInception(torch.nn.Module):
+    """A stand-in for the Inception network in its contract ((N, 3, 299, 299) in [0, 255] → (N, 2048)) that logs
+    the size of every batch it embeds."""
+
+    def __init__(self, log: list):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv, self.fc, self.log = torch.nn.Conv2d(3, 4, 5, stride=4), torch.nn.Linear(4, 2048), log
+        self.device, self.path = torch.device("cpu"), Path("tiny-inception")
+
+    @torch.no_grad()
+    def forward(self, x):
+        self.log.append(("inception", len(x)))
+        return self.fc(self.conv((x - 128) / 128).mean((2, 3)))
+
+
+def test_table_1_samples_are_scored_as_they_are_drawn_and_equal_the_in_memory_outputs(monkeypatch):
+    """sample_outputs with 5 samples per UNet call: the Inception network sees samples before the last batch is
+    drawn, no call holds more than a batch, and every output equals scoring all samples held at once."""
+    from deme import compare, metrics
+    from deme.classifier import SmallCNN, classifier_features, predict
+    cfg = get_profile("smoke", sample_batch_size=5)
+    log = []
+    tiny = _TinyInception(log)
+    monkeypatch.setattr(metrics, "inception_feature_extractor", lambda device=None: tiny)
+    model = _smoke_unet()
+    model.register_forward_pre_hook(lambda m, args: log.append(("unet", len(args[0]))))
+    torch.manual_seed(2)
+    clf = SmallCNN(cfg.image_size, cfg.channels, cfg.num_classes).eval()
+    out = compare.sample_outputs(model, cfg, seed=3, n=12, steps=2, classifier=clf)
+    unet = [i for i, (kind, _) in enumerate(log) if kind == "unet"]
+    first_inception = next(i for i, (kind, _) in enumerate(log) if kind == "inception")
+    assert first_inception < unet[-1] and max(n for kind, n in log if kind == "unet") <= 2 * 5   # ×2: guidance
+    log.clear()
+    uncond = ddim_sample(model, cfg, 12, seed=3, steps=2)
+    cond = ddim_sample(model, cfg, 12, labels=torch.arange(12) % 10, seed=3 + 10_000, steps=2)
+    np.testing.assert_array_equal(out["uncond_inception"], metrics.inception_features(uncond, extractor=tiny))
+    np.testing.assert_array_equal(out["cond_inception"], metrics.inception_features(cond, extractor=tiny))
+    np.testing.assert_array_equal(out["cond_pred"], predict(clf, cond).numpy())
+    np.testing.assert_array_equal(out["cond_classifier"], classifier_features(clf, cond).double().numpy())
+
+
+def test_the_fid_reference_streams_loader_images_to_features(tmp_path, monkeypatch):
+    """CIFAR-10 through its loader, 6 images at a time: the chunks are those of one pass, and the statistics equal
+    those of all 20 images embedded at once."""
+    from deme import metrics
+    from deme.rehearse import write_cifar10
+    write_cifar10(tmp_path / "data", per_batch=8)
+    monkeypatch.setenv("DEME_DATA", str(tmp_path / "data"))
+    tiny = _TinyInception([])
+    monkeypatch.setattr(metrics, "inception_feature_extractor", lambda device=None: tiny)
+    cfg = get_profile("cifar10", num_workers=0, fid_reference_size=20)
+    chunks = list(metrics._real_images(cfg, "train", 20, 0, chunk=6))
+    whole = torch.cat(list(metrics._real_images(cfg, "train", 20, 0)))
+    assert [len(c) for c in chunks] == [6, 6, 6, 2] and whole.shape == (20, 3, 32, 32)
+    assert torch.equal(torch.cat(chunks), whole)
+    feats = metrics.inception_features(whole, extractor=tiny)
+    np.testing.assert_array_equal(metrics.inception_features(iter(chunks), extractor=tiny), feats)
+    ref = metrics.reference_statistics(cfg, "train", cache_dir=tmp_path, progress=False, device="cpu")
+    np.testing.assert_allclose(ref.mu, feats.mean(0, dtype=np.float64), rtol=1e-12)
+    np.testing.assert_allclose(ref.sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-12, atol=1e-12)
