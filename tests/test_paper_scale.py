@@ -474,3 +474,57 @@ def test_the_fid_reference_streams_loader_images_to_features(tmp_path, monkeypat
     ref = metrics.reference_statistics(cfg, "train", cache_dir=tmp_path, progress=False, device="cpu")
     np.testing.assert_allclose(ref.mu, feats.mean(0, dtype=np.float64), rtol=1e-12)
     np.testing.assert_allclose(ref.sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-12, atol=1e-12)
+
+
+def test_concurrent_fashion_mnist_downloads_run_once_and_readers_never_see_a_partial_file(tmp_path, monkeypatch):
+    """As for CIFAR-10: the jobs of `reproduce --jobs 2` (threads here) ask for Fashion-MNIST at once, online, with
+    no copy: torchvision's download (a stand-in writing each file in two halves) runs once, every caller gets its
+    split, and a reader of the final folder never meets a missing or half-written file."""
+    sizes = {"train": 6, "t10k": 2}
+
+    def idx(array) -> bytes:
+        return bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape) + array.tobytes()
+
+    blobs = {f"{p}-{kind}": idx(np.zeros((n, 28, 28), np.uint8) if kind == "images-idx3-ubyte" else
+                                np.arange(n, dtype=np.uint8))
+             for p, n in sizes.items() for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")}
+    calls = []
+
+    class SlowFashionMNIST:
+        def __init__(self, root, train=True, download=False):
+            calls.append(root)
+            raw = Path(root) / "FashionMNIST" / "raw"
+            raw.mkdir(parents=True, exist_ok=True)
+            for name, blob in blobs.items():
+                with open(raw / name, "wb") as f:
+                    f.write(blob[:len(blob) // 2])
+                    f.flush()
+                    time.sleep(0.02)
+                    f.write(blob[len(blob) // 2:])
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", SlowFashionMNIST)
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "none"))
+    monkeypatch.delenv("DEME_FMNIST_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("DEME_DATA", str(tmp_path / "data"))
+    raw, done, problems = tmp_path / "data" / "FashionMNIST" / "raw", threading.Event(), []
+
+    def watch():
+        while not done.is_set():
+            if raw.is_dir():
+                try:
+                    assert [len(data._read_idx(raw / name)) for name in blobs] == [6, 6, 2, 2]
+                except Exception as e:          # a missing or half-written file
+                    problems.append(e)
+            time.sleep(0.002)
+
+    with ThreadPoolExecutor(5) as pool:
+        watcher = pool.submit(watch)
+        try:
+            got = list(pool.map(lambda split: len(data.load_fmnist_raw(split)[0]), ["train", "test"] * 2))
+        finally:
+            done.set()
+        watcher.result()
+    assert len(calls) == 1 and not problems, (calls, problems[:2])
+    assert got == [6, 2, 6, 2]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".FashionMNIST.lock", "FashionMNIST"]
