@@ -134,6 +134,47 @@ def test_lsun_church_split_sizes_are_the_hub_datasets_and_the_docs_say_so():
     assert "train 119,915" in docs and "LSUN church_outdoor train, 126,227" not in docs
 
 
+def _slow_download(blobs: dict[str, bytes], folder: str, calls: list):
+    """A stand-in for a torchvision dataset class whose download writes ``blobs`` straight under ``root/folder``,
+    each file in two halves with a pause between them (what a reader racing the download may meet)."""
+    class Slow:
+        def __init__(self, root, train=True, download=False):
+            calls.append(root)
+            out = Path(root) / folder
+            out.mkdir(parents=True, exist_ok=True)
+            for name, blob in blobs.items():
+                with open(out / name, "wb") as f:
+                    f.write(blob[:len(blob) // 2])
+                    f.flush()
+                    time.sleep(0.02)
+                    f.write(blob[len(blob) // 2:])
+    return Slow
+
+
+def _racing(calls, folder: Path, read) -> tuple[list, list]:
+    """Run ``calls`` (no-argument functions) at once on threads while another thread calls ``read()`` whenever
+    ``folder`` exists; returns (the calls' results, the exceptions the reader met)."""
+    done, problems = threading.Event(), []
+
+    def watch():
+        while not done.is_set():
+            if folder.is_dir():
+                try:
+                    read()
+                except Exception as e:          # a missing or half-written file
+                    problems.append(e)
+            time.sleep(0.002)
+
+    with ThreadPoolExecutor(len(calls) + 1) as pool:
+        watcher = pool.submit(watch)
+        try:
+            results = list(pool.map(lambda call: call(), calls))
+        finally:
+            done.set()
+        watcher.result()
+    return results, problems
+
+
 def test_concurrent_cifar10_downloads_run_once_and_readers_never_see_a_partial_file(tmp_path, monkeypatch):
     """Four processes' worth of callers (threads here) ask for CIFAR-10 at once, online, with no copy yet: the
     stand-in for torchvision's download (which writes straight under its root, each file in two halves) must
@@ -143,41 +184,12 @@ def test_concurrent_cifar10_downloads_run_once_and_readers_never_see_a_partial_f
     blobs = {name: pickle.dumps({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [1, 2, 3, 4]})
              for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
     calls = []
-
-    class SlowCIFAR10:
-        def __init__(self, root, train=True, download=False):
-            calls.append(root)
-            out = Path(root) / "cifar-10-batches-py"
-            out.mkdir(parents=True, exist_ok=True)
-            for name, blob in blobs.items():
-                with open(out / name, "wb") as f:
-                    f.write(blob[:len(blob) // 2])
-                    f.flush()
-                    time.sleep(0.02)
-                    f.write(blob[len(blob) // 2:])
-
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", SlowCIFAR10)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _slow_download(blobs, "cifar-10-batches-py", calls))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("DEME_DATA", str(tmp_path / "data"))
-    done, problems = threading.Event(), []
-
-    def watch():
-        while not done.is_set():
-            if (tmp_path / "data" / "cifar-10-batches-py").is_dir():
-                try:
-                    data.CIFAR10Images(tmp_path / "data", 32, split="train")
-                    data.CIFAR10Images(tmp_path / "data", 32, split="test")
-                except Exception as e:          # a missing or half-written batch
-                    problems.append(e)
-            time.sleep(0.002)
-
-    with ThreadPoolExecutor(5) as pool:
-        watcher = pool.submit(watch)
-        try:
-            sizes = list(pool.map(lambda split: len(data.cifar10_dataset(32, split=split)), ["train", "test"] * 2))
-        finally:
-            done.set()
-        watcher.result()
+    sizes, problems = _racing([lambda split=split: len(data.cifar10_dataset(32, split=split))
+                               for split in ["train", "test"] * 2], tmp_path / "data" / "cifar-10-batches-py",
+                              lambda: [data.CIFAR10Images(tmp_path / "data", 32, split=s) for s in ("train", "test")])
     assert len(calls) == 1 and not problems, (calls, problems[:2])
     assert sizes == [20, 4, 20, 4]
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".cifar-10-batches-py.lock",
@@ -480,51 +492,25 @@ def test_concurrent_fashion_mnist_downloads_run_once_and_readers_never_see_a_par
     """As for CIFAR-10: the jobs of `reproduce --jobs 2` (threads here) ask for Fashion-MNIST at once, online, with
     no copy: torchvision's download (a stand-in writing each file in two halves) runs once, every caller gets its
     split, and a reader of the final folder never meets a missing or half-written file."""
-    sizes = {"train": 6, "t10k": 2}
-
-    def idx(array) -> bytes:
+    def idx(array) -> bytes:             # the IDX format: 0, 0, type 8 (ubyte), ndim, big-endian sizes, the bytes
         return bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape) + array.tobytes()
 
     blobs = {f"{p}-{kind}": idx(np.zeros((n, 28, 28), np.uint8) if kind == "images-idx3-ubyte" else
                                 np.arange(n, dtype=np.uint8))
-             for p, n in sizes.items() for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")}
+             for p, n in (("train", 6), ("t10k", 2)) for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")}
     calls = []
-
-    class SlowFashionMNIST:
-        def __init__(self, root, train=True, download=False):
-            calls.append(root)
-            raw = Path(root) / "FashionMNIST" / "raw"
-            raw.mkdir(parents=True, exist_ok=True)
-            for name, blob in blobs.items():
-                with open(raw / name, "wb") as f:
-                    f.write(blob[:len(blob) // 2])
-                    f.flush()
-                    time.sleep(0.02)
-                    f.write(blob[len(blob) // 2:])
-
-    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", SlowFashionMNIST)
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", _slow_download(blobs, "FashionMNIST/raw", calls))
     monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "none"))
     monkeypatch.delenv("DEME_FMNIST_DIR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("DEME_DATA", str(tmp_path / "data"))
-    raw, done, problems = tmp_path / "data" / "FashionMNIST" / "raw", threading.Event(), []
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
 
-    def watch():
-        while not done.is_set():
-            if raw.is_dir():
-                try:
-                    assert [len(data._read_idx(raw / name)) for name in blobs] == [6, 6, 2, 2]
-                except Exception as e:          # a missing or half-written file
-                    problems.append(e)
-            time.sleep(0.002)
+    def read():
+        assert [len(data._read_idx(raw / name)) for name in blobs] == [6, 6, 2, 2]
 
-    with ThreadPoolExecutor(5) as pool:
-        watcher = pool.submit(watch)
-        try:
-            got = list(pool.map(lambda split: len(data.load_fmnist_raw(split)[0]), ["train", "test"] * 2))
-        finally:
-            done.set()
-        watcher.result()
+    got, problems = _racing([lambda split=split: len(data.load_fmnist_raw(split)[0])
+                             for split in ["train", "test"] * 2], raw, read)
     assert len(calls) == 1 and not problems, (calls, problems[:2])
     assert got == [6, 2, 6, 2]
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".FashionMNIST.lock", "FashionMNIST"]
