@@ -3,6 +3,7 @@ the paired FID bootstrap's memory, the data loader under several processes, conc
 reference images written by every process, the LSUN split sizes, the fp16 loss scaler and the EMA."""
 
 import contextlib
+import os
 import pickle
 import sys
 import threading
@@ -514,3 +515,25 @@ def test_concurrent_fashion_mnist_downloads_run_once_and_readers_never_see_a_par
     assert len(calls) == 1 and not problems, (calls, problems[:2])
     assert got == [6, 2, 6, 2]
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".FashionMNIST.lock", "FashionMNIST"]
+
+
+def test_ant_uw_log_variances_stay_identical_across_ddp_processes(tmp_path):
+    """Two gloo processes, each its own batch: the log-variances live outside the DDP module (their own AdamW group),
+    yet both processes must end with the same ones — those of one process trained on both batches together (per
+    cluster, the mean over processes of the per-process losses) — and the same weights."""
+    import subprocess
+
+    import uw_worker
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(Path(__file__).parent / "uw_worker.py"), str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in (0, 1)]
+    together = uw_worker.run([0, 1], ddp=False)
+    assert torch.equal(ranks[0]["log_vars"], ranks[1]["log_vars"]) and torch.equal(ranks[0]["weight"],
+                                                                                   ranks[1]["weight"])
+    assert (together["log_vars"].abs() > 0.05).all()                # trained, and apart from each other
+    torch.testing.assert_close(ranks[0]["log_vars"], together["log_vars"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["weight"], together["weight"], rtol=0, atol=1e-6)
