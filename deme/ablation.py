@@ -21,14 +21,15 @@ from typing import Callable
 import pandas as pd
 import torch
 
+from .analysis import find_gradient_ranges
 from .compare import merge_variants
 from .config import Config
 from .heldout import heldout_table, paired_losses, relative_difference, verdict
 from .merge import MERGE_METHODS, merged_model
 from .models import load_unet
-from .runs import merge_dir, run_dir, variant_tag
-from .sampling import TimestepEnsemble
-from .stages import load_base, load_experts
+from .ranges import range_bounds, resolved
+from .runs import merge_dir, run_dir, save_table, variant_tag
+from .stages import load_base, load_ensemble, load_experts
 from .train import train
 
 # The paper's Table 3 (docs/method.md §6): CIFAR-10, 100-step DDIM, FID ↓. N=8 there.
@@ -47,8 +48,11 @@ def total_steps(cfg: Config) -> int:
 
 
 def at_budget(cfg: Config, num_ranges: int) -> Config:
-    """``cfg`` with ``num_ranges`` ranges at the same total budget: K' = ⌊N×K / N'⌋ steps per range."""
-    return cfg.replace(num_ranges=num_ranges, steps_per_range=max(1, total_steps(cfg) // num_ranges))
+    """``cfg`` with ``num_ranges`` ranges at the same total budget: K' = ⌊N×K / N'⌋ steps per range. Explicit
+    boundaries belong to the profile's N: with another N the ranges are equal ("gradient" ones are found anew)."""
+    keep = isinstance(cfg.range_bounds, str) or num_ranges == cfg.num_ranges
+    return cfg.replace(num_ranges=num_ranges, steps_per_range=max(1, total_steps(cfg) // num_ranges),
+                       range_bounds=cfg.range_bounds if keep else "equal")
 
 
 def table3_variants(cfg: Config, num_ranges: int | None = None) -> dict[str, Config]:
@@ -153,7 +157,7 @@ def variant_models(cfg: Config, variants: dict[str, Config]) -> list[tuple[str, 
         out.append((name, "merge", f"{tag} uniform merge",
                     lambda v=v: merge_models(v, ("uniform",))[MERGE_METHODS["uniform"].label]))
         out.append((name, "ensemble", ens_key,
-                    lambda v=v: TimestepEnsemble(load_experts(v), v.num_train_timesteps)))
+                    lambda v=v: load_ensemble(v)))
     return out
 
 
@@ -187,7 +191,7 @@ def merge_method_heldout(cfg: Config, part: str = "evaluation", progress: bool =
     models = {"Before finetuning": lambda: load_base(cfg, projection=False),
               "task arithmetic, searched (04)": one("searched"),
               **{m.label: one(name) for name, m in MERGE_METHODS.items()},
-              "ensemble (before merge)": lambda: TimestepEnsemble(load_experts(cfg), cfg.num_train_timesteps)}
+              "ensemble (before merge)": lambda: load_ensemble(cfg)}
     return heldout_table(paired_losses(models, cfg, part, progress=progress), cfg)
 
 
@@ -248,7 +252,7 @@ def budget_study(cfg: Config, budgets, part: str = "evaluation", progress: bool 
     for k in budgets:
         c = cfg.replace(steps_per_range=k)
         entries = {"standard": lambda c=c: load_unet(run_dir(c.replace(method="standard", range_index=None)) / "model"),
-                   "DeMe ensemble": lambda c=c: TimestepEnsemble(load_experts(c), c.num_train_timesteps),
+                   "DeMe ensemble": lambda c=c: load_ensemble(c),
                    "DeMe merge, uniform 1/N": merge_variants(c)["DeMe merge, uniform 1/N"]}
         for kind, load in entries.items():
             models[f"K={k} {kind}"] = load
@@ -282,3 +286,55 @@ def step_table(rows: pd.DataFrame, losses: dict, kinds: tuple[str, ...] = ("merg
              for k in kinds for c in dict.fromkeys(rows.condition)]
     out = pd.concat(parts, ignore_index=True)
     return out[["kind", "condition", "from", "to", "delta_pct", "ci95_low", "ci95_high", "verdict"]]
+
+
+RANGE_CHOICES = ("equal", "gradient")
+"""The ranges :func:`compare_ranges` sets against each other by default: the paper's and the data-driven ones."""
+
+
+def range_variants(cfg: Config, choices=RANGE_CHOICES) -> dict[str, Config]:
+    """DeMe with each choice of ranges (a ``Config.range_bounds`` value: "equal", "gradient" or N+1 boundaries),
+    named by its boundaries, at the profile's budget: N ranges of K steps each whatever their widths, N×K steps
+    in all. "gradient" ranges are found first (:func:`deme.analysis.find_gradient_ranges`) and pinned as a list."""
+    out = {}
+    for choice in choices:
+        v = cfg.replace(method="deme", range_index=None, range_bounds=choice)
+        if v.range_bounds == "gradient":
+            find_gradient_ranges(v)
+        label = v.range_bounds if isinstance(v.range_bounds, str) else "explicit"
+        out[f"{label} ranges {list(range_bounds(v))}"] = resolved(v)
+    return out
+
+
+def ranges_table(rows: pd.DataFrame, losses: dict, variants: dict[str, Config]) -> pd.DataFrame:
+    """From :func:`variant_heldout`'s rows and losses, over all t: each variant against before finetuning, and each
+    later variant against the first (the same images, noise and timesteps: paired Δ% with its 95% interval), for
+    the merged model (w = 1/N) and the ensemble, per condition. Columns ``comparison, kind, condition, delta_pct,
+    ci95_low, ci95_high, verdict``."""
+    t = rows[rows["range"] == "all"]
+    out = [{"comparison": f"{r.variant} vs before finetuning", "kind": r.kind, "condition": r.condition,
+            "delta_pct": r.delta_pct, "ci95_low": r.ci95_low, "ci95_high": r.ci95_high,
+            "verdict": verdict(r.ci95_low, r.ci95_high)} for r in t.itertuples()]
+    first, *others = list(variants)
+    for kind in dict.fromkeys(t.kind):
+        key = dict(zip(t.variant[t.kind == kind], t.model[t.kind == kind]))
+        for c in dict.fromkeys(t.condition):
+            for name in others:
+                d, lo, hi = relative_difference(losses[key[name]][c], losses[key[first]][c])
+                out.append({"comparison": f"{name} vs {first}", "kind": kind, "condition": c, "delta_pct": d,
+                            "ci95_low": lo, "ci95_high": hi, "verdict": verdict(lo, hi)})
+    return pd.DataFrame(out)
+
+
+def compare_ranges(cfg: Config, choices=RANGE_CHOICES, part: str = "evaluation", jobs: int = 1,
+                   name: str = "ranges_fmnist", progress: bool = False) -> pd.DataFrame:
+    """Equal against data-driven ranges at equal budget (docs/method.md §2.4): train every run of
+    :func:`range_variants` not trained yet (:func:`train_variants`, ``jobs`` at once), score the merged models
+    (w = 1/N) and the ensembles on the ``part`` images by the paired held-out loss (:func:`variant_heldout`), and
+    save :func:`ranges_table`, with the part and the budget, as ``<name>.csv`` beside the figures. Returns it."""
+    variants = range_variants(cfg, choices)
+    train_variants(variants, jobs=jobs)
+    rows, losses = variant_heldout(cfg, variants, part, progress=progress)
+    table = ranges_table(rows, losses, variants).assign(part=part, budget_steps=total_steps(cfg))
+    save_table(table, cfg, name)
+    return table

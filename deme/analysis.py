@@ -30,6 +30,7 @@ their "labels" are caption embeddings, fed as ``encoder_hidden_states`` (:func:`
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Mapping, NamedTuple, Sequence
 
@@ -40,10 +41,12 @@ from torch import nn
 
 from .config import Config, display_path, figures_dir, get_profile
 from .data import get_dataset, load_tensor_dataset, training_batches
-from .heldout import heldout_loss
+from .heldout import heldout_loss, model_fingerprint
 from .losses import per_sample_mse
 from .models import conditioning_kwargs, count_parameters, load_unet, make_scheduler
 from .progress import tqdm
+from .ranges import coherence, gradient_record_path, grid_bounds, segment_similarity
+from .runs import device_name, git_commit, package_versions, write_json
 from .stages import ensure_base_model
 
 TensorDict = dict[str, torch.Tensor]
@@ -109,7 +112,7 @@ def fixed_batch_loss(model: nn.Module, cfg: Config, images: torch.Tensor, labels
     (default [0, T)) — :func:`deme.heldout.heldout_loss` restricted to ``t_range``, ``batch_size`` images per forward
     (default ``cfg.analysis_batch_size``)."""
     return heldout_loss(model, cfg, images, labels, seed, t_range=t_range,
-                        batch_size=batch_size or cfg.analysis_batch_size)["loss"]
+                        batch_size=batch_size or cfg.analysis_batch_size, ranges=())["loss"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -355,6 +358,48 @@ def conflict_panels(model: nn.Module, cfg: Config, images: torch.Tensor, labels:
     order = [conditional, not conditional]
     return {names[c]: gradient_similarity(model, cfg, images, model_labels(cfg, labels, conditional=c), k, seed=seed,
                                           projection_dim=projection_dim, progress=False) for c in order}
+
+
+RANGE_SKETCH = (1 << 28, 4096)
+"""(floats, d): the "gradient" ranges keep the K full gradients while K·P stays under ``floats`` (1 GiB of float32),
+else Gaussian sketches of dimension d (cosine error ≈ 0.016)."""
+
+
+def find_gradient_ranges(cfg: Config, device: str | None = None, progress: bool = False) -> dict:
+    """The "gradient" timestep ranges of ``cfg`` (``range_bounds="gradient"``, docs/method.md §2.4): notebook 01's
+    similarity matrix of the base model's loss gradients (the profile's analysis sizes, the fixed batch and noise of
+    seed 0, the true labels or captions the model trains on) split into ``cfg.num_ranges`` contiguous segments
+    (:func:`deme.ranges.segment_similarity`), their edges on the grid's bin edges.
+
+    Found once and recorded at :func:`deme.ranges.gradient_record_path` — the boundaries, the matrix, the
+    coherence of each segment beside that of the equal ranges, the base model and what computed it; later calls
+    (and every run, :func:`deme.ranges.range_bounds`) read the record. Returns the record."""
+    path = gradient_record_path(cfg)
+    if path.exists():
+        return json.loads(path.read_text())
+    size, T, N = analysis_sizes(cfg), cfg.num_train_timesteps, cfg.num_ranges
+    k = size["num_timesteps_grid"]
+    if k < N:
+        raise ValueError(f"{N} gradient ranges need at least {N} grid timesteps; the analysis sizes "
+                         f"{cfg.analysis_sizes!r} have {k} (deme.analysis.ANALYSIS_SIZES)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base_path = ensure_base_model(cfg)
+    model = load_unet(base_path).to(device).eval()
+    images, labels = analysis_batch(cfg, size["batch"], seed=0)
+    dim = None if count_parameters(model) * k <= RANGE_SKETCH[0] else RANGE_SKETCH[1]
+    sim, info = gradient_similarity(model, cfg, images, model_labels(cfg, labels, conditional=True), k, seed=0,
+                                    projection_dim=dim, progress=progress)
+    edges = segment_similarity(sim, N)
+    equal = [int(e) for e in np.searchsorted(info["timesteps"], [i * T // N for i in range(N + 1)])]
+    record = {"range_bounds": list(grid_bounds(edges, k, T)), "num_ranges": N, "grid_edges": edges,
+              "coherence": coherence(sim, edges), "equal_coherence": coherence(sim, equal),
+              "timesteps": info["timesteps"].tolist(), "similarity": sim.tolist(), "method": info["method"],
+              "base_model": display_path(base_path), "base_fingerprint": model_fingerprint(model),
+              "batch": size["batch"], "seed": 0, "seconds": round(info["seconds"], 1),
+              "device": device_name(torch.device(device), threads=True), "commit": git_commit(),
+              "versions": package_versions()}
+    write_json(path, record)
+    return record
 
 
 def format_similarity_summary(summary: Mapping, info: Mapping, num_train_timesteps: int) -> str:

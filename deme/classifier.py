@@ -60,9 +60,10 @@ class SmallCNN(nn.Module):
 
 
 def classifier_path(cfg: Config) -> Path:
-    """The classifier checkpoint of a profile: ``data/<dataset>_classifier.pt`` for the embedded default
-    (committed), ``runs/<profile>/classifier.pt`` otherwise. Its provenance is the same path in .json."""
-    if cfg.profile == "fmnist":
+    """The classifier checkpoint of a profile: ``data/<dataset>_classifier.pt`` for the embedded default's
+    16x16 Fashion-MNIST (committed; every fmnist profile shares it), ``runs/<profile>/classifier.pt`` otherwise.
+    Its provenance is the same path in .json."""
+    if cfg.dataset == "fmnist" and cfg.image_size == 16:
         return repo_root() / "data" / f"{cfg.dataset}_classifier.pt"
     return repo_root() / "runs" / cfg.profile / "classifier.pt"
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m deme reproduce|rehearse|train|compare|premise|profiles|colab``.
+"""Command line: ``python -m deme reproduce|rehearse|train|compare|premise|ranges|profiles|readme|colab``.
 
     python -m deme reproduce --profile fmnist          # the main job: every notebook that exists, in order
     python -m deme reproduce --profile fmnist --force   # redo stages whose outputs exist
@@ -6,6 +6,8 @@
     python -m deme rehearse --profile church            # a paper profile end to end on CPU stand-ins (deme.rehearse)
     accelerate launch -m deme compare --profile cifar10  # 05's samples and scores, sharded over the processes
     python -m deme premise fmnist-xs fmnist-xxs --jobs 2   # the miniature's premise on candidate settings
+    python -m deme ranges --profile fmnist               # the "gradient" timestep ranges of the base model
+    python -m deme ranges --profile fmnist --compare --jobs 2   # equal vs gradient ranges at equal budget
     python -m deme colab --repository https://github.com/OWNER/NAME   # Colab badges and set-up cells (deme.colab)
 
 A project error (a missing base model or dataset, an unknown profile, a setting out of range) ends with one line
@@ -101,7 +103,18 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--name", default="premise_fmnist", help="table name under figures/ (CSV, Markdown, LaTeX)")
     m.add_argument("--capacity", action="store_true", help="instead: the capacity x budget map of the settings on "
                    "the evaluation images (figures/capacity_fmnist.csv)")
+    rg = sub.add_parser("ranges", help="find the base model's \"gradient\" timestep ranges (range_bounds=gradient) "
+                       "and record them; --compare: equal vs gradient ranges at equal budget (deme.ablation)")
+    rg.add_argument("--profile", default=None)
+    rg.add_argument("--num-ranges", type=int, default=None, help="N (default: the profile's)")
+    rg.add_argument("--compare", action="store_true", help="train both, judge them on the held-out loss and write "
+                   "the table beside the figures")
+    rg.add_argument("--jobs", type=int, default=1, help="training runs at once (one thread each)")
+    rg.add_argument("--part", default="evaluation", choices=["validation", "evaluation"])
+    rg.add_argument("--name", default="ranges_fmnist", help="table name under figures/ (CSV)")
     sub.add_parser("profiles", help="list the profiles")
+    sub.add_parser("readme", help="rewrite the README's generated result blocks from the tables in figures/ "
+                   "(deme.readme)")
     g = sub.add_parser("colab", help="stamp the notebooks and the README with 'Open in Colab' badges and the Colab "
                        "set-up cell, for the repository's public URL")
     g.add_argument("--repository", required=True, help="https://github.com/OWNER/NAME")
@@ -135,7 +148,8 @@ def rehearse_command(a) -> None:
 
 
 def premise_command(a) -> None:
-    from .premise import capacity_table, parse_setting, premise_table, save_premise, update_readme
+    from .premise import capacity_table, parse_setting, premise_table, save_premise
+    from .readme import update_readme
     settings = [checked_settings(parse_setting, s) for s in a.settings]
     if a.capacity:
         from .plots import plot_capacity, save_figure
@@ -148,7 +162,25 @@ def premise_command(a) -> None:
     table = premise_table(settings, jobs=a.jobs, draws=a.draws, progress=True)
     print(save_premise(table, settings, a.name).to_string())
     if a.name == "premise_fmnist" and update_readme():
-        print("README.md: the premise block regenerated from figures/premise_fmnist.csv and proportions_fmnist.csv")
+        print("README.md: its generated blocks rewritten from figures/")
+
+
+def readme_command(a) -> None:
+    from .readme import update_readme
+    print("README.md " + ("rewritten from figures/" if update_readme() else "already matches figures/"))
+
+
+def ranges_command(a) -> None:
+    from .ablation import compare_ranges
+    from .analysis import find_gradient_ranges
+    over = {} if a.num_ranges is None else {"num_ranges": a.num_ranges}
+    cfg = checked_settings(get_profile, a.profile, range_bounds="gradient", **over)
+    if a.compare:
+        print(compare_ranges(cfg, jobs=a.jobs, part=a.part, name=a.name, progress=True).to_string())
+        return
+    rec = find_gradient_ranges(cfg, progress=True)
+    print(f"{cfg.profile}, N={cfg.num_ranges}: gradient ranges {rec['range_bounds']} (coherence "
+          f"{[round(c, 3) for c in rec['coherence']]}; equal ranges: {[round(c, 3) for c in rec['equal_coherence']]})")
 
 
 def profiles_command(a) -> None:
@@ -167,4 +199,5 @@ def colab_command(a) -> None:
 
 
 COMMANDS = {"reproduce": reproduce_command, "rehearse": rehearse_command, "compare": compare_command,
-            "premise": premise_command, "profiles": profiles_command, "colab": colab_command}
+            "premise": premise_command, "ranges": ranges_command, "profiles": profiles_command,
+            "readme": readme_command, "colab": colab_command}

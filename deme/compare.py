@@ -42,10 +42,10 @@ from .models import load_unet
 from .paired import fid_bootstrap, paired_difference, paired_fid, paired_kid, t_interval
 from .progress import tqdm
 from .runs import atomic_write, merge_dir, run_dir, write_json
-from .sampling import TimestepEnsemble, ddim_batches
+from .sampling import ddim_batches
 from .sd import generate
 from .sdeval import COCO_FID_REFERENCES, evaluate, prepare_reference_folder, prepare_val2014_reference
-from .stages import PAPER_MERGE_WEIGHTS, load_base, load_experts
+from .stages import PAPER_MERGE_WEIGHTS, load_base, load_ensemble, load_experts
 from .streams import Grouped, fan_out
 
 # The paper's numbers (docs/method.md §6), shown beside ours in separate, labelled tables — never mixed with ours.
@@ -90,7 +90,7 @@ def comparison_models(cfg: Config,
 
     rows = {"Before finetuning": lambda: load_base(cfg, projection=False)}
     rows.update({get_method(m).display: baseline(m) for m in (all_baselines() if baselines is None else baselines)})
-    rows["DeMe (before merge)"] = lambda: TimestepEnsemble(load_experts(cfg), cfg.num_train_timesteps)
+    rows["DeMe (before merge)"] = lambda: load_ensemble(cfg)
     rows["DeMe (after merge)"] = merged
     return rows
 

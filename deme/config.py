@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .methods import get_method
+from .timesteps import check_range_bounds
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 """The folder that holds this package: the repository root of a clone."""
@@ -69,7 +70,7 @@ class Config:
     pretrain_lr: float = 2e-4
     pretrain_warmup: int = 0
     # (start, end, floor): constant lr until step start, linear to floor * lr at step end, then constant there. A
-    # base that converges in CPU time (docs/method.md §9); None: constant (or warmup + cosine, pretrain_warmup)
+    # base that converges in CPU time (docs/method.md §4.2); None: constant (or warmup + cosine, pretrain_warmup)
     pretrain_cooldown: tuple[int, int, float] | None = None
     # -- finetuning (DeMe and baselines; docs/method.md §4, LSUN-Church recipe) --------------------------
     lr: float = 5e-5                      # constant, no warmup
@@ -90,6 +91,9 @@ class Config:
     ema_power: float = 0.75
     # -- DeMe (docs/method.md §2) -------------------------------------------------------------------------
     num_ranges: int = 4                   # N
+    range_bounds: str | tuple[int, ...] = "equal"   # "equal": [iT/N, (i+1)T/N) (the paper) | N+1 boundaries
+                                          # (0, b_1, ..., T) | "gradient": found from the base model's gradient
+                                          # similarity and recorded (deme.ranges; docs/method.md §2.4)
     steps_per_range: int = 20_000         # K optimizer steps per range; baselines train N*K steps
     p_global: float = 0.3                 # probabilistic sampling: P(draw t from [0,T)) (Eq. 6)
     sampling: str = "antithetic"          # "antithetic" (one Bernoulli per micro-batch, as released) | "iid"
@@ -149,10 +153,15 @@ class Config:
             raise ValueError(f"sampling must be 'antithetic' or 'iid', got {self.sampling!r}")
         if not 0.0 <= self.p_global <= 1.0:
             raise ValueError(f"p_global must lie in [0, 1], got {self.p_global}")
-        if self.num_train_timesteps % self.num_ranges:
+        if not 1 <= self.num_ranges <= self.num_train_timesteps:
+            raise ValueError(f"num_ranges={self.num_ranges} must lie in 1..T={self.num_train_timesteps}")
+        if self.range_bounds == "equal" and self.num_train_timesteps % self.num_ranges:
             raise ValueError(
                 f"N={self.num_ranges} ranges do not divide T={self.num_train_timesteps} timesteps; "
-                "choose N among the divisors of T (e.g. 1, 2, 4, 5, 8, 10)")
+                "choose N among the divisors of T (e.g. 1, 2, 4, 5, 8, 10), or give the boundaries (range_bounds)")
+        if self.range_bounds not in ("equal", "gradient"):   # explicit boundaries, kept as a tuple of ints
+            object.__setattr__(self, "range_bounds",
+                               check_range_bounds(self.range_bounds, self.num_train_timesteps, self.num_ranges))
         if self.steps_per_range < 1 or (self.method == "pretrain" and self.pretrain_steps < 1):
             which = "pretrain_steps" if self.method == "pretrain" else "steps_per_range"
             raise ValueError(f"{which}={getattr(self, which)}: a training run needs at least one optimizer step "
@@ -264,13 +273,18 @@ FINETUNING_ONLY = frozenset({
 """Fields a pretraining run never reads: two profiles that pretrain alike (e.g. a candidate launched as another
 profile with overrides) share its checkpoints and manifest."""
 
+DEME_ONLY = frozenset({"range_bounds"})
+"""Fields only DeMe's range runs read: a baseline trained over all timesteps leaves them out of its identity, so
+DeMe variants with other ranges share one baseline."""
+
 
 def training_identity(d: dict[str, Any]) -> dict[str, Any]:
     """:meth:`Config.training_identity` of a stored config dict (e.g. from a checkpoint or manifest). Fields
     the dict has but :class:`Config` no longer has (removed evaluation settings) are ignored; a pretraining
-    run's identity leaves out :data:`FINETUNING_ONLY`."""
+    run's identity leaves out :data:`FINETUNING_ONLY`, any other run but DeMe's leaves out :data:`DEME_ONLY`."""
     fields = {f.name for f in dataclasses.fields(Config)}
-    skip = NOT_TRAINING | (FINETUNING_ONLY if d.get("method") == "pretrain" else frozenset())
+    skip = NOT_TRAINING | (FINETUNING_ONLY if d.get("method") == "pretrain" else frozenset()) | (
+        DEME_ONLY if d.get("method", "deme") != "deme" else frozenset())
     return {k: v for k, v in normalized(d).items() if k in fields and k not in skip}
 
 
@@ -316,20 +330,6 @@ PROFILES: dict[str, Config] = {
         analysis_sizes="smoke", sample_steps=5, guidance_scale=2.0, merge_grid=(0.0, 0.5, 1.0),
         fid_samples=12, fid_reference_size=100,
     ),
-    # The embedded default: 16x16 Fashion-MNIST, class-conditional, pretrained by notebook 02. Finetuning in
-    # float32 (bf16 autocast is ~15x slower on CPUs without native bf16, and rounds small updates away), with an
-    # EMA that starts at the pretrained weights (decay 0.999, no warmup) and lr 2e-5 — the setting the
-    # probe in the README found to degrade plain finetuning least; see the budget study of notebook 06.
-    "fmnist": Config(
-        profile="fmnist", dataset="fmnist", image_size=16, channels=1, num_classes=10, label_dropout=0.1,
-        unet=_FMNIST_UNET, pretrain_steps=20_000, pretrain_batch_size=256, pretrain_lr=5e-4,
-        pretrain_warmup=500,
-        lr=2e-5, batch_size=32, grad_accum=2, mixed_precision="no", ema_warmup=False, ema_max_decay=0.999,
-        num_ranges=4, steps_per_range=300, p_global=0.3, checkpoint_every=100, log_every=25,
-        heldout_every=0, heldout_size=512, validation_size=2000, num_workers=0,
-        sample_steps=25, guidance_scale=1.0,   # DDIM-25 (the paper: 50 for LSUN, 100 for the CIFAR ablation): CPU time
-        merge_grid=(0.0, 0.25, 0.5, 0.75, 1.0), fid_samples=1000, fid_reference_size=10_000,
-    ),
 }
 # Candidates for the miniature (deme.premise; figures/premise_fmnist.csv): the paper's proportions on the CPU. A
 # DDPM-like pretraining (constant lr 1e-3, batch 128, diffusers' warmup EMA 0.9999: ~3M images), then finetuning
@@ -346,8 +346,29 @@ _MINIATURE = dict(
 _PAPER_MACHINE = dict(gpu_memory_gib=78.0, host_memory_gib=128.0)   # an 80 GB GPU: ~78 GiB usable
 _LSUN_BATCHES = dict(sample_batch_size=64, heldout_batch_size=64, analysis_batch_size=8, **_PAPER_MACHINE)
 PROFILES |= {
+    # The embedded default, the paper in miniature (docs/method.md §4.2; figures/proportions_fmnist.csv,
+    # premise_fmnist.csv): the 18K-parameter candidate, pretrained at a constant lr then cooled down to a floor and
+    # held there until its held-out loss stops moving, finetuned on 5% of its pretraining images at half the
+    # noise temperature of its final lr, every finetuned model with diffusers' warmup EMA.
+    "fmnist": Config(profile="fmnist", unet=_small_unet((4, 8, 8), 4), **{
+        **_MINIATURE, "pretrain_steps": 36_000, "pretrain_cooldown": (24_000, 25_000, 0.1), "lr": 2.5e-5,
+        "steps_per_range": 900, "heldout_every": 800}),
+    # The embedded default until 2026-12 (1.62M parameters, committed in data/fmnist-1.6m_base): a base that was
+    # still improving, finetuned on 1% of its pretraining images at 3x its noise temperature with an EMA that keeps
+    # 74% of theta (decay 0.999 from the pretrained weights) — the proportions that hid the paper's phenomenon
+    # (docs/method.md §4.2). Kept as a secondary profile; its results are not the headline.
+    "fmnist-1.6m": Config(
+        profile="fmnist-1.6m", dataset="fmnist", image_size=16, channels=1, num_classes=10, label_dropout=0.1,
+        unet=_FMNIST_UNET, pretrain_steps=20_000, pretrain_batch_size=256, pretrain_lr=5e-4,
+        pretrain_warmup=500,
+        lr=2e-5, batch_size=32, grad_accum=2, mixed_precision="no", ema_warmup=False, ema_max_decay=0.999,
+        num_ranges=4, steps_per_range=300, p_global=0.3, checkpoint_every=100, log_every=25,
+        heldout_every=0, heldout_size=512, validation_size=2000, num_workers=0,
+        sample_steps=25, guidance_scale=1.0,   # DDIM-25 (the paper: 50 for LSUN, 100 for the CIFAR ablation): CPU time
+        merge_grid=(0.0, 0.25, 0.5, 0.75, 1.0), fid_samples=1000, fid_reference_size=10_000,
+    ),
     "fmnist-xs": Config(profile="fmnist-xs", unet=_small_unet((8, 16, 16), 4), **_MINIATURE),     # 71K parameters
-    "fmnist-xxs": Config(profile="fmnist-xxs", unet=_small_unet((4, 8, 8), 4), **_MINIATURE),     # 20K parameters
+    "fmnist-xxs": Config(profile="fmnist-xxs", unet=_small_unet((4, 8, 8), 4), **_MINIATURE),     # 18K parameters
     # The paper's settings (docs/method.md §4): pretrained models from the hub, GPU and internet. Evaluation batches
     # sized for one 80 GB GPU and 128 GiB of host RAM (python -m deme rehearse --memory; docs/paper_scale.md).
     "cifar10": Config(

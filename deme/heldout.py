@@ -34,8 +34,9 @@ from .losses import per_sample_mse
 from .metrics import _default_device
 from .models import conditioning_kwargs, make_scheduler
 from .progress import tqdm
+from .ranges import config_ranges
 from .runs import atomic_write
-from .timesteps import stratified_timesteps, timestep_ranges
+from .timesteps import stratified_timesteps
 
 CONDITIONS = ("unconditional", "conditional")
 
@@ -88,15 +89,16 @@ def heldout_losses(model, cfg: Config, images: torch.Tensor, cond: torch.Tensor 
 
 
 def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor | dict | None, seed: int = 0,
-                 num_ranges: int | None = None, batch_size: int | None = None,
+                 ranges: list[tuple[int, int]] | None = None, batch_size: int | None = None,
                  t_range: tuple[int, int] | None = None) -> dict[str, float]:
     """The mean of :func:`heldout_losses`: ``{"loss": ...}``, plus ``range_k`` (the loss restricted to each of
-    ``num_ranges`` ranges, default the profile's N) when ``t_range`` is the whole [0, T)."""
+    ``ranges``, default the run's, :func:`deme.ranges.config_ranges`; ``()``: none) when ``t_range`` is the whole
+    [0, T)."""
     T = cfg.num_train_timesteps
     per, t = heldout_losses(model, cfg, images, labels, seed, t_range, batch_size)
     out = {"loss": per.mean().item()}
     if tuple(t_range or (0, T)) == (0, T):
-        for k, (lo, hi) in enumerate(timestep_ranges(T, num_ranges or cfg.num_ranges)):
+        for k, (lo, hi) in enumerate(config_ranges(cfg) if ranges is None else ranges):
             out[f"range_{k}"] = per[(t >= lo) & (t < hi)].mean().item()
     return out
 
@@ -251,13 +253,15 @@ def paired_losses(models: Mapping[str, Callable[[], torch.nn.Module]], cfg: Conf
 
 
 def heldout_table(losses: Mapping[str, Mapping[str, np.ndarray]], cfg: Config, reference: str = "Before finetuning",
-                  num_ranges: int | None = None) -> pd.DataFrame:
+                  ranges: list[tuple[int, int]] | None = None) -> pd.DataFrame:
     """The paired comparison of :func:`paired_losses`: one row per model, range (``all`` = [0, T), then
-    ``0 … N−1``) and condition, with columns ``model, range, condition, loss, delta_pct, ci95_low, ci95_high``
-    (Δ% against ``reference`` with its 95% interval; the reference's own rows have Δ = 0)."""
+    ``0 … N−1`` of ``ranges``, default the run's, :func:`deme.ranges.config_ranges`) and condition, with columns
+    ``model, range, condition, loss, delta_pct, ci95_low, ci95_high`` (Δ% against ``reference`` with its 95%
+    interval; the reference's own rows have Δ = 0)."""
     T = cfg.num_train_timesteps
     ref = losses[reference]
-    bounds = [("all", (0, T))] + [(str(k), b) for k, b in enumerate(timestep_ranges(T, num_ranges or cfg.num_ranges))]
+    parts = config_ranges(cfg) if ranges is None else ranges
+    bounds = [("all", (0, T))] + [(str(k), b) for k, b in enumerate(parts)]
     rows = []
     for name, res in losses.items():
         for rng, (lo, hi) in bounds:

@@ -375,10 +375,11 @@ def reference_cache_path(cfg: Config, split: str = "train", n: int | None = None
                          cache_dir: str | os.PathLike | None = None) -> Path:
     """Where :func:`reference_statistics` caches: ``<cache_dir>/<dataset>_<size>px_<split>_<n>.npz``.
 
-    Default ``cache_dir``: ``data/fid_stats`` for the embedded default (committed), else ``runs/fid_stats``.
+    Default ``cache_dir``: ``data/fid_stats`` for Fashion-MNIST (the embedded default's, committed), else
+    ``runs/fid_stats``.
     """
     if cache_dir is None:
-        cache_dir = repo_root() / ("data" if cfg.profile == "fmnist" else "runs") / "fid_stats"
+        cache_dir = repo_root() / ("data" if cfg.dataset == "fmnist" else "runs") / "fid_stats"
     return Path(cache_dir) / f"{cfg.dataset}_{cfg.image_size}px_{split}_{reference_size(cfg, split, n)}.npz"
 
 

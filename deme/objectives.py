@@ -10,7 +10,8 @@ import torch
 
 from .config import Config
 from .losses import loss_weight, snr
-from .timesteps import antithetic, sample_timesteps, timestep_ranges
+from .ranges import config_ranges
+from .timesteps import antithetic, sample_timesteps
 
 
 class Objective:
@@ -44,7 +45,7 @@ class DeMeObjective(Objective):
         super().__init__(cfg, alphas_cumprod)
         if cfg.range_index is None:
             raise ValueError(f"method 'deme' needs a range index in 0..{cfg.num_ranges - 1}")
-        self.interval = timestep_ranges(cfg.num_train_timesteps, cfg.num_ranges)[cfg.range_index]
+        self.interval = config_ranges(cfg)[cfg.range_index]
 
     def timesteps(self, batch: int, generator: torch.Generator) -> torch.Tensor:
         c = self.cfg

@@ -25,15 +25,15 @@ import numpy as np
 import pandas as pd
 
 from .ablation import merge_models, total_steps, train_variants
-from .config import Config, get_profile, normalized, parse_assignments, repo_root
+from .config import Config, get_profile, normalized, parse_assignments
 from .heldout import CONDITIONS, paired_losses, relative_difference
 from .merge import MERGE_METHODS
 from .models import base_model_path, load_unet
+from .ranges import config_ranges
 from .runs import run_dir, save_table, variant_tag
-from .sampling import TimestepEnsemble
-from .stages import ensure_base_model, last_fraction_change, load_base, load_experts
-from .timesteps import timestep_ranges
-from .train import CONVERGENCE_SNAPSHOT, lr_factor
+from .schedule import lr_factor
+from .stages import ensure_base_model, last_fraction_change, load_base, load_ensemble, load_experts
+from .train import CONVERGENCE_SNAPSHOT
 
 MIN_GAIN_PCT = 0.3
 """(ii): the least gain of the ensemble over the base, in percent of the base's held-out loss."""
@@ -119,6 +119,19 @@ def convergence(cfg: Config, base_dir: str | Path | None = None, part: str = "va
     return relative_difference(losses["final"]["unconditional"], losses["at 4/5"]["unconditional"])
 
 
+def convergence_verdict(delta: float, low: float, high: float, tolerance: float = CONVERGED_PCT) -> str:
+    """One sentence on a paired last-fifth change (Δ%, low, high): converged when the whole interval lies inside
+    ±``tolerance``, still improving when it lies below −``tolerance``, otherwise not resolved at this tolerance."""
+    measured = f"{delta:+.3f}% [{low:+.3f}, {high:+.3f}]"
+    if -tolerance < low and high < tolerance:
+        return f"converged: the held-out loss moved {measured} over the last fifth, inside ±{tolerance:g}%"
+    if high < -tolerance:
+        return f"not converged: the held-out loss still fell {measured} over the last fifth (beyond −{tolerance:g}%)"
+    if low > tolerance:
+        return f"not converged: the held-out loss rose {measured} over the last fifth (beyond +{tolerance:g}%)"
+    return f"not resolved: the last fifth's change {measured} reaches past ±{tolerance:g}%"
+
+
 def setting_name(cfg: Config) -> str:
     """A setting's name: the profile and the training fields it changes (:func:`deme.runs.variant_tag`)."""
     return cfg.profile + variant_tag(cfg).replace("__", ", ")
@@ -138,7 +151,7 @@ def premise_losses(cfg: Config, part: str = "validation", draws: int = 2, progre
     experts = lambda: load_experts(cfg)   # noqa: E731
     models = {"base": lambda: load_base(cfg, projection=False)}
     models |= {f"expert {i}": (lambda i=i: experts()[i]) for i in range(cfg.num_ranges)}
-    models["ensemble"] = lambda: TimestepEnsemble(experts(), cfg.num_train_timesteps)
+    models["ensemble"] = lambda: load_ensemble(cfg)
     models["standard"] = lambda: load_unet(run_dir(cfg.replace(method="standard", range_index=None)) / "model")
     models[MERGED] = lambda: merge_models(cfg, ("uniform",))[MERGE_METHODS["uniform"].label]
     return paired_losses(models, cfg, part, progress=progress, draws=draws)
@@ -173,7 +186,7 @@ def premise_rows(cfg: Config, losses: dict) -> pd.DataFrame:
     standard`` (Δ% against ``standard``) over all t and per range; columns ``setting, model, range, condition,
     delta_pct, ci95_low, ci95_high``."""
     T, N = cfg.num_train_timesteps, cfg.num_ranges
-    bounds = {"all": (0, T)} | {str(k): b for k, b in enumerate(timestep_ranges(T, N))}
+    bounds = {"all": (0, T)} | {str(k): b for k, b in enumerate(config_ranges(cfg))}
     pairs = [(f"expert {i}", "base", str(i)) for i in range(N)]
     pairs += [("ensemble", "base", "all")]                 # per range, the ensemble is its expert (rows above)
     pairs += [("standard", "base", r) for r in bounds]
@@ -203,14 +216,18 @@ def premise_checks(rows: pd.DataFrame, num_ranges: int) -> dict[str, bool]:
 
 def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int = 2, progress: bool = False) -> pd.DataFrame:
     """Train and judge every setting on the validation images (:func:`premise_rows`), mark the settings that
-    pass all three checks, and choose among those the one whose ensemble gains most over ``standard``
-    (unconditional, all t). Columns: ``setting, chosen, passes, model, range, condition, delta_pct, ci95_low,
-    ci95_high``."""
+    pass all three checks, measure each base's convergence (:func:`convergence`), and choose by :func:`mark_chosen`.
+    Columns: ``setting, chosen, passes, base_converged, base_change_pct, model, range, condition, delta_pct,
+    ci95_low, ci95_high``."""
     tables = []
     for cfg in settings:
         train_setting(cfg, jobs)
         rows = premise_rows(cfg, premise_losses(cfg, "validation", draws, progress))
-        tables.append(rows.assign(passes=all(premise_checks(rows, cfg.num_ranges).values())))
+        base = Path(base_model_path(cfg)).parent
+        change = convergence(cfg, base) if (base / CONVERGENCE_SNAPSHOT / "config.json").exists() else None
+        tables.append(rows.assign(passes=all(premise_checks(rows, cfg.num_ranges).values()),
+                                  base_change_pct=change[0] if change else float("nan"),
+                                  base_converged=bool(change) and convergence_verdict(*change).startswith("converged")))
     return mark_chosen(pd.concat(tables, ignore_index=True))
 
 
@@ -225,14 +242,24 @@ def capacity_table(settings: Iterable[Config], jobs: int = 1, draws: int = 2, pr
 
 
 def mark_chosen(rows: pd.DataFrame) -> pd.DataFrame:
-    """``rows`` of several settings (with their ``passes``) with a ``chosen`` column: among the settings that pass,
-    the one whose ensemble gains most over ``standard`` (unconditional, all t); none when no setting passes."""
+    """``rows`` of several settings (with their ``passes`` and, where measured, ``base_change_pct`` — the base's
+    paired change over the last fifth of its pretraining — and ``base_converged``) with a ``chosen`` column. Among
+    the settings that pass: those on a converged base first, the one whose ensemble gains most over ``standard``
+    (unconditional, all t); when no passing setting's base is converged, the one whose base is closest to it
+    (smallest |change|), then the largest gain. None when no setting passes."""
     rows = rows.reset_index(drop=True)
+    if "base_converged" not in rows:
+        rows = rows.assign(base_converged=False, base_change_pct=float("nan"))
     key = rows[(rows.model == "ensemble - standard") & (rows.range == "all") & (rows.condition == "unconditional")
                & rows.passes]
+    if key.base_converged.any():
+        key = key[key.base_converged]
+    elif key.base_change_pct.notna().any():
+        key = key[key.base_change_pct.abs() == key.base_change_pct.abs().min()]
     chosen = key.loc[key.delta_pct.idxmin(), "setting"] if len(key) else None
     out = rows.assign(chosen=rows.setting == chosen)
-    return out[["setting", "chosen", "passes", "model", "range", "condition", "delta_pct", "ci95_low", "ci95_high"]]
+    return out[["setting", "chosen", "passes", "base_converged", "base_change_pct", "model", "range", "condition",
+                "delta_pct", "ci95_low", "ci95_high"]]
 
 
 def parse_setting(spec: str) -> Config:
@@ -247,7 +274,7 @@ def pretraining_record(base_dir: str | Path) -> dict:
     return json.loads((Path(base_dir) / "manifest.json").read_text())
 
 
-def proportions_table(settings: Iterable[Config], reference: str | None = "fmnist") -> pd.DataFrame:
+def proportions_table(settings: Iterable[Config], reference: str | None = "fmnist-1.6m") -> pd.DataFrame:
     """:func:`proportions` of every setting (its base's real pretraining record and, where the base kept its
     4/5 snapshot, its measured :func:`convergence`), and of the ``reference`` profile where its base is there,
     with a ``setting`` column."""
@@ -288,10 +315,6 @@ def save_premise(rows: pd.DataFrame, settings: Iterable[Config], name: str = "pr
     return formatted
 
 
-README_MARKERS = ("<!-- premise:begin (generated by deme.premise.readme_block from figures/*.csv) -->",
-                  "<!-- premise:end -->")
-
-
 def _interval(row) -> str:
     return f"{row.delta_pct:+.3f} [{row.ci95_low:+.3f}, {row.ci95_high:+.3f}]"
 
@@ -302,7 +325,7 @@ def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
     conditional Δ% with 95% intervals) and the verdict; the chosen setting is named, or the absence of one."""
     settings = list(dict.fromkeys(rows.setting))
     qty = list(dict.fromkeys(props.quantity))
-    lines = [README_MARKERS[0], "", "| quantity | paper | " + " | ".join(dict.fromkeys(props.setting)) + " |",
+    lines = ["| quantity | paper | " + " | ".join(dict.fromkeys(props.setting)) + " |",
              "|---" * (2 + props.setting.nunique()) + "|"]
     for q in qty:
         p = props[props.quantity == q]
@@ -321,8 +344,24 @@ def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
     chosen = rows[rows.chosen].setting.unique()
     lines += ["", f"{len(settings)} setting(s) tried on the validation images, {len(passing)} pass all three checks"
               + (f" ({'; '.join(passing)})" if passing else "") + "; "
-              + (f"chosen: **{chosen[0]}**." if len(chosen) else "none is chosen: no setting met the premise.")]
-    return "\n".join(lines + ["", README_MARKERS[1]])
+              + (f"chosen: **{chosen[0]}**" if len(chosen) else "none is chosen: no setting met the premise.")]
+    if len(chosen):
+        converged = rows.get("base_converged", pd.Series(False, index=rows.index))[rows.chosen].any()
+        lines[-1] += (" (among the passing settings on a converged base, the largest gain over `standard`)."
+                      if converged else " (no passing setting's base is converged: the one whose base is closest to "
+                      "it, then the largest gain over `standard`).")
+    return "\n".join(lines)
+
+
+def _schedule_words(pre: Config) -> str:
+    """The pretraining lr schedule in words (:func:`deme.train.lr_factor`)."""
+    if pre.pretrain_warmup:
+        return f"with {pre.pretrain_warmup:,} warmup steps, then a cosine decay to 10%"
+    if pre.pretrain_cooldown:
+        start, end, floor = pre.pretrain_cooldown
+        return (f"constant to step {start:,}, then linear to {floor * pre.pretrain_lr:g} at step {end:,} and "
+                "constant there")
+    return "constant"
 
 
 def write_provenance(base_dir: str | Path, cfg: Config, command: str, conv: tuple[float, float, float],
@@ -340,7 +379,7 @@ def write_provenance(base_dir: str | Path, cfg: Config, command: str, conv: tupl
             ("model", f"diffusers `UNet2DModel`, {n_params:,} parameters (`model/config.json`); EMA weights"),
             ("command", f"`{command}`"),
             ("recipe", f"{man['steps']:,} steps × {man['images_per_step']} images, AdamW lr {pre.pretrain_lr:g} "
-                       f"constant, betas {tuple(pre.adam_betas)}, wd {pre.weight_decay:g}, grad clip "
+                       f"{_schedule_words(pre)}, betas {tuple(pre.adam_betas)}, wd {pre.weight_decay:g}, grad clip "
                        f"{pre.max_grad_norm:g}; EMA {pre.ema_max_decay:g} with warmup (diffusers' rule)"),
             ("device", f"{man['device']}, torch {man['torch']}, mixed precision: {man['mixed_precision']}"),
             ("wall time", f"{man['wall_time_s_last_session'] / 60:.0f} min (last session)"),
@@ -358,17 +397,3 @@ def write_provenance(base_dir: str | Path, cfg: Config, command: str, conv: tupl
     return path
 
 
-def update_readme(readme: str | Path | None = None, figures: str | Path | None = None) -> bool:
-    """Replace the README's premise block (between :data:`README_MARKERS`) by :func:`readme_block` of the committed
-    ``premise_fmnist.csv`` and ``proportions_fmnist.csv``. Returns whether the README changed; a README without
-    the markers is left alone (False)."""
-    readme = Path(readme or repo_root() / "README.md")
-    figures = Path(figures or repo_root() / "figures")
-    text = readme.read_text()
-    if README_MARKERS[0] not in text or README_MARKERS[1] not in text:
-        return False
-    block = readme_block(pd.read_csv(figures / "premise_fmnist.csv"), pd.read_csv(figures / "proportions_fmnist.csv"))
-    a, b = text.index(README_MARKERS[0]), text.index(README_MARKERS[1]) + len(README_MARKERS[1])
-    new = text[:a] + block + text[b:]
-    readme.write_text(new)
-    return new != text

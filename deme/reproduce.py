@@ -16,13 +16,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import papermill as pm
+import torch
 from traitlets.config import Config
 
 from .colab import SETUP_TAG
-from .config import get_profile, normalized, repo_root
+from .config import figures_dir, get_profile, normalized, repo_root
 from .methods import baselines
-from .runs import package_versions, write_json
+from .runs import device_name, git_commit, package_versions, write_json
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"   # the notebooks ship beside the package
 
@@ -155,6 +157,18 @@ def _run_stage(k: int, n_stages: int, name: str, notebook: str, params: dict, *,
     return rec
 
 
+def write_timing(records: list[dict], wall: float, cfg, jobs: int) -> Path:
+    """``figures/reproduce_time_<profile>.csv`` of a reproduction that ran every stage: each stage's seconds and
+    the wall clock of the whole, with the machine, date, commit and ``jobs`` (the README's time block reads it)."""
+    rows = [{"stage": r["stage"], "seconds": r["seconds"]} for r in records]
+    rows.append({"stage": "total (wall clock)", "seconds": wall})
+    table = pd.DataFrame(rows).assign(machine=device_name(torch.device("cpu")), date=time.strftime("%Y-%m-%d"),
+                                      commit=git_commit(), jobs=jobs)
+    path = figures_dir(cfg) / f"reproduce_time_{cfg.profile}.csv"
+    table.to_csv(path, index=False)
+    return path
+
+
 def reproduce(profile: str | None = None, force: bool = False, only: list[str] | None = None,
               update_notebooks: bool | None = None, jobs: int = 1, full: bool = False,
               keep_going: bool = False) -> list[dict]:
@@ -223,6 +237,8 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     print(f"reproduce {cfg.profile}: {len(out)} stages, {len(ran)} run this time in {time.time() - started:.0f} s "
           f"(wall clock; stage times summed: {sum(r['seconds'] for r in ran):.0f} s); executed notebooks in {out_dir}")
     failed = [r["stage"] for r in out if r.get("failed")]
+    if len(ran) == len(plan) and not failed:
+        write_timing(out, time.time() - started, cfg, jobs)
     if failed:
         print(f"FAILED stages ({len(failed)}): {', '.join(failed)} — see their notebooks in {out_dir}")
     return out

@@ -23,15 +23,17 @@ import pandas as pd
 import torch
 
 from .config import PROFILES, Config, figures_dir, repo_root
+from .ranges import resolved
 
 
 def variant_tag(cfg: Config, *, with_num_ranges: bool = True) -> str:
     """The training fields of ``cfg`` that differ from its profile, as a folder-name suffix:
     ``"__consistency_weight=0.0__p_global=0.1"`` ("" for the profile's own settings). ``num_ranges`` is left
     out when ``with_num_ranges`` is False (DeMe folders carry it as ``N<n>``). Run folders use it, so an
-    ablation variant never overwrites or resumes from the profile's own run."""
+    ablation variant never overwrites or resumes from the profile's own run. A DeMe run's "gradient" ranges are
+    named by their recorded boundaries (:func:`deme.ranges.resolved`), as its manifest records them."""
     ref = PROFILES[cfg.profile].training_identity() if cfg.profile in PROFILES else {}
-    mine = cfg.training_identity()
+    mine = (resolved(cfg) if cfg.method == "deme" else cfg).training_identity()
     skip = {"profile", "method", "range_index"} | (set() if with_num_ranges else {"num_ranges"})
     diffs = sorted(k for k, v in mine.items() if k not in skip and v != ref.get(k))
     return "".join(f"__{k}=" + json.dumps(mine[k], separators=(",", ":")).replace("/", "_").replace('"', "")

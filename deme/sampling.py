@@ -22,19 +22,27 @@ from .data import get_dataset
 from .models import make_scheduler
 from .progress import tqdm
 from .sd import PAPER_PROMPTS, generate
-from .timesteps import range_of
+from .timesteps import check_range_bounds, timestep_ranges, which_range
 
 
 class TimestepEnsemble(nn.Module):
     """DeMe before merge: at timestep t, the expert whose range holds t predicts the noise.
 
-    Same FLOPs per step as one model, N× the storage. ``experts[i]`` covers ``[i·T/N, (i+1)·T/N)``.
+    Same FLOPs per step as one model, N× the storage. ``experts[i]`` covers ``ranges[i]`` — the run's ranges
+    (:func:`deme.ranges.config_ranges`; :func:`deme.stages.load_ensemble` passes them) — by default the equal
+    ``[i·T/N, (i+1)·T/N)``.
     """
 
-    def __init__(self, experts: list[nn.Module], num_train_timesteps: int = 1000):
+    def __init__(self, experts: list[nn.Module], num_train_timesteps: int = 1000,
+                 ranges: list[tuple[int, int]] | None = None):
         super().__init__()
         self.experts = nn.ModuleList(experts)
         self.num_train_timesteps = num_train_timesteps
+        self.ranges = timestep_ranges(num_train_timesteps, len(experts)) if ranges is None else \
+            [(int(lo), int(hi)) for lo, hi in ranges]
+        if any(a[1] != b[0] for a, b in zip(self.ranges, self.ranges[1:])):
+            raise ValueError(f"the ensemble's ranges {self.ranges} are not contiguous")
+        check_range_bounds([lo for lo, _ in self.ranges] + [self.ranges[-1][1]], num_train_timesteps, len(experts))
         self.config = experts[0].config
 
     @property
@@ -48,7 +56,7 @@ class TimestepEnsemble(nn.Module):
     def forward(self, sample: torch.Tensor, timestep, class_labels=None, return_dict: bool = True, **kw):
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(sample.shape[0]) if t.ndim == 0 else t
-        which = range_of(t, self.num_train_timesteps, len(self.experts))
+        which = which_range(t, self.ranges)
         out = torch.empty_like(sample)
         n = sample.shape[0]
         for i in which.unique().tolist():

@@ -24,9 +24,9 @@ from .merge import merged_model, task_arithmetic
 from .metrics import compute_fid_kid, fid_from_features, reference_statistics
 from .models import base_model_path, build_unet, load_unet
 from .progress import tqdm
+from .ranges import config_ranges
 from .runs import merge_dir, run_dir, write_json
-from .sampling import ddim_batches, ddim_sample
-from .timesteps import timestep_ranges
+from .sampling import TimestepEnsemble, ddim_batches, ddim_sample
 from .train import load_checkpoint, train
 
 
@@ -92,7 +92,8 @@ def training_config(profile: str | None = None, method: str = "deme", range_inde
 
 def describe_training(cfg: Config) -> str:
     """What a training run does, in two or three lines (printed by notebook 03)."""
-    ranges = timestep_ranges(cfg.num_train_timesteps, cfg.num_ranges)
+    # a baseline never reads the ranges: unfound "gradient" ones are named, not looked up
+    ranges = cfg.range_bounds if cfg.method != "deme" and cfg.range_bounds == "gradient" else config_ranges(cfg)
     lines = [f"profile={cfg.profile} method={cfg.method} N={cfg.num_ranges} ranges={ranges}"]
     if cfg.method == "deme":
         lines.append(f"range {cfg.range_index}: t in {ranges[cfg.range_index]}, p={cfg.p_global} ({cfg.sampling}), "
@@ -121,6 +122,12 @@ def load_experts(cfg: Config, device: str | torch.device = "cpu") -> list[torch.
                                     f"(or `python -m deme.train --profile {cfg.profile} --range {i}`)")
         experts.append(load_unet(d).to(device).eval())
     return experts
+
+
+def load_ensemble(cfg: Config, device: str | torch.device = "cpu") -> TimestepEnsemble:
+    """DeMe before merge: the N range models of ``cfg``, each predicting on its own range
+    (:func:`deme.ranges.config_ranges`)."""
+    return TimestepEnsemble(load_experts(cfg, device), cfg.num_train_timesteps, config_ranges(cfg))
 
 
 def load_base(cfg: Config, projection: bool, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -1,7 +1,9 @@
-"""Timestep ranges and DeMe's probabilistic sampling (docs/method.md §2, Eq. 6)."""
+"""Timestep ranges and DeMe's probabilistic sampling (docs/method.md §2, Eq. 6). Which ranges a run uses —
+equal, explicit or found from the gradients — is :func:`deme.ranges.config_ranges`; the helpers here are pure."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -14,10 +16,38 @@ def timestep_ranges(num_timesteps: int, num_ranges: int) -> list[tuple[int, int]
     return [(i * width, (i + 1) * width) for i in range(num_ranges)]
 
 
-def range_of(t: torch.Tensor | int, num_timesteps: int, num_ranges: int):
-    """Index of the range holding timestep ``t`` (elementwise for tensors)."""
-    width = num_timesteps // num_ranges
-    return t // width
+def check_range_bounds(bounds, num_timesteps: int, num_ranges: int | None = None) -> tuple[int, ...]:
+    """``bounds`` as a tuple of ints if they are N+1 range boundaries ``0 = b_0 < b_1 < … < b_N = T`` (range i is
+    ``[b_i, b_{i+1})``; N = ``num_ranges`` when given); else ``ValueError`` saying what is wrong and what to give."""
+    what = (f"range_bounds must be 'equal', 'gradient' or N+1 integer boundaries 0 = b_0 < b_1 < … < b_N = "
+            f"T={num_timesteps}")
+    if isinstance(bounds, (str, bytes)) or not hasattr(bounds, "__len__"):
+        raise ValueError(f"{what}, got {bounds!r}")
+    if not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) for b in bounds):
+        raise ValueError(f"{what}; got non-integer boundaries {list(bounds)!r}")
+    b = tuple(int(x) for x in bounds)
+    if len(b) < 2 or b[0] != 0 or b[-1] != num_timesteps:
+        raise ValueError(f"{what}: they must start at 0 and end at T={num_timesteps} to cover [0, T), got {list(b)}")
+    bad = [i for i in range(len(b) - 1) if b[i] >= b[i + 1]]
+    if bad:
+        raise ValueError(f"{what}: they must be strictly increasing (every range non-empty), got {list(b)} "
+                         f"(b_{bad[0]} = {b[bad[0]]} >= b_{bad[0] + 1} = {b[bad[0] + 1]})")
+    if num_ranges is not None and len(b) != num_ranges + 1:
+        raise ValueError(f"range_bounds {list(b)} give {len(b) - 1} ranges but num_ranges={num_ranges}: give "
+                         f"{num_ranges + 1} boundaries, or set num_ranges={len(b) - 1}")
+    return b
+
+
+def ranges_from_bounds(bounds) -> list[tuple[int, int]]:
+    """The half-open ranges ``(b_i, b_{i+1})`` between consecutive boundaries."""
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def which_range(t: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Index of the range of ``ranges`` (contiguous, from 0) holding each timestep of ``t``: the number of inner
+    boundaries at or below ``t``. For equal ranges this is ``t // (T/N)``."""
+    inner = torch.tensor([hi for _, hi in ranges[:-1]], dtype=t.dtype, device=t.device)
+    return torch.bucketize(t.contiguous(), inner, right=True)
 
 
 def _uniform(low: int, high: int, n: int, generator, device) -> torch.Tensor:
@@ -55,18 +85,20 @@ def sample_timesteps(batch: int, interval: tuple[int, int], num_timesteps: int, 
     raise ValueError(f"unknown sampling mode {mode!r}; use 'antithetic' or 'iid'")
 
 
-def sampling_check(num_timesteps: int, num_ranges: int, range_index: int, p_global: float, batch: int,
-                   mode: str = "antithetic", num_batches: int = 2000,
+def sampling_check(num_timesteps: int, ranges: int | list[tuple[int, int]], range_index: int, p_global: float,
+                   batch: int, mode: str = "antithetic", num_batches: int = 2000,
                    seed: int = 0) -> tuple[torch.Tensor, float, float]:
-    """Draw ``num_batches`` micro-batches of :func:`sample_timesteps` for one range and return
-    ``(draws, fraction inside the range, its expectation 1 − p + p/N)``: the probabilistic sampling of Eq. 6
-    as training sees it."""
-    interval = timestep_ranges(num_timesteps, num_ranges)[range_index]
+    """Draw ``num_batches`` micro-batches of :func:`sample_timesteps` for range ``range_index`` of ``ranges`` (the
+    run's ``(low, high)`` ranges, :func:`deme.ranges.config_ranges`, or N for N equal ranges) and return
+    ``(draws, fraction inside the range, its expectation 1 − p + p·(high − low)/T)`` — 1 − p + p/N for equal
+    ranges: the probabilistic sampling of Eq. 6 as training sees it."""
+    ranges = timestep_ranges(num_timesteps, ranges) if isinstance(ranges, int) else list(ranges)
+    interval = ranges[range_index]
     g = torch.Generator().manual_seed(seed)
     draws = torch.cat([sample_timesteps(batch, interval, num_timesteps, p_global, mode, g)
                        for _ in range(num_batches)])
     inside = ((draws >= interval[0]) & (draws < interval[1])).float().mean().item()
-    return draws, inside, 1 - p_global + p_global / num_ranges
+    return draws, inside, 1 - p_global + p_global * (interval[1] - interval[0]) / num_timesteps
 
 
 def stratified_timesteps(n: int, t_range: tuple[int, int]) -> torch.Tensor:

@@ -46,7 +46,9 @@ from .models import base_model_path, build_unet, load_unet, make_scheduler, requ
 from .mtl import make_ant_objective
 from .objectives import DeMeObjective, Objective, PretrainObjective
 from .progress import tqdm
+from .ranges import resolved
 from .runs import atomic_save, device_name, git_commit, package_versions, run_dir
+from .schedule import continues, lr_factor
 from .sd import prepare_unet_for_training
 
 # ---------------------------------------------------------------------------------------------------------
@@ -276,22 +278,6 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, objective: Objective, l
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, steps)), params
 
 
-def lr_factor(cfg: Config, step: int, steps: int) -> float:
-    """The learning rate at optimizer step ``step`` of ``steps``, as a fraction of the peak: 1 (constant,
-    docs/method.md §4 and the DDPM pretraining recipe); for pretraining with ``pretrain_cooldown`` = (start, end,
-    floor) 1 until ``start``, linear to ``floor`` at ``end``, then ``floor``; for pretraining with
-    ``pretrain_warmup`` > 0 a linear warmup then a cosine decay to 10% of the peak."""
-    if cfg.method != "pretrain":
-        return 1.0
-    if cfg.pretrain_warmup:
-        warm = min(1.0, (step + 1) / cfg.pretrain_warmup)
-        return warm * (0.55 + 0.45 * math.cos(math.pi * min(1.0, step / max(steps, 1))))
-    if cfg.pretrain_cooldown:
-        start, end, floor = cfg.pretrain_cooldown
-        return 1.0 - (1.0 - floor) * min(1.0, max(0.0, (step - start) / max(end - start, 1)))
-    return 1.0
-
-
 def resume(cfg: Config, ckpt_dir: Path, model, ema, optimizer, lr_scheduler, objective, scaler=None) -> int:
     """Load the newest intact checkpoint of ``ckpt_dir`` into the run's state (and fp16's loss ``scaler``, where
     both the run and the checkpoint have one); returns the step it was written at (0 when there is none). A
@@ -310,25 +296,6 @@ def resume(cfg: Config, ckpt_dir: Path, model, ema, optimizer, lr_scheduler, obj
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     return state["step"]
-
-
-def continues(stored: dict, cfg: Config) -> bool:
-    """Whether a run of ``cfg`` may resume from a checkpoint written under the config ``stored``: the same
-    training config, or a longer pretraining whose learning rate equals the shorter run's at every step it took
-    (a constant lr, or a ``pretrain_cooldown`` that starts after them; not warmup + cosine, which depends on the
-    length): then the first steps of the longer run are the shorter run's steps, so extending a base until it
-    converges is resuming it."""
-    mine, theirs = cfg.training_identity(), training_identity(stored)
-    if mine == theirs:
-        return True
-    done = theirs.get("pretrain_steps", 0)
-    if cfg.method != "pretrain" or done > cfg.pretrain_steps:
-        return False
-    schedule = {"pretrain_steps", "pretrain_cooldown"}
-    if {k: v for k, v in theirs.items() if k not in schedule} != {k: v for k, v in mine.items() if k not in schedule}:
-        return False
-    before = Config.from_dict({**cfg.to_dict(), **{k: stored.get(k) for k in schedule}})
-    return all(lr_factor(before, s, done) == lr_factor(cfg, s, cfg.pretrain_steps) for s in range(done))
 
 
 def setup(cfg: Config, out: Path, base: str) -> TrainingRun:
@@ -438,7 +405,7 @@ def log_row(r: TrainingRun, acc: torch.Tensor, n_acc: int, done: int, seconds: f
            "lr": r.lr_scheduler.get_last_lr()[0], "images_per_s": images / max(seconds, 1e-9), "heldout_loss": ""}
     if r.heldout is not None and (done % r.cfg.heldout_every == 0 or done == r.steps):
         with torch.no_grad(), ema_weights(r) as plain:
-            row["heldout_loss"] = heldout_loss(plain, r.cfg, *r.heldout)["loss"]
+            row["heldout_loss"] = heldout_loss(plain, r.cfg, *r.heldout, ranges=())["loss"]
     if r.accelerator.is_main_process:
         with open(r.out / "loss.csv", "a", newline="") as f:
             csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
@@ -521,8 +488,10 @@ def train(cfg: Config, out_dir: str | os.PathLike | None = None, *, base: str | 
     ``cfg.method`` chooses the job: ``pretrain`` (random init, ``pretrain_*`` settings, warmup + cosine lr),
     ``deme`` (range ``cfg.range_index`` of N, from the pretrained EMA weights ``base``), or a baseline (all
     timesteps, N×K steps, equal budget). ``max_steps`` stops early (the run stays resumable; used to simulate
-    interruptions). A finished run with the same config is returned as is unless ``force``.
+    interruptions). A finished run with the same config is returned as is unless ``force``. "gradient" ranges: the
+    run trains on, and records, their recorded boundaries (:func:`deme.ranges.resolved`).
     """
+    cfg = resolved(cfg) if cfg.method == "deme" else cfg
     out = Path(out_dir) if out_dir is not None else run_dir(cfg)
     if not force and is_finished(cfg, out):
         return out

@@ -21,6 +21,7 @@ from .analysis import TensorDict, fixed_batch_loss
 from .config import Config
 from .merge import check_compatible, task_arithmetic
 from .progress import tqdm
+from .ranges import config_ranges
 from .timesteps import timestep_ranges
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,11 +119,12 @@ def range_landscapes(model: nn.Module, cfg: Config, images: torch.Tensor, labels
                      coords, num_ranges: int | None = None, seed: int = 0, direction_seeds: tuple[int, int] = (1, 2),
                      batch_size: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
     """Fig. 4: the landscape of ``model`` over the full range [0, T) and inside each of the N ranges, all on
-    the same two filter-normalised directions. Keys ``"[0, T)"`` and ``"[lo, hi)"``, in that order."""
+    the same two filter-normalised directions (the run's ranges, :func:`deme.ranges.config_ranges`, or
+    ``num_ranges`` equal ones when given). Keys ``"[0, T)"`` and ``"[lo, hi)"``, in that order."""
     d1 = filter_normalized_direction(model, direction_seeds[0])
     d2 = filter_normalized_direction(model, direction_seeds[1])
     T = cfg.num_train_timesteps
-    ranges = [(0, T)] + timestep_ranges(T, num_ranges or cfg.num_ranges)
+    ranges = [(0, T)] + (timestep_ranges(T, num_ranges) if num_ranges else config_ranges(cfg))
     return {f"[{lo}, {hi})": loss_landscape_2d(model, cfg, images, labels, d1, d2, coords, (lo, hi), seed,
                                                batch_size, progress) for lo, hi in ranges}
 
@@ -240,9 +242,8 @@ def task_vector_stats(base: nn.Module | Mapping[str, torch.Tensor],
 
 
 def range_labels(cfg: Config) -> list[str]:
-    """``"range i (t ∈ [lo, hi))"`` for each of the profile's N ranges."""
-    return [f"range {i} (t ∈ [{lo}, {hi}))" for i, (lo, hi) in
-            enumerate(timestep_ranges(cfg.num_train_timesteps, cfg.num_ranges))]
+    """``"range i (t ∈ [lo, hi))"`` for each of the run's N ranges (:func:`deme.ranges.config_ranges`)."""
+    return [f"range {i} (t ∈ [{lo}, {hi}))" for i, (lo, hi) in enumerate(config_ranges(cfg))]
 
 
 def task_vector_spread(stats: pd.DataFrame) -> pd.Series:

@@ -3,7 +3,7 @@ the paired FID bootstrap's memory, the data loader under several processes, conc
 reference images written by every process, the LSUN split sizes, the fp16 loss scaler and the EMA."""
 
 import contextlib
-import os
+import multiprocessing
 import pickle
 import sys
 import threading
@@ -27,6 +27,7 @@ from deme.distributed import Processes
 from deme.heldout import heldout_losses
 from deme.metrics import reference_size
 from deme.models import build_unet, make_scheduler
+from deme.mtl import cluster_timesteps, make_ant_objective
 from deme.paired import _GramBootstrap, fid_bootstrap
 from deme.sampling import ddim_sample, noise_chunks
 
@@ -517,23 +518,50 @@ def test_concurrent_fashion_mnist_downloads_run_once_and_readers_never_see_a_par
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".FashionMNIST.lock", "FashionMNIST"]
 
 
-def test_ant_uw_log_variances_stay_identical_across_ddp_processes(tmp_path):
-    """Two gloo processes, each its own batch: the log-variances live outside the DDP module (their own AdamW group),
-    yet both processes must end with the same ones — those of one process trained on both batches together (per
-    cluster, the mean over processes of the per-process losses) — and the same weights."""
-    import subprocess
+def _uw_train(ranks: list[int], ddp: bool) -> dict:
+    """ANT-UW for 4 AdamW steps of a linear "denoiser", its optimizer from deme.train.build_optimizer (the
+    log-variances in their own group, outside the model that DDP wraps), on the batches of ``ranks`` (5 samples
+    each, sample j in cluster j mod 5; targets x·(1 + t/200): the clusters' losses differ): this process's own
+    under DDP, all of them at once on one process. Returns the log-variances and weights it ends with."""
+    cfg = get_profile("smoke", method="ant-uw", batch_size=5, ant_clusters=5)
+    objective = make_ant_objective(cfg, torch.linspace(0.99, 0.01, 1000))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    optimizer = train_mod.build_optimizer(cfg, model, objective, 0.01, 4, torch.device("cpu"))[0]
+    for step in range(4):
+        gens = [torch.Generator().manual_seed(100 * step + r) for r in ranks]
+        t = torch.cat([cluster_timesteps(5, objective.bounds, g) for g in gens])
+        x = torch.cat([torch.randn(5, 4, generator=g) for g in gens])
+        objective.combine(((net(x) - x * (1 + t[:, None] / 200)) ** 2).mean(1), t, step, None).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"log_vars": objective.log_vars.detach().clone(), "weight": model.weight.detach().clone()}
 
-    import uw_worker
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(Path(__file__).parent / "uw_worker.py"), str(tmp_path)],
-                       env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
+
+def _uw_rank(rank: int, folder: Path) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=2)
+    try:
+        torch.save(_uw_train([rank], ddp=True), folder / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ant_uw_log_variances_stay_identical_across_ddp_processes(tmp_path):
+    """Two gloo processes, each its own batch: the log-variances live outside the DDP module, yet both processes
+    must end with the same ones — those of one process trained on both batches together (per cluster, the mean of
+    the processes' losses: ANTObjective all-reduces them) — and the same weights. Fails when the processes' UW
+    terms see their own losses only (their log-variances drift apart)."""
+    procs = [multiprocessing.get_context("fork").Process(target=_uw_rank, args=(r, tmp_path)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
     ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in (0, 1)]
-    together = uw_worker.run([0, 1], ddp=False)
-    assert torch.equal(ranks[0]["log_vars"], ranks[1]["log_vars"]) and torch.equal(ranks[0]["weight"],
-                                                                                   ranks[1]["weight"])
-    assert (together["log_vars"].abs() > 0.05).all()                # trained, and apart from each other
-    torch.testing.assert_close(ranks[0]["log_vars"], together["log_vars"], rtol=0, atol=1e-6)
-    torch.testing.assert_close(ranks[0]["weight"], together["weight"], rtol=0, atol=1e-6)
+    together = _uw_train([0, 1], ddp=False)
+    assert (together["log_vars"] != 0).all() and together["log_vars"].unique().numel() == 5   # trained, apart
+    for k in ("log_vars", "weight"):
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+        torch.testing.assert_close(ranks[0][k], together[k], rtol=0, atol=1e-6)

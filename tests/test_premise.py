@@ -14,8 +14,6 @@ from deme.heldout import draw_inputs, heldout_table, per_image, relative_differe
 from deme.models import load_unet
 from deme.premise import (
     MERGED,
-    MIN_GAIN_PCT,
-    README_MARKERS,
     capacity_rows,
     finetune_steps,
     mark_chosen,
@@ -28,7 +26,6 @@ from deme.premise import (
     readme_block,
     save_premise,
     theta_share,
-    update_readme,
 )
 from deme.stages import export_pretraining_ema
 from deme.timesteps import stratified_timesteps
@@ -60,29 +57,32 @@ def test_theta_share_is_what_diffusers_ema_leaves(profile):
         assert theta_share(cfg, steps) == pytest.approx(_ema_share_by_diffusers(cfg, steps), abs=1e-6)
 
 
-def test_the_present_default_keeps_theta_by_construction():
-    cfg = get_profile("fmnist")   # fixed decay 0.999 from θ: 0.999^300 and 0.999^1200 (the 74% and 30%)
+def test_the_former_default_keeps_theta_by_construction():
+    cfg = get_profile("fmnist-1.6m")   # fixed decay 0.999 from θ: 0.999^300 and 0.999^1200 (the 74% and 30%)
     assert theta_share(cfg, finetune_steps(cfg)) == pytest.approx(0.7407, abs=1e-4)
     assert theta_share(cfg, finetune_steps(cfg, "standard")) == pytest.approx(0.3010, abs=1e-4)
 
 
-@pytest.mark.parametrize("profile", MINIATURES)
-def test_miniatures_keep_the_papers_proportions(profile):
+@pytest.mark.parametrize("profile, images_pct, temperature_ratio", [
+    ("fmnist-xs", 100 * 4 * 600 * 64 / (24_000 * 128), (2.5e-4 / 64) / (1e-3 / 128)),
+    ("fmnist-xxs", 100 * 4 * 600 * 64 / (24_000 * 128), (2.5e-4 / 64) / (1e-3 / 128)),
+    ("fmnist", 100 * 4 * 900 * 64 / (36_000 * 128), (2.5e-5 / 64) / (0.1 * 1e-3 / 128)),   # final lr: the floor
+])
+def test_miniatures_keep_the_papers_proportions(profile, images_pct, temperature_ratio):
     cfg = get_profile(profile)
-    props = proportions(cfg).set_index("quantity").here_value
+    props = proportions(cfg, cfg.replace(method="pretrain")).set_index("quantity").here_value
     images, temperature, share_range, share_one = props.iloc[1:5]
-    assert images == pytest.approx(100 * 4 * 600 * 64 / (24_000 * 128))    # 5.0 %, as the paper's
-    assert 3 <= images <= 10
-    assert temperature == pytest.approx((2.5e-4 / 64) / (1e-3 / 128)) and temperature <= 1   # 0.5, as the paper's
+    assert images == pytest.approx(images_pct) == pytest.approx(5.0)                  # the paper's 5.0 %
+    assert temperature == pytest.approx(temperature_ratio) == pytest.approx(0.5)      # the paper's 0.5
     assert share_range <= 0.15 and share_one <= 0.15
     assert _ema_share_by_diffusers(cfg, finetune_steps(cfg)) <= 0.15
     assert _ema_share_by_diffusers(cfg, finetune_steps(cfg, "standard")) <= 0.15
 
 
 def test_proportions_of_a_cosine_pretraining_by_hand():
-    pre = get_profile("fmnist").replace(pretrain_steps=6800, pretrain_batch_size=1024, pretrain_lr=1e-3,
+    pre = get_profile("fmnist-1.6m").replace(pretrain_steps=6800, pretrain_batch_size=1024, pretrain_lr=1e-3,
                                         pretrain_warmup=1000)   # warmup + cosine to 10%: final lr 1e-4
-    props = proportions(get_profile("fmnist"), pre).here_value.tolist()
+    props = proportions(get_profile("fmnist-1.6m"), pre).here_value.tolist()
     assert props[1] == pytest.approx(100 * 1200 * 64 / (6800 * 1024))      # 1.1 %
     assert props[2] == pytest.approx((2e-5 / 64) / (1e-4 / 1024))          # 3.2
 
@@ -169,6 +169,16 @@ def test_the_chosen_setting_passes_and_gains_most_over_standard():
     table = mark_chosen(pd.concat([rows("a", True, -0.2), rows("b", False, -0.9), rows("c", True, -0.4)]))
     assert table.set_index("setting").chosen.to_dict() == {"a": False, "b": False, "c": True}
     assert not mark_chosen(rows("b", False, -0.9)).chosen.any()
+    # a converged base comes first; without one, the base closest to convergence, then the gain
+    base = {"a": (True, -0.1), "b": (False, -1.5), "c": (False, -0.5)}
+    both = pd.concat([rows(k, True, g) for k, g in (("a", -0.2), ("b", -0.9), ("c", -0.4))])
+    both["base_converged"] = both.setting.map(lambda k: base[k][0])
+    both["base_change_pct"] = both.setting.map(lambda k: base[k][1])
+    assert mark_chosen(both).set_index("setting").chosen.to_dict() == {"a": True, "b": False, "c": False}
+    none = both.assign(base_converged=False)
+    assert mark_chosen(none).set_index("setting").chosen.to_dict() == {"a": True, "b": False, "c": False}
+    far = none.assign(base_change_pct=none.setting.map({"a": -0.9, "b": -1.5, "c": -0.5}))
+    assert mark_chosen(far).set_index("setting").chosen.to_dict() == {"a": False, "b": False, "c": True}
 
 
 def test_parse_setting():
@@ -214,8 +224,7 @@ def test_the_premise_and_the_capacity_map_end_to_end_on_smoke(tmp_path, monkeypa
     props = pd.read_csv(tmp_path / "runs" / "smoke" / "figures" / "proportions_fmnist.csv")
     assert set(props.setting) == {"smoke", "smoke, lr=0.001"}   # fmnist's committed base is not under tmp_path
     block = readme_block(written, props)
-    assert block.startswith(README_MARKERS[0]) and block.endswith(README_MARKERS[1])
-    assert "2 setting(s) tried" in block
+    assert block.startswith("| quantity | paper |") and "2 setting(s) tried" in block
     losses = premise_losses(cfg, "validation", draws=2)                      # served from the cache
     cap = capacity_rows(cfg, losses).set_index(["model", "condition"])
     same = one.set_index(["model", "range", "condition"])
@@ -225,32 +234,23 @@ def test_the_premise_and_the_capacity_map_end_to_end_on_smoke(tmp_path, monkeypa
     assert cap.loc[(MERGED, "unconditional"), "budget_pct"] == pytest.approx(100 * 2 * 4 * 16 / (60 * 64))
 
 
-def test_update_readme_replaces_only_the_marked_block(tmp_path):
-    rows = premise_rows(get_profile("smoke").replace(num_ranges=4), _planted_losses()).assign(passes=True)
-    mark_chosen(rows).to_csv(tmp_path / "premise_fmnist.csv", index=False)
-    props = proportions(get_profile("fmnist-xs")).assign(setting="fmnist-xs")
-    props.to_csv(tmp_path / "proportions_fmnist.csv", index=False)
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nbefore\n\n{README_MARKERS[0]}\nstale\n{README_MARKERS[1]}\n\nafter\n")
-    assert update_readme(readme, tmp_path)
-    text = readme.read_text()
-    assert text.startswith("# title\n\nbefore\n\n") and text.endswith("\n\nafter\n") and "stale" not in text
-    assert "| finetuning images per method / pretraining images (%) | 5.0% (4 × 20K × 64 / 800K × 128) |" in text
-    assert "chosen: **smoke, num_ranges=4**" in text and "-5.0" in text
-    assert not update_readme(readme, tmp_path)                       # unchanged the second time
-    readme.write_text("no markers\n")
-    assert not update_readme(readme, tmp_path) and readme.read_text() == "no markers\n"
-
-
-def test_the_readme_premise_block_is_the_committed_tables():
-    repo = Path(__file__).resolve().parents[1]
-    text = (repo / "README.md").read_text()
-    a, b = text.index(README_MARKERS[0]), text.index(README_MARKERS[1]) + len(README_MARKERS[1])
-    rows = pd.read_csv(repo / "figures" / "premise_fmnist.csv")
-    props = pd.read_csv(repo / "figures" / "proportions_fmnist.csv")
-    assert text[a:b] == readme_block(rows, props)
-    assert f"at least {MIN_GAIN_PCT:g}%" in text
-    # the chosen setting passes all three checks in both conditions, on the rows themselves
+def test_the_chosen_setting_passes_all_three_checks_on_the_committed_rows():
+    rows = pd.read_csv(Path(__file__).resolve().parents[1] / "figures" / "premise_fmnist.csv")
     for setting in rows[rows.chosen].setting.unique():
         one = rows[rows.setting == setting]
         assert all(premise_checks(one, one.model.str.startswith("expert").sum() // 2).values())
+
+
+def test_the_convergence_verdict_reads_the_interval_against_the_tolerance():
+    from deme.premise import convergence_verdict
+    assert convergence_verdict(-0.1, -0.2, 0.0).startswith("converged")
+    assert convergence_verdict(-1.0, -1.2, -0.8).startswith("not converged: the held-out loss still fell")
+    assert convergence_verdict(0.6, 0.4, 0.8).startswith("not converged: the held-out loss rose")
+    assert convergence_verdict(-0.2, -0.35, -0.05).startswith("not resolved")      # the interval crosses -0.3
+    assert "±0.5%" in convergence_verdict(-0.2, -0.35, -0.05, tolerance=0.5)
+
+
+def test_the_method_notes_state_the_convergence_tolerance_the_code_uses():
+    from deme.premise import CONVERGED_PCT
+    text = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text()
+    assert f"inside ±{CONVERGED_PCT:g}%" in text

@@ -389,18 +389,21 @@ def _check_sd14(profile: str, root: Path, rec: dict) -> None:
         "*.png"))) == 6
 
 
-# The whole-pipeline rehearsals (all 11 stages, stand-in models at paper structure), one test per profile, all
-# four by default; $DEME_REHEARSE chooses fewer while working on something else: "0" → none, or a comma-separated
-# list ("church,bedroom"). Measured on the idle 2-core CPU (2026-11-30), in a fresh clone's `make test` (two pytest
-# workers, the other one running the rest of the suite): cifar10 192 s, church 206 s, bedroom 209 s, sd14 175 s;
-# the whole suite 14 min 3 s. Alone: church 175 s (207 s before 02, 06 and 07 ran beside other stages and the
-# command line stopped importing every module: each stage is ~10 s of kernel start-up and imports, ~3 s of work).
+# The whole-pipeline rehearsals (all 11 stages, stand-in models at paper structure), one test per profile. By default
+# three: cifar10 (32 px, torchvision CIFAR-10), church (256 px, the LSUN loader) and sd14 (latent, text-to-image);
+# bedroom runs the very code path of church (the same UNet structure and loader, another hub id and dataset id), so
+# it is rehearsed on request: $DEME_REHEARSE="all" runs all four, "0" none, or a comma-separated list
+# ("church,bedroom"). Each takes ~3 min of one worker on the 2-core CPU (each stage is ~10 s of kernel start-up and
+# imports, ~3 s of work).
+DEFAULT_REHEARSALS = ("cifar10", "church", "sd14")
 CHECKS = {"cifar10": _check_ddpm, "church": _check_ddpm, "bedroom": _check_ddpm, "sd14": _check_sd14}
 
 
 def _chosen(profile: str) -> bool:
     want = os.environ.get("DEME_REHEARSE")
-    return want is None or want == "all" or profile in want.split(",")
+    if want is None:
+        return profile in DEFAULT_REHEARSALS
+    return want == "all" or profile in want.split(",")
 
 
 @pytest.mark.slow
@@ -409,7 +412,8 @@ def test_rehearse_paper_profile(profile, tmp_path):
     """``python -m deme rehearse --profile P``: every stage of the reproduction runs on the stand-ins and writes
     its outputs (checked per profile)."""
     if not _chosen(profile):
-        pytest.skip(f"rehearsal of {profile} not chosen by DEME_REHEARSE={os.environ['DEME_REHEARSE']!r}")
+        pytest.skip(f"rehearsal of {profile} not chosen (DEME_REHEARSE={os.environ.get('DEME_REHEARSE', 'unset')!r}; "
+                    f"default {','.join(DEFAULT_REHEARSALS)})")
     CHECKS[profile](profile, tmp_path, _rehearse(profile, tmp_path))
 
 
