@@ -107,10 +107,12 @@ def _forward(model: nn.Module, xt: torch.Tensor, t: torch.Tensor, labels: torch.
 
 
 def fixed_batch_loss(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
-                     t_range: tuple[int, int] | None = None, seed: int = 0, batch_size: int = 256) -> float:
+                     t_range: tuple[int, int] | None = None, seed: int = 0, batch_size: int | None = None) -> float:
     """The diffusion loss on a fixed batch: noise from ``seed``, timesteps stratified inside ``t_range``
-    (default [0, T)) — :func:`deme.heldout.heldout_loss` restricted to ``t_range``."""
-    return heldout_loss(model, cfg, images, labels, seed, t_range=t_range, batch_size=batch_size, ranges=())["loss"]
+    (default [0, T)) — :func:`deme.heldout.heldout_loss` restricted to ``t_range``, ``batch_size`` images per forward
+    (default ``cfg.analysis_batch_size``)."""
+    return heldout_loss(model, cfg, images, labels, seed, t_range=t_range,
+                        batch_size=batch_size or cfg.analysis_batch_size, ranges=())["loss"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -166,80 +168,105 @@ def _batch_gradient(model: nn.Module, sched, params: list[torch.Tensor], images:
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params], total
 
 
-def _cosine_matrix(rows: torch.Tensor) -> np.ndarray:
-    """Cosines between the rows of ``rows``: exactly symmetric, unit diagonal, clipped to [−1, 1]."""
-    G = rows.double()
-    unit = G / G.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    sim = (unit @ unit.T).numpy()
+def _dot64(rows: torch.Tensor, v: torch.Tensor, chunk: int = 1 << 20) -> np.ndarray:
+    """``rows @ v`` in float64 (rows (m, P), v (P,), any float dtype), a ``chunk`` of columns at a time: float64
+    products and sums without a float64 copy of ``rows``."""
+    out = torch.zeros(len(rows), dtype=torch.float64)
+    for c in range(0, v.numel(), chunk):
+        out += rows[:, c:c + chunk].double() @ v[c:c + chunk].double()
+    return out.numpy()
+
+
+def _cosines(gram: np.ndarray) -> np.ndarray:
+    """Cosines from a Gram matrix of inner products: exactly symmetric, unit diagonal, clipped to [−1, 1]."""
+    norm = np.sqrt(np.clip(np.diag(gram), 1e-300, None))
+    sim = gram / norm[:, None] / norm[None, :]
     sim = (sim + sim.T) / 2
     np.fill_diagonal(sim, 1.0)
     return np.clip(sim, -1.0, 1.0)
 
 
+def held_gradients(cfg: Config, num_parameters: int, k: int) -> int:
+    """How many full gradients (float32) :func:`gradient_similarity` holds in host memory at once: all ``k``, or for a
+    profile that declares its host RAM (``cfg.host_memory_gib``) as many as fill a quarter of it (sd14's 40 full
+    gradients of 860M parameters would take 137 GB)."""
+    if cfg.host_memory_gib is None:
+        return k
+    return max(1, min(k, int(cfg.host_memory_gib * 2 ** 30 / 4 // (4 * num_parameters))))
+
+
 def gradient_similarity(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
                         timesteps: Sequence[int] | np.ndarray | int, seed: int = 0,
-                        projection_dim: int | None = None, micro_batch: int = 256, noise: str = "shared",
-                        progress: bool = False) -> tuple[np.ndarray, dict]:
+                        projection_dim: int | None = None, micro_batch: int | None = None, noise: str = "shared",
+                        progress: bool = False, held: int | None = None) -> tuple[np.ndarray, dict]:
     """Cosine similarity between the loss gradients at different timesteps (paper Fig. 1a).
 
     For every ``t`` in ``timesteps`` (an int ``k`` means :func:`timestep_grid` with k points), the gradient
     of the mean ε-MSE of all ``images`` noised to ``t`` with the same fixed noise (seed ``seed``; with
     ``noise="per_timestep"`` a fixed but different draw for each grid point instead, seeded by its index) is taken
     w.r.t. all floating-point parameters of ``model`` (eval mode; parameters frozen by the caller are
-    included and restored afterwards). ``labels`` are fed as ``class_labels`` when not None (see
+    included and restored afterwards), accumulated over micro-batches of ``micro_batch`` images (default
+    ``cfg.analysis_batch_size``). ``labels`` are fed as ``class_labels`` when not None (see
     :func:`model_labels`). With ``projection_dim`` the gradients are sketched by :class:`GaussianSketch`
-    (Johnson–Lindenstrauss; see the module docstring), else the full K×P matrix is kept.
+    (Johnson–Lindenstrauss; see the module docstring), else the full gradients' inner products are taken in
+    float64, ``held`` gradients held at a time (default :func:`held_gradients`): round r holds those of grid points
+    r·held … (r+1)·held − 1 and recomputes the later ones to take their inner products with them — K gradients
+    when all are held, about K²/(2·held) otherwise.
 
     Returns ``(sim, info)``: ``sim`` a symmetric (K, K) float64 array with unit diagonal; ``info`` holds
     ``timesteps``, ``loss`` (per t), ``grad_norm`` (exact, per t), ``top_parameter`` / ``top_share`` (per t:
     the parameter tensor holding the largest share of ‖g‖², and that share — a gradient dominated by one
     tensor, e.g. the output convolution, makes cosines swing with that tensor's sign), ``num_parameters``,
-    ``projection_dim``, ``noise``, ``batch``, ``seconds`` and ``method``.
+    ``projection_dim``, ``noise``, ``batch``, ``held``, ``seconds`` and ``method``.
     """
     ts = timestep_grid(cfg.num_train_timesteps, timesteps) if isinstance(timesteps, (int, np.integer)) \
         else np.asarray(timesteps, dtype=np.int64)
     if len(ts) < 2:
         raise ValueError("gradient_similarity needs at least two timesteps")
-    sched = make_scheduler(cfg)
-    named = [(k, p) for k, p in model.named_parameters() if p.is_floating_point()]
-    names, params = [k for k, _ in named], [p for _, p in named]
-    flags = [p.requires_grad for p in params]
-    was = model.training
     if noise not in ("shared", "per_timestep"):
         raise ValueError(f"noise must be 'shared' or 'per_timestep', got {noise!r}")
-    shared = fixed_noise(images.shape, seed)
+    sched, micro_batch = make_scheduler(cfg), micro_batch or cfg.analysis_batch_size
+    named = [(k, p) for k, p in model.named_parameters() if p.is_floating_point()]
+    names, params = [k for k, _ in named], [p for _, p in named]
+    flags, was, K = [p.requires_grad for p in params], model.training, len(ts)
     sketch = GaussianSketch(projection_dim, seed) if projection_dim else None
-    n = len(images)
-    rows, losses, norms, top = [], [], [], []
+    held = K if sketch is not None else min(K, held or held_gradients(cfg, sum(p.numel() for p in params), K))
+    gram, losses, norms, top = np.zeros((K, K)), [], [], []
     started = time.time()
     model.eval()
     try:
         for p in params:
             p.requires_grad_(True)
-        for k, t in enumerate(tqdm(ts, disable=not progress, desc="gradients")):
-            eps_all = shared if noise == "shared" else fixed_noise(images.shape, _projection_seed(seed, 10_000 + k))
-            grads, total = _batch_gradient(model, sched, params, images, eps_all, labels, int(t), micro_batch)
-            sq = torch.stack([g.double().pow(2).sum() for g in grads]).cpu()
-            norms.append(float(sq.sum().sqrt()))
-            top.append((names[int(sq.argmax())], float(sq.max() / sq.sum().clamp_min(1e-300))))
-            losses.append(total)
-            if sketch is not None:
-                rows.append(sketch(grads))
-            else:
-                rows.append(torch.cat([g.detach().reshape(-1).float().cpu() for g in grads]))
+        for first in range(0, K, held):              # one round per block of held gradients
+            block = None
+            for k in tqdm(range(first, K), disable=not progress, desc=f"gradients (from {first})"):
+                eps_all = fixed_noise(images.shape, seed if noise == "shared" else _projection_seed(seed, 10_000 + k))
+                grads, total = _batch_gradient(model, sched, params, images, eps_all, labels, int(ts[k]), micro_batch)
+                if first == 0:                       # the first round meets every grid point
+                    sq = torch.stack([g.double().pow(2).sum() for g in grads]).cpu()
+                    norms.append(float(sq.sum().sqrt()))
+                    top.append((names[int(sq.argmax())], float(sq.max() / sq.sum().clamp_min(1e-300))))
+                    losses.append(total)
+                v = sketch(grads) if sketch is not None else torch.cat([g.detach().reshape(-1).float().cpu()
+                                                                         for g in grads])
+                if block is None:                    # this round's block of held gradients
+                    block = torch.empty((min(held, K - first), v.numel()), dtype=v.dtype)
+                if k < first + held:
+                    block[k - first] = v
+                m = min(k - first + 1, len(block))
+                gram[k, first:first + m] = gram[first:first + m, k] = _dot64(block[:m], v)
     finally:
         for p, f in zip(params, flags):
             p.grad = None
             p.requires_grad_(f)
         model.train(was)
-    sim = _cosine_matrix(torch.stack(rows))
     info = {"timesteps": ts, "loss": np.array(losses), "grad_norm": np.array(norms),
-            "num_parameters": sum(p.numel() for p in params), "projection_dim": projection_dim, "batch": n,
+            "num_parameters": sum(p.numel() for p in params), "projection_dim": projection_dim, "batch": len(images),
             "noise": noise, "top_parameter": [k for k, _ in top], "top_share": np.array([s for _, s in top]),
-            "seconds": time.time() - started,
+            "held": held, "seconds": time.time() - started,
             "method": ("cosine of full gradients" if sketch is None else
                        f"cosine of Gaussian sketches, d={projection_dim} (Johnson–Lindenstrauss)")}
-    return sim, info
+    return _cosines(gram), info
 
 
 def split_half_reliability(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
@@ -508,14 +535,16 @@ def activation_changes(base: nn.Module, finetuned: nn.Module, cfg: Config, image
     tt = torch.full((len(images),), int(t), dtype=torch.long) if not torch.is_tensor(t) or t.ndim == 0 \
         else t.long()
     xt = sched.add_noise(images, noise, tt)
-    acts = []
+    acts, step = [], cfg.analysis_batch_size
     for m in (base, finetuned):
         was = m.training
         m.eval()
         dev = _device(m)
-        try:
-            acts.append(block_activations(m, xt.to(dev), tt.to(dev),
-                                          labels.to(dev) if labels is not None else None, blocks))
+        try:                                 # cfg.analysis_batch_size images per forward
+            parts = [block_activations(m, xt[i:i + step].to(dev), tt[i:i + step].to(dev),
+                                       labels[i:i + step].to(dev) if labels is not None else None, blocks)
+                     for i in range(0, len(xt), step)]
+            acts.append({k: torch.cat([part[k] for part in parts]) for k in parts[0]})
         finally:
             m.train(was)
     g = torch.Generator().manual_seed(seed)

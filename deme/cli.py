@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     h.add_argument("--keep", action="store_true", help="keep the temporary root")
     h.add_argument("--jobs", type=int, default=2, help="training stages run at once (one thread each)")
     h.add_argument("--full", action="store_true", help="rehearse reproduce --full (all baselines, Table 3, sweeps)")
+    h.add_argument("--memory", action="store_true", help="instead: each stage's peak GPU memory (traced on the meta "
+                   "device) and host RAM (formula) against the profile's budget (deme.memory); exit 1 if one fails")
     sub.add_parser("train", help="one training job (python -m deme train --help)")
     c = sub.add_parser("compare", help="sample and score notebook 05's models into its cache; under `accelerate "
                        "launch` every process takes a share of the samples (the numbers of one process)")
@@ -148,6 +150,15 @@ def reproduce_command(a) -> None:
 
 
 def rehearse_command(a) -> None:
+    if a.memory:
+        from .config import get_profile
+        from .memory import check_fits, format_table, memory_table
+        cfg = get_profile(a.profile)
+        rows = memory_table(cfg)
+        print(format_table(cfg, rows))
+        if check_fits(cfg, rows):
+            raise SystemExit("does not fit: " + "; ".join(check_fits(cfg, rows)))
+        return
     from .rehearse import rehearse
     root = Path(a.root) if a.root else Path(tempfile.mkdtemp(prefix=f"deme_rehearse_{a.profile}_"))
     try:

@@ -30,15 +30,23 @@ from .imagecaptions import imagenet_prompts, parti_prompts
 from .merge import merged_model, task_arithmetic
 from .methods import baselines as all_baselines
 from .methods import get_method
-from .metrics import _default_device, feature_statistics, inception_features, load_clip, reference_statistics
+from .metrics import (
+    _default_device,
+    feature_statistics,
+    inception_features,
+    inception_stream,
+    load_clip,
+    reference_statistics,
+)
 from .models import load_unet
 from .paired import fid_bootstrap, paired_difference, paired_fid, paired_kid, t_interval
 from .progress import tqdm
 from .runs import atomic_write, merge_dir, run_dir, write_json
-from .sampling import ddim_sample
+from .sampling import ddim_batches
 from .sd import generate
 from .sdeval import COCO_FID_REFERENCES, evaluate, prepare_reference_folder, prepare_val2014_reference
 from .stages import PAPER_MERGE_WEIGHTS, load_base, load_ensemble, load_experts
+from .streams import Grouped, fan_out
 
 # The paper's numbers (docs/method.md §6), shown beside ours in separate, labelled tables — never mixed with ours.
 PAPER_ROWS = ["Before finetuning", "SNR+1", "Trun-SNR", "Min-SNR-γ", "P2", "ANT-NashMTL", "ANT-UW",
@@ -144,21 +152,23 @@ def sample_outputs(model, cfg: Config, seed: int, n: int, steps: int | None = No
     class-conditional profile) ``n`` class-conditional samples (classes cycled, noise of ``seed + 10000``) →
     Inception features (``cond_inception``, when ``cond_inception``), and with a ``classifier`` its
     predicted labels (``cond_pred``) and features (``cond_classifier``); ``cond_labels`` the prompted labels.
-    Sample j of every model starts from the same noise, so the outputs are paired across models.
+    Sample j of every model starts from the same noise, so the outputs are paired across models. Samples are
+    scored as they are drawn, ``cfg.sample_batch_size`` at a time: host memory holds their features, not them.
 
     ``processes``: each process samples and scores its share of the ``n`` (:mod:`deme.distributed`); the
     shares are gathered in order, so every process returns what one process would."""
     rows = processes.share(n)          # all n for one process
-    out = {"uncond_inception": inception_features(ddim_sample(model, cfg, n, seed=seed, steps=steps, rows=rows))}
+    out = {"uncond_inception": inception_features(ddim_batches(model, cfg, n, seed=seed, steps=steps, rows=rows))}
     labels = None
     if cfg.num_classes and conditional:
         labels = torch.arange(n) % cfg.num_classes
-        cond = ddim_sample(model, cfg, n, labels=labels, seed=seed + 10_000, steps=steps, rows=rows)
-        if cond_inception:
-            out["cond_inception"] = inception_features(cond)
-        if classifier is not None:
-            out["cond_pred"] = predict(classifier, cond).numpy()
-            out["cond_classifier"] = classifier_features(classifier, cond).double().numpy()
+        scores = {"cond_inception": inception_stream()} if cond_inception else {}
+        if classifier is not None:     # the classifier's own batches of 1000, as on the whole set
+            scores["cond_pred"] = Grouped(lambda x: predict(classifier, x), 1000)
+            scores["cond_classifier"] = Grouped(lambda x: classifier_features(classifier, x).double(), 1000)
+        if scores:                     # streamed: one batch of samples at a time
+            cond = ddim_batches(model, cfg, n, labels=labels, seed=seed + 10_000, steps=steps, rows=rows)
+            out.update({k: v.numpy() if torch.is_tensor(v) else v for k, v in fan_out(cond, scores).items()})
     out = {k: processes.concat(v) for k, v in out.items()}
     if labels is not None:
         out["cond_labels"] = labels.numpy()

@@ -134,6 +134,13 @@ class Config:
     coco_fid_reference: str = "chosen"    # text-to-image MS-COCO FID reference: "chosen" (the images of the chosen
                                           # captions, shorter side to 256 + centre crop) | "bk-sdm" (the paper's
                                           # protocol: all 40,504 val2014 images resized to 256x256)
+    # -- evaluation batches: what one device call holds (numbers do not depend on them; deme.memory checks they fit)
+    sample_batch_size: int = 500          # images per UNet call when sampling (DDIM; ×2 with guidance)
+    heldout_batch_size: int = 500         # images per UNet call in held-out losses and the merge search
+    analysis_batch_size: int = 256        # images per forward + backward in the analyses (gradients accumulated)
+    encoder_batch_size: int = 32          # text-to-image: images (captions) per call of the frozen VAE (text) encoder
+    gpu_memory_gib: float | None = None   # the GPU memory the paper profiles are sized for (python -m deme rehearse
+    host_memory_gib: float | None = None  # --memory), and the host RAM; None: not sized (CPU profiles)
     # -- analysis (notebook 01) -------------------------------------------------------------------------------
     analysis_sizes: str = "default"       # a key of deme.analysis.ANALYSIS_SIZES: the timesteps, batches and grids
                                           # of Figs. 1a, 2, 4 and 6a ("smoke", "rehearsal": seconds)
@@ -200,7 +207,8 @@ NOT_TRAINING = frozenset({
     "data_dir", "check_images", "gradient_checkpointing", "compile", "compile_mode", "checkpoint_every",
     "log_every", "heldout_every", "heldout_size", "validation_size", "evaluation_size", "num_workers", "sample_steps",
     "fid_samples", "fid_reference_size", "guidance_scale", "merge_grid",
-    "coco_fid_reference"})
+    "coco_fid_reference", "sample_batch_size", "heldout_batch_size", "analysis_batch_size", "encoder_batch_size",
+    "gpu_memory_gib", "host_memory_gib"})
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -338,6 +346,8 @@ _MINIATURE = dict(
     heldout_size=2000, validation_size=2000, num_workers=0, sample_steps=25, guidance_scale=1.0,
     fid_samples=1000, fid_reference_size=10_000,
 )
+_PAPER_MACHINE = dict(gpu_memory_gib=78.0, host_memory_gib=128.0)   # an 80 GB GPU: ~78 GiB usable
+_LSUN_BATCHES = dict(sample_batch_size=64, heldout_batch_size=64, analysis_batch_size=8, **_PAPER_MACHINE)
 PROFILES |= {
     # The embedded default, the paper in miniature (docs/method.md §4.2; figures/proportions_fmnist.csv,
     # premise_fmnist.csv): the 18K-parameter candidate, pretrained at a constant lr then cooled down to a floor and
@@ -363,18 +373,19 @@ PROFILES |= {
     ),
     "fmnist-xs": Config(profile="fmnist-xs", unet=_small_unet((8, 16, 16), 4), **_MINIATURE),     # 71K parameters
     "fmnist-xxs": Config(profile="fmnist-xxs", unet=_small_unet((4, 8, 8), 4), **_MINIATURE),     # 18K parameters
-    # The paper's settings (docs/method.md §4): pretrained models from the hub, GPU and internet.
+    # The paper's settings (docs/method.md §4): pretrained models from the hub, GPU and internet. Evaluation batches
+    # sized for one 80 GB GPU and 128 GiB of host RAM (python -m deme rehearse --memory; docs/paper_scale.md).
     "cifar10": Config(
         profile="cifar10", dataset="cifar10", image_size=32, channels=3, pretrained="google/ddpm-cifar10-32",
-        num_workers=8, sample_steps=100,
+        num_workers=8, sample_steps=100, analysis_batch_size=64, **_PAPER_MACHINE,
     ),
     "church": Config(
         profile="church", dataset="lsun-church", image_size=256, channels=3,
-        pretrained="google/ddpm-ema-church-256", num_workers=8, sample_steps=50,
+        pretrained="google/ddpm-ema-church-256", num_workers=8, sample_steps=50, **_LSUN_BATCHES,
     ),
     "bedroom": Config(
         profile="bedroom", dataset="lsun-bedroom", image_size=256, channels=3,
-        pretrained="google/ddpm-ema-bedroom-256", num_workers=8, sample_steps=50,
+        pretrained="google/ddpm-ema-bedroom-256", num_workers=8, sample_steps=50, **_LSUN_BATCHES,
     ),
     "sd14": Config(
         profile="sd14", dataset="laion", image_size=512, channels=4,
@@ -383,6 +394,7 @@ PROFILES |= {
         beta_end=0.012,
         mixed_precision="bf16",           # the paper: fp16; bf16 needs no loss scaling (same range as fp32)
         num_workers=8, sample_steps=25, guidance_scale=7.5,
+        heldout_batch_size=64, analysis_batch_size=8, encoder_batch_size=16, **_PAPER_MACHINE,
     ),
 }
 

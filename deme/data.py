@@ -66,22 +66,47 @@ def load_fmnist_raw(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST as uint8 arrays (N, 28, 28) and labels (N,).
 
     Looks in ``$DEME_FMNIST_DIR`` and /usr/share/datasets/fashion-mnist (Debian package
-    ``dataset-fashion-mnist``); when online, falls back to a torchvision download into the repository's
-    ``runs/data`` (:func:`deme.config.repo_root`, whatever the working directory — notebooks run in notebooks/).
+    ``dataset-fashion-mnist``); when online, falls back to a torchvision download into ``$DEME_DATA`` (default
+    ``runs/data`` under the repository root, whatever the working directory — notebooks run in notebooks/) by one
+    process: concurrent ones (the jobs of ``reproduce --jobs``, a launch's ranks) wait and read it complete
+    (:func:`download_once`).
     """
     prefix = {"train": "train", "test": "t10k"}[split]
     root = _find_fmnist()
-    if root is not None:
-        return (_read_idx(root / f"{prefix}-images-idx3-ubyte.gz"),
-                _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("DEME_OFFLINE") == "1":
-        raise DataMissingError(_FMNIST_HELP)
-    try:
-        from torchvision.datasets import FashionMNIST
-        ds = FashionMNIST(str(repo_root() / "runs" / "data"), train=split == "train", download=True)
-    except Exception as e:  # no network, no files
-        raise DataMissingError(_FMNIST_HELP + f"\n(torchvision download failed: {e})") from e
-    return ds.data.numpy(), ds.targets.numpy().astype(np.int64)
+    if root is None:
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("DEME_OFFLINE") == "1":
+            raise DataMissingError(_FMNIST_HELP)
+        try:
+            root = download_once(data_root(), "FashionMNIST", _download_fmnist, _fmnist_complete) / "raw"
+        except Exception as e:  # no network, no files
+            raise DataMissingError(_FMNIST_HELP + f"\n(torchvision download failed: {e})") from e
+    return (_read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte")),
+            _read_idx(_idx_file(root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64))
+
+
+FMNIST_FILES = tuple(f"{p}-{kind}-ubyte" for p in ("train", "t10k") for kind in ("images-idx3", "labels-idx1"))
+"""Fashion-MNIST's four IDX files (gzipped: ``.gz``), as the Debian package and torchvision's download hold them."""
+
+
+def _idx_file(folder: Path, name: str) -> Path:
+    """``folder/name.gz`` where it exists (the Debian package), else ``folder/name`` (torchvision's extraction)."""
+    return folder / f"{name}.gz" if (folder / f"{name}.gz").is_file() else folder / name
+
+
+def _download_fmnist(into: Path) -> None:
+    """Download Fashion-MNIST into ``into`` (torchvision: all four files, extracted, in ``into/FashionMNIST/raw``)."""
+    from torchvision.datasets import FashionMNIST
+    FashionMNIST(str(into), train=True, download=True)
+
+
+def _fmnist_complete(folder: Path) -> bool:
+    """Whether ``folder`` (``FashionMNIST``) holds the four extracted IDX files."""
+    return all((folder / "raw" / name).is_file() for name in FMNIST_FILES)
+
+
+def data_root() -> Path:
+    """Where downloaded datasets go: ``$DEME_DATA``, default ``runs/data`` under the repository root."""
+    return Path(os.environ.get("DEME_DATA") or repo_root() / "runs" / "data")
 
 
 _FMNIST_HELP = (
@@ -315,7 +340,7 @@ def cifar10_dataset(size: int, center_crop: bool = False, split: str = "train") 
     """CIFAR-10's ``split`` (train: 50K, test: 10K images) under ``$DEME_DATA`` (default runs/data under the
     repository root); downloaded there by torchvision first (:func:`download_once`: one process downloads,
     concurrent ones wait) when it is missing and the hub is not offline."""
-    root = Path(os.environ.get("DEME_DATA") or repo_root() / "runs" / "data")
+    root = data_root()
     if not _cifar10_complete(root / "cifar-10-batches-py") and os.environ.get("HF_HUB_OFFLINE") != "1":
         try:
             download_once(root, "cifar-10-batches-py", _download_cifar10, _cifar10_complete)

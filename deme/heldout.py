@@ -58,17 +58,18 @@ def draw_inputs(n: int, shape: tuple[int, ...], t_range: tuple[int, int], seed: 
 
 @torch.no_grad()
 def heldout_losses(model, cfg: Config, images: torch.Tensor, cond: torch.Tensor | dict | None, seed: int = 0,
-                   t_range: tuple[int, int] | None = None, batch_size: int = 500,
+                   t_range: tuple[int, int] | None = None, batch_size: int | None = None,
                    draw: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image ε-MSE of ``model`` on ``images`` with fixed noise (from ``seed``) and stratified timesteps.
 
     Image j gets t = lo + ⌊(j + ½)(hi − lo)/n⌋ over ``t_range`` (default [0, T)); ``draw`` > 0 gives other
     noise and a permutation of those timesteps (:func:`draw_inputs`). ``cond``: class labels used
     as given (the null token for the unconditional loss), a dict of per-image model inputs (e.g.
-    ``{"encoder_hidden_states": ...}``), or None. float32, eval mode (the model's mode is restored).
-    Returns (losses (n,), timesteps (n,)) on the CPU.
+    ``{"encoder_hidden_states": ...}``), or None. float32, eval mode (the model's mode is restored); ``batch_size``
+    (default ``cfg.heldout_batch_size``) images per forward. Returns (losses (n,), timesteps (n,)) on the CPU.
     """
     t_range = t_range or (0, cfg.num_train_timesteps)
+    batch_size = batch_size or cfg.heldout_batch_size
     noise, t = draw_inputs(len(images), tuple(images.shape[1:]), t_range, seed, draw)
     sched = make_scheduler(cfg)
     device = next(model.parameters()).device
@@ -88,7 +89,7 @@ def heldout_losses(model, cfg: Config, images: torch.Tensor, cond: torch.Tensor 
 
 
 def heldout_loss(model, cfg: Config, images: torch.Tensor, labels: torch.Tensor | dict | None, seed: int = 0,
-                 ranges: list[tuple[int, int]] | None = None, batch_size: int = 500,
+                 ranges: list[tuple[int, int]] | None = None, batch_size: int | None = None,
                  t_range: tuple[int, int] | None = None) -> dict[str, float]:
     """The mean of :func:`heldout_losses`: ``{"loss": ...}``, plus ``range_k`` (the loss restricted to each of
     ``ranges``, default the run's, :func:`deme.ranges.config_ranges`; ``()``: none) when ``t_range`` is the whole

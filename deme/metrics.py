@@ -37,7 +37,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from .config import Config, repo_root
 from .data import get_dataset, load_tensor_dataset, training_batches
 from .progress import tqdm
 from .runs import atomic_write
+from .streams import Grouped, fan_out
 
 FEATURE_DIM = 2048
 INCEPTION_SIZE = 299
@@ -171,34 +172,45 @@ def inception_feature_extractor(device: str | None = None) -> InceptionFeatureEx
     return InceptionFeatureExtractor(device=device)
 
 
-def inception_features(images: torch.Tensor | np.ndarray, batch_size: int | None = None,
-                       device: str | torch.device | None = None, progress: bool = False,
-                       extractor: InceptionFeatureExtractor | None = None) -> np.ndarray:
+def inception_features(images: torch.Tensor | np.ndarray | Iterable[torch.Tensor | np.ndarray],
+                       batch_size: int | None = None, device: str | torch.device | None = None,
+                       progress: bool = False, extractor: InceptionFeatureExtractor | None = None) -> np.ndarray:
     """Inception pool3 features (N, 2048) float32 of an image batch, clean-fid "clean" protocol.
 
-    ``images``: float (N, C, H, W) in [−1, 1] or uint8 (N, H, W[, C]) (see :func:`to_uint8_rgb`); any N,
-    processed in batches of ``batch_size`` (default 250 on GPU, 8 on CPU, where small batches stay in cache:
-    ≈1.2× faster than 32). Each image is resized to 299×299 by clean-fid's resizer (PIL bicubic on float32,
-    :func:`cleanfid.resize.build_resizer` ``("clean")``) and embedded in fp32 (TF32 disabled). Cost on a
-    2-core CPU: ≈0.06 s per image.
+    ``images``: float (N, C, H, W) in [−1, 1] or uint8 (N, H, W[, C]) (see :func:`to_uint8_rgb`), or an iterable of
+    such batches (e.g. :func:`deme.sampling.ddim_batches`), embedded as they arrive and never held together; any N,
+    processed in groups of ``batch_size`` (default 250 on GPU, 8 on CPU, where small batches stay in cache:
+    ≈1.2× faster than 32) — the same groups whether given whole or streamed. Each image is resized to 299×299 by
+    clean-fid's resizer (PIL bicubic on float32, :func:`cleanfid.resize.build_resizer` ``("clean")``) and embedded in
+    fp32 (TF32 disabled). Cost on a 2-core CPU: ≈0.06 s per image.
     ``extractor``: a specific :class:`InceptionFeatureExtractor` (default: the cached one on ``device``).
     """
+    whole = isinstance(images, (torch.Tensor, np.ndarray))
+    feats = inception_stream(batch_size, device, extractor, progress, total=len(images) if whole else None)
+    return fan_out([images] if whole else images, {"f": feats})["f"]
+
+
+def inception_stream(batch_size: int | None = None, device: str | torch.device | None = None,
+                     extractor: InceptionFeatureExtractor | None = None, progress: bool = False,
+                     total: int | None = None) -> Grouped:
+    """The consumer behind :func:`inception_features` (:class:`deme.streams.Grouped`): feed it image batches, its
+    ``result()`` is their features; several streams' features in one pass with :func:`deme.streams.fan_out`."""
     from cleanfid.fid import get_batch_features
     from cleanfid.resize import build_resizer
 
     model = extractor or inception_feature_extractor(str(torch.device(device) if device is not None
                                                          else _default_device()))
-    device = str(model.device)
-    batch_size = batch_size or (250 if device.startswith("cuda") else 8)
+    dev = str(model.device)
     resize = build_resizer("clean")
-    n = len(images)
-    out = np.empty((n, FEATURE_DIM), dtype=np.float32)
-    for i in tqdm(range(0, n, batch_size), disable=not progress, desc="Inception features"):
-        chunk = to_uint8_rgb(images[i:i + batch_size])
+    bar = tqdm(total=total, disable=not progress, desc="Inception features", unit="img")
+
+    def embed(images) -> np.ndarray:
+        chunk = to_uint8_rgb(images)
         resized = np.stack([resize(img) for img in chunk])                     # (B, 299, 299, 3) float32
         batch = torch.from_numpy(resized).permute(0, 3, 1, 2)    # NCHW view of NHWC memory (channels_last)
-        out[i:i + len(chunk)] = get_batch_features(batch, model, device)
-    return out
+        bar.update(len(chunk))
+        return np.asarray(get_batch_features(batch, model, dev), np.float32)
+    return Grouped(embed, batch_size or (250 if dev.startswith("cuda") else 8), np.empty((0, FEATURE_DIM), np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -371,16 +383,17 @@ def reference_cache_path(cfg: Config, split: str = "train", n: int | None = None
     return Path(cache_dir) / f"{cfg.dataset}_{cfg.image_size}px_{split}_{reference_size(cfg, split, n)}.npz"
 
 
-def _real_images(cfg: Config, split: str, n: int | None, seed: int) -> torch.Tensor:
+def _real_images(cfg: Config, split: str, n: int | None, seed: int, chunk: int = 250) -> Iterator[torch.Tensor]:
     """``n`` real images (a seeded random subset; all if None) of ``cfg.dataset``/``split`` at the model's
-    resolution, in [−1, 1]."""
+    resolution, in [−1, 1], ``chunk`` at a time from a loader (50,000 LSUN images are 39 GB: never held at once)."""
     spec = get_dataset(cfg)
     if spec.in_memory:
         images, _ = load_tensor_dataset(cfg, split)
         if n is not None and n < len(images):
             idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
             images = images[idx.sort().values]
-        return images
+        yield images
+        return
     if split != "train":
         raise ValueError(f"reference statistics of {cfg.dataset!r} are available for split='train' only")
     if spec.text_to_image:
@@ -388,12 +401,9 @@ def _real_images(cfg: Config, split: str, n: int | None, seed: int) -> torch.Ten
                          "compute them with ReferenceStatistics.from_features(inception_features(images))")
     if n is None:
         raise ValueError(f"give n (number of reference images) for {cfg.dataset!r}")
-    batches = training_batches(cfg, min(n, 250), seed)
-    out, i = [], 0
-    while sum(len(x) for x in out) < n:
-        out.append(batches.batch(i)[0])
-        i += 1
-    return torch.cat(out)[:n]
+    batches = training_batches(cfg, min(n, chunk), seed)
+    for i in range(-(-n // min(n, chunk))):
+        yield batches.batch(i)[0][:n - i * min(n, chunk)]
 
 
 def reference_statistics(cfg: Config, split: str = "train", n: int | None = None,
@@ -426,13 +436,14 @@ def reference_statistics(cfg: Config, split: str = "train", n: int | None = None
     return ref
 
 
-def compute_fid_kid(samples: torch.Tensor | np.ndarray, reference: ReferenceStatistics, *,
+def compute_fid_kid(samples: torch.Tensor | np.ndarray | Iterable, reference: ReferenceStatistics, *,
                     batch_size: int | None = None, device: str | torch.device | None = None,
                     kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0,
                     progress: bool = False) -> dict[str, float]:
     """FID and KID of ``samples`` against ``reference`` → ``dict(fid, kid, kid_std, n)``.
 
-    ``samples``: images (see :func:`inception_features`) or their Inception features (a 2-D array (N, 2048)).
+    ``samples``: images (see :func:`inception_features`: a batch or an iterable of batches) or their Inception
+    features (a 2-D array (N, 2048)).
     KID uses ``reference.kid_features`` (:func:`kid_from_features`; unscaled, ×10³ in many papers).
     """
     if isinstance(samples, np.ndarray) and samples.ndim == 2:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -70,35 +71,49 @@ def initial_noise(n: int, shape: tuple[int, ...], seed: int, rows: range | None 
     ``rows`` is drawn after discarding the uniforms before it (≈1–10 ns per skipped value), with the same
     tail rule when it reaches the end. Checked against the whole draw in the tests.
     """
-    full = (n, *shape)
-    if rows is None or (rows.start, rows.stop) == (0, n):
-        return torch.randn(full, generator=torch.Generator().manual_seed(seed))
+    rows = range(n) if rows is None else rows
+    return torch.cat(list(noise_chunks(n, shape, seed, max(len(rows), 1), rows))) if len(rows) else \
+        torch.empty((0, *shape))
+
+
+def noise_chunks(n: int, shape: tuple[int, ...], seed: int, chunk: int, rows: range | None = None
+                 ) -> Iterator[torch.Tensor]:
+    """:func:`initial_noise` of ``rows`` (default all ``n``) in pieces of ``chunk`` samples, drawn one after another
+    from one generator (a piece is drawn in whole 16-value blocks and its spare values carried to the next): the
+    same numbers as the whole draw, holding one piece at a time."""
+    rows = range(n) if rows is None else rows
     if rows.step != 1 or not 0 <= rows.start <= rows.stop <= n:
         raise ValueError(f"rows must be a contiguous range within 0..{n}, got {rows}")
     d = math.prod(shape)
-    total, a, b = n * d, rows.start * d, rows.stop * d
-    if b == a:
-        return torch.empty((0, *shape))
+    total = n * d
     if total < 16:                                   # drawn value by value: no blocks
-        return initial_noise(n, shape, seed)[rows.start:rows.stop]
-    first = a // 16 * 16                             # the block that holds the first value
-    end = -(-b // 16) * 16
-    if total % 16 and end > total - 16:              # reaches the redrawn tail: draw to the end, as the whole
-        end, first = total, min(first, (total - 16) // 16 * 16)
+        whole = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+        yield from (whole[s:s + chunk].clone() for s in range(rows.start, rows.stop, chunk))
+        return
+    pos = rows.start * d // 16 * 16                  # the block that holds the first value
+    if total % 16 and pos > total - 16:              # inside the redrawn tail: draw the whole tail, as the whole
+        pos = (total - 16) // 16 * 16
     g = torch.Generator().manual_seed(seed)
-    skip, buf = first, torch.empty(min(first, 1 << 22))
+    skip, buf = pos, torch.empty(min(pos, 1 << 22))
     while skip:                                      # discard the uniforms of the rows before
         k = min(skip, len(buf))
         buf[:k].uniform_(generator=g)
         skip -= k
-    values = torch.randn(end - first, generator=g)
-    return values[a - first:b - first].view(len(rows), *shape).clone()
+    drawn = torch.empty(0)                           # values pos .. pos + len(drawn) of the whole draw
+    for s in range(rows.start, rows.stop, chunk):
+        e = min(s + chunk, rows.stop)
+        if pos + len(drawn) < e * d:
+            upto = -(-e * d // 16) * 16
+            upto = total if total % 16 and upto > total - 16 else upto   # the tail with the last piece
+            drawn = torch.cat([drawn, torch.randn(upto - pos - len(drawn), generator=g)])
+        yield drawn[s * d - pos:e * d - pos].view(e - s, *shape).clone()
+        drawn, pos = drawn[e * d - pos:], e * d
 
 
 @torch.no_grad()
 def ddim_sample(model: nn.Module, cfg: Config, n: int, *, labels: torch.Tensor | list[int] | int | None = None,
                 guidance_scale: float | None = None, steps: int | None = None, seed: int = 0,
-                batch_size: int = 500, device: str | torch.device | None = None, autocast: bool = False,
+                batch_size: int | None = None, device: str | torch.device | None = None, autocast: bool = False,
                 progress: bool = False, rows: range | None = None) -> torch.Tensor:
     """Draw ``n`` images in [−1, 1] with DDIM (eta 0, ``steps`` steps, default ``cfg.sample_steps``).
 
@@ -109,41 +124,56 @@ def ddim_sample(model: nn.Module, cfg: Config, n: int, *, labels: torch.Tensor |
     and it hides small weight differences (a merge of base + 0.25·τ rounds 41% of its conv/linear weights
     to the base's bf16 values), so every comparison here samples in float32 (the default).
     ``rows``: only those samples of the ``n`` (one process's share, see :mod:`deme.distributed`; ``labels``
-    still name all ``n``), the same images as rows ``rows`` of the whole call.
-    Returns a float32 CPU tensor (n, C, H, W), (len(rows), C, H, W) with ``rows``.
+    still name all ``n``), the same images as rows ``rows`` of the whole call. ``batch_size`` (default
+    ``cfg.sample_batch_size``) images go through the UNet at once.
+    Returns a float32 CPU tensor (n, C, H, W), (len(rows), C, H, W) with ``rows``; :func:`ddim_batches` gives
+    the same images batch by batch, never holding all of them.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    steps = steps or cfg.sample_steps
-    shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    rows = range(n) if rows is None else rows
-    noise = initial_noise(n, shape, seed, rows)
+    out = list(ddim_batches(model, cfg, n, labels=labels, guidance_scale=guidance_scale, steps=steps, seed=seed,
+                            batch_size=batch_size, device=device, autocast=autocast, progress=progress, rows=rows))
+    return torch.cat(out) if out else torch.empty((0, cfg.channels, cfg.image_size, cfg.image_size))
+
+
+def _labels(cfg: Config, n: int, labels, guidance_scale: float | None) -> tuple[torch.Tensor | None, float]:
+    """The class labels of all ``n`` samples (the null token when ``labels`` is None; None for unconditional
+    models) and the guidance scale."""
     null = cfg.num_classes
     if labels is None:
-        y_all = torch.full((n,), null, dtype=torch.long) if null else None
-        guidance = 1.0
-    else:
-        if not null:
-            raise ValueError("class labels given for an unconditional profile")
-        y_all = torch.as_tensor(labels, dtype=torch.long)
-        y_all = y_all.expand(n).clone() if y_all.ndim == 0 else y_all
-        if len(y_all) != n:
-            raise ValueError(f"{len(y_all)} labels for {n} samples")
-        guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
-    if y_all is not None:
-        y_all = y_all[rows.start:rows.stop]
+        return (torch.full((n,), null, dtype=torch.long) if null else None), 1.0
+    if not null:
+        raise ValueError("class labels given for an unconditional profile")
+    y = torch.as_tensor(labels, dtype=torch.long)
+    y = y.expand(n).clone() if y.ndim == 0 else y
+    if len(y) != n:
+        raise ValueError(f"{len(y)} labels for {n} samples")
+    return y, cfg.guidance_scale if guidance_scale is None else guidance_scale
+
+
+@torch.no_grad()
+def ddim_batches(model: nn.Module, cfg: Config, n: int, *, labels: torch.Tensor | list[int] | int | None = None,
+                 guidance_scale: float | None = None, steps: int | None = None, seed: int = 0,
+                 batch_size: int | None = None, device: str | torch.device | None = None, autocast: bool = False,
+                 progress: bool = False, rows: range | None = None) -> Iterator[torch.Tensor]:
+    """:func:`ddim_sample`'s images (same arguments) one batch at a time, float32 on the CPU: each batch's noise is
+    drawn when it starts (:func:`noise_chunks`), so host memory holds one batch whatever ``n`` (50K samples at
+    256 px would be 39 GB per copy)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    steps = steps or cfg.sample_steps
+    batch_size = batch_size or cfg.sample_batch_size
+    rows = range(n) if rows is None else rows
+    y_all, guidance = _labels(cfg, n, labels, guidance_scale)
     sched = make_scheduler(cfg, "ddim")
     sched.set_timesteps(steps)
     was_training = model.training
     model.eval()
-    out = []
-    batches = range(0, len(rows), batch_size)
-    for i in tqdm(batches, disable=not progress, desc="sampling"):
-        x = noise[i:i + batch_size].to(device)
-        y = y_all[i:i + batch_size].to(device) if y_all is not None else None
-        x = ddim_denoise(model, sched, x, y, null, guidance, autocast)
-        out.append(x.clamp(-1, 1).cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty((0, *shape))
+    noise = noise_chunks(n, (cfg.channels, cfg.image_size, cfg.image_size), seed, batch_size, rows)
+    try:
+        for i, x in zip(tqdm(range(rows.start, rows.stop, batch_size), disable=not progress, desc="sampling"), noise):
+            y = y_all[i:i + len(x)].to(device) if y_all is not None else None
+            x = ddim_denoise(model, sched, x.to(device), y, cfg.num_classes, guidance, autocast)
+            yield x.clamp(-1, 1).cpu()
+    finally:
+        model.train(was_training)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -229,6 +229,7 @@ class FrozenEncoders:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+    batch_size: int = 32          # images (captions) per encoder call (cfg.encoder_batch_size)
 
     @property
     def scaling_factor(self) -> float:
@@ -239,20 +240,27 @@ class FrozenEncoders:
         """CLIP text-encoder last hidden states (B, 77, D) of ``captions`` (padded to ``model_max_length`` with
         ``<|endoftext|>``, truncated), exactly as ``StableDiffusionPipeline.encode_prompt`` computes them."""
         ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        step = self.batch_size
+        return torch.cat([self.text_encoder(ids[i:i + step])[0] for i in range(0, len(ids), step)])
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents ``vae.encode(x).latent_dist.sample() · scaling_factor`` of images (B, 3, H, W) in [−1, 1]."""
-        posterior = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-        return posterior.sample(generator=generator) * self.scaling_factor
+        """Latents ``vae.encode(x).latent_dist.sample() · scaling_factor`` of images (B, 3, H, W) in [−1, 1], encoded
+        ``batch_size`` at a time. The posterior's noise is drawn for all B at once, as diffusers' ``sample`` draws it
+        for one call over the whole batch, so the latents do not depend on the chunking."""
+        from diffusers.utils.torch_utils import randn_tensor
+        parts = [self.vae.encode(pixels[i:i + self.batch_size].to(self.device, self.dtype)).latent_dist
+                 for i in range(0, len(pixels), self.batch_size)]
+        mean, std = torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts])
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * noise) * self.scaling_factor
 
 
 def load_frozen_encoders(base: str, device: str | torch.device | None = None,
-                         dtype: torch.dtype = torch.float32) -> FrozenEncoders:
+                         dtype: torch.dtype = torch.float32, batch_size: int = 32) -> FrozenEncoders:
     """VAE, CLIP text encoder and tokenizer of the pipeline ``base`` (folder or hub id), frozen, in eval mode,
-    on ``device`` in ``dtype``."""
+    on ``device`` in ``dtype``, encoding ``batch_size`` images (captions) per call."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -265,7 +273,7 @@ def load_frozen_encoders(base: str, device: str | torch.device | None = None,
             raise _missing_weights(f"the {name} (subfolder {name}/)", str(base), e) from e
     for name in ("vae", "text_encoder"):
         parts[name] = parts[name].to(device).eval().requires_grad_(False)
-    return FrozenEncoders(parts["vae"], parts["text_encoder"], parts["tokenizer"], device, dtype)
+    return FrozenEncoders(parts["vae"], parts["text_encoder"], parts["tokenizer"], device, dtype, batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,7 +391,7 @@ def text_image_batches(cfg: Config, batch_size: int, seed: int, device: str | to
     device = torch.device(device) if device is not None else torch.device("cpu")
     source = open_image_captions(data_source(cfg), check_images=cfg.check_images, processes=current_processes())
     log.info(source.report.summary())
-    encoders = load_frozen_encoders(base, device, _encoder_dtype(cfg, device))
+    encoders = load_frozen_encoders(base, device, _encoder_dtype(cfg, device), cfg.encoder_batch_size)
     return TextImageBatches(source, encoders, batch_size, seed, image_size=cfg.image_size,
                             caption_dropout=cfg.label_dropout, random_crop=not cfg.center_crop,
                             random_flip=cfg.random_flip, resize_filter=cfg.resize_filter,

@@ -28,7 +28,7 @@ from .models import base_model_path, build_unet, load_unet
 from .progress import tqdm
 from .ranges import config_ranges
 from .runs import merge_dir, run_dir, write_json
-from .sampling import TimestepEnsemble, ddim_sample
+from .sampling import TimestepEnsemble, ddim_batches, ddim_sample
 from .train import load_checkpoint, train
 
 
@@ -201,7 +201,7 @@ def _inception_fid_score(cfg: Config, n: int, seed: int, steps: int, device, dty
     ref = reference_statistics(cfg, "train")
 
     def score(model) -> float:
-        return compute_fid_kid(ddim_sample(model, cfg, n, seed=seed, steps=steps), ref)["fid"]
+        return compute_fid_kid(ddim_batches(model, cfg, n, seed=seed, steps=steps), ref)["fid"]   # streamed
     return score, f"Inception FID ({n} samples, DDIM-{steps})"
 
 

@@ -95,7 +95,7 @@ def grid_coords(coords) -> tuple[np.ndarray, np.ndarray]:
 
 def loss_landscape_2d(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
                       dir1: Mapping[str, torch.Tensor], dir2: Mapping[str, torch.Tensor], coords,
-                      t_range: tuple[int, int] | None = None, seed: int = 0, batch_size: int = 256,
+                      t_range: tuple[int, int] | None = None, seed: int = 0, batch_size: int | None = None,
                       progress: bool = False) -> np.ndarray:
     """The diffusion loss on the plane ``θ + α·d1 + β·d2`` (paper Fig. 4; Li et al. 2018).
 
@@ -117,7 +117,7 @@ def loss_landscape_2d(model: nn.Module, cfg: Config, images: torch.Tensor, label
 
 def range_landscapes(model: nn.Module, cfg: Config, images: torch.Tensor, labels: torch.Tensor | None,
                      coords, num_ranges: int | None = None, seed: int = 0, direction_seeds: tuple[int, int] = (1, 2),
-                     batch_size: int = 256, progress: bool = False) -> dict[str, np.ndarray]:
+                     batch_size: int | None = None, progress: bool = False) -> dict[str, np.ndarray]:
     """Fig. 4: the landscape of ``model`` over the full range [0, T) and inside each of the N ranges, all on
     the same two filter-normalised directions (the run's ranges, :func:`deme.ranges.config_ranges`, or
     ``num_ranges`` equal ones when given). Keys ``"[0, T)"`` and ``"[lo, hi)"``, in that order."""
@@ -165,7 +165,7 @@ def _reference_state(base_sd: Mapping[str, torch.Tensor], expert_sd: Mapping[str
 
 def task_vector_plane_loss(base: nn.Module, expert_a: nn.Module, expert_b: nn.Module, cfg: Config,
                            images: torch.Tensor, labels: torch.Tensor | None, coords,
-                           t_range: tuple[int, int] | None = None, seed: int = 0, batch_size: int = 256,
+                           t_range: tuple[int, int] | None = None, seed: int = 0, batch_size: int | None = None,
                            progress: bool = False) -> np.ndarray:
     """Fig. 6a: the training loss at ``θ + a·τ_a + b·τ_b`` over a grid, τ_x = θ_x − θ.
 

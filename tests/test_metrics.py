@@ -160,6 +160,7 @@ def test_reference_statistics_cached(digits, tmp_path, monkeypatch):
     calls = []
 
     def fake_features(images, **kw):         # a cheap deterministic stand-in for Inception
+        images = images if torch.is_tensor(images) else torch.cat(list(images))   # a batch or a stream of them
         calls.append(len(images))
         return np.abs(images.reshape(len(images), -1).numpy() @ proj).astype(np.float32)
 

@@ -3,6 +3,7 @@ the paired FID bootstrap's memory, the data loader under several processes, conc
 reference images written by every process, the LSUN split sizes, the fp16 loss scaler and the EMA."""
 
 import contextlib
+import multiprocessing
 import pickle
 import sys
 import threading
@@ -20,11 +21,15 @@ import torchvision.datasets
 from PIL import Image
 
 import deme.train as train_mod
-from deme import data, sdeval
+from deme import analysis, data, sd, sdeval
 from deme.config import get_profile
 from deme.distributed import Processes
+from deme.heldout import heldout_losses
 from deme.metrics import reference_size
+from deme.models import build_unet, make_scheduler
+from deme.mtl import cluster_timesteps, make_ant_objective
 from deme.paired import _GramBootstrap, fid_bootstrap
+from deme.sampling import ddim_sample, noise_chunks
 
 
 class _Numbered(torch.utils.data.Dataset):
@@ -131,6 +136,47 @@ def test_lsun_church_split_sizes_are_the_hub_datasets_and_the_docs_say_so():
     assert "train 119,915" in docs and "LSUN church_outdoor train, 126,227" not in docs
 
 
+def _slow_download(blobs: dict[str, bytes], folder: str, calls: list):
+    """A stand-in for a torchvision dataset class whose download writes ``blobs`` straight under ``root/folder``,
+    each file in two halves with a pause between them (what a reader racing the download may meet)."""
+    class Slow:
+        def __init__(self, root, train=True, download=False):
+            calls.append(root)
+            out = Path(root) / folder
+            out.mkdir(parents=True, exist_ok=True)
+            for name, blob in blobs.items():
+                with open(out / name, "wb") as f:
+                    f.write(blob[:len(blob) // 2])
+                    f.flush()
+                    time.sleep(0.02)
+                    f.write(blob[len(blob) // 2:])
+    return Slow
+
+
+def _racing(calls, folder: Path, read) -> tuple[list, list]:
+    """Run ``calls`` (no-argument functions) at once on threads while another thread calls ``read()`` whenever
+    ``folder`` exists; returns (the calls' results, the exceptions the reader met)."""
+    done, problems = threading.Event(), []
+
+    def watch():
+        while not done.is_set():
+            if folder.is_dir():
+                try:
+                    read()
+                except Exception as e:          # a missing or half-written file
+                    problems.append(e)
+            time.sleep(0.002)
+
+    with ThreadPoolExecutor(len(calls) + 1) as pool:
+        watcher = pool.submit(watch)
+        try:
+            results = list(pool.map(lambda call: call(), calls))
+        finally:
+            done.set()
+        watcher.result()
+    return results, problems
+
+
 def test_concurrent_cifar10_downloads_run_once_and_readers_never_see_a_partial_file(tmp_path, monkeypatch):
     """Four processes' worth of callers (threads here) ask for CIFAR-10 at once, online, with no copy yet: the
     stand-in for torchvision's download (which writes straight under its root, each file in two halves) must
@@ -140,41 +186,12 @@ def test_concurrent_cifar10_downloads_run_once_and_readers_never_see_a_partial_f
     blobs = {name: pickle.dumps({"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [1, 2, 3, 4]})
              for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]}
     calls = []
-
-    class SlowCIFAR10:
-        def __init__(self, root, train=True, download=False):
-            calls.append(root)
-            out = Path(root) / "cifar-10-batches-py"
-            out.mkdir(parents=True, exist_ok=True)
-            for name, blob in blobs.items():
-                with open(out / name, "wb") as f:
-                    f.write(blob[:len(blob) // 2])
-                    f.flush()
-                    time.sleep(0.02)
-                    f.write(blob[len(blob) // 2:])
-
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", SlowCIFAR10)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _slow_download(blobs, "cifar-10-batches-py", calls))
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("DEME_DATA", str(tmp_path / "data"))
-    done, problems = threading.Event(), []
-
-    def watch():
-        while not done.is_set():
-            if (tmp_path / "data" / "cifar-10-batches-py").is_dir():
-                try:
-                    data.CIFAR10Images(tmp_path / "data", 32, split="train")
-                    data.CIFAR10Images(tmp_path / "data", 32, split="test")
-                except Exception as e:          # a missing or half-written batch
-                    problems.append(e)
-            time.sleep(0.002)
-
-    with ThreadPoolExecutor(5) as pool:
-        watcher = pool.submit(watch)
-        try:
-            sizes = list(pool.map(lambda split: len(data.cifar10_dataset(32, split=split)), ["train", "test"] * 2))
-        finally:
-            done.set()
-        watcher.result()
+    sizes, problems = _racing([lambda split=split: len(data.cifar10_dataset(32, split=split))
+                               for split in ["train", "test"] * 2], tmp_path / "data" / "cifar-10-batches-py",
+                              lambda: [data.CIFAR10Images(tmp_path / "data", 32, split=s) for s in ("train", "test")])
     assert len(calls) == 1 and not problems, (calls, problems[:2])
     assert sizes == [20, 4, 20, 4]
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".cifar-10-batches-py.lock",
@@ -305,3 +322,246 @@ def test_the_lsun_dataset_pickles_for_spawned_loader_workers(monkeypatch):
     for i in range(3):
         (x, y), (x2, y2) = ds[i], again[i]
         assert x.shape == (3, 8, 8) and y == y2 == -1 and torch.equal(x, x2)
+
+
+# -- evaluation batches are configuration; chunking changes no number (issue 24, "What to build" 2) -----------------
+
+def test_the_embedded_default_keeps_the_batches_its_numbers_were_made_with():
+    """fmnist's committed results were sampled, scored and analysed with batches of 500, 500 and 256."""
+    fmnist = get_profile("fmnist")
+    assert (fmnist.sample_batch_size, fmnist.heldout_batch_size, fmnist.analysis_batch_size) == (500, 500, 256)
+    for name in ("cifar10", "church", "bedroom", "sd14"):
+        cfg = get_profile(name)
+        assert cfg.gpu_memory_gib and cfg.host_memory_gib, name        # sized: python -m deme rehearse --memory
+    assert "sample_batch_size" not in get_profile("church").training_identity()   # no finished run invalidated
+
+
+def test_noise_drawn_batch_by_batch_is_the_whole_draw():
+    """torch's own draw of all samples at once against noise_chunks: every chunk size, a share of the rows, sizes
+    that are and are not multiples of torch's 16-value blocks (whose ragged tail torch redraws), and fewer than 16."""
+    for shape in [(3, 4, 4), (1, 3, 3), (5,), (1, 1, 3), (2, 5, 5)]:
+        for n in (1, 7, 13):
+            whole = torch.randn((n, *shape), generator=torch.Generator().manual_seed(5))
+            for chunk in (1, 2, 5, n):
+                for rows in (range(n), range(n // 3, n), range(0, n // 2 + 1)):
+                    pieces = list(noise_chunks(n, shape, 5, chunk, rows))
+                    assert max(len(p) for p in pieces) <= chunk
+                    assert torch.equal(torch.cat(pieces), whole[rows.start:rows.stop]), (shape, n, chunk, rows)
+
+
+def _smoke_unet():
+    torch.manual_seed(0)
+    return build_unet(get_profile("smoke")).eval()
+
+
+def test_sampling_and_heldout_losses_in_small_batches_equal_one_batch():
+    cfg = get_profile("smoke")
+    model = _smoke_unet()
+    one = ddim_sample(model, cfg, 7, labels=torch.arange(7) % 10, steps=2, seed=3)               # 500 at once
+    small = ddim_sample(model, cfg.replace(sample_batch_size=3), 7, labels=torch.arange(7) % 10, steps=2, seed=3)
+    torch.testing.assert_close(small, one, rtol=0, atol=1e-5)
+    x, y = torch.rand(9, 1, 8, 8) * 2 - 1, torch.arange(9) % 10
+    whole, t = heldout_losses(model, cfg, x, y, seed=1)
+    chunked, t2 = heldout_losses(model, cfg.replace(heldout_batch_size=4), x, y, seed=1)
+    assert torch.equal(t, t2)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=0)
+
+
+def test_vae_encoding_in_chunks_draws_the_posterior_noise_of_one_call():
+    """FrozenEncoders.encode_images, 3 images per VAE call, against diffusers' own one-call encode + sample."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16).eval()
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    enc = sd.FrozenEncoders(vae, None, None, torch.device("cpu"), torch.float32, batch_size=3)
+    chunked = enc.encode_images(x, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = vae.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(chunked, expected * vae.config.scaling_factor, rtol=1e-5, atol=1e-6)
+
+
+# -- notebook 01: back-propagation in micro-batches, full gradients never all held (issue 24, item 4) ----------
+
+def _gradient_by_hand(model, cfg, images, labels, t, seed):
+    """∇θ of the batch-mean ε-MSE written out, one backward over the whole batch."""
+    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
+    a = make_scheduler(cfg).alphas_cumprod[t]
+    xt = a.sqrt() * images + (1 - a).sqrt() * eps
+    out = model(xt, torch.full((len(images),), t), class_labels=labels).sample
+    grads = torch.autograd.grad(((out - eps) ** 2).mean(), list(model.parameters()), allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(grads, model.parameters())]).double()
+
+
+def test_gradients_accumulated_over_micro_batches_equal_the_one_batch_gradient_and_stream_their_products(monkeypatch):
+    """analysis_batch_size=2 over 6 images against one backward over all 6; then the cosines with one full gradient
+    held at a time (recomputing the later ones) against the cosines of the hand-computed gradients."""
+    cfg = get_profile("smoke", analysis_batch_size=2)
+    model = _smoke_unet()
+    x, y = torch.rand(6, 1, 8, 8) * 2 - 1, torch.arange(6) % 10
+    ts = [30, 400, 650, 980]
+    params = list(model.parameters())
+    grads, _ = analysis._batch_gradient(model, make_scheduler(cfg), params, x, analysis.fixed_noise(x.shape, 0), y,
+                                        400, cfg.analysis_batch_size)
+    by_hand = [_gradient_by_hand(model, cfg, x, y, t, 0) for t in ts]
+    torch.testing.assert_close(torch.cat([g.reshape(-1) for g in grads]).double(), by_hand[1], rtol=1e-4, atol=1e-7)
+    calls = []
+    real = analysis._batch_gradient
+    monkeypatch.setattr(analysis, "_batch_gradient", lambda *a: calls.append(a[6]) or real(*a))
+    G = torch.stack(by_hand)
+    unit = G / G.norm(dim=1, keepdim=True)
+    expected = (unit @ unit.T).numpy()
+    all_held, info = analysis.gradient_similarity(model, cfg, x, y, ts)
+    assert len(calls) == 4 and info["held"] == 4
+    one_held, info1 = analysis.gradient_similarity(model, cfg, x, y, ts, held=1)
+    assert calls[4:] == [30, 400, 650, 980, 400, 650, 980, 650, 980, 980] and info1["held"] == 1
+    np.testing.assert_allclose(one_held, all_held, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(all_held, expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(info1["grad_norm"], info["grad_norm"])
+    big = get_profile("sd14")                  # 40 full gradients of SD's UNet: 137 GB; held: a quarter of the host
+    assert analysis.held_gradients(big, 859_520_964, 40) == int(big.host_memory_gib * 2 ** 30 / 4 // 3_438_083_856)
+    assert analysis.held_gradients(get_profile("fmnist"), 1_620_000, 40) == 40
+
+
+# -- Table 1's samples and the FID reference stream (issue 24, item 5) -----------------------------------------
+
+class _TinyInception(torch.nn.Module):
+    """A stand-in for the Inception network in its contract ((N, 3, 299, 299) in [0, 255] → (N, 2048)) that logs
+    the size of every batch it embeds."""
+
+    def __init__(self, log: list):
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv, self.fc, self.log = torch.nn.Conv2d(3, 4, 5, stride=4), torch.nn.Linear(4, 2048), log
+        self.device, self.path = torch.device("cpu"), Path("tiny-inception")
+
+    @torch.no_grad()
+    def forward(self, x):
+        self.log.append(("inception", len(x)))
+        return self.fc(self.conv((x - 128) / 128).mean((2, 3)))
+
+
+def test_table_1_samples_are_scored_as_they_are_drawn_and_equal_the_in_memory_outputs(monkeypatch):
+    """sample_outputs with 5 samples per UNet call: the Inception network sees samples before the last batch is
+    drawn, no call holds more than a batch, and every output equals scoring all samples held at once."""
+    from deme import compare, metrics
+    from deme.classifier import SmallCNN, classifier_features, predict
+    cfg = get_profile("smoke", sample_batch_size=5)
+    log = []
+    tiny = _TinyInception(log)
+    monkeypatch.setattr(metrics, "inception_feature_extractor", lambda device=None: tiny)
+    model = _smoke_unet()
+    model.register_forward_pre_hook(lambda m, args: log.append(("unet", len(args[0]))))
+    torch.manual_seed(2)
+    clf = SmallCNN(cfg.image_size, cfg.channels, cfg.num_classes).eval()
+    out = compare.sample_outputs(model, cfg, seed=3, n=12, steps=2, classifier=clf)
+    unet = [i for i, (kind, _) in enumerate(log) if kind == "unet"]
+    first_inception = next(i for i, (kind, _) in enumerate(log) if kind == "inception")
+    assert first_inception < unet[-1] and max(n for kind, n in log if kind == "unet") <= 2 * 5   # ×2: guidance
+    log.clear()
+    uncond = ddim_sample(model, cfg, 12, seed=3, steps=2)
+    cond = ddim_sample(model, cfg, 12, labels=torch.arange(12) % 10, seed=3 + 10_000, steps=2)
+    np.testing.assert_array_equal(out["uncond_inception"], metrics.inception_features(uncond, extractor=tiny))
+    np.testing.assert_array_equal(out["cond_inception"], metrics.inception_features(cond, extractor=tiny))
+    np.testing.assert_array_equal(out["cond_pred"], predict(clf, cond).numpy())
+    np.testing.assert_array_equal(out["cond_classifier"], classifier_features(clf, cond).double().numpy())
+
+
+def test_the_fid_reference_streams_loader_images_to_features(tmp_path, monkeypatch):
+    """CIFAR-10 through its loader, 6 images at a time: the chunks are those of one pass, and the statistics equal
+    those of all 20 images embedded at once."""
+    from deme import metrics
+    from deme.rehearse import write_cifar10
+    write_cifar10(tmp_path / "data", per_batch=8)
+    monkeypatch.setenv("DEME_DATA", str(tmp_path / "data"))
+    tiny = _TinyInception([])
+    monkeypatch.setattr(metrics, "inception_feature_extractor", lambda device=None: tiny)
+    cfg = get_profile("cifar10", num_workers=0, fid_reference_size=20)
+    chunks = list(metrics._real_images(cfg, "train", 20, 0, chunk=6))
+    whole = torch.cat(list(metrics._real_images(cfg, "train", 20, 0)))
+    assert [len(c) for c in chunks] == [6, 6, 6, 2] and whole.shape == (20, 3, 32, 32)
+    assert torch.equal(torch.cat(chunks), whole)
+    feats = metrics.inception_features(whole, extractor=tiny)
+    np.testing.assert_array_equal(metrics.inception_features(iter(chunks), extractor=tiny), feats)
+    ref = metrics.reference_statistics(cfg, "train", cache_dir=tmp_path, progress=False, device="cpu")
+    np.testing.assert_allclose(ref.mu, feats.mean(0, dtype=np.float64), rtol=1e-12)
+    np.testing.assert_allclose(ref.sigma, np.cov(feats.astype(np.float64), rowvar=False), rtol=1e-12, atol=1e-12)
+
+
+def test_concurrent_fashion_mnist_downloads_run_once_and_readers_never_see_a_partial_file(tmp_path, monkeypatch):
+    """As for CIFAR-10: the jobs of `reproduce --jobs 2` (threads here) ask for Fashion-MNIST at once, online, with
+    no copy: torchvision's download (a stand-in writing each file in two halves) runs once, every caller gets its
+    split, and a reader of the final folder never meets a missing or half-written file."""
+    def idx(array) -> bytes:             # the IDX format: 0, 0, type 8 (ubyte), ndim, big-endian sizes, the bytes
+        return bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape) + array.tobytes()
+
+    blobs = {f"{p}-{kind}": idx(np.zeros((n, 28, 28), np.uint8) if kind == "images-idx3-ubyte" else
+                                np.arange(n, dtype=np.uint8))
+             for p, n in (("train", 6), ("t10k", 2)) for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")}
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", _slow_download(blobs, "FashionMNIST/raw", calls))
+    monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "none"))
+    monkeypatch.delenv("DEME_FMNIST_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("DEME_DATA", str(tmp_path / "data"))
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+
+    def read():
+        assert [len(data._read_idx(raw / name)) for name in blobs] == [6, 6, 2, 2]
+
+    got, problems = _racing([lambda split=split: len(data.load_fmnist_raw(split)[0])
+                             for split in ["train", "test"] * 2], raw, read)
+    assert len(calls) == 1 and not problems, (calls, problems[:2])
+    assert got == [6, 2, 6, 2]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [".FashionMNIST.lock", "FashionMNIST"]
+
+
+def _uw_train(ranks: list[int], ddp: bool) -> dict:
+    """ANT-UW for 4 AdamW steps of a linear "denoiser", its optimizer from deme.train.build_optimizer (the
+    log-variances in their own group, outside the model that DDP wraps), on the batches of ``ranks`` (5 samples
+    each, sample j in cluster j mod 5; targets x·(1 + t/200): the clusters' losses differ): this process's own
+    under DDP, all of them at once on one process. Returns the log-variances and weights it ends with."""
+    cfg = get_profile("smoke", method="ant-uw", batch_size=5, ant_clusters=5)
+    objective = make_ant_objective(cfg, torch.linspace(0.99, 0.01, 1000))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
+    optimizer = train_mod.build_optimizer(cfg, model, objective, 0.01, 4, torch.device("cpu"))[0]
+    for step in range(4):
+        gens = [torch.Generator().manual_seed(100 * step + r) for r in ranks]
+        t = torch.cat([cluster_timesteps(5, objective.bounds, g) for g in gens])
+        x = torch.cat([torch.randn(5, 4, generator=g) for g in gens])
+        objective.combine(((net(x) - x * (1 + t[:, None] / 200)) ** 2).mean(1), t, step, None).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"log_vars": objective.log_vars.detach().clone(), "weight": model.weight.detach().clone()}
+
+
+def _uw_rank(rank: int, folder: Path) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=rank, world_size=2)
+    try:
+        torch.save(_uw_train([rank], ddp=True), folder / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ant_uw_log_variances_stay_identical_across_ddp_processes(tmp_path):
+    """Two gloo processes, each its own batch: the log-variances live outside the DDP module, yet both processes
+    must end with the same ones — those of one process trained on both batches together (per cluster, the mean of
+    the processes' losses: ANTObjective all-reduces them) — and the same weights. Fails when the processes' UW
+    terms see their own losses only (their log-variances drift apart)."""
+    procs = [multiprocessing.get_context("fork").Process(target=_uw_rank, args=(r, tmp_path)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{k}.pt") for k in (0, 1)]
+    together = _uw_train([0, 1], ddp=False)
+    assert (together["log_vars"] != 0).all() and together["log_vars"].unique().numel() == 5   # trained, apart
+    for k in ("log_vars", "weight"):
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+        torch.testing.assert_close(ranks[0][k], together[k], rtol=0, atol=1e-6)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,29 +218,41 @@ def test_fmnist_loader_and_a_clear_error_when_missing(monkeypatch, tmp_path):
         load_fmnist_raw("train")
 
 
+def _idx_bytes(array) -> bytes:
+    """The IDX encoding of a uint8 array (the MNIST file format): 0, 0, type 8 (ubyte), ndim, big-endian sizes."""
+    return bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape) + array.tobytes()
+
+
 def test_fmnist_download_goes_to_the_repository_runs_folder_from_any_directory(monkeypatch, tmp_path):
-    """Online without the files (e.g. Colab): torchvision downloads into <root>/runs/data, not into the working
-    directory (notebooks run in notebooks/)."""
+    """Online without the files (e.g. Colab): torchvision downloads into <root>/runs/data (through a temporary
+    folder there, renamed when complete), not into the working directory (notebooks run in notebooks/)."""
     import numpy as np
     import torchvision.datasets
 
     import deme.data as data
     roots = []
 
-    class FakeFashionMNIST:
+    class FakeFashionMNIST:          # torchvision's layout: <root>/FashionMNIST/raw/<name>, extracted
         def __init__(self, root, train, download):
-            roots.append((root, train, download))
-            self.data, self.targets = torch.zeros(3, 28, 28, dtype=torch.uint8), torch.tensor([1, 2, 3])
+            roots.append(Path(root))
+            raw = Path(root) / "FashionMNIST" / "raw"
+            raw.mkdir(parents=True)
+            for prefix, n in (("train", 2), ("t10k", 3)):
+                (raw / f"{prefix}-images-idx3-ubyte").write_bytes(_idx_bytes(np.zeros((n, 28, 28), np.uint8)))
+                (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx_bytes(np.arange(1, n + 1, dtype=np.uint8)))
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashionMNIST)
     monkeypatch.setattr(data, "FMNIST_SYSTEM_DIR", str(tmp_path / "none"))
     monkeypatch.delenv("DEME_FMNIST_DIR", raising=False)
+    monkeypatch.delenv("DEME_DATA", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("DEME_ROOT", str(tmp_path / "repo"))
     monkeypatch.chdir(tmp_path)
     images, labels = load_fmnist_raw("test")
-    assert roots == [(str(tmp_path / "repo" / "runs" / "data"), False, True)]
+    assert len(roots) == 1 and roots[0].parent == tmp_path / "repo" / "runs" / "data"
+    assert (tmp_path / "repo" / "runs" / "data" / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
     assert images.shape == (3, 28, 28) and labels.dtype == np.int64 and labels.tolist() == [1, 2, 3]
+    assert load_fmnist_raw("train")[1].tolist() == [1, 2] and len(roots) == 1      # found, not downloaded again
 
 
 def test_resume_skips_a_truncated_latest_checkpoint(tmp_path):
