@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -54,18 +55,23 @@ def stages(cfg, full: bool = False, jobs: int = 1) -> list[tuple[str, str, dict]
     return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
 
 
-KERNEL_CONFIG = Config({"KernelManager": {"transport": "tcp" if os.name == "nt" else "ipc"}})
-"""The kernels' settings: the kernel talks to papermill over Unix sockets (beside its connection file in Jupyter's
-runtime folder) instead of TCP on localhost, so ipykernel does not print "Kernel is running over TCP without
-encryption" on the terminal once per stage. (CurveZMQ encryption, ``transport_encryption="auto"``, silences it too,
-but a kernel died with it before kernel_info in a clean-clone CI run.) Windows has no Unix sockets: TCP there."""
+def kernel_config(folder: str | os.PathLike) -> Config:
+    """The kernel's settings: it talks to papermill over Unix sockets in ``folder`` (its own, so kernels started
+    side by side never share a socket) instead of TCP on localhost, so ipykernel does not print "Kernel is running
+    over TCP without encryption" on the terminal once per stage. (CurveZMQ encryption silences it too, but a kernel
+    died with it before kernel_info in a clean-clone CI run.) Windows has no Unix sockets: TCP there."""
+    if os.name == "nt":
+        return Config({})
+    return Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "kernel")}})
 
 
 def execute(notebook: Path, target: Path, params: dict, *, cwd: Path, progress_bar: bool = False) -> None:
     """Execute ``notebook`` into ``target`` with papermill (``params`` injected, kernel ``python3`` started in
-    ``cwd`` with :data:`KERNEL_CONFIG`): the one place deme starts notebook kernels."""
-    pm.execute_notebook(str(notebook), str(target), parameters=params, cwd=str(cwd), progress_bar=progress_bar,
-                        kernel_name="python3", config=KERNEL_CONFIG)
+    ``cwd`` with :func:`kernel_config` in a temporary folder of its own): the one place deme starts notebook
+    kernels."""
+    with tempfile.TemporaryDirectory(prefix="deme-kernel-") as sockets:
+        pm.execute_notebook(str(notebook), str(target), parameters=params, cwd=str(cwd), progress_bar=progress_bar,
+                            kernel_name="python3", config=kernel_config(sockets))
 
 
 def publish(executed: Path, dest: Path) -> None:

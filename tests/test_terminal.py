@@ -126,6 +126,20 @@ def test_a_stage_starts_its_kernel_without_the_transport_warning_and_records_the
     assert KERNEL_WARNING in capfd.readouterr().err
 
 
+def test_two_stages_side_by_side_keep_their_kernels_apart(tmp_path, monkeypatch):
+    """Two stages executed at once (as reproduce runs training jobs): each kernel gets its own socket folder, so
+    each notebook receives its own parameter, and no socket file is left in the notebooks' folder (the cwd)."""
+    from concurrent.futures import ThreadPoolExecutor
+    _tiny_notebook(tmp_path)
+    jobs = [(tmp_path / f"out{k}.ipynb", {"x": k}) for k in (1, 2, 3)]
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda j: R.execute(tmp_path / "tiny.ipynb", j[0], j[1], cwd=tmp_path), jobs))
+    for target, params in jobs:
+        out = nbformat.read(target, as_version=4)
+        assert out.cells[-1].outputs[0]["text"] == f"{params['x'] * 21}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out1.ipynb", "out2.ipynb", "out3.ipynb", "tiny.ipynb"]
+
+
 # -- versions: recorded, and pinned by the lock -----------------------------------------------------------------
 
 def _lock() -> dict[str, str]:
