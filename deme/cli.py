@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     h.add_argument("--full", action="store_true", help="rehearse reproduce --full (all baselines, Table 3, sweeps)")
     h.add_argument("--memory", action="store_true", help="instead: each stage's peak GPU memory (traced on the meta "
                    "device) and host RAM (formula) against the profile's budget (deme.memory); exit 1 if one fails")
+    h.add_argument("--budget", action="store_true", help="instead: each stage's disk (arithmetic) and H100 time "
+                   "(FLOPs counted on the meta device at an assumed throughput; deme.budget)")
+    h.add_argument("--write", action="store_true", help="with --budget: also rewrite the profile's table in "
+                   "docs/paper_scale.md")
     sub.add_parser("train", help="one training job (python -m deme train --help)")
     c = sub.add_parser("compare", help="sample and score notebook 05's models into its cache; under `accelerate "
                        "launch` every process takes a share of the samples (the numbers of one process)")
@@ -150,6 +154,15 @@ def reproduce_command(a) -> None:
 
 
 def rehearse_command(a) -> None:
+    if a.budget:
+        from .budget import budget_table, format_budget, write_block
+        from .config import get_profile
+        cfg = get_profile(a.profile)
+        text = format_budget(cfg, budget_table(cfg))
+        print(text)
+        if a.write:
+            write_block(cfg, text)
+        return
     if a.memory:
         from .config import get_profile
         from .memory import check_fits, format_table, memory_table

@@ -113,9 +113,10 @@ def meta_unet(cfg: Config, dtype: torch.dtype = torch.float32) -> torch.nn.Modul
     return _on_meta(lambda: UNet2DModel.from_config(config), dtype)
 
 
-def unet_pass(cfg: Config, model: torch.nn.Module, batch: int, backward: bool) -> int:
-    """Peak bytes of one call of ``model`` on ``batch`` images (its weights excluded; with ``backward`` the
-    gradients of the mean squared output included)."""
+def unet_call(cfg: Config, model: torch.nn.Module, batch: int, backward: bool) -> Callable[[], None]:
+    """One call of ``model`` on ``batch`` zero inputs of ``cfg``'s shape on the meta device (text-to-image: latents
+    and 77 caption tokens' hidden states), with ``backward`` the gradients of the mean squared output; sets the
+    model's train mode to ``backward``."""
     dtype = next(model.parameters()).dtype
     side = cfg.image_size // 8 if is_text_to_image(cfg) else cfg.image_size
     channels = 4 if is_text_to_image(cfg) else cfg.channels
@@ -130,38 +131,55 @@ def unet_pass(cfg: Config, model: torch.nn.Module, batch: int, backward: bool) -
             if backward:
                 out.float().pow(2).mean().backward()
     model.train(backward)
-    return traced_peak(run)
+    return run
+
+
+def unet_pass(cfg: Config, model: torch.nn.Module, batch: int, backward: bool) -> int:
+    """Peak bytes of one call of ``model`` on ``batch`` images (its weights excluded; with ``backward`` the
+    gradients of the mean squared output included)."""
+    return traced_peak(unet_call(cfg, model, batch, backward))
+
+
+def meta_encoders(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """SD 1.4's VAE and CLIP text encoder (their real configs) on the meta device."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+    return (_on_meta(lambda: AutoencoderKL.from_config(SD14_VAE_CONFIG), dtype),
+            _on_meta(lambda: CLIPTextModel(CLIPTextConfig(**SD14_TEXT_CONFIG)), dtype))
 
 
 def encoder_pass(cfg: Config, dtype: torch.dtype) -> tuple[int, int]:
     """SD's frozen VAE encoder and text encoder at ``cfg.encoder_batch_size``: (weight bytes, peak bytes)."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-    vae = _on_meta(lambda: AutoencoderKL.from_config(SD14_VAE_CONFIG), dtype)
-    text = _on_meta(lambda: CLIPTextModel(CLIPTextConfig(**SD14_TEXT_CONFIG)), dtype)
+    vae, text = meta_encoders(dtype)
     n = cfg.encoder_batch_size
 
     def run():
         with torch.no_grad():
             vae.encode(torch.zeros(n, 3, cfg.image_size, cfg.image_size, device="meta", dtype=dtype))
             text(torch.zeros(n, 77, dtype=torch.long, device="meta"))
-    return _bytes(vae) + _bytes(text), traced_peak(run)
+    return param_bytes(vae) + param_bytes(text), traced_peak(run)
+
+
+def meta_inception() -> torch.nn.Module:
+    """The FID network's architecture (torchvision's Inception v3 up to pool3) on the meta device, eval mode."""
+    from torchvision.models import inception_v3
+    net = _on_meta(lambda: inception_v3(weights=None, aux_logits=False, init_weights=False)).eval()
+    net.fc = torch.nn.Identity()
+    return net
 
 
 def inception_pass() -> tuple[int, int]:
     """The FID network (torchvision's Inception v3, the architecture of inception-2015-12-05) at its GPU batch:
     (weight bytes, peak bytes)."""
-    from torchvision.models import inception_v3
-    net = _on_meta(lambda: inception_v3(weights=None, aux_logits=False, init_weights=False)).eval()
-    net.fc = torch.nn.Identity()
+    net = meta_inception()
 
     def run():
         with torch.no_grad():
             net(torch.zeros(INCEPTION_BATCH, 3, 299, 299, device="meta"))
-    return _bytes(net), traced_peak(run)
+    return param_bytes(net), traced_peak(run)
 
 
-def _bytes(model: torch.nn.Module) -> int:
+def param_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
@@ -182,7 +200,7 @@ def memory_table(cfg: Config) -> list[dict]:
     held-out loss, VAE/text encoding (text-to-image), FID features."""
     t2i, N = is_text_to_image(cfg), cfg.num_ranges
     model = meta_unet(cfg)
-    P = _bytes(model)                                         # float32 weights
+    P = param_bytes(model)                                    # float32 weights
     image = cfg.channels * cfg.image_size ** 2 * 4            # one float32 input (text-to-image: pixels)
     mixed = cfg.mixed_precision in ("fp16", "bf16")
     enc_w, enc_peak = encoder_pass(cfg, torch.bfloat16 if mixed else torch.float32) if t2i else (0, 0)
