@@ -61,11 +61,8 @@ def compare_command(a) -> None:
               f"{procs.world} process(es)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "train":
-        from .train import main as train_main
-        return train_main(argv[1:])
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m deme`` parser: one subcommand per entry of :data:`COMMANDS`, each with ``--debug``."""
     p = argparse.ArgumentParser(prog="python -m deme", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -139,7 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--branch", default="main")
     for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", help="show the traceback of a project error")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":
+        from .train import main as train_main
+        return train_main(argv[1:])
+    a = build_parser().parse_args(argv)
     with reported(f"python -m deme {a.cmd}", debug=a.debug):
         COMMANDS[a.cmd](a)
 

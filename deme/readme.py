@@ -60,7 +60,7 @@ def _claims(figures: Path) -> pd.DataFrame:
 
 @block("bottom-line")
 def bottom_line(figures: Path) -> str:
-    """Three lines: the premise on the validation images, then claims (b)–(d) on the evaluation images."""
+    """The premise on the validation images, then claims (b)–(d) and the unmerged ensemble on the evaluation images."""
     rows = pd.read_csv(figures / "premise_fmnist.csv")
     chosen = rows[rows.chosen]
     lines = []
@@ -74,7 +74,7 @@ def bottom_line(figures: Path) -> str:
         lines.append("- **The premise** does not hold on any setting tried (see below).")
     claims = _claims(figures)
     for claim in dict.fromkeys(claims.claim):
-        if not claim.startswith(("(b)", "(c) merged vs Standard", "(d)")):
+        if not claim.startswith(("(b)", "(c) merged vs Standard", "(d)", "ensemble vs before")):
             continue
         c = claims[claims.claim == claim]
         parts = [f"{m.split(' (')[0]} {interval(x.delta, x.ci95_low, x.ci95_high, '%' if '%' in m else '')} "

@@ -19,6 +19,7 @@ from torch import nn
 
 from .analysis import TensorDict, fixed_batch_loss
 from .config import Config
+from .learned import block_group
 from .merge import check_compatible, task_arithmetic
 from .progress import tqdm
 from .ranges import config_ranges
@@ -223,15 +224,6 @@ def plane_around_minimum(base: nn.Module, expert_a: nn.Module, expert_b: nn.Modu
 # ---------------------------------------------------------------------------------------------------------
 # Task-vector statistics (Fig. 6b)
 # ---------------------------------------------------------------------------------------------------------
-
-def block_group(name: str) -> str:
-    """Group a parameter name by UNet block: ``down_blocks.1.resnets.0.conv1.weight`` → ``down_blocks.1``,
-    ``mid_block.attentions.0...`` → ``mid_block``, ``conv_in.weight`` → ``conv_in``."""
-    parts = name.split(".")
-    if len(parts) > 1 and parts[1].isdigit():
-        return ".".join(parts[:2])
-    return parts[0]
-
 
 QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 

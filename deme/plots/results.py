@@ -341,8 +341,9 @@ def plot_sample_rows(rows: Mapping[str, "np.ndarray"], reference: str, row_label
     panel_h = 4.2                                                   # inches; panels as wide as the grids need
     panel_w = min(5.0, panel_h * first.shape[1] / first.shape[0])
     margin = 1.8 if row_labels is not None else 0.3
-    fig, axes = plt.subplots(2 if diffs else 1, len(names), squeeze=False, layout="constrained",
-                             figsize=((panel_w + 0.35) * len(names) + margin + 1.1, (2 if diffs else 1) * panel_h + 0.9))
+    nrows = 2 if diffs else 1
+    fig, axes = plt.subplots(nrows, len(names), squeeze=False, layout="constrained",
+                             figsize=((panel_w + 0.35) * len(names) + margin + 1.1, nrows * panel_h + 0.9))
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="0.8")
     for j, k in enumerate(names):
         g = grid(arrays[k], 255.0)
