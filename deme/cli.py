@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "device) and host RAM (formula) against the profile's budget (deme.memory); exit 1 if one fails")
     h.add_argument("--budget", action="store_true", help="instead: each stage's disk (arithmetic) and H100 time "
                    "(FLOPs counted on the meta device at an assumed throughput; deme.budget)")
-    h.add_argument("--write", action="store_true", help="with --budget: also rewrite the profile's table in "
+    h.add_argument("--write", action="store_true", help="with --memory or --budget: also rewrite its table in "
                    "docs/paper_scale.md")
     sub.add_parser("train", help="one training job (python -m deme train --help)")
     c = sub.add_parser("compare", help="sample and score notebook 05's models into its cache; under `accelerate "
@@ -159,22 +159,16 @@ def reproduce_command(a) -> None:
 
 
 def rehearse_command(a) -> None:
-    if a.budget:
-        from .budget import budget_table, format_budget, write_block
-        from .config import get_profile
+    if a.budget or a.memory:
+        from .budget import budget_table, format_budget
+        from .memory import check_fits, format_table, memory_table, write_block
         cfg = get_profile(a.profile)
-        text = format_budget(cfg, budget_table(cfg))
+        rows = memory_table(cfg) if a.memory else budget_table(cfg)
+        text = format_table(cfg, rows) if a.memory else format_budget(cfg, rows)
         print(text)
         if a.write:
-            write_block(cfg, text)
-        return
-    if a.memory:
-        from .config import get_profile
-        from .memory import check_fits, format_table, memory_table
-        cfg = get_profile(a.profile)
-        rows = memory_table(cfg)
-        print(format_table(cfg, rows))
-        if check_fits(cfg, rows):
+            write_block(cfg, text, "memory" if a.memory else "budget")
+        if a.memory and check_fits(cfg, rows):
             raise SystemExit("does not fit: " + "; ".join(check_fits(cfg, rows)))
         return
     from .rehearse import rehearse

@@ -4,9 +4,10 @@ hand count, and docs/paper_scale.md holding exactly what the code prints."""
 import pytest
 import torch
 
-from deme.budget import GB, budget_table, checkpoint_bytes, count_flops, doc_block, format_budget, run_disk
+from deme.budget import GB, budget_table, checkpoint_bytes, count_flops, format_budget, run_disk
 from deme.cli import main
 from deme.config import get_profile
+from deme.memory import doc_block
 from deme.rehearse import PAPER_PROFILES
 
 
@@ -43,7 +44,7 @@ def test_flop_counter_matches_a_hand_count(device):
 def test_the_docs_hold_what_the_code_prints(name):
     cfg = get_profile(name)
     text = format_budget(cfg, budget_table(cfg))
-    assert doc_block(name) == text, f"run: python -m deme rehearse --profile {name} --budget --write"
+    assert doc_block(name, "budget") == text, f"run: python -m deme rehearse --profile {name} --budget --write"
     assert "| total |" in text and "*estimated*" in text
 
 

@@ -10,7 +10,7 @@ from diffusers import UNet2DModel
 from torch.profiler import ProfilerActivity, profile
 
 from deme.config import get_profile
-from deme.memory import check_fits, memory_table, traced_peak
+from deme.memory import check_fits, doc_block, format_table, memory_table, traced_peak
 from deme.rehearse import PAPER_PROFILES
 
 TINY = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64, 64),
@@ -56,6 +56,8 @@ def test_every_stage_of_the_paper_profiles_fits_their_declared_gpu_and_host(name
     assert cfg.gpu_memory_gib and cfg.host_memory_gib
     assert not check_fits(cfg, rows)
     assert all(0 < r["traced_gib"] < r["gpu_gib"] for r in rows)
+    assert doc_block(name, "memory") == format_table(cfg, rows), \
+        f"docs/paper_scale.md is stale: run python -m deme rehearse --profile {name} --memory --write"
 
 
 def test_a_stage_that_does_not_fit_is_reported():
