@@ -196,29 +196,25 @@ def plane_around_minimum(base: nn.Module, expert_a: nn.Module, expert_b: nn.Modu
     time by half the grid's points beyond that edge (same spacing; only the new points are computed, every point
     with the same fixed batch), at most ``max_extensions`` times. Returns the loss, the axes ``(a, b)`` and
     whether the lowest point is inside the grid (False: the grid still cannot locate it)."""
-    a, b = grid_coords(coords)
-    plane = task_vector_plane_loss(base, expert_a, expert_b, cfg, images, labels, (a, b), **kwargs)
-    for _ in range(max_extensions + 1):
-        i, j = np.unravel_index(np.argmin(plane), plane.shape)
-        edges = {"a-": i == 0, "a+": i == len(a) - 1, "b-": j == 0, "b+": j == len(b) - 1}
-        if not any(edges.values()):
-            return plane, (a, b), True
-        if _ == max_extensions:
+    axes = list(grid_coords(coords))
+    plane = task_vector_plane_loss(base, expert_a, expert_b, cfg, images, labels, tuple(axes), **kwargs)
+    for extensions in range(max_extensions + 1):
+        low = np.unravel_index(np.argmin(plane), plane.shape)
+        edges = [(d, side) for d in (0, 1) for side in (-1, 1) if low[d] == (0 if side < 0 else len(axes[d]) - 1)]
+        if not edges:
+            return plane, tuple(axes), True
+        if extensions == max_extensions:
             break
-        for side in (s for s, hit in edges.items() if hit):
-            axis = a if side[0] == "a" else b
+        for d, side in edges:                               # axis d (0: a, 1: b) grows beyond its low or high end
+            axis = axes[d]
             k, step = max(1, (len(axis) - 1) // 2), axis[1] - axis[0]
-            new = axis[0] - step * np.arange(k, 0, -1) if side[1] == "-" else axis[-1] + step * np.arange(1, k + 1)
+            new = axis[0] - step * np.arange(k, 0, -1) if side < 0 else axis[-1] + step * np.arange(1, k + 1)
             part = task_vector_plane_loss(base, expert_a, expert_b, cfg, images, labels,
-                                          (new, b) if side[0] == "a" else (a, new), **kwargs)
-            low = side[1] == "-"
-            if side[0] == "a":
-                a, plane = (np.concatenate([new, a]), np.vstack([part, plane])) if low else \
-                    (np.concatenate([a, new]), np.vstack([plane, part]))
-            else:
-                b, plane = (np.concatenate([new, b]), np.hstack([part, plane])) if low else \
-                    (np.concatenate([b, new]), np.hstack([plane, part]))
-    return plane, (a, b), False
+                                          (new, axes[1]) if d == 0 else (axes[0], new), **kwargs)
+            pieces = [(new, part), (axis, plane)] if side < 0 else [(axis, plane), (new, part)]
+            axes[d] = np.concatenate([x for x, _ in pieces])
+            plane = np.concatenate([z for _, z in pieces], axis=d)
+    return plane, tuple(axes), False
 
 
 # ---------------------------------------------------------------------------------------------------------
