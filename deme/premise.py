@@ -319,6 +319,11 @@ def _interval(row) -> str:
     return f"{row.delta_pct:+.3f} [{row.ci95_low:+.3f}, {row.ci95_high:+.3f}]"
 
 
+def _num_experts(rows: pd.DataFrame) -> int:
+    """N of one setting's :func:`premise_rows` (one row per expert and condition)."""
+    return int(rows.model.str.startswith("expert").sum() // max(rows.condition.nunique(), 1))
+
+
 def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
     """The README's premise section, from ``premise_fmnist.csv`` and ``proportions_fmnist.csv`` alone: the chosen
     setting's proportions beside the paper's and its three checks (unconditional and conditional Δ% with 95%
@@ -336,7 +341,7 @@ def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
     lines += ["", "| setting | check | unconditional Δ% [95% CI] | conditional Δ% [95% CI] |", "|---|---|---|---|"]
     for s in shown:
         r = rows[rows.setting == s]
-        n = r.model.str.startswith("expert").sum() // max(r.condition.nunique(), 1)
+        n = _num_experts(r)
         checks = [("(i) ensemble − standard, all t", "ensemble - standard", ["all"]),
                   ("(ii) ensemble − base, all t", "ensemble", ["all"])]
         checks += [(f"(iii) expert {i} − base, range {i}", f"expert {i}", [str(i)]) for i in range(n)]
@@ -348,7 +353,7 @@ def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
     for s in settings:
         r = rows[rows.setting == s]
         failed = [k.split(")")[0] + ")" for k, ok in
-                  premise_checks(r, r.model.str.startswith("expert").sum() // max(r.condition.nunique(), 1)).items()
+                  premise_checks(r, _num_experts(r)).items()
                   if not ok]
         change = r.base_change_pct.iloc[0] if "base_change_pct" in r else float("nan")
         base = "" if pd.isna(change) else f"; its base moved {change:+.2f}% over its last fifth"
