@@ -5,7 +5,8 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 PROFILE ?= fmnist
 JOBS ?= 2          # independent training stages at once (one CPU thread each)
-FULL ?=            # FULL=1: notebook 06 with the sensitivity sweeps over N and p
+FULL ?=            # FULL=1: all seven baselines (03, 05), Table 3 and the budget study (06)
+SWEEPS ?=          # SWEEPS=1: notebook 06's sensitivity sweeps over N and p (seven more trainings)
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export HF_HUB_OFFLINE ?= 1
 
@@ -34,7 +35,7 @@ data:
 	fi
 
 reproduce: setup
-	$(BIN)/python -m deme reproduce --profile $(PROFILE) --jobs $(JOBS) $(if $(FULL),--full)
+	$(BIN)/python -m deme reproduce --profile $(PROFILE) --jobs $(JOBS) $(if $(FULL),--full) $(if $(SWEEPS),--sweeps)
 
 test: setup
 	$(BIN)/ruff check .

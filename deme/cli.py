@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-update-notebooks", action="store_true", help="do not copy executed notebooks into notebooks/")
     r.add_argument("--jobs", type=int, default=1, help="independent training stages run at once (one thread each)")
     r.add_argument("--full", action="store_true",
-                   help="all seven baselines in 05, the budget study and sweeps over N and p in 06")
+                   help="all seven baselines in 03 and 05, Table 3 and the budget study in 06")
+    r.add_argument("--sweeps", action="store_true", help="06's sensitivity sweeps over N and p (7 more trainings)")
     r.add_argument("--keep-going", action="store_true", help="after a failed stage, run the remaining ones")
     h = sub.add_parser("rehearse", help="run a paper profile's whole pipeline offline on CPU-sized stand-ins")
     h.add_argument("--profile", required=True, choices=["cifar10", "church", "bedroom", "sd14"])
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "removed afterwards unless --keep)")
     h.add_argument("--keep", action="store_true", help="keep the temporary root")
     h.add_argument("--jobs", type=int, default=2, help="training stages run at once (one thread each)")
-    h.add_argument("--full", action="store_true", help="rehearse reproduce --full (all baselines, Table 3, sweeps)")
+    h.add_argument("--full", action="store_true", help="rehearse reproduce --full --sweeps (all baselines, Table 3, "
+                   "the budget study, the sweeps)")
     h.add_argument("--memory", action="store_true", help="instead: each stage's peak GPU memory (traced on the meta "
                    "device) and host RAM (formula) against the profile's budget (deme.memory); exit 1 if one fails")
     h.add_argument("--budget", action="store_true", help="instead: each stage's disk (arithmetic) and H100 time "
@@ -153,7 +155,7 @@ def reproduce_command(a) -> None:
     from .reproduce import reproduce
     checked_settings(get_profile, a.profile)
     out = reproduce(a.profile, force=a.force, only=a.only, update_notebooks=False if a.no_update_notebooks else None,
-                    jobs=a.jobs, full=a.full, keep_going=a.keep_going)
+                    jobs=a.jobs, full=a.full, keep_going=a.keep_going, sweeps=a.sweeps)
     if any(r.get("failed") for r in out):
         raise SystemExit(1)
 

@@ -2,7 +2,7 @@
 
     python -m deme rehearse --profile church            # a temporary root, removed afterwards
     python -m deme rehearse --profile sd14 --root /tmp/r        # kept: runs, figures, executed notebooks
-    python -m deme rehearse --profile cifar10 --full            # as `reproduce --full`: every baseline, Table 3
+    python -m deme rehearse --profile cifar10 --full            # as `reproduce --full --sweeps`: everything
 
 The paper profiles need GPUs, hub weights and large datasets, so most of their code paths would otherwise run
 for the first time on a user's cluster. A rehearsal runs the profile's whole notebook sequence — the plan of
@@ -375,7 +375,7 @@ def rehearse(profile: str, root: str | os.PathLike, jobs: int = 2, full: bool = 
              timeout: float | None = None) -> dict:
     """Build the stand-ins of ``profile`` under ``root`` and run its whole reproduction plan on them (a
     ``python -m deme reproduce`` subprocess, every notebook through papermill); ``full`` rehearses
-    ``reproduce --full`` (all seven baselines, Table 3, the budget study and the sweeps of notebook 06).
+    ``reproduce --full --sweeps`` (all seven baselines, Table 3, the budget study and the sweeps of notebook 06).
     Returns the record also written to ``root/rehearsal.json``: overrides, stand-in locations, stages with
     their times, the return code and the end of the output. A failing stage raises nothing here: the
     ``returncode`` says it."""
@@ -390,7 +390,7 @@ def rehearse(profile: str, root: str | os.PathLike, jobs: int = 2, full: bool = 
     print(f"stand-ins built in {built:.0f} s: " + ", ".join(f"{k}={v}" for k, v in standins.items()), flush=True)
     env = rehearsal_env(profile, root, standins)
     cmd = [sys.executable, "-m", "deme", "reproduce", "--profile", profile, "--no-update-notebooks",
-           "--jobs", str(jobs)] + (["--full"] if full else [])
+           "--jobs", str(jobs)] + (["--full", "--sweeps"] if full else [])
     lines = []
     with open(root / "rehearsal_stderr.log", "w") as err:   # the kernels' warnings; the stage lines stream below
         proc = subprocess.Popen(cmd, env=env, cwd=str(root), stdout=subprocess.PIPE, stderr=err, text=True)
@@ -407,7 +407,7 @@ def rehearse(profile: str, root: str | os.PathLike, jobs: int = 2, full: bool = 
         print(stderr[-6000:], file=sys.stderr)
     cfg = PROFILES[profile].replace(**REHEARSAL_OVERRIDES[profile])
     recs = {}
-    for name, _, _ in stages(cfg, full=full):
+    for name, _, _ in stages(cfg, full=full, sweeps=full):
         p = root / "runs" / profile / "stages" / f"{name}.json"
         recs[name] = json.loads(p.read_text())["seconds"] if p.exists() else None
     record = {"profile": profile, "full": full, "overrides": REHEARSAL_OVERRIDES[profile], "standins": standins,

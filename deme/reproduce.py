@@ -35,16 +35,17 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"   # the notebooks 
 SPEED_PARAMS = ("jobs",)
 
 
-def stages(cfg, full: bool = False, jobs: int = 1) -> list[tuple[str, str, dict]]:
+def stages(cfg, full: bool = False, jobs: int = 1, sweeps: bool = False) -> list[tuple[str, str, dict]]:
     """(stage name, notebook, papermill parameters) in the order of docs/method.md §9 (the data flow), for the notebooks
     that exist: 02 base → 01 analysis → 03 training jobs (baselines, then one job per range) → 04 merge → 05 →
     06 → 07. The training jobs are independent; the baselines (N×K steps each) come first so that, run side
     by side, the short range jobs fill the end instead of one long baseline running alone. ``full`` adds the
-    six weighted baselines (trained, and compared in 05) and the budget study and sensitivity sweeps of 06;
-    ``jobs`` > 1 is passed on to 06, which trains its variants that many at once."""
+    six weighted baselines (trained, and compared in 05), Table 3 and the budget study of 06; ``sweeps`` the
+    sensitivity sweeps over N and p of 06 (the longest part); ``jobs`` > 1 is passed on to 06, which trains its
+    variants that many at once."""
     p = {"profile": cfg.profile}
     pfull = {**p, **({"full": True} if full else {})}
-    p06 = {**pfull, **({"jobs": jobs} if jobs > 1 else {})}
+    p06 = {**pfull, **({"sweeps": True} if sweeps else {}), **({"jobs": jobs} if jobs > 1 else {})}
     plan = [("02_base_model", "02_base_model.ipynb", p), ("01_gradient_conflict", "01_gradient_conflict.ipynb", p)]
     if (NOTEBOOKS / "05_compare.ipynb").exists():
         plan += [(f"03_train_{m}", "03_train.ipynb", {**p, "method": m})
@@ -177,7 +178,7 @@ def write_timing(records: list[dict], wall: float, cfg, jobs: int) -> Path:
 
 def reproduce(profile: str | None = None, force: bool = False, only: list[str] | None = None,
               update_notebooks: bool | None = None, jobs: int = 1, full: bool = False,
-              keep_going: bool = False) -> list[dict]:
+              keep_going: bool = False, sweeps: bool = False) -> list[dict]:
     """Execute the notebooks in order with papermill; executed copies go to runs/<profile>/notebooks/.
 
     A stage whose record (runs/<profile>/stages/<stage>.json) matches the current config, notebook and
@@ -186,7 +187,8 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     each kernel with one CPU thread (``OMP_NUM_THREADS=1``; on a 2-core CPU two
     one-thread jobs train ~1.6× faster together than one after another with two threads, and a kernel's
     imports, ~10 s of single-threaded work, leave the other core idle when run alone); notebook 06 gets the
-    same ``jobs``. ``full`` runs notebook 06 with its sensitivity sweeps (``-p full True``).
+    same ``jobs``. ``full`` adds the six weighted baselines (03, 05) and Table 3 and the budget study (06,
+    ``-p full True``); ``sweeps`` 06's sensitivity sweeps over N and p (``-p sweeps True``).
     For the embedded default the executed copies also replace the notebooks in notebooks/ (so the committed
     notebooks show the fmnist outputs), unless ``update_notebooks=False``.
 
@@ -203,7 +205,7 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     rec_dir = repo_root() / "runs" / cfg.profile / "stages"
     out_dir.mkdir(parents=True, exist_ok=True)
     rec_dir.mkdir(parents=True, exist_ok=True)
-    plan = stages(cfg, full=full, jobs=jobs)
+    plan = stages(cfg, full=full, jobs=jobs, sweeps=sweeps)
     records = {}
 
     def run(k: int, name: str, notebook: str, params: dict, side_by_side: bool = False) -> dict:

@@ -84,11 +84,12 @@ def test_every_notebook_runs_under_nbval_and_writes_its_outputs(smoke_root):
 
 @pytest.mark.slow
 def test_ablation_full_runs_headlessly(smoke_root, tmp_path):
-    """`papermill 06_ablation.ipynb -p full True`: Table 3 (on with full), the budget study, the N and p sweeps
-    and the sample metrics of Table 3 train, score and write their tables, and the run is recorded as a full one."""
+    """`papermill 06_ablation.ipynb -p full True -p sweeps True`: Table 3 (on with full), the budget study, the N
+    and p sweeps and the sample metrics of Table 3 train, score and write their tables, and the run is recorded as
+    a full one with sweeps."""
     root, _ = smoke_root
     proc = _run(["-m", "papermill", str(REPO / "notebooks" / "06_ablation.ipynb"), str(tmp_path / "out.ipynb"),
-                 "-p", "full", "True", "--cwd", str(REPO / "notebooks")], root, timeout=900)
+                 "-p", "full", "True", "-p", "sweeps", "True", "--cwd", str(REPO / "notebooks")], root, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import pandas as pd
     figs = root / "runs" / "smoke" / "figures"
@@ -107,7 +108,8 @@ def test_ablation_full_runs_headlessly(smoke_root, tmp_path):
     assert len(steps) == 4 * 2 * 2 and set(steps.verdict) <= {"better", "worse", "not resolved"}
     assert set(pd.read_csv(figs / "table3_samples_smoke.csv").metric) == {"fid", "kid"}
     last = json.loads((figs / "ablation_runs_smoke.jsonl").read_text().splitlines()[-1])
-    assert last["full"] is True and "budget study" in last["seconds"] and "sweeps" in last["seconds"]
+    assert last["full"] is True and last["sweeps"] is True
+    assert "budget study" in last["seconds"] and "sweeps" in last["seconds"]
 
 
 def test_a_second_reproduce_skips_every_stage(smoke_root):
@@ -142,7 +144,7 @@ def test_the_reproduce_command_does_not_import_diffusers(tmp_path):
 
 
 def test_reproduce_full_and_jobs_reach_notebook_06_and_jobs_do_not_invalidate_records():
-    """--full and --jobs reach notebook 06's parameters; a record made with other jobs is still up to date."""
+    """--full, --sweeps and --jobs reach notebook 06's parameters; a record made with other jobs is still up to date."""
     from deme.config import get_profile
     from deme.reproduce import _source_hash, _up_to_date, stages
     cfg = get_profile("smoke")
@@ -151,6 +153,8 @@ def test_reproduce_full_and_jobs_reach_notebook_06_and_jobs_do_not_invalidate_re
     assert p06 == {"profile": "smoke", "full": True, "jobs": 3} and plan["05_compare"]["full"] is True
     assert "03_train_ant-nash" in plan and "03_train_ant-nash" not in {s[0] for s in stages(cfg)}
     assert {name: params for name, _, params in stages(cfg)}["06_ablation"] == {"profile": "smoke"}
+    swept = {name: params for name, _, params in stages(cfg, sweeps=True)}      # --sweeps alone: 06's sweeps only
+    assert swept["06_ablation"] == {"profile": "smoke", "sweeps": True} and "full" not in swept["05_compare"]
     rec = {"source": _source_hash("06_ablation.ipynb"), "params": {"profile": "smoke", "full": True, "jobs": 2},
            "config": cfg.to_dict()}
     assert _up_to_date(rec, cfg, "06_ablation.ipynb", p06)
