@@ -179,7 +179,7 @@ def _fid256_score(cfg: Config, n: int, seed: int, steps: int, device, dtype):
 
     def score(model) -> float:
         fake = sd.generate(model, captions, base=cfg.pretrained, guidance_scale=cfg.guidance_scale, steps=steps,
-                        seed=seed, device=device, dtype=dtype)
+                        seed=seed, device=device, dtype=dtype, batch_size=cfg.sample_batch_size)
         return sdeval.fid_256(fake, real, device=device)
     return score, f"FID@256 vs data ({n} captions, {steps} steps, guidance {cfg.guidance_scale})"
 
