@@ -193,7 +193,7 @@ def _evaluation_rows(cfg: Config, f: dict) -> list[dict]:
     stats = 8 * FEATURES + 4 * FEATURES * (FEATURES + 1) / 2 + 2 * 1000 * FEATURES
     pngs = n * 3 * 256 ** 2 if t2i else 0
     return [
-        _row("gradient analysis (01)", 0, "figures only", images * f["fwd_bwd"], False,
+        _row("gradient analysis (02)", 0, "figures only", images * f["fwd_bwd"], False,
              f"{sizes['num_timesteps_grid']} timesteps x {sizes['batch']} images x fwd+bwd (Fig. 1a; the other "
              "analyses not counted)"),
         _row("merge search (04)", 4 * f["params"], "merged model/ (float32)",

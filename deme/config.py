@@ -141,7 +141,7 @@ class Config:
     encoder_batch_size: int = 32          # text-to-image: images (captions) per call of the frozen VAE (text) encoder
     gpu_memory_gib: float | None = None   # the GPU memory the paper profiles are sized for (python -m deme rehearse
     host_memory_gib: float | None = None  # --memory), and the host RAM; None: not sized (CPU profiles)
-    # -- analysis (notebook 01) -------------------------------------------------------------------------------
+    # -- analysis (notebook 02) -------------------------------------------------------------------------------
     analysis_sizes: str = "default"       # a key of deme.analysis.ANALYSIS_SIZES: the timesteps, batches and grids
                                           # of Figs. 1a, 2, 4 and 6a ("smoke", "rehearsal": seconds)
 

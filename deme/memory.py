@@ -23,6 +23,7 @@ workers (:data:`WORKER_GIB` each) and the stage's host buffers (held gradients, 
 
 from __future__ import annotations
 
+import logging
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -183,8 +184,6 @@ def inception_pass() -> tuple[int, int]:
 def clip_pass() -> tuple[int, int]:
     """The CLIP score's network (open_clip ViT-g-14, Table 2) at :data:`deme.metrics.CLIP_BATCH` pairs per call,
     image and text towers: (weight bytes, peak bytes). open_clip builds it on the meta device without weights."""
-    import logging
-
     import open_clip
     root = logging.getLogger()
     level, root.level = root.level, logging.ERROR       # open_clip logs "No pretrained weights loaded": none wanted
@@ -218,7 +217,7 @@ def _row(stage: str, resident: float, traced: float, host: float, how: str) -> d
 def memory_table(cfg: Config) -> list[dict]:
     """One row per stage of ``cfg``'s pipeline: ``gpu_gib`` (traced peak + what lives through the stage, with
     headroom and the CUDA context), ``traced_gib`` (the meta trace alone), ``host_gib`` (formula) and ``how``
-    (what the row counts). Rows: training step, notebook 01's gradient analysis, merge search, sampling,
+    (what the row counts). Rows: training step, notebook 02's gradient analysis, merge search, sampling,
     held-out loss, VAE/text encoding and CLIP score (text-to-image), FID features."""
     t2i, N = is_text_to_image(cfg), cfg.num_ranges
     model = meta_unet(cfg)
@@ -241,7 +240,7 @@ def memory_table(cfg: Config) -> list[dict]:
                      f"{', VAE + text encoder' if t2i else ''}"))
     K = analysis_sizes(cfg)["num_timesteps_grid"]
     held = held_gradients(cfg, P // 4, K)
-    rows.append(_row("gradient analysis (01)", P, analysis, P + (held + 1) * P,
+    rows.append(_row("gradient analysis (02)", P, analysis, P + (held + 1) * P,
                      f"{cfg.analysis_batch_size} images fwd+bwd fp32; host: {held} of {K} full gradients held"))
     rows.append(_row("merge search (04)", P + cfg.validation_size * image,
                      unet_pass(cfg, model, cfg.heldout_batch_size, backward=False),

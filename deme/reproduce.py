@@ -37,7 +37,7 @@ SPEED_PARAMS = ("jobs",)
 
 def stages(cfg, full: bool = False, jobs: int = 1, sweeps: bool = False) -> list[tuple[str, str, dict]]:
     """(stage name, notebook, papermill parameters) in the order of docs/method.md §9 (the data flow), for the notebooks
-    that exist: 02 base → 01 analysis → 03 training jobs (baselines, then one job per range) → 04 merge → 05 →
+    that exist: 01 base → 02 analysis → 03 training jobs (baselines, then one job per range) → 04 merge → 05 →
     06 → 07. The training jobs are independent; the baselines (N×K steps each) come first so that, run side
     by side, the short range jobs fill the end instead of one long baseline running alone. ``full`` adds the
     six weighted baselines (trained, and compared in 05), Table 3 and the budget study of 06; ``sweeps`` the
@@ -46,7 +46,7 @@ def stages(cfg, full: bool = False, jobs: int = 1, sweeps: bool = False) -> list
     p = {"profile": cfg.profile}
     pfull = {**p, **({"full": True} if full else {})}
     p06 = {**pfull, **({"sweeps": True} if sweeps else {}), **({"jobs": jobs} if jobs > 1 else {})}
-    plan = [("02_base_model", "02_base_model.ipynb", p), ("01_gradient_conflict", "01_gradient_conflict.ipynb", p)]
+    plan = [("01_base_model", "01_base_model.ipynb", p), ("02_gradient_conflict", "02_gradient_conflict.ipynb", p)]
     if (NOTEBOOKS / "05_compare.ipynb").exists():
         plan += [(f"03_train_{m}", "03_train.ipynb", {**p, "method": m})
                  for m in baselines(default_only=not full)]
@@ -100,10 +100,10 @@ def _up_to_date(rec: dict, cfg, notebook: str, params: dict) -> bool:
             and normalized(rec.get("config", {})) == normalized(cfg.to_dict()))
 
 
-AFTER_BASE = ("01_", "03_")
-"""Stages that need only the base model (02): the analyses of 01 and the training jobs of 03 (one range or one
-baseline each). They are independent of each other and may run side by side — and beside 02 itself when the
-profile's base model is a pretrained one (02 then only loads and shows it)."""
+AFTER_BASE = ("02_", "03_")
+"""Stages that need only the base model (01): the analyses of 02 and the training jobs of 03 (one range or one
+baseline each). They are independent of each other and may run side by side — and beside 01 itself when the
+profile's base model is a pretrained one (01 then only loads and shows it)."""
 
 AFTER_MERGE = ("06_", "07_")
 """Stages that need only what 03 trained and 04 merged and run after 05: the ablation and the gallery. Each
@@ -115,7 +115,7 @@ and 06 then reuses its held-out losses."""
 
 def _group(name: str, cfg) -> str:
     """The parallel group of a stage: "after base", "after merge", or the stage's own name (runs alone)."""
-    if name.startswith(AFTER_BASE) or (name.startswith("02_") and cfg.pretrained):
+    if name.startswith(AFTER_BASE) or (name.startswith("01_") and cfg.pretrained):
         return "after base"
     return "after merge" if name.startswith(AFTER_MERGE) else name
 
@@ -183,7 +183,7 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
 
     A stage whose record (runs/<profile>/stages/<stage>.json) matches the current config, notebook and
     parameters is skipped unless ``force``. ``jobs`` > 1 runs up to that many independent stages at once — the
-    analyses of 01, the N ranges and the baselines (:data:`AFTER_BASE`), then 06 and 07 (:data:`AFTER_MERGE`) —
+    analyses of 02, the N ranges and the baselines (:data:`AFTER_BASE`), then 06 and 07 (:data:`AFTER_MERGE`) —
     each kernel with one CPU thread (``OMP_NUM_THREADS=1``; on a 2-core CPU two
     one-thread jobs train ~1.6× faster together than one after another with two threads, and a kernel's
     imports, ~10 s of single-threaded work, leave the other core idle when run alone); notebook 06 gets the

@@ -36,7 +36,7 @@ def ensure_base_model(cfg: Config) -> str:
     """The path of the profile's pretrained base model, pretraining it first where the project owns it.
 
     Paper profiles: the hub id (loaded by :func:`deme.models.load_unet`). ``fmnist``: the committed
-    checkpoint under data/ (pretrained by notebook 02 when missing — hours on a CPU). ``smoke``: trained in
+    checkpoint under data/ (pretrained by notebook 01 when missing — hours on a CPU). ``smoke``: trained in
     seconds under runs/smoke/base.
     """
     path = base_model_path(cfg)

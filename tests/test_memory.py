@@ -51,7 +51,7 @@ def test_every_stage_of_the_paper_profiles_fits_their_declared_gpu_and_host(name
     cfg = get_profile(name)
     rows = memory_table(cfg)
     stages = {r["stage"] for r in rows}
-    assert {"training step", "gradient analysis (01)", "merge search (04)", "sampling", "held-out loss",
+    assert {"training step", "gradient analysis (02)", "merge search (04)", "sampling", "held-out loss",
             "FID features"} <= stages and ("VAE/text encoding" in stages) == (name == "sd14")
     assert ("CLIP score" in stages) == (name == "sd14")
     assert cfg.gpu_memory_gib and cfg.host_memory_gib

@@ -159,7 +159,7 @@ def test_activation_changes_summary_and_histograms_are_labelled():
                                                               "per_channel": rng.random(8)}}))
 
 
-# -- base model (notebook 02) -------------------------------------------------------------------------------
+# -- base model (notebook 01) -------------------------------------------------------------------------------
 
 def test_base_convergence_marks_the_last_fifth_and_its_change():
     steps = np.arange(100, 1100, 100)

@@ -16,7 +16,7 @@ from .theme import README_WIDTH_IN, _grid_image, _plain_log_ticks, themed
 
 @themed
 def plot_base_convergence(log, steps: int | None = None, fraction: float = 0.2):
-    """The base model's pretraining (notebook 02): training loss and held-out loss (all t) against the
+    """The base model's pretraining (notebook 01): training loss and held-out loss (all t) against the
     optimizer step on log scales with plain tick labels, the last ``fraction`` of the ``steps`` shaded and its
     relative change in the title (a converged base changes little there). ``log``: the run's ``loss.csv``
     (columns ``step``, ``loss``, ``heldout_loss``)."""
@@ -50,7 +50,7 @@ def plot_base_convergence(log, steps: int | None = None, fraction: float = 0.2):
 @themed
 def plot_base_samples(conditional=None, unconditional=None, class_names: Sequence[str] | None = (),
                       per_class: int = 10):
-    """Samples of the base model (notebook 02): the class-conditional grid with one row per class, named at
+    """Samples of the base model (notebook 01): the class-conditional grid with one row per class, named at
     the left, and the unconditional samples (null label) beside it at the same row height."""
     import matplotlib.pyplot as plt
     panels = [(k, v) for k, v in (("conditional", conditional), ("unconditional", unconditional)) if v is not None]
