@@ -20,6 +20,7 @@ import nbformat
 import pandas as pd
 import papermill as pm
 import torch
+from jupyter_client.manager import AsyncKernelManager
 from traitlets.config import Config
 
 from .colab import SETUP_TAG
@@ -56,14 +57,29 @@ def stages(cfg, full: bool = False, jobs: int = 1, sweeps: bool = False) -> list
     return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
 
 
+class QuietShutdownKernelManager(AsyncKernelManager):
+    """jupyter_client's kernel manager, less the interrupt it sends a kernel right before asking it to shut down.
+    After a notebook has run there is nothing to interrupt; but a kernel that receives that SIGINT while it is
+    still handling a message (as happens to kernels that end side by side under load) logs "[IPKernelApp] ERROR |
+    KeyboardInterrupt caught in kernel." on the terminal of a run that went well. Interrupts at any other time
+    (papermill's cell timeout, a user's ^C) are sent as before."""
+
+    async def _async_interrupt_kernel(self) -> None:
+        if self.shutting_down:
+            return
+        await super()._async_interrupt_kernel()
+
+
 def kernel_config(folder: str | os.PathLike) -> Config:
     """The kernel's settings: it talks to papermill over Unix sockets in ``folder`` (its own, so kernels started
     side by side never share a socket) instead of TCP on localhost, so ipykernel does not print "Kernel is running
     over TCP without encryption" on the terminal once per stage. (CurveZMQ encryption silences it too, but a kernel
-    died with it before kernel_info in a clean-clone CI run.) Windows has no Unix sockets: TCP there."""
+    died with it before kernel_info in a clean-clone CI run.) Windows has no Unix sockets: TCP there. The kernel is
+    shut down without the interrupt that could make it log an error (:class:`QuietShutdownKernelManager`)."""
+    quiet = {"NotebookClient": {"kernel_manager_class": QuietShutdownKernelManager}}
     if os.name == "nt":
-        return Config({})
-    return Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "kernel")}})
+        return Config(quiet)
+    return Config({**quiet, "KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "kernel")}})
 
 
 def execute(notebook: Path, target: Path, params: dict, *, cwd: Path, progress_bar: bool = False) -> None:
