@@ -450,10 +450,21 @@ def display_path(path: str | os.PathLike) -> str:
         return str(path)
 
 
+FIGURES_ENV = "DEME_FIGURES_DIR"
+"""Environment variable naming another folder for the figures and tables (``reproduce`` sets it for a run of the
+embedded default that does not publish, so the committed figures/ stay as the publishing run made them)."""
+
+
 def figures_dir(cfg: Config) -> Path:
-    """Where a profile's figures and tables go: figures/ for the embedded default and the paper profiles
-    (committed), runs/<profile>/figures for smoke (tests must not touch the committed figures)."""
-    d = repo_root() / "runs" / cfg.profile / "figures" if cfg.profile == "smoke" else repo_root() / "figures"
+    """Where a profile's figures and tables go: ``$DEME_FIGURES_DIR`` when set; else figures/ for the embedded
+    default and the paper profiles (committed), runs/<profile>/figures for smoke (tests must not touch the
+    committed figures)."""
+    if os.environ.get(FIGURES_ENV):
+        d = Path(os.environ[FIGURES_ENV])
+    elif cfg.profile == "smoke":
+        d = repo_root() / "runs" / cfg.profile / "figures"
+    else:
+        d = repo_root() / "figures"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

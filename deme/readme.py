@@ -184,11 +184,23 @@ def render(text: str, figures: Path) -> str:
             try:
                 body = fn(figures)
             except FileNotFoundError as e:
-                body = (f"*Not produced yet: `figures/{Path(e.filename).name}` is missing (`make reproduce` writes "
-                        "it).*")
+                name = Path(e.filename).name
+                body = f"*Not produced yet: `figures/{name}` is missing (`{writer(name)}` writes it).*"
             a, b = text.index(begin), text.index(end) + len(end)
             text = text[:a] + f"{begin}\n\n{body}\n\n{end}" + text[b:]
     return text
+
+
+WRITERS = {"reproduce_time_": "make reproduce", "premise_": "python -m deme premise",
+           "proportions_": "python -m deme premise", "capacity_": "python -m deme premise --capacity",
+           "ranges_": "python -m deme ranges --compare"}
+"""The command that writes a table of figures/, by the table's name (the rest: the publishing run)."""
+
+
+def writer(name: str) -> str:
+    """The command that writes ``figures/<name>`` (:data:`WRITERS`; else ``make reproduce FULL=1``, which made the
+    committed figures)."""
+    return next((cmd for prefix, cmd in WRITERS.items() if name.startswith(prefix)), "make reproduce FULL=1")
 
 
 def update_readme(readme: str | Path | None = None, figures: str | Path | None = None) -> bool:

@@ -24,7 +24,7 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets.config import Config
 
 from .colab import SETUP_TAG
-from .config import figures_dir, get_profile, normalized, repo_root
+from .config import FIGURES_ENV, figures_dir, get_profile, normalized, repo_root
 from .methods import baselines
 from .runs import device_name, git_commit, package_versions, write_json
 
@@ -180,14 +180,18 @@ def _run_stage(k: int, n_stages: int, name: str, notebook: str, params: dict, *,
     return rec
 
 
-def write_timing(records: list[dict], wall: float, cfg, jobs: int) -> Path:
-    """``figures/reproduce_time_<profile>.csv`` of a reproduction that ran every stage: each stage's seconds and
-    the wall clock of the whole, with the machine, date, commit and ``jobs`` (the README's time block reads it)."""
+def write_timing(records: list[dict], wall: float, cfg, jobs: int, full: bool = False) -> Path:
+    """``figures/reproduce_time_<profile>.csv`` (``_full`` with ``full``) of a reproduction that ran every stage:
+    each stage's seconds and the wall clock of the whole, with the machine, date, commit and ``jobs`` (the README's
+    time block reads the default run's). Written to figures/ by every run, publishing or not: a default run leaves
+    the checkout as committed, timings aside."""
     rows = [{"stage": r["stage"], "seconds": r["seconds"]} for r in records]
     rows.append({"stage": "total (wall clock)", "seconds": wall})
     table = pd.DataFrame(rows).assign(machine=device_name(torch.device("cpu")), date=time.strftime("%Y-%m-%d"),
                                       commit=git_commit(), jobs=jobs)
-    path = figures_dir(cfg) / f"reproduce_time_{cfg.profile}.csv"
+    folder = figures_dir(cfg) if cfg.profile == "smoke" else repo_root() / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"reproduce_time_{cfg.profile}{'_full' if full else ''}.csv"
     table.to_csv(path, index=False)
     return path
 
@@ -205,15 +209,23 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     imports, ~10 s of single-threaded work, leave the other core idle when run alone); notebook 06 gets the
     same ``jobs``. ``full`` adds the six weighted baselines (03, 05) and Table 3 and the budget study (06,
     ``-p full True``); ``sweeps`` 06's sensitivity sweeps over N and p (``-p sweeps True``).
-    For the embedded default the executed copies also replace the notebooks in notebooks/ (so the committed
-    notebooks show the fmnist outputs), unless ``update_notebooks=False``.
+    Publishing: the committed notebooks and figures of the embedded default are those of ``--full`` (the paper's
+    tables need its baselines). So a ``full`` run of fmnist copies its executed notebooks over notebooks/ and writes
+    figures/; any other fmnist run leaves both as committed and writes its figures and tables to
+    runs/fmnist/figures (``$DEME_FIGURES_DIR``). ``update_notebooks`` True or False overrides the choice.
 
     A failing notebook stops the run, unless ``keep_going``: then the remaining stages still run (those that
     need the failed stage's outputs fail in turn), the failed ones get no record (the next run redoes them),
     and their records in the returned list carry ``failed`` with the error.
     """
     cfg = get_profile(profile)
-    update = cfg.profile == "fmnist" if update_notebooks is None else update_notebooks
+    update = cfg.profile == "fmnist" and full if update_notebooks is None else update_notebooks
+    if cfg.profile == "fmnist" and not update and not os.environ.get(FIGURES_ENV):
+        os.environ[FIGURES_ENV] = str(repo_root() / "runs" / cfg.profile / "figures")   # for this run's kernels
+        try:
+            return reproduce(profile, force, only, update_notebooks, jobs, full, keep_going, sweeps)
+        finally:
+            os.environ.pop(FIGURES_ENV, None)
     # the executed notebooks are read on GitHub and in Colab, where progress bars render as stray widgets or
     # stderr lines: the kernels run without them (tqdm reads TQDM_DISABLE), the stage lines below show progress
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -262,7 +274,7 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
           f"(wall clock; stage times summed: {sum(r['seconds'] for r in ran):.0f} s); executed notebooks in {out_dir}")
     failed = [r["stage"] for r in out if r.get("failed")]
     if len(ran) == len(plan) and not failed:
-        write_timing(out, time.time() - started, cfg, jobs)
+        write_timing(out, time.time() - started, cfg, jobs, full=full or sweeps)
     if failed:
         print(f"FAILED stages ({len(failed)}): {', '.join(failed)} — see their notebooks in {out_dir}")
     return out

@@ -176,6 +176,33 @@ def test_reproduce_runs_side_by_side_only_stages_whose_inputs_exist():
         assert [k for g in _groups(plan, cfg) for k, _ in g] == list(range(1, len(plan) + 1))
 
 
+def test_only_the_full_run_of_the_embedded_default_publishes(tmp_path, monkeypatch):
+    """fmnist's committed notebooks and figures are --full's (the paper's tables need its baselines): a default run
+    leaves notebooks/ and figures/ as they are, timings aside (the README's Time block is the default run's), and
+    its kernels write figures and tables to runs/fmnist/figures; a --full run publishes both. (Stages stubbed:
+    what each would get — the publish flag and the figures folder its kernel inherits.)"""
+    import os
+
+    from deme import reproduce as R
+    from deme.config import FIGURES_ENV, figures_dir
+    seen = []
+
+    def stage(k, n, name, notebook, params, *, cfg, update, **kw):
+        seen.append((name, update, figures_dir(cfg)))
+        return {"stage": name, "seconds": 1.0}
+    monkeypatch.setattr(R, "_run_stage", stage)
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path))
+    monkeypatch.delenv(FIGURES_ENV, raising=False)
+    R.reproduce("fmnist")
+    assert seen and all(not update and folder == tmp_path / "runs" / "fmnist" / "figures" for _, update, folder in seen)
+    assert (tmp_path / "figures" / "reproduce_time_fmnist.csv").exists() and FIGURES_ENV not in os.environ
+    seen.clear()
+    R.reproduce("fmnist", full=True, force=True)
+    assert any(name == "03_train_p2" for name, _, _ in seen)
+    assert all(update and folder == tmp_path / "figures" for _, update, folder in seen)
+    assert (tmp_path / "figures" / "reproduce_time_fmnist_full.csv").exists()
+
+
 def test_reproduce_keep_going_runs_the_stages_after_a_failure(tmp_path, monkeypatch):
     """With keep_going a failing notebook is reported, gets no record, and the next stage still runs;
     without it the failure stops the run."""

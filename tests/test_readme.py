@@ -8,7 +8,7 @@ import pytest
 
 from deme.config import get_profile
 from deme.premise import mark_chosen, premise_rows, proportions
-from deme.readme import BLOCKS, decimals, interval, markers, render, update_readme
+from deme.readme import BLOCKS, decimals, interval, markers, render, update_readme, writer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +57,8 @@ def test_a_block_whose_table_is_missing_says_which_file_and_what_writes_it(tmp_p
     assert update_readme(readme, tmp_path)
     assert "*Not produced yet: `figures/reproduce_time_fmnist.csv` is missing (`make reproduce` writes it).*" \
         in readme.read_text()
+    assert writer("table1_fmnist.csv") == "make reproduce FULL=1" and writer("capacity_fmnist.csv").endswith(
+        "premise --capacity")
 
 
 def test_the_committed_readme_is_what_the_committed_tables_make():
