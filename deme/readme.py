@@ -157,6 +157,22 @@ def beyond(figures: Path) -> str:
     return "\n".join(lines)
 
 
+@block("tables")
+def paper_tables(figures: Path) -> str:
+    """Tables 1 and 3 as notebooks 05 and 06 wrote them (their ``.md`` beside the CSVs: caption and table), then
+    the budget study's figures; a part not produced yet says what writes it."""
+    parts = []
+    for name in ("table1_fmnist.md", "table3_fmnist.md"):
+        path = figures / name
+        parts.append(path.read_text(encoding="utf-8").strip() if path.exists()
+                     else f"*Not produced yet: `figures/{name}` (`{writer(name)}` writes it).*")
+    for condition in ("unconditional", "conditional"):
+        name = f"budget_study_{condition}_fmnist.png"
+        parts.append(f"![budget study, {condition}](figures/{name})" if (figures / name).exists()
+                     else f"*Not produced yet: `figures/{name}` (`{writer(name)}` writes it).*")
+    return "\n\n".join(parts)
+
+
 @block("premise")
 def premise(figures: Path) -> str:
     return premise_block(pd.read_csv(figures / "premise_fmnist.csv"), pd.read_csv(figures / "proportions_fmnist.csv"))

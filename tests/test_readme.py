@@ -61,6 +61,16 @@ def test_a_block_whose_table_is_missing_says_which_file_and_what_writes_it(tmp_p
         "premise --capacity")
 
 
+def test_the_tables_block_inlines_the_notebooks_tables_and_names_what_is_missing(tmp_path):
+    (tmp_path / "table1_fmnist.md").write_text("Table 1 analog (fmnist): caption\n\n| model | FID |\n|:--|:--|\n| a | 1 |\n")
+    (tmp_path / "budget_study_conditional_fmnist.png").write_bytes(b"png")
+    text = BLOCKS["tables"](tmp_path)
+    assert text.startswith("Table 1 analog (fmnist): caption\n\n| model | FID |") and "| a | 1 |" in text
+    assert "*Not produced yet: `figures/table3_fmnist.md` (`make reproduce FULL=1` writes it).*" in text
+    assert "![budget study, conditional](figures/budget_study_conditional_fmnist.png)" in text
+    assert "Not produced yet: `figures/budget_study_unconditional_fmnist.png`" in text
+
+
 def test_the_committed_readme_is_what_the_committed_tables_make():
     text = (REPO / "README.md").read_text()
     present = [name for name in BLOCKS if markers(name)[0] in text]
