@@ -62,7 +62,8 @@ def test_a_block_whose_table_is_missing_says_which_file_and_what_writes_it(tmp_p
 
 
 def test_the_tables_block_inlines_the_notebooks_tables_and_names_what_is_missing(tmp_path):
-    (tmp_path / "table1_fmnist.md").write_text("Table 1 analog (fmnist): caption\n\n| model | FID |\n|:--|:--|\n| a | 1 |\n")
+    table1 = "Table 1 analog (fmnist): caption\n\n| model | FID |\n|:--|:--|\n| a | 1 |\n"
+    (tmp_path / "table1_fmnist.md").write_text(table1)
     (tmp_path / "budget_study_conditional_fmnist.png").write_bytes(b"png")
     text = BLOCKS["tables"](tmp_path)
     assert text.startswith("Table 1 analog (fmnist): caption\n\n| model | FID |") and "| a | 1 |" in text
