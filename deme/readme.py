@@ -173,6 +173,25 @@ def paper_tables(figures: Path) -> str:
     return "\n\n".join(parts)
 
 
+@block("capacity")
+def capacity(figures: Path) -> str:
+    """The capacity × budget map in words: the command that made it (its settings, in the table's order) and, per
+    comparison, how many of its cells are better, worse or not resolved (held-out loss, unconditional)."""
+    t = pd.read_csv(figures / "capacity_fmnist.csv")
+    settings = " ".join(f'"{s}"' for s in dict.fromkeys(t.setting))
+    cells = t.groupby(["base", "steps_per_range"]).ngroups
+    lines = [f"`python -m deme premise --capacity {settings} --jobs 2`: {t.base.nunique()} bases "
+             f"({', '.join(f'{p / 1e3:.0f}K {b}' for p, b in sorted(set(zip(t.parameters, t.base))))}) × their "
+             f"budgets, {cells} cells; held-out loss, unconditional, on the evaluation images:", ""]
+    u = t[t.condition == "unconditional"]
+    for model in ("ensemble - standard", "ensemble", "merged (w = 1/N)", "standard"):
+        v = [verdict(x.ci95_low, x.ci95_high) for x in u[u.model == model].itertuples()]
+        name = model.replace(" - ", " − ") + ("" if " - " in model else " − base")
+        lines.append(f"- **{name}**: better in {v.count('better')} of {len(v)} cells, worse in {v.count('worse')}, "
+                     f"not resolved in {v.count('not resolved')}.")
+    return "\n".join(lines)
+
+
 @block("premise")
 def premise(figures: Path) -> str:
     return premise_block(pd.read_csv(figures / "premise_fmnist.csv"), pd.read_csv(figures / "proportions_fmnist.csv"))
