@@ -23,6 +23,7 @@ workers (:data:`WORKER_GIB` each) and the stage's host buffers (held gradients, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from pathlib import Path
@@ -181,9 +182,11 @@ def inception_pass() -> tuple[int, int]:
     return param_bytes(net), traced_peak(run)
 
 
+@functools.lru_cache(maxsize=None)
 def clip_pass() -> tuple[int, int]:
     """The CLIP score's network (open_clip ViT-g-14, Table 2) at :data:`deme.metrics.CLIP_BATCH` pairs per call,
-    image and text towers: (weight bytes, peak bytes). open_clip builds it on the meta device without weights."""
+    image and text towers: (weight bytes, peak bytes). open_clip builds it on the meta device without weights;
+    traced once per process (~15 s), the same for every profile."""
     import open_clip
     root = logging.getLogger()
     level, root.level = root.level, logging.ERROR       # open_clip logs "No pretrained weights loaded": none wanted
