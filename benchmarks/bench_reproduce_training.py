@@ -1,4 +1,4 @@
-"""Every training run of a full reproduction (`reproduce --full`), run side by side, for a fixed time.
+"""Every training run of a full reproduction (`reproduce --full --sweeps`), run side by side, for a fixed time.
 
     python benchmarks/bench_reproduce_training.py --jobs 12 --limit 200     # GPU: all runs at once
 

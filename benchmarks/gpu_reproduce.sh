@@ -26,7 +26,7 @@ dmon=
 if command -v nvidia-smi >/dev/null; then nvidia-smi dmon -s um -d 5 > "$OUT/dmon.txt" 2>&1 & dmon=$!; fi
 
 start=$(date +%s)
-timeout "$LIMIT" $PY -m deme reproduce --profile "$PROFILE" --full --jobs "$JOBS" --force --no-update-notebooks \
+timeout "$LIMIT" $PY -m deme reproduce --profile "$PROFILE" --full --sweeps --jobs "$JOBS" --force --no-update-notebooks \
   --keep-going 2>&1 | tee "$OUT/reproduce.log"
 rc=${PIPESTATUS[0]}
 echo "exit $rc, wall clock $(( $(date +%s) - start )) s (limit $LIMIT s, $JOBS jobs)" | tee -a "$OUT/reproduce.log"

@@ -286,7 +286,7 @@ def split_half_reliability(model: nn.Module, cfg: Config, images: torch.Tensor, 
     return float(np.corrcoef(sims[0][iu], sims[1][iu])[0, 1]), sims[0], sims[1]
 
 
-# sizes of the analyses of notebooks 01 (Fig. 1a, 4) and 06 (Fig. 2, 6a): a few seconds for smoke, a few minutes
+# sizes of the analyses of notebooks 02 (Fig. 1a, 4) and 06 (Fig. 2, 6a): a few seconds for smoke, a few minutes
 # on a CPU for the others; "rehearsal": the fewest points that still run every code path (deme.rehearse)
 ANALYSIS_SIZES = {"smoke": dict(num_timesteps_grid=12, batch=16, check_timesteps=4, landscape_points=5,
                                 landscape_batch=16, activation_batch=16, plane_points=5),
@@ -297,7 +297,7 @@ ANALYSIS_SIZES = {"smoke": dict(num_timesteps_grid=12, batch=16, check_timesteps
 
 
 def analysis_sizes(cfg: Config, **given: int | None) -> dict[str, int]:
-    """The sizes of notebook 01's analyses: each ``given`` value that is not None, else the profile's entry of
+    """The sizes of notebook 02's analyses: each ``given`` value that is not None, else the profile's entry of
     :data:`ANALYSIS_SIZES` that ``cfg.analysis_sizes`` names."""
     if cfg.analysis_sizes not in ANALYSIS_SIZES:
         raise ValueError(f"analysis_sizes={cfg.analysis_sizes!r} is not one of {sorted(ANALYSIS_SIZES)} "
@@ -311,7 +311,7 @@ def analysis_sizes(cfg: Config, **given: int | None) -> dict[str, int]:
 
 
 class AnalysisInputs(NamedTuple):
-    """What notebook 01's analyses share: the profile, its base model (eval mode, on the device), one fixed
+    """What notebook 02's analyses share: the profile, its base model (eval mode, on the device), one fixed
     batch of training images, their labels, the labels fed to the model, and the analysis sizes."""
     cfg: Config
     model: nn.Module
@@ -323,7 +323,7 @@ class AnalysisInputs(NamedTuple):
 
 def prepare(profile: str | None = None, *, conditional: bool = True, seed: int = 0, device: str | None = None,
             num_threads: int | None = None, **sizes: int | None) -> AnalysisInputs:
-    """Notebook 01's set-up: the profile, its base model (pretrained first when missing,
+    """Notebook 02's set-up: the profile, its base model (pretrained first when missing,
     :func:`deme.stages.ensure_base_model`) on ``device`` (None: CUDA when available), the fixed batch of
     :func:`analysis_batch` and its :func:`model_labels`, and :func:`analysis_sizes` with ``sizes`` given;
     ``num_threads`` sets torch's CPU threads. Prints what it loaded."""
@@ -366,7 +366,7 @@ else Gaussian sketches of dimension d (cosine error ≈ 0.016)."""
 
 
 def find_gradient_ranges(cfg: Config, device: str | None = None, progress: bool = False) -> dict:
-    """The "gradient" timestep ranges of ``cfg`` (``range_bounds="gradient"``, docs/method.md §2.4): notebook 01's
+    """The "gradient" timestep ranges of ``cfg`` (``range_bounds="gradient"``, docs/method.md §2.4): notebook 02's
     similarity matrix of the base model's loss gradients (the profile's analysis sizes, the fixed batch and noise of
     seed 0, the true labels or captions the model trains on) split into ``cfg.num_ranges`` contiguous segments
     (:func:`deme.ranges.segment_similarity`), their edges on the grid's bin edges.
@@ -403,7 +403,7 @@ def find_gradient_ranges(cfg: Config, device: str | None = None, progress: bool 
 
 
 def format_similarity_summary(summary: Mapping, info: Mapping, num_train_timesteps: int) -> str:
-    """:func:`similarity_summary` in a few lines of text (notebook 01)."""
+    """:func:`similarity_summary` in a few lines of text (notebook 02)."""
     s, k = summary, len(info["timesteps"])
     return "\n".join([
         f"{info['method']}: {info['num_parameters']:,} parameters, {info['seconds']:.1f} s",

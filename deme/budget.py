@@ -24,17 +24,19 @@ import json
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .ablation import budget_variants, run_steps, sweep_variants, table3_variants, variant_models, variant_runs
 from .analysis import analysis_sizes
 from .config import Config
 from .data import is_text_to_image
 from .memory import FEATURES, meta_encoders, meta_inception, meta_unet, param_bytes, unet_call
+from .methods import baselines
 from .rehearse import DDPM_HUB_CONFIGS
+from .runs import run_dir
 
 GB = 1e9
 H100_HALF_TFLOPS = 989.0      # H100 SXM dense fp16/bf16 tensor-core peak (NVIDIA's data sheet, without sparsity)
 H100_TF32_TFLOPS = 494.5      # H100 SXM dense TF32 peak
 SUSTAINED_FRACTION = 0.35     # assumed share of that peak a stage sustains (an assumption, not measured here)
-TABLE3_EXTRA = 3              # notebook 06's Table 3 trains 3 x N x K more steps (N=1 +CP; N +PS; N +PS +CL)
 TABLE1_MODELS = 4             # before finetuning, standard, DeMe ensemble, DeMe merged (reproduce without --full)
 SD_COCO_PROMPTS = 30_000      # Table 2's MS-COCO prompts (ImageNet and PartiPrompts not counted)
 
@@ -131,23 +133,53 @@ def _row(stage: str, disk: float, disk_how: str, flops: float, half: bool, time_
             "time_how": time_how + ("" if not flops else " (bf16/fp16)" if half else " (fp32/TF32)")}
 
 
+def plan_runs(cfg: Config) -> dict[str, list[Config]]:
+    """The training runs of each part of the plan, from the functions the notebooks train them with: ``reproduce``'s
+    N ranges and default baselines; ``--full``'s other baselines and notebook 06's Table 3 and budget study;
+    ``--sweeps``' sensitivity sweeps. A run that an earlier part already trains (the same folder, e.g. Table 3's
+    "N=1, nothing" = ``standard``) is counted once, where it first appears."""
+    one = lambda m: cfg.replace(method=m, range_index=None)   # noqa: E731
+    default, others = baselines(default_only=True), [m for m in baselines() if m not in baselines(True)]
+    K = cfg.steps_per_range
+    parts = {
+        f"training: {cfg.num_ranges} DeMe ranges": {"DeMe": one("deme")},
+        f"training: {', '.join(default)} baseline": {m: one(m) for m in default},
+        f"training: {len(others)} more baselines (--full)": {m: one(m) for m in others},
+        "training: Table 3 (06, --full)": table3_variants(cfg),
+        "training: budget study (06, --full)": budget_variants(cfg, (K // 4, K // 2, K)),
+        "training: sensitivity sweeps (06, --sweeps)": sweep_variants(cfg, "N") | sweep_variants(cfg, "p"),
+    }
+    seen, out = set(), {}
+    for stage, variants in parts.items():
+        out[stage] = []
+        for _, run in variant_runs(variants):
+            if run_dir(run) not in seen:
+                seen.add(run_dir(run))
+                out[stage].append(run)
+    return out
+
+
 def _training_rows(cfg: Config, f: dict) -> list[dict]:
-    N, K, P = cfg.num_ranges, cfg.steps_per_range, f["params"]
-    per_step = cfg.grad_accum * cfg.batch_size
+    P = f["params"]
     half = cfg.mixed_precision in ("fp16", "bf16")
-    teacher = cfg.consistency_weight > 0
-    plain, taught = _train_image_flops(cfg, f, False), _train_image_flops(cfg, f, teacher)
     extra = " + recomputed fwd (checkpointing) + VAE/text encoders" if is_text_to_image(cfg) else ""
-    run = f"run: 3 checkpoints of {checkpoint_bytes(P) / GB:.2f} GB (2 kept + 1 written) + model/"
-    return [
-        _row(f"training: {N} DeMe ranges", N * run_disk(P), f"{N} runs; {run}", N * K * per_step * taught, half,
-             f"{N} x {K} steps x {per_step} images x (fwd+bwd{' + teacher fwd' if teacher else ''}{extra})"),
-        _row("training: standard baseline", run_disk(P), f"1 {run}", N * K * per_step * plain, half,
-             f"{N * K} steps x {per_step} images x (fwd+bwd{extra})"),
-        _row("training: Table 3 extras (06)", (1 + 2 * N) * run_disk(P), f"{1 + 2 * N} runs (N=1 +CP; {N} +PS; "
-             f"{N} +PS +CL)", N * K * per_step * (2 * plain + taught), half,
-             f"{TABLE3_EXTRA} x {N * K} steps x {per_step} images (one with the teacher)"),
-    ]
+    bwd = f["fwd_bwd"] - f["fwd"]
+    run_how = f"run: 3 checkpoints of {checkpoint_bytes(P) / GB:.2f} GB (2 kept + 1 written) + model/"
+    rows = []
+    for stage, runs in plan_runs(cfg).items():
+        flops, steps, taught = 0.0, 0, 0
+        for c in runs:
+            teacher = c.method == "deme" and c.consistency_weight > 0
+            n = run_steps(c) * c.grad_accum * c.batch_size
+            flops += n * _train_image_flops(cfg, f, teacher)
+            if c.method == "ant-nash":   # a refresh: k more backward passes on its micro-batch (deme.mtl)
+                flops += run_steps(c) // c.nash_every * c.ant_clusters * c.batch_size * bwd
+            steps, taught = steps + run_steps(c), taught + teacher
+        count = f"{len(runs)} run{'s' * (len(runs) != 1)}"
+        rows.append(_row(stage, len(runs) * run_disk(P), f"{count}; {run_how}", flops, half,
+                         f"{steps} steps x {cfg.grad_accum * cfg.batch_size} images x (fwd+bwd{extra})"
+                         + (f", {taught} runs with the teacher's fwd" if taught else "")))
+    return rows
 
 
 def _evaluation_rows(cfg: Config, f: dict) -> list[dict]:
@@ -161,7 +193,7 @@ def _evaluation_rows(cfg: Config, f: dict) -> list[dict]:
     stats = 8 * FEATURES + 4 * FEATURES * (FEATURES + 1) / 2 + 2 * 1000 * FEATURES
     pngs = n * 3 * 256 ** 2 if t2i else 0
     return [
-        _row("gradient analysis (01)", 0, "figures only", images * f["fwd_bwd"], False,
+        _row("gradient analysis (02)", 0, "figures only", images * f["fwd_bwd"], False,
              f"{sizes['num_timesteps_grid']} timesteps x {sizes['batch']} images x fwd+bwd (Fig. 1a; the other "
              "analyses not counted)"),
         _row("merge search (04)", 4 * f["params"], "merged model/ (float32)",
@@ -180,20 +212,47 @@ def _evaluation_rows(cfg: Config, f: dict) -> list[dict]:
     ]
 
 
+def _full_scoring_rows(cfg: Config, f: dict) -> list[dict]:
+    """``--full``'s extra scoring: notebook 05's held-out loss, samples and their Inception features for the other
+    baselines; notebook 06's for the Table 3 models that 05 does not score (same samples per model as 05's)."""
+    t2i = is_text_to_image(cfg)
+    n = SD_COCO_PROMPTS if t2i else cfg.fid_samples
+    guided = 2 if t2i or (cfg.num_classes and cfg.guidance_scale != 1.0) else 1
+    per_model = (cfg.evaluation_size * f["fwd"] + n * (cfg.sample_steps * guided * f["fwd"] + f.get("decode", 0))
+                 + n * f["inception"])
+    others = len(baselines()) - len(baselines(default_only=True))
+    shared = {"Standard (uniform)", "DeMe (before merge)"}
+    t3 = len({key for _, _, key, _ in variant_models(cfg, table3_variants(cfg))} - shared)
+    return [_row(f"scoring: {m} {what}", m * (n * FEATURES * 4 + cfg.evaluation_size * 12),
+                 "per model: per-image losses and samples' Inception features", m * per_model, t2i,
+                 f"{m} models x ({cfg.evaluation_size} held-out images x fwd + {n} samples x {cfg.sample_steps} steps"
+                 f"{' x 2 (guidance)' if guided == 2 else ''} + Inception)")
+            for m, what in ((others, "more baselines (05, --full)"), (t3, "Table 3 models (06, --full)"))]
+
+
 def budget_table(cfg: Config) -> list[dict]:
-    """One row per stage of ``cfg``'s default plan (``reproduce`` without ``--full``): ``disk_gb`` and what it
-    counts (``disk_how``), ``pflop`` (FlopCounterMode on meta x calls), ``hours`` (one H100, estimated) and what
-    was counted (``time_how``); the last row is the total."""
+    """One row per stage of ``cfg``'s plan (``reproduce``; a label naming ``--full`` or ``--sweeps`` marks what
+    those flags add): ``disk_gb`` and what it counts (``disk_how``), ``pflop`` (FlopCounterMode on meta x calls),
+    ``hours`` (one H100, estimated) and what was counted (``time_how``); the last three rows are the totals of
+    ``reproduce``, ``--full`` and ``--full --sweeps``."""
     f = network_flops(cfg)
     t2i = is_text_to_image(cfg)
     model = (f["sd_params"] * 4 + SD_SAFETY_CHECKER_BYTES) if t2i else 4 * f["params"]
     data, data_how = DATASET_DISK[cfg.dataset]
     parts = "UNet, VAE, text encoder, safety checker" if t2i else "UNet"
     rows = [_row("downloads", model + data, f"{cfg.pretrained} ({parts}, float32); {data_how}", 0, False, "none")]
-    rows += _training_rows(cfg, f) + _evaluation_rows(cfg, f)
-    rows.append({"stage": "total", "disk_gb": sum(r["disk_gb"] for r in rows), "disk_how": "",
-                 "pflop": sum(r["pflop"] for r in rows), "hours": sum(r["hours"] for r in rows), "time_how": ""})
+    rows += _training_rows(cfg, f) + _evaluation_rows(cfg, f) + _full_scoring_rows(cfg, f)
+    for name, flags in (("total: reproduce", ()), ("total: reproduce --full", ("--full",)),
+                        ("total: reproduce --full --sweeps", ("--full", "--sweeps"))):
+        part = [r for r in rows if not (_flags(r["stage"]) - set(flags))]
+        rows.append({"stage": name, "disk_gb": sum(r["disk_gb"] for r in part), "disk_how": "",
+                     "pflop": sum(r["pflop"] for r in part), "hours": sum(r["hours"] for r in part), "time_how": ""})
     return rows
+
+
+def _flags(stage: str) -> set[str]:
+    """The reproduce flags a stage row needs (named in its label), e.g. {"--full"}; none for the default plan."""
+    return {flag for flag in ("--full", "--sweeps") if flag in stage} if not stage.startswith("total") else {"total"}
 
 
 def format_budget(cfg: Config, rows: list[dict]) -> str:

@@ -94,7 +94,7 @@ def stamp_readme(path: Path, repository: str, branch: str = "main") -> None:
     path = Path(path)
     lines = [x for x in path.read_text(encoding="utf-8").splitlines() if not x.startswith("[![Open in Colab]")]
     title = next(i for i, x in enumerate(lines) if x.startswith("# "))
-    lines.insert(title + 1, "\n" + badge(repository, "notebooks/01_gradient_conflict.ipynb", branch))
+    lines.insert(title + 1, "\n" + badge(repository, "notebooks/01_base_model.ipynb", branch))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

@@ -341,11 +341,12 @@ def text_to_image_prompt_sets(cfg: Config, *, coco_captions: str | None = None, 
 
 def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed: int = 0,
                                  models: dict[str, Callable[[], torch.nn.Module]] | None = None,
-                                 out_dir: Path | None = None, clip=None, batch_size: int = 8,
+                                 out_dir: Path | None = None, clip=None, batch_size: int | None = None,
                                  progress: bool = True, processes: Processes | None = None) -> pd.DataFrame:
     """Table 2 for a text-to-image profile: every model (default :func:`comparison_models`) generates every
     prompt set with ``seed`` (:func:`deme.sd.generate`: guidance ``cfg.guidance_scale``, ``cfg.sample_steps``
-    steps; images saved under ``out_dir/<model>/<set>/``, kept when there — an interrupted run resumes) and
+    steps, ``batch_size`` prompts per call, default ``cfg.sample_batch_size``; images saved under
+    ``out_dir/<model>/<set>/``, kept when there — an interrupted run resumes) and
     is scored by :func:`deme.sdeval.evaluate`: FID at 256 px against the set's reference (None: not computed)
     and the CLIP score (``clip`` = (model, preprocess, tokenizer); None → :func:`deme.metrics.load_clip`,
     and ``None`` scores when no weights exist). Scores are cached per model, set, size and seed.
@@ -372,7 +373,8 @@ def run_text_to_image_comparison(cfg: Config, prompt_sets: dict[str, dict], seed
                 samples = out_dir / "samples" / cache_key(name) / cache_key(set_name)
                 t0 = time.time()
                 generate(model, prompts, base=cfg.pretrained, guidance_scale=cfg.guidance_scale,
-                         steps=cfg.sample_steps, seed=seed, batch_size=batch_size, out_dir=samples, processes=procs)
+                         steps=cfg.sample_steps, seed=seed, batch_size=batch_size or cfg.sample_batch_size,
+                         out_dir=samples, processes=procs)
                 clip_model, clip_preprocess, clip_tokenizer = clip if clip is not None else (None, None, None)
                 rec = evaluate(samples, prompts, reference=reference,
                                reference_cache=out_dir / f"reference_{cache_key(set_name)}{tag}_{len(prompts)}.npz",

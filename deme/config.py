@@ -141,7 +141,7 @@ class Config:
     encoder_batch_size: int = 32          # text-to-image: images (captions) per call of the frozen VAE (text) encoder
     gpu_memory_gib: float | None = None   # the GPU memory the paper profiles are sized for (python -m deme rehearse
     host_memory_gib: float | None = None  # --memory), and the host RAM; None: not sized (CPU profiles)
-    # -- analysis (notebook 01) -------------------------------------------------------------------------------
+    # -- analysis (notebook 02) -------------------------------------------------------------------------------
     analysis_sizes: str = "default"       # a key of deme.analysis.ANALYSIS_SIZES: the timesteps, batches and grids
                                           # of Figs. 1a, 2, 4 and 6a ("smoke", "rehearsal": seconds)
 
@@ -394,6 +394,7 @@ PROFILES |= {
         beta_end=0.012,
         mixed_precision="bf16",           # the paper: fp16; bf16 needs no loss scaling (same range as fp32)
         num_workers=8, sample_steps=25, guidance_scale=7.5,
+        sample_batch_size=8,              # prompts per pipeline call (x2 with guidance), fp16 at 512 px
         heldout_batch_size=64, analysis_batch_size=8, encoder_batch_size=16, **_PAPER_MACHINE,
     ),
 }
@@ -449,10 +450,21 @@ def display_path(path: str | os.PathLike) -> str:
         return str(path)
 
 
+FIGURES_ENV = "DEME_FIGURES_DIR"
+"""Environment variable naming another folder for the figures and tables (``reproduce`` sets it for a run of the
+embedded default that does not publish, so the committed figures/ stay as the publishing run made them)."""
+
+
 def figures_dir(cfg: Config) -> Path:
-    """Where a profile's figures and tables go: figures/ for the embedded default and the paper profiles
-    (committed), runs/<profile>/figures for smoke (tests must not touch the committed figures)."""
-    d = repo_root() / "runs" / cfg.profile / "figures" if cfg.profile == "smoke" else repo_root() / "figures"
+    """Where a profile's figures and tables go: ``$DEME_FIGURES_DIR`` when set; else figures/ for the embedded
+    default and the paper profiles (committed), runs/<profile>/figures for smoke (tests must not touch the
+    committed figures)."""
+    if os.environ.get(FIGURES_ENV):
+        d = Path(os.environ[FIGURES_ENV])
+    elif cfg.profile == "smoke":
+        d = repo_root() / "runs" / cfg.profile / "figures"
+    else:
+        d = repo_root() / "figures"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

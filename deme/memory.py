@@ -23,6 +23,8 @@ workers (:data:`WORKER_GIB` each) and the stage's host buffers (held gradients, 
 
 from __future__ import annotations
 
+import functools
+import logging
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -36,6 +38,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .analysis import analysis_sizes, held_gradients
 from .config import PACKAGE_ROOT, Config
 from .data import is_text_to_image
+from .metrics import CLIP_BATCH
 from .rehearse import DDPM_HUB_CONFIGS, SD14_TEXT_CONFIG, SD14_VAE_CONFIG
 from .sd import SD14_UNET_CONFIG
 
@@ -46,7 +49,6 @@ HOST_PROCESS_GIB = 4.0        # one process's Python, torch and CUDA libraries i
 WORKER_GIB = 0.5              # one DataLoader worker process (assumed)
 INCEPTION_BATCH = 250         # deme.metrics.inception_stream's GPU batch
 FEATURES = 2048               # Inception pool3
-SD_GENERATE_BATCH = 8         # deme.sd.generate's default batch (prompts per pipeline call)
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 
 
@@ -180,6 +182,27 @@ def inception_pass() -> tuple[int, int]:
     return param_bytes(net), traced_peak(run)
 
 
+@functools.lru_cache(maxsize=None)
+def clip_pass() -> tuple[int, int]:
+    """The CLIP score's network (open_clip ViT-g-14, Table 2) at :data:`deme.metrics.CLIP_BATCH` pairs per call,
+    image and text towers: (weight bytes, peak bytes). open_clip builds it on the meta device without weights;
+    traced once per process (~15 s), the same for every profile."""
+    import open_clip
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR       # open_clip logs "No pretrained weights loaded": none wanted
+    try:
+        net = open_clip.create_model("ViT-g-14", pretrained=None, device="meta")
+    finally:
+        root.setLevel(level)
+    size = net.visual.image_size[0] if isinstance(net.visual.image_size, tuple) else net.visual.image_size
+
+    def run():
+        with torch.no_grad():
+            net.encode_image(torch.zeros(CLIP_BATCH, 3, size, size, device="meta"))
+            net.encode_text(torch.zeros(CLIP_BATCH, 77, dtype=torch.long, device="meta"))
+    return param_bytes(net), traced_peak(run)
+
+
 def param_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -197,8 +220,8 @@ def _row(stage: str, resident: float, traced: float, host: float, how: str) -> d
 def memory_table(cfg: Config) -> list[dict]:
     """One row per stage of ``cfg``'s pipeline: ``gpu_gib`` (traced peak + what lives through the stage, with
     headroom and the CUDA context), ``traced_gib`` (the meta trace alone), ``host_gib`` (formula) and ``how``
-    (what the row counts). Rows: training step, notebook 01's gradient analysis, merge search, sampling,
-    held-out loss, VAE/text encoding (text-to-image), FID features."""
+    (what the row counts). Rows: training step, notebook 02's gradient analysis, merge search, sampling,
+    held-out loss, VAE/text encoding and CLIP score (text-to-image), FID features."""
     t2i, N = is_text_to_image(cfg), cfg.num_ranges
     model = meta_unet(cfg)
     P = param_bytes(model)                                    # float32 weights
@@ -220,7 +243,7 @@ def memory_table(cfg: Config) -> list[dict]:
                      f"{', VAE + text encoder' if t2i else ''}"))
     K = analysis_sizes(cfg)["num_timesteps_grid"]
     held = held_gradients(cfg, P // 4, K)
-    rows.append(_row("gradient analysis (01)", P, analysis, P + (held + 1) * P,
+    rows.append(_row("gradient analysis (02)", P, analysis, P + (held + 1) * P,
                      f"{cfg.analysis_batch_size} images fwd+bwd fp32; host: {held} of {K} full gradients held"))
     rows.append(_row("merge search (04)", P + cfg.validation_size * image,
                      unet_pass(cfg, model, cfg.heldout_batch_size, backward=False),
@@ -231,11 +254,15 @@ def memory_table(cfg: Config) -> list[dict]:
                      f"{cfg.heldout_batch_size} per forward, {cfg.heldout_size} inputs on the device"))
     if t2i:                                                   # the pipeline in fp16, guidance doubles the batch
         half = meta_unet(cfg, torch.float16)
-        sampling = unet_pass(cfg, half, 2 * SD_GENERATE_BATCH, backward=False)
-        rows.append(_row("sampling", N * P / 2 + enc_w, sampling, N * P + SD_GENERATE_BATCH * image,
-                         f"{SD_GENERATE_BATCH} prompts x 2 (guidance) fp16; {N} UNets (the ensemble), VAE, text"))
+        clip_w, clip_peak = clip_pass()      # Table 2 loads CLIP once, before the models generate (deme.compare)
+        sampling = unet_pass(cfg, half, 2 * cfg.sample_batch_size, backward=False)
+        rows.append(_row("sampling", N * P / 2 + enc_w + clip_w, sampling, N * P + cfg.sample_batch_size * image,
+                         f"{cfg.sample_batch_size} prompts x 2 (guidance) fp16; {N} UNets (the ensemble), VAE, text, "
+                         "CLIP (loaded for the table)"))
         rows.append(_row("VAE/text encoding", enc_w, enc_peak, cfg.encoder_batch_size * image,
                          f"{cfg.encoder_batch_size} images and captions per call"))
+        rows.append(_row("CLIP score", clip_w, clip_peak, clip_w + 2 * 3 * 512 ** 2,
+                         f"ViT-g-14 fp32, {CLIP_BATCH} image-prompt pairs per call; host: its weights as loaded"))
     else:
         guided = 2 if cfg.num_classes and cfg.guidance_scale != 1.0 else 1
         sampling = unet_pass(cfg, model, guided * cfg.sample_batch_size, backward=False)

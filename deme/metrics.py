@@ -508,11 +508,15 @@ def _clip_preprocess(model: nn.Module):
     return open_clip.image_transform(size, is_train=False, mean=cfg.get("mean"), std=cfg.get("std"))
 
 
+CLIP_BATCH = 32
+"""Image-prompt pairs per CLIP forward in :func:`clip_scores` (the memory rehearsal traces this batch)."""
+
+
 @torch.no_grad()
 def clip_score(images: torch.Tensor | np.ndarray, prompts: Sequence[str] | str, model_name: str = "ViT-g-14",
                pretrained: str = "laion2b_s34b_b88k", weights_path: str | os.PathLike | None = None,
                model: nn.Module | None = None, preprocess: Callable | None = None,
-               tokenizer: Callable | None = None, *, batch_size: int = 32,
+               tokenizer: Callable | None = None, *, batch_size: int = CLIP_BATCH,
                device: str | torch.device | None = None, cache_dir: str | None = None) -> float | None:
     """CLIP score: mean over (image, prompt) pairs of 100·max(cos(image emb., text emb.), 0) (the per-pair
     values: :func:`clip_scores`, same arguments).
@@ -532,7 +536,7 @@ def clip_score(images: torch.Tensor | np.ndarray, prompts: Sequence[str] | str, 
 def clip_scores(images: torch.Tensor | np.ndarray, prompts: Sequence[str] | str, model_name: str = "ViT-g-14",
                 pretrained: str = "laion2b_s34b_b88k", weights_path: str | os.PathLike | None = None,
                 model: nn.Module | None = None, preprocess: Callable | None = None,
-                tokenizer: Callable | None = None, *, batch_size: int = 32,
+                tokenizer: Callable | None = None, *, batch_size: int = CLIP_BATCH,
                 device: str | torch.device | None = None, cache_dir: str | None = None) -> np.ndarray | None:
     """The CLIP score of each (image, prompt) pair: 100·max(cos(image emb., text emb.), 0), float32 (N,);
     ``None`` without CLIP weights. Arguments as :func:`clip_score`."""

@@ -282,8 +282,8 @@ def require_base_model(cfg: Config, base: str | os.PathLike) -> None:
         f" --out {os.path.relpath(Path(base).parent, repo_root())}"
     raise WeightsMissingError(
         f"the base model of profile {cfg.profile!r} is missing ({base}). Pretrain it first, from the repository "
-        f"root: `python -m deme train --profile {cfg.profile} --method pretrain{out}`, or run notebook 02 "
-        f"(`papermill notebooks/02_base_model.ipynb out.ipynb -p profile {cfg.profile}`; "
+        f"root: `python -m deme train --profile {cfg.profile} --method pretrain{out}`, or run notebook 01 "
+        f"(`papermill notebooks/01_base_model.ipynb out.ipynb -p profile {cfg.profile}`; "
         f"`python -m deme reproduce --profile {cfg.profile}` runs it first).")
 
 

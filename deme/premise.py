@@ -164,7 +164,8 @@ MERGED = "merged (w = 1/N)"
 def capacity_rows(cfg: Config, losses: dict) -> pd.DataFrame:
     """One point of the capacity × budget map from :func:`premise_losses` (on the evaluation images): the ensemble,
     the uniform merge and ``standard`` against the base, and the ensemble and the merge against ``standard``, over
-    all t; with the model's size and the finetuning budget (images per method, % of pretraining images)."""
+    all t; with the base (its profile: one pretrained base each), the model's size and the finetuning budget (images
+    per method, % of pretraining images)."""
     pairs = [("ensemble", "base"), (MERGED, "base"), ("standard", "base"), ("ensemble", "standard"),
              (MERGED, "standard")]
     size = sum(p.numel() for p in load_base(cfg, projection=False).parameters())
@@ -174,7 +175,8 @@ def capacity_rows(cfg: Config, losses: dict) -> pd.DataFrame:
     for model, ref in pairs:
         for c in (c for c in CONDITIONS if c in losses[model]):
             d, lo, hi = relative_difference(losses[model][c], losses[ref][c])
-            rows.append({"setting": setting_name(cfg), "parameters": size, "steps_per_range": cfg.steps_per_range,
+            rows.append({"setting": setting_name(cfg), "base": cfg.profile, "parameters": size,
+                         "steps_per_range": cfg.steps_per_range,
                          "budget_pct": budget, "model": model if ref == "base" else f"{model} - {ref}",
                          "condition": c, "delta_pct": d, "ci95_low": lo, "ci95_high": hi})
     return pd.DataFrame(rows)

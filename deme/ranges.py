@@ -6,7 +6,7 @@ the ensemble, the held-out tables, the landscapes, the plots — takes them from
 * ``"equal"`` (default, the paper): the N equal ranges ``[iT/N, (i+1)T/N)``;
 * N+1 boundaries ``(0, b_1, …, b_{N−1}, T)``, strictly increasing: range i is ``[b_i, b_{i+1})``;
 * ``"gradient"``: the N contiguous ranges whose timesteps' loss gradients agree best on the base model
-  (:func:`segment_similarity` of notebook 01's similarity matrix). They are found once by
+  (:func:`segment_similarity` of notebook 02's similarity matrix). They are found once by
   :func:`deme.analysis.find_gradient_ranges` (``python -m deme ranges``) and recorded at
   :func:`gradient_record_path`; a DeMe run trains on the recorded list, and its manifest and folder carry that
   list (:func:`resolved`), so a run's identity says which ranges it trained on.

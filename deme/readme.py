@@ -157,6 +157,41 @@ def beyond(figures: Path) -> str:
     return "\n".join(lines)
 
 
+@block("tables")
+def paper_tables(figures: Path) -> str:
+    """Tables 1 and 3 as notebooks 05 and 06 wrote them (their ``.md`` beside the CSVs: caption and table), then
+    the budget study's figures; a part not produced yet says what writes it."""
+    parts = []
+    for name in ("table1_fmnist.md", "table3_fmnist.md"):
+        path = figures / name
+        parts.append(path.read_text(encoding="utf-8").strip() if path.exists()
+                     else f"*Not produced yet: `figures/{name}` (`{writer(name)}` writes it).*")
+    for condition in ("unconditional", "conditional"):
+        name = f"budget_study_{condition}_fmnist.png"
+        parts.append(f"![budget study, {condition}](figures/{name})" if (figures / name).exists()
+                     else f"*Not produced yet: `figures/{name}` (`{writer(name)}` writes it).*")
+    return "\n\n".join(parts)
+
+
+@block("capacity")
+def capacity(figures: Path) -> str:
+    """The capacity × budget map in words: the command that made it (its settings, in the table's order) and, per
+    comparison, how many of its cells are better, worse or not resolved (held-out loss, unconditional)."""
+    t = pd.read_csv(figures / "capacity_fmnist.csv")
+    settings = " ".join(f'"{s}"' for s in dict.fromkeys(t.setting))
+    cells = t.groupby(["base", "steps_per_range"]).ngroups
+    lines = [f"`python -m deme premise --capacity {settings} --jobs 2`: {t.base.nunique()} bases "
+             f"({', '.join(f'{p / 1e3:.0f}K {b}' for p, b in sorted(set(zip(t.parameters, t.base))))}) × their "
+             f"budgets, {cells} cells; held-out loss, unconditional, on the evaluation images:", ""]
+    u = t[t.condition == "unconditional"]
+    for model in ("ensemble - standard", "ensemble", "merged (w = 1/N)", "standard"):
+        v = [verdict(x.ci95_low, x.ci95_high) for x in u[u.model == model].itertuples()]
+        name = model.replace(" - ", " − ") + ("" if " - " in model else " − base")
+        lines.append(f"- **{name}**: better in {v.count('better')} of {len(v)} cells, worse in {v.count('worse')}, "
+                     f"not resolved in {v.count('not resolved')}.")
+    return "\n".join(lines)
+
+
 @block("premise")
 def premise(figures: Path) -> str:
     return premise_block(pd.read_csv(figures / "premise_fmnist.csv"), pd.read_csv(figures / "proportions_fmnist.csv"))
@@ -184,11 +219,23 @@ def render(text: str, figures: Path) -> str:
             try:
                 body = fn(figures)
             except FileNotFoundError as e:
-                body = (f"*Not produced yet: `figures/{Path(e.filename).name}` is missing (`make reproduce` writes "
-                        "it).*")
+                name = Path(e.filename).name
+                body = f"*Not produced yet: `figures/{name}` is missing (`{writer(name)}` writes it).*"
             a, b = text.index(begin), text.index(end) + len(end)
             text = text[:a] + f"{begin}\n\n{body}\n\n{end}" + text[b:]
     return text
+
+
+WRITERS = {"reproduce_time_": "make reproduce", "premise_": "python -m deme premise",
+           "proportions_": "python -m deme premise", "capacity_": "python -m deme premise --capacity",
+           "ranges_": "python -m deme ranges --compare"}
+"""The command that writes a table of figures/, by the table's name (the rest: the publishing run)."""
+
+
+def writer(name: str) -> str:
+    """The command that writes ``figures/<name>`` (:data:`WRITERS`; else ``make reproduce FULL=1``, which made the
+    committed figures)."""
+    return next((cmd for prefix, cmd in WRITERS.items() if name.startswith(prefix)), "make reproduce FULL=1")
 
 
 def update_readme(readme: str | Path | None = None, figures: str | Path | None = None) -> bool:

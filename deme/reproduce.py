@@ -20,10 +20,11 @@ import nbformat
 import pandas as pd
 import papermill as pm
 import torch
+from jupyter_client.manager import AsyncKernelManager
 from traitlets.config import Config
 
 from .colab import SETUP_TAG
-from .config import figures_dir, get_profile, normalized, repo_root
+from .config import FIGURES_ENV, figures_dir, get_profile, normalized, repo_root
 from .methods import baselines
 from .runs import device_name, git_commit, package_versions, write_json
 
@@ -37,7 +38,7 @@ SPEED_PARAMS = ("jobs",)
 
 def stages(cfg, full: bool = False, jobs: int = 1, sweeps: bool = False) -> list[tuple[str, str, dict]]:
     """(stage name, notebook, papermill parameters) in the order of docs/method.md §9 (the data flow), for the notebooks
-    that exist: 02 base → 01 analysis → 03 training jobs (baselines, then one job per range) → 04 merge → 05 →
+    that exist: 01 base → 02 analysis → 03 training jobs (baselines, then one job per range) → 04 merge → 05 →
     06 → 07. The training jobs are independent; the baselines (N×K steps each) come first so that, run side
     by side, the short range jobs fill the end instead of one long baseline running alone. ``full`` adds the
     six weighted baselines (trained, and compared in 05), Table 3 and the budget study of 06; ``sweeps`` the
@@ -46,7 +47,7 @@ def stages(cfg, full: bool = False, jobs: int = 1, sweeps: bool = False) -> list
     p = {"profile": cfg.profile}
     pfull = {**p, **({"full": True} if full else {})}
     p06 = {**pfull, **({"sweeps": True} if sweeps else {}), **({"jobs": jobs} if jobs > 1 else {})}
-    plan = [("02_base_model", "02_base_model.ipynb", p), ("01_gradient_conflict", "01_gradient_conflict.ipynb", p)]
+    plan = [("01_base_model", "01_base_model.ipynb", p), ("02_gradient_conflict", "02_gradient_conflict.ipynb", p)]
     if (NOTEBOOKS / "05_compare.ipynb").exists():
         plan += [(f"03_train_{m}", "03_train.ipynb", {**p, "method": m})
                  for m in baselines(default_only=not full)]
@@ -56,14 +57,29 @@ def stages(cfg, full: bool = False, jobs: int = 1, sweeps: bool = False) -> list
     return [s for s in plan if (NOTEBOOKS / s[1]).exists()]
 
 
+class QuietShutdownKernelManager(AsyncKernelManager):
+    """jupyter_client's kernel manager, less the interrupt it sends a kernel right before asking it to shut down.
+    After a notebook has run there is nothing to interrupt; but a kernel that receives that SIGINT while it is
+    still handling a message (as happens to kernels that end side by side under load) logs "[IPKernelApp] ERROR |
+    KeyboardInterrupt caught in kernel." on the terminal of a run that went well. Interrupts at any other time
+    (papermill's cell timeout, a user's ^C) are sent as before."""
+
+    async def _async_interrupt_kernel(self) -> None:
+        if self.shutting_down:
+            return
+        await super()._async_interrupt_kernel()
+
+
 def kernel_config(folder: str | os.PathLike) -> Config:
     """The kernel's settings: it talks to papermill over Unix sockets in ``folder`` (its own, so kernels started
     side by side never share a socket) instead of TCP on localhost, so ipykernel does not print "Kernel is running
     over TCP without encryption" on the terminal once per stage. (CurveZMQ encryption silences it too, but a kernel
-    died with it before kernel_info in a clean-clone CI run.) Windows has no Unix sockets: TCP there."""
+    died with it before kernel_info in a clean-clone CI run.) Windows has no Unix sockets: TCP there. The kernel is
+    shut down without the interrupt that could make it log an error (:class:`QuietShutdownKernelManager`)."""
+    quiet = {"NotebookClient": {"kernel_manager_class": QuietShutdownKernelManager}}
     if os.name == "nt":
-        return Config({})
-    return Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "kernel")}})
+        return Config(quiet)
+    return Config({**quiet, "KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "kernel")}})
 
 
 def execute(notebook: Path, target: Path, params: dict, *, cwd: Path, progress_bar: bool = False) -> None:
@@ -100,10 +116,10 @@ def _up_to_date(rec: dict, cfg, notebook: str, params: dict) -> bool:
             and normalized(rec.get("config", {})) == normalized(cfg.to_dict()))
 
 
-AFTER_BASE = ("01_", "03_")
-"""Stages that need only the base model (02): the analyses of 01 and the training jobs of 03 (one range or one
-baseline each). They are independent of each other and may run side by side — and beside 02 itself when the
-profile's base model is a pretrained one (02 then only loads and shows it)."""
+AFTER_BASE = ("02_", "03_")
+"""Stages that need only the base model (01): the analyses of 02 and the training jobs of 03 (one range or one
+baseline each). They are independent of each other and may run side by side — and beside 01 itself when the
+profile's base model is a pretrained one (01 then only loads and shows it)."""
 
 AFTER_MERGE = ("06_", "07_")
 """Stages that need only what 03 trained and 04 merged and run after 05: the ablation and the gallery. Each
@@ -115,7 +131,7 @@ and 06 then reuses its held-out losses."""
 
 def _group(name: str, cfg) -> str:
     """The parallel group of a stage: "after base", "after merge", or the stage's own name (runs alone)."""
-    if name.startswith(AFTER_BASE) or (name.startswith("02_") and cfg.pretrained):
+    if name.startswith(AFTER_BASE) or (name.startswith("01_") and cfg.pretrained):
         return "after base"
     return "after merge" if name.startswith(AFTER_MERGE) else name
 
@@ -164,14 +180,18 @@ def _run_stage(k: int, n_stages: int, name: str, notebook: str, params: dict, *,
     return rec
 
 
-def write_timing(records: list[dict], wall: float, cfg, jobs: int) -> Path:
-    """``figures/reproduce_time_<profile>.csv`` of a reproduction that ran every stage: each stage's seconds and
-    the wall clock of the whole, with the machine, date, commit and ``jobs`` (the README's time block reads it)."""
+def write_timing(records: list[dict], wall: float, cfg, jobs: int, full: bool = False) -> Path:
+    """``figures/reproduce_time_<profile>.csv`` (``_full`` with ``full``) of a reproduction that ran every stage:
+    each stage's seconds and the wall clock of the whole, with the machine, date, commit and ``jobs`` (the README's
+    time block reads the default run's). Written to figures/ by every run, publishing or not: a default run leaves
+    the checkout as committed, timings aside."""
     rows = [{"stage": r["stage"], "seconds": r["seconds"]} for r in records]
     rows.append({"stage": "total (wall clock)", "seconds": wall})
     table = pd.DataFrame(rows).assign(machine=device_name(torch.device("cpu")), date=time.strftime("%Y-%m-%d"),
                                       commit=git_commit(), jobs=jobs)
-    path = figures_dir(cfg) / f"reproduce_time_{cfg.profile}.csv"
+    folder = figures_dir(cfg) if cfg.profile == "smoke" else repo_root() / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"reproduce_time_{cfg.profile}{'_full' if full else ''}.csv"
     table.to_csv(path, index=False)
     return path
 
@@ -183,21 +203,29 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
 
     A stage whose record (runs/<profile>/stages/<stage>.json) matches the current config, notebook and
     parameters is skipped unless ``force``. ``jobs`` > 1 runs up to that many independent stages at once — the
-    analyses of 01, the N ranges and the baselines (:data:`AFTER_BASE`), then 06 and 07 (:data:`AFTER_MERGE`) —
+    analyses of 02, the N ranges and the baselines (:data:`AFTER_BASE`), then 06 and 07 (:data:`AFTER_MERGE`) —
     each kernel with one CPU thread (``OMP_NUM_THREADS=1``; on a 2-core CPU two
     one-thread jobs train ~1.6× faster together than one after another with two threads, and a kernel's
     imports, ~10 s of single-threaded work, leave the other core idle when run alone); notebook 06 gets the
     same ``jobs``. ``full`` adds the six weighted baselines (03, 05) and Table 3 and the budget study (06,
     ``-p full True``); ``sweeps`` 06's sensitivity sweeps over N and p (``-p sweeps True``).
-    For the embedded default the executed copies also replace the notebooks in notebooks/ (so the committed
-    notebooks show the fmnist outputs), unless ``update_notebooks=False``.
+    Publishing: the committed notebooks and figures of the embedded default are those of ``--full`` (the paper's
+    tables need its baselines). So a ``full`` run of fmnist copies its executed notebooks over notebooks/ and writes
+    figures/; any other fmnist run leaves both as committed and writes its figures and tables to
+    runs/fmnist/figures (``$DEME_FIGURES_DIR``). ``update_notebooks`` True or False overrides the choice.
 
     A failing notebook stops the run, unless ``keep_going``: then the remaining stages still run (those that
     need the failed stage's outputs fail in turn), the failed ones get no record (the next run redoes them),
     and their records in the returned list carry ``failed`` with the error.
     """
     cfg = get_profile(profile)
-    update = cfg.profile == "fmnist" if update_notebooks is None else update_notebooks
+    update = cfg.profile == "fmnist" and full if update_notebooks is None else update_notebooks
+    if cfg.profile == "fmnist" and not update and not os.environ.get(FIGURES_ENV):
+        os.environ[FIGURES_ENV] = str(repo_root() / "runs" / cfg.profile / "figures")   # for this run's kernels
+        try:
+            return reproduce(profile, force, only, update_notebooks, jobs, full, keep_going, sweeps)
+        finally:
+            os.environ.pop(FIGURES_ENV, None)
     # the executed notebooks are read on GitHub and in Colab, where progress bars render as stray widgets or
     # stderr lines: the kernels run without them (tqdm reads TQDM_DISABLE), the stage lines below show progress
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -246,7 +274,7 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
           f"(wall clock; stage times summed: {sum(r['seconds'] for r in ran):.0f} s); executed notebooks in {out_dir}")
     failed = [r["stage"] for r in out if r.get("failed")]
     if len(ran) == len(plan) and not failed:
-        write_timing(out, time.time() - started, cfg, jobs)
+        write_timing(out, time.time() - started, cfg, jobs, full=full or sweeps)
     if failed:
         print(f"FAILED stages ({len(failed)}): {', '.join(failed)} — see their notebooks in {out_dir}")
     return out

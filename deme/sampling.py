@@ -215,7 +215,8 @@ def gallery_samples(cfg: Config, models: dict[str, nn.Module], seed: int = 0, pe
     if spec.text_to_image:
         prompts = [p for p in PAPER_PROMPTS for _ in range(per_prompt)]
         return ({k: np.asarray(generate(m, prompts, base=cfg.pretrained, guidance_scale=cfg.guidance_scale,
-                                        steps=cfg.sample_steps, seed=seed)) for k, m in models.items()},
+                                        steps=cfg.sample_steps, seed=seed, batch_size=cfg.sample_batch_size))
+                 for k, m in models.items()},
                 [p[:40] + "…" for p in PAPER_PROMPTS])
     if conditional and cfg.num_classes:
         labels = torch.arange(len(spec.class_names)).repeat_interleave(per_prompt)

@@ -36,7 +36,7 @@ def ensure_base_model(cfg: Config) -> str:
     """The path of the profile's pretrained base model, pretraining it first where the project owns it.
 
     Paper profiles: the hub id (loaded by :func:`deme.models.load_unet`). ``fmnist``: the committed
-    checkpoint under data/ (pretrained by notebook 02 when missing — hours on a CPU). ``smoke``: trained in
+    checkpoint under data/ (pretrained by notebook 01 when missing — hours on a CPU). ``smoke``: trained in
     seconds under runs/smoke/base.
     """
     path = base_model_path(cfg)
@@ -179,7 +179,7 @@ def _fid256_score(cfg: Config, n: int, seed: int, steps: int, device, dtype):
 
     def score(model) -> float:
         fake = sd.generate(model, captions, base=cfg.pretrained, guidance_scale=cfg.guidance_scale, steps=steps,
-                        seed=seed, device=device, dtype=dtype)
+                        seed=seed, device=device, dtype=dtype, batch_size=cfg.sample_batch_size)
         return sdeval.fid_256(fake, real, device=device)
     return score, f"FID@256 vs data ({n} captions, {steps} steps, guidance {cfg.guidance_scale})"
 

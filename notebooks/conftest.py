@@ -19,8 +19,8 @@ What this file does, for nbval's items only:
 * **Stage order.** nbval runs the notebooks in file order (01, 02, ...), but 04-07 read the trainings of
   notebook 03, which the notebook runs once per range and baseline (``python -m deme reproduce`` passes
   ``-p range k`` / ``-p method m``). When any of 04-07 is collected, the same command makes them first:
-  ``python -m deme reproduce --profile smoke --only 02 03`` into the temporary root (seconds per stage);
-  nbval's own run of 02 and 03 then executes them once more with their defaults (range 0, which resumes
+  ``python -m deme reproduce --profile smoke --only 01 03`` into the temporary root (seconds per stage);
+  nbval's own run of 01 and 03 then executes them once more with their defaults (range 0, which resumes
   from its finished checkpoint).
 * The kernels run the Python that runs pytest (nbval's ``--nbval-current-env``), so they import the same
   ``deme``, unless ``--nbval-kernel-name`` names another kernel.
@@ -80,7 +80,7 @@ def pytest_collection_modifyitems(session, config, items):
                       TQDM_DISABLE="1")
     names = {Path(str(i.path)).name for i in cells}
     if names & NEED_TRAININGS:
-        cmd = [sys.executable, "-m", "deme", "reproduce", "--profile", "smoke", "--only", "02", "03",
+        cmd = [sys.executable, "-m", "deme", "reproduce", "--profile", "smoke", "--only", "01", "03",
                "--no-update-notebooks", "--jobs", "2"]
         proc = subprocess.run(cmd, env=os.environ.copy(), capture_output=True, text=True)
         if proc.returncode != 0:

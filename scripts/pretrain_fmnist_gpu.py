@@ -4,7 +4,7 @@
 
 Measures the optimizer-step rate of the fmnist pretraining config first, then sets ``pretrain_steps`` so the
 run (warmup + cosine schedule, EMA) fits the budget, and trains with the one loop of ``deme.train``.
-The result is what notebook 02 would produce on a CPU in many hours; the manifest records the device.
+The result is what notebook 01 would produce on a CPU in many hours; the manifest records the device.
 """
 import argparse
 import json

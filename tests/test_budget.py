@@ -20,9 +20,30 @@ def test_disk_arithmetic_by_hand():
     assert rows["training: standard baseline"]["disk_gb"] == pytest.approx(52 * 35_746_307 / 1e9)
     assert rows["merge search (04)"]["disk_gb"] == pytest.approx(4 * 35_746_307 / 1e9)
     assert rows["sampling (05)"]["disk_gb"] == pytest.approx(4 * 50_000 * 2048 * 4 / 1e9)   # features, float32
-    assert rows["total"]["disk_gb"] == pytest.approx(sum(r["disk_gb"] for r in rows.values()
-                                                         if r["stage"] != "total"))
+    default = [r for r in rows.values() if not r["stage"].startswith("total") and "--" not in r["stage"]]
+    assert rows["total: reproduce"]["disk_gb"] == pytest.approx(sum(r["disk_gb"] for r in default))
+    everything = [r for r in rows.values() if not r["stage"].startswith("total")]
+    assert rows["total: reproduce --full --sweeps"]["pflop"] == pytest.approx(sum(r["pflop"] for r in everything))
     assert GB == 1e9
+
+
+def test_training_rows_count_the_runs_each_flag_adds():
+    """By hand, at N = 4 (cifar10): --full adds 6 baselines; Table 3 adds N=1 +CP (1 run), N +PS and N +PS +CL
+    (4 each; N +PS +CL +CP is DeMe itself, N=1 nothing is `standard`): 9; the budget study K/4 and K/2 (K itself is
+    the default runs) x (`standard` + 4 ranges): 10; --sweeps: N = 1, 2, 8 (1 + 2 + 8 runs; N = 4 is DeMe) and
+    p = 0, 0.1, 0.5, 1 (4 x 4; p = 0.3 is DeMe): 27. The default plan's runs are reproduce's 03 stages."""
+    from deme.reproduce import stages
+    cfg = get_profile("cifar10")
+    rows = {r["stage"]: r for r in budget_table(cfg)}
+    runs = {stage: int(r["disk_how"].split()[0]) for stage, r in rows.items() if stage.startswith("training")}
+    assert runs == {"training: 4 DeMe ranges": 4, "training: standard baseline": 1,
+                    "training: 6 more baselines (--full)": 6, "training: Table 3 (06, --full)": 9,
+                    "training: budget study (06, --full)": 10, "training: sensitivity sweeps (06, --sweeps)": 27}
+    assert runs["training: 4 DeMe ranges"] + runs["training: standard baseline"] == sum(
+        name.startswith("03_") for name, _, _ in stages(cfg))
+    assert 6 + 5 == sum(name.startswith("03_") for name, _, _ in stages(cfg, full=True))
+    per_image = rows["training: standard baseline"]["pflop"] / (80_000 * 64)    # fwd+bwd per image, PFLOP
+    assert rows["training: budget study (06, --full)"]["pflop"] > 2 * (5_000 + 10_000) * 64 * per_image
 
 
 @pytest.mark.parametrize("device", ["meta", "cpu"])
@@ -45,7 +66,7 @@ def test_the_docs_hold_what_the_code_prints(name):
     cfg = get_profile(name)
     text = format_budget(cfg, budget_table(cfg))
     assert doc_block(name, "budget") == text, f"run: python -m deme rehearse --profile {name} --budget --write"
-    assert "| total |" in text and "*estimated*" in text
+    assert "| total: reproduce |" in text and "*estimated*" in text
 
 
 def test_rehearse_budget_prints_the_table(capsys):

@@ -51,13 +51,25 @@ def test_every_stage_of_the_paper_profiles_fits_their_declared_gpu_and_host(name
     cfg = get_profile(name)
     rows = memory_table(cfg)
     stages = {r["stage"] for r in rows}
-    assert {"training step", "gradient analysis (01)", "merge search (04)", "sampling", "held-out loss",
+    assert {"training step", "gradient analysis (02)", "merge search (04)", "sampling", "held-out loss",
             "FID features"} <= stages and ("VAE/text encoding" in stages) == (name == "sd14")
+    assert ("CLIP score" in stages) == (name == "sd14")
     assert cfg.gpu_memory_gib and cfg.host_memory_gib
     assert not check_fits(cfg, rows)
     assert all(0 < r["traced_gib"] < r["gpu_gib"] for r in rows)
     assert doc_block(name, "memory") == format_table(cfg, rows), \
         f"docs/paper_scale.md is stale: run python -m deme rehearse --profile {name} --memory --write"
+
+
+def test_sd_sampling_rows_follow_the_configured_batch_and_count_clip():
+    """sd14 generates cfg.sample_batch_size prompts per pipeline call (x2 with guidance): halving it shrinks the
+    traced sampling peak; the CLIP score row holds ViT-g-14's 1.37B float32 parameters (≈ 5.1 GiB) as weights."""
+    big, small = (memory_table(get_profile("sd14", sample_batch_size=b)) for b in (8, 4))
+    row = lambda rows, stage: next(r for r in rows if r["stage"] == stage)   # noqa: E731
+    assert "4 prompts x 2" in row(small, "sampling")["how"] and "8 prompts x 2" in row(big, "sampling")["how"]
+    assert row(small, "sampling")["traced_gib"] < row(big, "sampling")["traced_gib"]
+    clip = row(big, "CLIP score")
+    assert 5.0 < (clip["host_gib"] - 4) < 5.3 and clip["gpu_gib"] > 1.15 * 5.0
 
 
 def test_a_stage_that_does_not_fit_is_reported():

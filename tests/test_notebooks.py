@@ -1,5 +1,5 @@
 """The notebooks under the smoke profile: every cell of every notebook executed by `pytest --nbval-lax notebooks/`
-(as a user's CI runs them; notebooks/conftest.py first makes the trainings with `deme reproduce --only 02 03`),
+(as a user's CI runs them; notebooks/conftest.py first makes the trainings with `deme reproduce --only 01 03`),
 their outputs checked; papermill's parameters (notebook 06 with `-p full True`, a bad range for notebook 03) and
 the reproduction's records (a second run skips every stage). The whole `reproduce` sequence is rehearsed on the
 paper profiles in tests/test_rehearse.py."""
@@ -45,7 +45,7 @@ def test_every_notebook_runs_under_nbval_and_writes_its_outputs(smoke_root):
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|skipped|failed|error)", stdout.splitlines()[-1])}
     assert counts.get("passed", 0) + counts.get("skipped", 0) == cells and set(counts) <= {"passed", "skipped"}, \
         stdout[-2000:]                                   # one nbval item per code cell; skipped: injected parameters
-    made = [s[0] for s in stages(get_profile("smoke")) if s[0].startswith(("02_", "03_"))]   # by the conftest
+    made = [s[0] for s in stages(get_profile("smoke")) if s[0].startswith(("01_", "03_"))]   # by the conftest
     for name in made:
         assert (root / "runs" / "smoke" / "notebooks" / f"{name}.ipynb").exists(), name
         rec = json.loads((root / "runs" / "smoke" / "stages" / f"{name}.json").read_text())
@@ -114,7 +114,7 @@ def test_ablation_full_runs_headlessly(smoke_root, tmp_path):
 
 def test_a_second_reproduce_skips_every_stage(smoke_root):
     root, _ = smoke_root
-    proc = _run(["-m", "deme", "reproduce", "--profile", "smoke", "--no-update-notebooks", "--only", "02", "03"],
+    proc = _run(["-m", "deme", "reproduce", "--profile", "smoke", "--no-update-notebooks", "--only", "01", "03"],
                 root, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [l for l in proc.stdout.splitlines() if l.startswith("[")]
@@ -162,18 +162,45 @@ def test_reproduce_full_and_jobs_reach_notebook_06_and_jobs_do_not_invalidate_re
 
 
 def test_reproduce_runs_side_by_side_only_stages_whose_inputs_exist():
-    """With --jobs, 01 and the 03 trainings run side by side after 02 (beside it when the base model is a
-    pretrained one, which 02 only shows), 06 and 07 side by side after 05; 02 (pretraining), 04 and 05 alone."""
+    """With --jobs, 02 and the 03 trainings run side by side after 01 (beside it when the base model is a
+    pretrained one, which 01 only shows), 06 and 07 side by side after 05; 01 (pretraining), 04 and 05 alone."""
     from deme.config import get_profile
     from deme.reproduce import _groups, stages
-    for profile, first in (("smoke", [["02_base_model"]]), ("cifar10", [])):
+    for profile, first in (("smoke", [["01_base_model"]]), ("cifar10", [])):
         cfg = get_profile(profile)
         plan = stages(cfg)
         groups = [[stage[0] for _, stage in g] for g in _groups(plan, cfg)]
         trainings = [s[0] for s in plan if s[0].startswith("03_")]
-        after_base = ([] if first else ["02_base_model"]) + ["01_gradient_conflict"] + trainings
+        after_base = ([] if first else ["01_base_model"]) + ["02_gradient_conflict"] + trainings
         assert groups == first + [after_base, ["04_merge"], ["05_compare"], ["06_ablation", "07_gallery"]], profile
         assert [k for g in _groups(plan, cfg) for k, _ in g] == list(range(1, len(plan) + 1))
+
+
+def test_only_the_full_run_of_the_embedded_default_publishes(tmp_path, monkeypatch):
+    """fmnist's committed notebooks and figures are --full's (the paper's tables need its baselines): a default run
+    leaves notebooks/ and figures/ as they are, timings aside (the README's Time block is the default run's), and
+    its kernels write figures and tables to runs/fmnist/figures; a --full run publishes both. (Stages stubbed:
+    what each would get — the publish flag and the figures folder its kernel inherits.)"""
+    import os
+
+    from deme import reproduce as R
+    from deme.config import FIGURES_ENV, figures_dir
+    seen = []
+
+    def stage(k, n, name, notebook, params, *, cfg, update, **kw):
+        seen.append((name, update, figures_dir(cfg)))
+        return {"stage": name, "seconds": 1.0}
+    monkeypatch.setattr(R, "_run_stage", stage)
+    monkeypatch.setenv("DEME_ROOT", str(tmp_path))
+    monkeypatch.delenv(FIGURES_ENV, raising=False)
+    R.reproduce("fmnist")
+    assert seen and all(not update and folder == tmp_path / "runs" / "fmnist" / "figures" for _, update, folder in seen)
+    assert (tmp_path / "figures" / "reproduce_time_fmnist.csv").exists() and FIGURES_ENV not in os.environ
+    seen.clear()
+    R.reproduce("fmnist", full=True, force=True)
+    assert any(name == "03_train_p2" for name, _, _ in seen)
+    assert all(update and folder == tmp_path / "figures" for _, update, folder in seen)
+    assert (tmp_path / "figures" / "reproduce_time_fmnist_full.csv").exists()
 
 
 def test_reproduce_keep_going_runs_the_stages_after_a_failure(tmp_path, monkeypatch):
@@ -184,8 +211,8 @@ def test_reproduce_keep_going_runs_the_stages_after_a_failure(tmp_path, monkeypa
     from deme import reproduce as R
     nbs = tmp_path / "nbs"
     nbs.mkdir()
-    for name, code in (("02_base_model", "raise RuntimeError('planted failure')"),
-                       ("01_gradient_conflict", f"open({str(tmp_path / 'ran.txt')!r}, 'w').write('ok')")):
+    for name, code in (("01_base_model", "raise RuntimeError('planted failure')"),
+                       ("02_gradient_conflict", f"open({str(tmp_path / 'ran.txt')!r}, 'w').write('ok')")):
         nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
                                                                "display_name": "Python 3"}})
         nb.cells = [nbformat.v4.new_code_cell("profile = None", metadata={"tags": ["parameters"]}),
@@ -194,11 +221,11 @@ def test_reproduce_keep_going_runs_the_stages_after_a_failure(tmp_path, monkeypa
     monkeypatch.setattr(R, "NOTEBOOKS", nbs)
     monkeypatch.setenv("DEME_ROOT", str(tmp_path))
     out = R.reproduce("smoke", update_notebooks=False, keep_going=True)
-    assert [r["stage"] for r in out] == ["02_base_model", "01_gradient_conflict"]
+    assert [r["stage"] for r in out] == ["01_base_model", "02_gradient_conflict"]
     assert "planted failure" in out[0]["failed"] and not out[1].get("failed")
     assert (tmp_path / "ran.txt").read_text() == "ok"
     stages_dir = tmp_path / "runs" / "smoke" / "stages"
-    assert not (stages_dir / "02_base_model.json").exists() and (stages_dir / "01_gradient_conflict.json").exists()
+    assert not (stages_dir / "01_base_model.json").exists() and (stages_dir / "02_gradient_conflict.json").exists()
     (tmp_path / "ran.txt").unlink()
     with pytest.raises(Exception, match="planted failure"):
         R.reproduce("smoke", update_notebooks=False)

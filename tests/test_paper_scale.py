@@ -382,7 +382,7 @@ def test_vae_encoding_in_chunks_draws_the_posterior_noise_of_one_call():
     torch.testing.assert_close(chunked, expected * vae.config.scaling_factor, rtol=1e-5, atol=1e-6)
 
 
-# -- notebook 01: back-propagation in micro-batches, full gradients never all held (issue 24, item 4) ----------
+# -- notebook 02: back-propagation in micro-batches, full gradients never all held (issue 24, item 4) ----------
 
 def _gradient_by_hand(model, cfg, images, labels, t, seed):
     """∇θ of the batch-mean ε-MSE written out, one backward over the whole batch."""

@@ -159,7 +159,7 @@ def test_activation_changes_summary_and_histograms_are_labelled():
                                                               "per_channel": rng.random(8)}}))
 
 
-# -- base model (notebook 02) -------------------------------------------------------------------------------
+# -- base model (notebook 01) -------------------------------------------------------------------------------
 
 def test_base_convergence_marks_the_last_fifth_and_its_change():
     steps = np.arange(100, 1100, 100)
@@ -214,18 +214,21 @@ def test_sensitivity_plots_each_kind_against_the_swept_value_with_intervals():
     assert len(fig.axes) == 2 and "conditional" in fig.axes[1].get_title()
 
 
-def test_capacity_map_has_a_line_per_size_over_the_budgets_with_intervals():
-    rows = [{"setting": f"s{n}-{b}", "parameters": n, "steps_per_range": b, "budget_pct": 5.0 * b / 600,
-             "model": m, "condition": c, "delta_pct": -0.1 * b / 600, "ci95_low": -0.1 * b / 600 - 0.05,
-             "ci95_high": -0.1 * b / 600 + 0.05}
-            for n in (18_000, 71_000) for b in (300, 600, 1200) for c in ("unconditional", "conditional")
+def test_capacity_map_has_a_line_per_base_over_the_budgets_with_intervals():
+    """One line per base — two of the same size (another pretraining) are two lines."""
+    rows = [{"setting": f"{base}-{b}", "base": base, "parameters": n, "steps_per_range": b,
+             "budget_pct": 5.0 * b / 600, "model": m, "condition": c, "delta_pct": -0.1 * b / 600,
+             "ci95_low": -0.1 * b / 600 - 0.05, "ci95_high": -0.1 * b / 600 + 0.05}
+            for n, base in ((18_000, "a"), (18_000, "b"), (71_000, "c")) for b in (300, 600, 1200)
+            for c in ("unconditional", "conditional")
             for m in ("ensemble - standard", "ensemble", "merged (w = 1/N)", "standard")]
     fig = plots.plot_capacity(pd.DataFrame(rows))
     check_figure(fig, width_px=1000)
     ax = fig.axes[0]
-    assert len(ax.lines) >= 2 and ax.get_xscale() == "log" and "%" in ax.get_xlabel() and "%" in ax.get_ylabel()
+    assert len(ax.lines) >= 3 and ax.get_xscale() == "log" and "%" in ax.get_xlabel() and "%" in ax.get_ylabel()
     assert "standard" in ax.get_title() and "base" in fig.axes[1].get_title()
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["18K parameters", "71K parameters"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["18K parameters (a)", "18K parameters (b)",
+                                                                  "71K parameters (c)"]
 
 
 def test_gallery_difference_panels_sit_under_their_samples():

@@ -232,6 +232,7 @@ def test_the_premise_and_the_capacity_map_end_to_end_on_smoke(tmp_path, monkeypa
         assert cap.loc[(model, "conditional"), "delta_pct"] == pytest.approx(
             same.loc[(model, "all", "conditional"), "delta_pct"])
     assert cap.loc[(MERGED, "unconditional"), "budget_pct"] == pytest.approx(100 * 2 * 4 * 16 / (60 * 64))
+    assert (cap.base == "smoke").all()
 
 
 def test_the_chosen_setting_passes_all_three_checks_on_the_committed_rows():

@@ -8,7 +8,7 @@ import pytest
 
 from deme.config import get_profile
 from deme.premise import mark_chosen, premise_rows, proportions
-from deme.readme import BLOCKS, decimals, interval, markers, render, update_readme
+from deme.readme import BLOCKS, decimals, interval, markers, render, update_readme, writer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +57,33 @@ def test_a_block_whose_table_is_missing_says_which_file_and_what_writes_it(tmp_p
     assert update_readme(readme, tmp_path)
     assert "*Not produced yet: `figures/reproduce_time_fmnist.csv` is missing (`make reproduce` writes it).*" \
         in readme.read_text()
+    assert writer("table1_fmnist.csv") == "make reproduce FULL=1" and writer("capacity_fmnist.csv").endswith(
+        "premise --capacity")
+
+
+def test_the_tables_block_inlines_the_notebooks_tables_and_names_what_is_missing(tmp_path):
+    table1 = "Table 1 analog (fmnist): caption\n\n| model | FID |\n|:--|:--|\n| a | 1 |\n"
+    (tmp_path / "table1_fmnist.md").write_text(table1)
+    (tmp_path / "budget_study_conditional_fmnist.png").write_bytes(b"png")
+    text = BLOCKS["tables"](tmp_path)
+    assert text.startswith("Table 1 analog (fmnist): caption\n\n| model | FID |") and "| a | 1 |" in text
+    assert "*Not produced yet: `figures/table3_fmnist.md` (`make reproduce FULL=1` writes it).*" in text
+    assert "![budget study, conditional](figures/budget_study_conditional_fmnist.png)" in text
+    assert "Not produced yet: `figures/budget_study_unconditional_fmnist.png`" in text
+
+
+def test_the_capacity_block_counts_the_verdicts_of_its_cells(tmp_path):
+    rows = [{"setting": f"{base}:{b}", "base": base, "parameters": n, "steps_per_range": b, "budget_pct": b / 100,
+             "model": m, "condition": "unconditional", "delta_pct": d, "ci95_low": d - 0.1, "ci95_high": d + 0.1}
+            for n, base in ((18_000, "a"), (71_000, "b")) for b in (300, 600)
+            for m, d in (("ensemble - standard", -0.5 if b == 300 else 0.0), ("ensemble", -0.5),
+                         ("merged (w = 1/N)", 0.5), ("standard", 0.0))]
+    pd.DataFrame(rows).to_csv(tmp_path / "capacity_fmnist.csv", index=False)
+    text = BLOCKS["capacity"](tmp_path)
+    assert text.startswith('`python -m deme premise --capacity "a:300" "a:600" "b:300" "b:600" --jobs 2`: 2 bases '
+                           "(18K a, 71K b)") and "4 cells" in text
+    assert "**ensemble − standard**: better in 2 of 4 cells, worse in 0, not resolved in 2." in text
+    assert "**merged (w = 1/N) − base**: better in 0 of 4 cells, worse in 4, not resolved in 0." in text
 
 
 def test_the_committed_readme_is_what_the_committed_tables_make():

@@ -205,7 +205,7 @@ def test_timestep_ensemble_routes_text_embeddings_with_their_samples(tiny_sd):
 
 
 def test_analyses_run_on_a_text_to_image_model(tiny_sd, tmp_path, monkeypatch):
-    """Notebooks 01 and 06 on sd14 (gradient conflict, landscapes, activation changes, task-vector plane) feed the
+    """Notebooks 02 and 06 on sd14 (gradient conflict, landscapes, activation changes, task-vector plane) feed the
     caption embeddings as encoder_hidden_states. Before the fix analysis_batch raised NotImplementedError, so
     both notebooks failed for the sd14 profile. The gradient at t of the analysis equals a hand-computed one."""
     from deme import analysis as A
@@ -219,7 +219,7 @@ def test_analyses_run_on_a_text_to_image_model(tiny_sd, tmp_path, monkeypatch):
     y = A.model_labels(cfg, labels, conditional=False)
     assert x.shape == (4, 4, 8, 8) and y.shape == (4, 77, 32) and y.is_floating_point()
     model = load_unet(tiny_sd).eval()
-    panels = A.conflict_panels(model, cfg, x, labels, 2)        # notebook 01's call
+    panels = A.conflict_panels(model, cfg, x, labels, 2)        # notebook 02's call
     sim, info = panels["captions"]
     assert list(panels) == ["captions"] and sim.shape == (2, 2) and abs(sim[0, 0] - 1) < 1e-9
     sim, info = A.gradient_similarity(model, cfg, x, y, [100, 800])
@@ -335,7 +335,7 @@ def _check_common(profile: str, root: Path, rec: dict) -> Path:
     from deme.reproduce import stages
     cfg = PROFILES[profile].replace(**R.REHEARSAL_OVERRIDES[profile])
     names = [s[0] for s in stages(cfg)]
-    assert names[0] == "02_base_model" and {"03_train_standard", "03_train_range3", "04_merge", "05_compare",
+    assert names[0] == "01_base_model" and {"03_train_standard", "03_train_range3", "04_merge", "05_compare",
                                             "06_ablation", "07_gallery"} <= set(names)
     runs = root / "runs" / profile
     for name in names:

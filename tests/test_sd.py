@@ -405,13 +405,17 @@ def test_merge_weight_search_on_a_tiny_sd_model(pipe_dir, folder, tmp_path, monk
     assert "mid_block" in fit.weights and all(0 <= v <= 1 for w in fit.weights.values() for v in w)
 
 
-def test_table2_protocol_on_a_tiny_sd_model(pipe_dir, tmp_path):
+def test_table2_protocol_on_a_tiny_sd_model(pipe_dir, tmp_path, monkeypatch):
     """Notebook 05's text-to-image path: COCO captions with their images as the FID reference, ImageNet class
-    prompts, PartiPrompts (CLIP only); every model generates every set with the same seed, scores are cached
-    and generation resumes; missing files say what to provide."""
+    prompts, PartiPrompts (CLIP only); every model generates every set with the same seed, the profile's
+    sample_batch_size prompts per pipeline call; scores are cached and generation resumes; missing files say what
+    to provide."""
     import open_clip
 
+    from deme import compare
     from deme.compare import run_text_to_image_comparison, text_to_image_prompt_sets
+    batches, real_generate = [], compare.generate
+    monkeypatch.setattr(compare, "generate", lambda *a, **k: batches.append(k["batch_size"]) or real_generate(*a, **k))
 
     images = tmp_path / "val2014"
     images.mkdir()
@@ -424,7 +428,7 @@ def test_table2_protocol_on_a_tiny_sd_model(pipe_dir, tmp_path):
     (tmp_path / "captions.json").write_text(json.dumps({"images": ims, "annotations": anns}))
     (tmp_path / "parti.tsv").write_text("Prompt\tCategory\na blue cube\tshapes\na red ball\tshapes\n")
     (tmp_path / "classes.txt").write_text("tench\ngoldfish\n")
-    cfg = _cfg(pipe_dir, sample_steps=2, guidance_scale=2.0)
+    cfg = _cfg(pipe_dir, sample_steps=2, guidance_scale=2.0, sample_batch_size=2)
     with pytest.raises(DataMissingError, match="class-name file"):
         text_to_image_prompt_sets(cfg, imagenet_classes=str(tmp_path / "nope.txt"), out_dir=tmp_path / "out")
     with pytest.raises(DataMissingError, match="MS-COCO captions file"):
@@ -444,7 +448,7 @@ def test_table2_protocol_on_a_tiny_sd_model(pipe_dir, tmp_path):
     base = load_unet(pipe_dir, projection=True)
     models = {"Before finetuning": lambda: base, "DeMe (after merge)": lambda: base}
     df = run_text_to_image_comparison(cfg, sets, models=models, out_dir=tmp_path / "out", clip=clip, progress=False)
-    assert len(df) == 6 and set(df.prompts) == set(sets)
+    assert len(df) == 6 and set(df.prompts) == set(sets) and batches == [2] * 6
     coco = df[df.prompts == "MS-COCO"]
     assert np.isfinite(coco.fid_256).all() and df[df.prompts == "PartiPrompts"].fid_256.isna().all()
     assert df["clip"].notna().all() and (df.n == df.prompts.map(lambda k: len(sets[k]["prompts"]))).all()

@@ -140,6 +140,40 @@ def test_two_stages_side_by_side_keep_their_kernels_apart(tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out1.ipynb", "out2.ipynb", "out3.ipynb", "tiny.ipynb"]
 
 
+def test_a_finished_stage_shuts_its_kernel_down_without_an_interrupt(tmp_path, monkeypatch):
+    """jupyter_client sends SIGINT to a kernel right before its shutdown request; a kernel still handling a message
+    then logs "KeyboardInterrupt caught in kernel." (seen on the terminal when two stages end side by side). Through
+    reproduce's execute no interrupt is sent at shutdown; papermill's default manager sends one (the check can
+    see it); an interrupt outside shutdown still goes through."""
+    import asyncio
+
+    from jupyter_client.manager import AsyncKernelManager
+    sent = []
+    real = AsyncKernelManager._async_interrupt_kernel
+
+    async def counting(self):
+        sent.append(self.shutting_down)
+        await real(self)
+    monkeypatch.setattr(AsyncKernelManager, "_async_interrupt_kernel", counting)
+    _tiny_notebook(tmp_path)
+    R.execute(tmp_path / "tiny.ipynb", tmp_path / "out.ipynb", {"x": 2}, cwd=tmp_path)
+    assert sent == []
+    pm.execute_notebook(str(tmp_path / "tiny.ipynb"), str(tmp_path / "plain.ipynb"), progress_bar=False,
+                        kernel_name="python3", cwd=str(tmp_path))
+    assert sent == [True]                                  # the default: one interrupt, sent while shutting down
+    km = R.QuietShutdownKernelManager(kernel_name="python3")
+    sent.clear()
+
+    async def interrupt_a_live_kernel():
+        await km.start_kernel()
+        try:
+            await km._async_interrupt_kernel()        # the method shutdown calls, outside a shutdown
+        finally:
+            await km.shutdown_kernel(now=True)
+    asyncio.run(interrupt_a_live_kernel())
+    assert sent == [False]
+
+
 # -- versions: recorded, and pinned by the lock -----------------------------------------------------------------
 
 def _lock() -> dict[str, str]:

@@ -16,7 +16,7 @@ from .theme import README_WIDTH_IN, _grid_image, _plain_log_ticks, themed
 
 @themed
 def plot_base_convergence(log, steps: int | None = None, fraction: float = 0.2):
-    """The base model's pretraining (notebook 02): training loss and held-out loss (all t) against the
+    """The base model's pretraining (notebook 01): training loss and held-out loss (all t) against the
     optimizer step on log scales with plain tick labels, the last ``fraction`` of the ``steps`` shaded and its
     relative change in the title (a converged base changes little there). ``log``: the run's ``loss.csv``
     (columns ``step``, ``loss``, ``heldout_loss``)."""
@@ -50,7 +50,7 @@ def plot_base_convergence(log, steps: int | None = None, fraction: float = 0.2):
 @themed
 def plot_base_samples(conditional=None, unconditional=None, class_names: Sequence[str] | None = (),
                       per_class: int = 10):
-    """Samples of the base model (notebook 02): the class-conditional grid with one row per class, named at
+    """Samples of the base model (notebook 01): the class-conditional grid with one row per class, named at
     the left, and the unconditional samples (null label) beside it at the same row height."""
     import matplotlib.pyplot as plt
     panels = [(k, v) for k, v in (("conditional", conditional), ("unconditional", unconditional)) if v is not None]
@@ -244,19 +244,19 @@ def plot_budget_study(study, condition: str = "unconditional", rng: str = "all")
 def plot_capacity(table, condition: str = "unconditional"):
     """The capacity × budget map (:func:`deme.premise.capacity_table`): one panel per comparison (ensemble −
     standard, ensemble, uniform merge and standard vs the base), Δ held-out loss (%) against the finetuning budget
-    (% of pretraining images), one line per model size, 95% intervals as bars."""
+    (% of pretraining images), one line per base (its size and profile), 95% intervals as bars."""
     import matplotlib.pyplot as plt
     t = table[table.condition == condition]
     panels = ["ensemble - standard", "ensemble", "merged (w = 1/N)", "standard"]
     fig, axes = plt.subplots(1, len(panels), figsize=(README_WIDTH_IN * 1.3, 3.2), sharex=True, squeeze=False)
-    sizes = sorted(set(t.parameters))
+    bases = sorted(set(zip(t.parameters, t.base)))
     for ax, model in zip(axes[0], panels):
         g = t[t.model == model]
-        for k, n in enumerate(sizes):
-            h = g[g.parameters == n].sort_values("budget_pct")
-            x = h.budget_pct.to_numpy() * (1 + 0.03 * (k - (len(sizes) - 1) / 2))   # offsets keep the bars apart
+        for k, (n, base) in enumerate(bases):
+            h = g[(g.parameters == n) & (g.base == base)].sort_values("budget_pct")
+            x = h.budget_pct.to_numpy() * (1 + 0.03 * (k - (len(bases) - 1) / 2))   # offsets keep the bars apart
             ax.errorbar(x, h.delta_pct, yerr=[h.delta_pct - h.ci95_low, h.ci95_high - h.delta_pct], marker="o",
-                        ms=4, capsize=3, color=f"C{k}", label=f"{n / 1e3:.0f}K parameters")
+                        ms=4, capsize=3, color=f"C{k}", label=f"{n / 1e3:.0f}K parameters ({base})")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
         budgets = sorted(set(t.budget_pct))
@@ -267,7 +267,7 @@ def plot_capacity(table, condition: str = "unconditional"):
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel(f"Δ held-out ε-MSE (%), {condition}")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(sizes), fontsize=8, frameon=False,
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(bases), 4), fontsize=8, frameon=False,
                title="bars: 95% CI", title_fontsize=8, bbox_to_anchor=(0.5, -0.02))
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     return fig
