@@ -86,10 +86,14 @@ def bottom_line(figures: Path) -> str:
 
 @block("claims")
 def claims_table(figures: Path) -> str:
-    """Every paired comparison of ``claims_fmnist.csv`` with its interval and verdict."""
-    lines = ["| claim | measure | Δ [95% CI] | verdict |", "|---|---|---|---|"]
-    for x in _claims(figures).itertuples():
-        lines.append(f"| {x.claim} | {x.measure} | {interval(x.delta, x.ci95_low, x.ci95_high)} | {x.verdict} |")
+    """Every paired comparison of ``claims_fmnist.csv`` with its interval and verdict: one row per claim, one column
+    per measure (in the table's order); a measure a claim does not have is left empty."""
+    c = _claims(figures)
+    measures = list(dict.fromkeys(c.measure))
+    lines = ["| claim | " + " | ".join(measures) + " |", "|---|" + "---|" * len(measures)]
+    for claim, rows in c.groupby("claim", sort=False):
+        cells = {x.measure: f"{interval(x.delta, x.ci95_low, x.ci95_high)} *{x.verdict}*" for x in rows.itertuples()}
+        lines.append(f"| {claim} | " + " | ".join(cells.get(m, "") for m in measures) + " |")
     return "\n".join(lines)
 
 
@@ -173,12 +177,19 @@ def paper_tables(figures: Path) -> str:
     return "\n\n".join(parts)
 
 
+def spec(setting: str) -> str:
+    """A setting's name as the premise command takes it: "fmnist, steps_per_range=300" → "fmnist:steps_per_range=300"
+    (:func:`deme.premise.setting_name` ↔ :func:`deme.premise.parse_setting`)."""
+    profile, _, fields = setting.partition(", ")
+    return profile + (":" + fields.replace(", ", ",") if fields else "")
+
+
 @block("capacity")
 def capacity(figures: Path) -> str:
     """The capacity × budget map in words: the command that made it (its settings, in the table's order) and, per
     comparison, how many of its cells are better, worse or not resolved (held-out loss, unconditional)."""
     t = pd.read_csv(figures / "capacity_fmnist.csv")
-    settings = " ".join(f'"{s}"' for s in dict.fromkeys(t.setting))
+    settings = " ".join(f'"{spec(s)}"' for s in dict.fromkeys(t.setting))
     cells = t.groupby(["base", "steps_per_range"]).ngroups
     lines = [f"`python -m deme premise --capacity {settings} --jobs 2`: {t.base.nunique()} bases "
              f"({', '.join(f'{p / 1e3:.0f}K {b}' for p, b in sorted(set(zip(t.parameters, t.base))))}) × their "
@@ -203,11 +214,9 @@ def time_block(figures: Path) -> str:
     t = pd.read_csv(figures / "reproduce_time_fmnist.csv")
     total = t[t.stage == "total (wall clock)"].seconds.iloc[0]
     stages = t[t.stage != "total (wall clock)"]
-    lines = [f"`make reproduce` on {t.machine.iloc[0]}, {t.date.iloc[0]}: **{total / 60:.0f} min** of wall clock for "
-             f"the {len(stages)} stages ({t.jobs.iloc[0]} at a time where independent), set-up not included.", "",
-             "| stage | seconds |", "|---|---|"]
-    lines += [f"| {x.stage} | {x.seconds:,.0f} |" for x in stages.itertuples()]
-    return "\n".join(lines)
+    return (f"`make reproduce` on {t.machine.iloc[0]}, {t.date.iloc[0]}: **{total / 60:.0f} min** of wall clock for "
+            f"the {len(stages)} stages ({t.jobs.iloc[0]} at a time where independent), set-up not included; seconds "
+            "per stage: " + ", ".join(f"{x.stage} {x.seconds:,.0f}" for x in stages.itertuples()) + ".")
 
 
 def render(text: str, figures: Path) -> str:

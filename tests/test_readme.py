@@ -8,7 +8,7 @@ import pytest
 
 from deme.config import get_profile
 from deme.premise import mark_chosen, premise_rows, proportions
-from deme.readme import BLOCKS, decimals, interval, markers, render, update_readme, writer
+from deme.readme import BLOCKS, decimals, interval, markers, render, spec, update_readme, writer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,17 +73,25 @@ def test_the_tables_block_inlines_the_notebooks_tables_and_names_what_is_missing
 
 
 def test_the_capacity_block_counts_the_verdicts_of_its_cells(tmp_path):
-    rows = [{"setting": f"{base}:{b}", "base": base, "parameters": n, "steps_per_range": b, "budget_pct": b / 100,
-             "model": m, "condition": "unconditional", "delta_pct": d, "ci95_low": d - 0.1, "ci95_high": d + 0.1}
+    rows = [{"setting": f"{base}, steps_per_range={b}", "base": base, "parameters": n, "steps_per_range": b,
+             "budget_pct": b / 100, "model": m, "condition": "unconditional", "delta_pct": d, "ci95_low": d - 0.1,
+             "ci95_high": d + 0.1}
             for n, base in ((18_000, "a"), (71_000, "b")) for b in (300, 600)
             for m, d in (("ensemble - standard", -0.5 if b == 300 else 0.0), ("ensemble", -0.5),
                          ("merged (w = 1/N)", 0.5), ("standard", 0.0))]
     pd.DataFrame(rows).to_csv(tmp_path / "capacity_fmnist.csv", index=False)
     text = BLOCKS["capacity"](tmp_path)
-    assert text.startswith('`python -m deme premise --capacity "a:300" "a:600" "b:300" "b:600" --jobs 2`: 2 bases '
+    assert text.startswith('`python -m deme premise --capacity "a:steps_per_range=300" "a:steps_per_range=600" '
+                           '"b:steps_per_range=300" "b:steps_per_range=600" --jobs 2`: 2 bases '
                            "(18K a, 71K b)") and "4 cells" in text
     assert "**ensemble − standard**: better in 2 of 4 cells, worse in 0, not resolved in 2." in text
     assert "**merged (w = 1/N) − base**: better in 0 of 4 cells, worse in 4, not resolved in 0." in text
+
+
+def test_a_capacity_setting_name_is_given_back_as_the_command_takes_it():
+    from deme.premise import parse_setting, setting_name
+    for name in ("fmnist-xs", "fmnist, steps_per_range=300", "fmnist-xxs, lr=0.0001, steps_per_range=1200"):
+        assert setting_name(parse_setting(spec(name))) == name
 
 
 def test_the_committed_readme_is_what_the_committed_tables_make():
@@ -94,11 +102,16 @@ def test_the_committed_readme_is_what_the_committed_tables_make():
 
 
 def test_the_claims_block_has_every_row_of_the_claims_table():
+    """One row per claim, one column per measure: every (claim, measure) of the CSV sits in its claim's row under
+    its measure's column, with its interval and verdict."""
     claims = pd.read_csv(REPO / "figures" / "claims_fmnist.csv")
-    block = BLOCKS["claims"](REPO / "figures")
-    assert len(block.splitlines()) == 2 + len(claims)
+    lines = BLOCKS["claims"](REPO / "figures").splitlines()
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    assert header == ["claim", *dict.fromkeys(claims.measure)] and len(lines) == 2 + claims.claim.nunique()
+    rows = {cells[0]: cells for cells in ([c.strip() for c in x.strip("|").split("|")] for x in lines[2:])}
     for x in claims.itertuples():
-        assert f"| {x.claim} | {x.measure} | {interval(x.delta, x.ci95_low, x.ci95_high)} | {x.verdict} |" in block
+        assert rows[x.claim][header.index(x.measure)] == \
+            f"{interval(x.delta, x.ci95_low, x.ci95_high)} *{x.verdict}*"
 
 
 def test_the_beyond_block_reads_learned_merges_costs_and_ranges(tmp_path):
