@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import nbformat
@@ -180,6 +181,20 @@ def _run_stage(k: int, n_stages: int, name: str, notebook: str, params: dict, *,
     return rec
 
 
+@contextmanager
+def environment(name: str, value: str):
+    """``$name`` set to ``value`` inside the block (for the kernels started there), restored afterwards."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def write_timing(records: list[dict], wall: float, cfg, jobs: int, full: bool = False) -> Path:
     """``figures/reproduce_time_<profile>.csv`` (``_full`` with ``full``) of a reproduction that ran every stage:
     each stage's seconds and the wall clock of the whole, with the machine, date, commit and ``jobs`` (the README's
@@ -221,11 +236,8 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
     cfg = get_profile(profile)
     update = cfg.profile == "fmnist" and full if update_notebooks is None else update_notebooks
     if cfg.profile == "fmnist" and not update and not os.environ.get(FIGURES_ENV):
-        os.environ[FIGURES_ENV] = str(repo_root() / "runs" / cfg.profile / "figures")   # for this run's kernels
-        try:
+        with environment(FIGURES_ENV, str(repo_root() / "runs" / cfg.profile / "figures")):   # the kernels' too
             return reproduce(profile, force, only, update_notebooks, jobs, full, keep_going, sweeps)
-        finally:
-            os.environ.pop(FIGURES_ENV, None)
     # the executed notebooks are read on GitHub and in Colab, where progress bars render as stray widgets or
     # stderr lines: the kernels run without them (tqdm reads TQDM_DISABLE), the stage lines below show progress
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -254,17 +266,9 @@ def reproduce(profile: str | None = None, force: bool = False, only: list[str] |
             else:
                 todo.append((k, name, notebook, params))
         if jobs > 1 and len(todo) > 1:
-            old = os.environ.get("OMP_NUM_THREADS")
-            os.environ["OMP_NUM_THREADS"] = "1"           # inherited by the kernels started below
-            try:
-                with ThreadPoolExecutor(jobs) as pool:
-                    for rec in pool.map(lambda a: run(*a, side_by_side=True), todo):
-                        records[rec["stage"]] = rec
-            finally:
-                if old is None:
-                    os.environ.pop("OMP_NUM_THREADS", None)
-                else:
-                    os.environ["OMP_NUM_THREADS"] = old
+            with environment("OMP_NUM_THREADS", "1"), ThreadPoolExecutor(jobs) as pool:   # the kernels inherit it
+                for rec in pool.map(lambda a: run(*a, side_by_side=True), todo):
+                    records[rec["stage"]] = rec
         else:
             for args in todo:
                 records[args[1]] = run(*args)
