@@ -264,11 +264,18 @@ def table3(rows: pd.DataFrame, cfg: Config) -> tuple[pd.DataFrame, str]:
     return both, caption
 
 
-def budget_variants(cfg: Config, budgets) -> dict[str, Config]:
-    """The budget study's runs: for each K in ``budgets`` (optimizer steps per range), ``standard`` for N×K
-    steps and DeMe's N ranges for K steps each — the equal-budget pair at that budget."""
+def study_budgets(cfg: Config) -> tuple[int, ...]:
+    """The budget study's default budgets K (optimizer steps per range): a quarter, half and all of the profile's."""
+    K = cfg.steps_per_range
+    return K // 4, K // 2, K
+
+
+def budget_variants(cfg: Config, budgets=None) -> dict[str, Config]:
+    """The budget study's runs: for each K in ``budgets`` (optimizer steps per range; default
+    :func:`study_budgets`), ``standard`` for N×K steps and DeMe's N ranges for K steps each — the equal-budget
+    pair at that budget."""
     out = {}
-    for k in budgets:
+    for k in study_budgets(cfg) if budgets is None else budgets:
         out[f"K={k}, standard"] = cfg.replace(method="standard", range_index=None, steps_per_range=k)
         out[f"K={k}, DeMe"] = cfg.replace(method="deme", range_index=None, steps_per_range=k)
     return out

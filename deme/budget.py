@@ -140,13 +140,12 @@ def plan_runs(cfg: Config) -> dict[str, list[Config]]:
     "N=1, nothing" = ``standard``) is counted once, where it first appears."""
     one = lambda m: cfg.replace(method=m, range_index=None)   # noqa: E731
     default, others = baselines(default_only=True), [m for m in baselines() if m not in baselines(True)]
-    K = cfg.steps_per_range
     parts = {
         f"training: {cfg.num_ranges} DeMe ranges": {"DeMe": one("deme")},
         f"training: {', '.join(default)} baseline": {m: one(m) for m in default},
         f"training: {len(others)} more baselines (--full)": {m: one(m) for m in others},
         "training: Table 3 (06, --full)": table3_variants(cfg),
-        "training: budget study (06, --full)": budget_variants(cfg, (K // 4, K // 2, K)),
+        "training: budget study (06, --full)": budget_variants(cfg),
         "training: sensitivity sweeps (06, --sweeps)": sweep_variants(cfg, "N") | sweep_variants(cfg, "p"),
     }
     seen, out = set(), {}
@@ -183,7 +182,7 @@ def _training_rows(cfg: Config, f: dict) -> list[dict]:
 
 
 def _evaluation_rows(cfg: Config, f: dict) -> list[dict]:
-    t2i, N, M = is_text_to_image(cfg), cfg.num_ranges, TABLE1_MODELS
+    t2i, N, M, D = is_text_to_image(cfg), cfg.num_ranges, TABLE1_MODELS, cfg.heldout_draws
     sizes = analysis_sizes(cfg)
     images = sizes["num_timesteps_grid"] * sizes["batch"]
     candidates = 3 + (N == 4) + 2 * N * len(cfg.merge_grid)
@@ -199,8 +198,9 @@ def _evaluation_rows(cfg: Config, f: dict) -> list[dict]:
         _row("merge search (04)", 4 * f["params"], "merged model/ (float32)",
              candidates * cfg.validation_size * f["fwd"], False,
              f"<= {candidates} candidate weightings x {cfg.validation_size} validation images x fwd"),
-        _row("held-out loss (05)", M * cfg.evaluation_size * 12, f"{M} models' per-image losses and t (.npz)",
-             M * cfg.evaluation_size * f["fwd"], False, f"{M} models x {cfg.evaluation_size} images x fwd"),
+        _row("held-out loss (05)", M * D * cfg.evaluation_size * 12,
+             f"{M} models' per-image losses and t (.npz per draw)", M * D * cfg.evaluation_size * f["fwd"], False,
+             f"{M} models x {D} draws x {cfg.evaluation_size} images x fwd"),
         _row("sampling (05)", M * n * FEATURES * 4, f"{M} models x {n} samples' Inception features (float32 .npz; "
              "images not kept)", M * n * per_sample, t2i,
              f"{M} models x {n} {'COCO prompts' if t2i else 'samples'} x {cfg.sample_steps} steps"
@@ -218,14 +218,16 @@ def _full_scoring_rows(cfg: Config, f: dict) -> list[dict]:
     t2i = is_text_to_image(cfg)
     n = SD_COCO_PROMPTS if t2i else cfg.fid_samples
     guided = 2 if t2i or (cfg.num_classes and cfg.guidance_scale != 1.0) else 1
-    per_model = (cfg.evaluation_size * f["fwd"] + n * (cfg.sample_steps * guided * f["fwd"] + f.get("decode", 0))
+    D = cfg.heldout_draws
+    per_model = (D * cfg.evaluation_size * f["fwd"] + n * (cfg.sample_steps * guided * f["fwd"] + f.get("decode", 0))
                  + n * f["inception"])
     others = len(baselines()) - len(baselines(default_only=True))
     shared = {"Standard (uniform)", "DeMe (before merge)"}
     t3 = len({key for _, _, key, _ in variant_models(cfg, table3_variants(cfg))} - shared)
-    return [_row(f"scoring: {m} {what}", m * (n * FEATURES * 4 + cfg.evaluation_size * 12),
+    return [_row(f"scoring: {m} {what}", m * (n * FEATURES * 4 + D * cfg.evaluation_size * 12),
                  "per model: per-image losses and samples' Inception features", m * per_model, t2i,
-                 f"{m} models x ({cfg.evaluation_size} held-out images x fwd + {n} samples x {cfg.sample_steps} steps"
+                 f"{m} models x ({D} x {cfg.evaluation_size} held-out images x fwd + {n} samples x "
+                 f"{cfg.sample_steps} steps"
                  f"{' x 2 (guidance)' if guided == 2 else ''} + Inception)")
             for m, what in ((others, "more baselines (05, --full)"), (t3, "Table 3 models (06, --full)"))]
 

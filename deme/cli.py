@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "unmerged experts beat the base and equal-budget finetuning? (deme.premise)")
     m.add_argument("settings", nargs="+", help="PROFILE or PROFILE:KEY=VALUE,... (e.g. fmnist-xs:lr=1e-4)")
     m.add_argument("--jobs", type=int, default=1, help="training runs at once (one thread each)")
-    m.add_argument("--draws", type=int, default=2, help="noise/timestep draws per validation image")
+    m.add_argument("--draws", type=int, default=None,
+                   help="noise/timestep draws per judged image (default: each setting's heldout_draws)")
     m.add_argument("--name", default="premise_fmnist", help="table name under figures/ (CSV, Markdown, LaTeX)")
     m.add_argument("--capacity", action="store_true", help="instead: the capacity x budget map of the settings on "
                    "the evaluation images (figures/capacity_fmnist.csv)")

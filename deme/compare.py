@@ -425,7 +425,8 @@ def claims(losses: dict, outputs: dict | None, cfg: Config, baselines: list[str]
     """The paper's comparative claims on this profile, each as a paired difference with its 95% interval and
     a verdict (``better``/``worse`` only when the interval excludes 0): (b) DeMe merged vs before finetuning,
     (c) merged vs every equal-budget baseline, (d) merge vs ensemble (the paper: the merge is at least as
-    good on DDPM FID). Lower is better for every measure here."""
+    good on DDPM FID). Lower is better for every measure here. ``draws``: the noise/timestep draws averaged per
+    image in a held-out comparison (empty for FID)."""
     pairs = [("(b) merged vs before finetuning", "DeMe (after merge)", "Before finetuning")]
     pairs += [(f"(c) merged vs {b}", "DeMe (after merge)", b) for b in baselines]
     pairs += [("(d) merged vs ensemble", "DeMe (after merge)", "DeMe (before merge)"),
@@ -435,6 +436,7 @@ def claims(losses: dict, outputs: dict | None, cfg: Config, baselines: list[str]
     draws = _uncond_fid_draws(outputs, cfg, scored) if scored else None     # one bootstrap for every pair
     for claim, a, b in pairs:
         for measure, (d, lo, hi) in paired_between(losses, outputs, cfg, a, b, fid_draws=draws).items():
+            n_draws = np.atleast_2d(losses[a]["t"]).shape[0] if measure.startswith("held-out") else None
             rows.append({"claim": claim, "measure": measure, "delta": d, "ci95_low": lo, "ci95_high": hi,
-                         "verdict": verdict(lo, hi)})
-    return pd.DataFrame(rows)
+                         "verdict": verdict(lo, hi), "draws": n_draws})
+    return pd.DataFrame(rows).astype({"draws": "Int64"})

@@ -121,6 +121,8 @@ class Config:
     evaluation_size: int = 2000           # images that judge, for datasets without an in-memory test split (CIFAR-10,
                                           # LSUN, text-to-image: a fixed sample of the training data after the
                                           # validation images; deme.heldout.split_inputs)
+    heldout_draws: int = 2                # independent noise/timestep draws per judged image, averaged per image
+                                          # (deme.heldout.paired_losses; intervals stay over images)
     num_workers: int = 4
     # -- evaluation -------------------------------------------------------------------------------------------
     sample_steps: int = 50                # DDIM steps, eta = 0
@@ -169,6 +171,8 @@ class Config:
             which = "pretrain_steps" if self.method == "pretrain" else "steps_per_range"
             raise ValueError(f"{which}={getattr(self, which)}: a training run needs at least one optimizer step "
                              "(the model before finetuning is the base model itself: no run needed)")
+        if self.heldout_draws < 1:
+            raise ValueError(f"heldout_draws={self.heldout_draws}: a held-out evaluation needs at least one draw")
         if self.pretrain_cooldown is not None:
             start, end, floor = self.pretrain_cooldown
             if not (0 <= start <= end and 0.0 < floor <= 1.0):
@@ -205,7 +209,8 @@ class Config:
 
 NOT_TRAINING = frozenset({
     "data_dir", "check_images", "gradient_checkpointing", "compile", "compile_mode", "checkpoint_every",
-    "log_every", "heldout_every", "heldout_size", "validation_size", "evaluation_size", "num_workers", "sample_steps",
+    "log_every", "heldout_every", "heldout_size", "validation_size", "evaluation_size", "heldout_draws", "num_workers",
+    "sample_steps",
     "fid_samples", "fid_reference_size", "guidance_scale", "merge_grid",
     "coco_fid_reference", "sample_batch_size", "heldout_batch_size", "analysis_batch_size", "encoder_batch_size",
     "gpu_memory_gib", "host_memory_gib"})

@@ -240,13 +240,14 @@ def condition_inputs(cfg: Config, labels: torch.Tensor | None) -> dict[str, torc
 
 def paired_losses(models: Mapping[str, Callable[[], torch.nn.Module]], cfg: Config, part: str = "evaluation",
                   seed: int = 0, cache_dir: Path | None = None, device: str | torch.device | None = None,
-                  progress: bool = True, draws: int = 1) -> dict[str, dict[str, np.ndarray]]:
+                  progress: bool = True, draws: int | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per-image held-out losses of every model (``name → loader``) on the ``part`` of the held-out data
     (:func:`split_inputs`: the test split, or a fixed sample of the training data), for every condition, all
     on the same images, noise (``seed``) and timesteps. Cached per model fingerprint and draw
     under ``cache_dir`` (default runs/<profile>/heldout). Returns ``{name: {condition: losses, "t": t}}``, arrays
-    of shape (n,) for one draw, (draws, n) for ``draws`` > 1 independent noise/timestep draws
-    (:func:`draw_inputs`; :func:`heldout_table` averages them per image)."""
+    of shape (n,) for one draw, (draws, n) for ``draws`` > 1 independent noise/timestep draws (default
+    ``cfg.heldout_draws``; :func:`draw_inputs`; :func:`heldout_table` averages them per image)."""
+    draws = cfg.heldout_draws if draws is None else draws
     device = torch.device(device) if device is not None else _default_device()
     cache_dir = cache_dir or repo_root() / "runs" / cfg.profile / "heldout"
     cache_dir.mkdir(parents=True, exist_ok=True)

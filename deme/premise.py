@@ -11,7 +11,8 @@ validation images only, before anything is merged:
 (iii) each expert beats the base on its own range,
 
 each with a 95% interval that excludes 0 (paired held-out loss, :mod:`deme.heldout`, averaged per image over
-``draws`` independent noise/timestep draws), for the unconditional and the conditional loss.
+``draws`` independent noise/timestep draws, default each setting's ``heldout_draws``), for the unconditional and
+the conditional loss.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def proportions(cfg: Config, pretraining: Config | None = None,
     return pd.DataFrame(rows, columns=["quantity", "paper", "here", "paper_value", "here_value"])
 
 
-def convergence(cfg: Config, base_dir: str | Path | None = None, part: str = "validation", draws: int = 2,
+def convergence(cfg: Config, base_dir: str | Path | None = None, part: str = "validation", draws: int | None = None,
                 progress: bool = False) -> tuple[float, float, float]:
     """The base's paired held-out change (Δ%, low, high) from the EMA weights at 4/5 of its pretraining
     (``model_at_80pct/`` beside ``model/``, written by :func:`deme.train.train` for pretraining runs) to the
@@ -145,7 +146,7 @@ def train_setting(cfg: Config, jobs: int = 1) -> pd.DataFrame:
                            "standard": cfg.replace(method="standard", range_index=None)}, jobs=jobs)
 
 
-def premise_losses(cfg: Config, part: str = "validation", draws: int = 2, progress: bool = False) -> dict:
+def premise_losses(cfg: Config, part: str = "validation", draws: int | None = None, progress: bool = False) -> dict:
     """Paired per-image losses of the base, each expert, their ensemble, ``standard`` and the uniform merge
     (:data:`MERGED`; the capacity map's, never the premise's) — all trained first (:func:`train_setting`)."""
     experts = lambda: load_experts(cfg)   # noqa: E731
@@ -155,6 +156,11 @@ def premise_losses(cfg: Config, part: str = "validation", draws: int = 2, progre
     models["standard"] = lambda: load_unet(run_dir(cfg.replace(method="standard", range_index=None)) / "model")
     models[MERGED] = lambda: merge_models(cfg, ("uniform",))[MERGE_METHODS["uniform"].label]
     return paired_losses(models, cfg, part, progress=progress, draws=draws)
+
+
+def parameter_label(n: int) -> str:
+    """A base's size as the capacity map names it: 18429 → "18K", 1621000 → "1.62M"."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
 MERGED = "merged (w = 1/N)"
@@ -216,7 +222,8 @@ def premise_checks(rows: pd.DataFrame, num_ranges: int) -> dict[str, bool]:
             "(iii) each expert beats base on its range": bool(all((h < 0).all() for h in experts))}
 
 
-def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int = 2, progress: bool = False) -> pd.DataFrame:
+def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int | None = None,
+                  progress: bool = False) -> pd.DataFrame:
     """Train and judge every setting on the validation images (:func:`premise_rows`), mark the settings that
     pass all three checks, measure each base's convergence (:func:`convergence`), and choose by :func:`mark_chosen`.
     Columns: ``setting, chosen, passes, base_converged, base_change_pct, model, range, condition, delta_pct,
@@ -233,7 +240,8 @@ def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int = 2, pro
     return mark_chosen(pd.concat(tables, ignore_index=True))
 
 
-def capacity_table(settings: Iterable[Config], jobs: int = 1, draws: int = 2, progress: bool = False) -> pd.DataFrame:
+def capacity_table(settings: Iterable[Config], jobs: int = 1, draws: int | None = None,
+                   progress: bool = False) -> pd.DataFrame:
     """The capacity × budget map: every setting trained (as :func:`premise_table` does) and judged on the
     *evaluation* images (:func:`capacity_rows`); it chooses nothing."""
     tables = []
@@ -403,7 +411,7 @@ def write_provenance(base_dir: str | Path, cfg: Config, command: str, conv: tupl
             ("wall time", f"{man['wall_time_s_last_session'] / 60:.0f} min (last session)"),
             ("logged held-out loss, last fifth", f"{l0:.5f} → {l1:.5f} ({100 * change:+.2f}%; one fixed draw)"),
             ("convergence (paired)", "{:+.3f}% [{:+.3f}, {:+.3f}] from the EMA at 4/5 of the steps to the final "
-                                     "one, validation images, two draws".format(*conv)),
+                                     "one, validation images, {} draws".format(*conv, cfg.heldout_draws)),
             ("seed", str(man["seed"]))]
     text = (f"# Provenance of `{cfg.profile}`'s base model\n\n| | |\n|---|---|\n"
             + "".join(f"| {k} | {v} |\n" for k, v in rows)

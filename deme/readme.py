@@ -18,6 +18,7 @@ import pandas as pd
 from .analysis import similarity_summary
 from .config import repo_root
 from .heldout import verdict
+from .premise import parameter_label
 from .premise import readme_block as premise_block
 from .weightspace import task_vector_spread
 
@@ -87,13 +88,21 @@ def bottom_line(figures: Path) -> str:
 @block("claims")
 def claims_table(figures: Path) -> str:
     """Every paired comparison of ``claims_fmnist.csv`` with its interval and verdict: one row per claim, one column
-    per measure (in the table's order); a measure a claim does not have is left empty."""
+    per measure (in the table's order); a measure a claim does not have is left empty. Below it: how many
+    comparisons were made and resolved, and the held-out draws per image (the table's ``draws`` column)."""
     c = _claims(figures)
     measures = list(dict.fromkeys(c.measure))
     lines = ["| claim | " + " | ".join(measures) + " |", "|---|" + "---|" * len(measures)]
     for claim, rows in c.groupby("claim", sort=False):
         cells = {x.measure: f"{interval(x.delta, x.ci95_low, x.ci95_high)} *{x.verdict}*" for x in rows.itertuples()}
         lines.append(f"| {claim} | " + " | ".join(cells.get(m, "") for m in measures) + " |")
+    resolved = int((c.verdict != "not resolved").sum())
+    lines += ["", f"{len(c)} comparisons, {resolved} of them resolved. Each verdict stands alone at 95%: among "
+              "comparisons with no true difference, about one in twenty would still read *better* or *worse*."]
+    if "draws" in c and c.draws.notna().any():
+        draws = ", ".join(str(int(d)) for d in sorted(c.draws.dropna().unique()))
+        lines[-1] += (f" Held-out losses average {draws} independent noise/timestep draws per evaluation image "
+                      "(intervals over images).")
     return "\n".join(lines)
 
 
@@ -192,7 +201,7 @@ def capacity(figures: Path) -> str:
     settings = " ".join(f'"{spec(s)}"' for s in dict.fromkeys(t.setting))
     cells = t.groupby(["base", "steps_per_range"]).ngroups
     lines = [f"`python -m deme premise --capacity {settings} --jobs 2`: {t.base.nunique()} bases "
-             f"({', '.join(f'{p / 1e3:.0f}K {b}' for p, b in sorted(set(zip(t.parameters, t.base))))}) × their "
+             f"({', '.join(f'{parameter_label(p)} {b}' for p, b in sorted(set(zip(t.parameters, t.base))))}) × their "
              f"budgets, {cells} cells; held-out loss, unconditional, on the evaluation images:", ""]
     u = t[t.condition == "unconditional"]
     for model in ("ensemble - standard", "ensemble", "merged (w = 1/N)", "standard"):

@@ -24,6 +24,18 @@ def test_every_variant_trains_the_same_total_budget():
         assert total == budget, name
 
 
+def test_budget_study_pairs_standard_and_deme_at_a_quarter_half_and_all_of_the_budget():
+    cfg = get_profile("fmnist")                     # K = 1200 steps per range
+    assert AB.study_budgets(cfg) == (300, 600, 1200)
+    runs = AB.budget_variants(cfg)
+    assert list(runs) == [f"K={k}, {m}" for k in (300, 600, 1200) for m in ("standard", "DeMe")]
+    for k in (300, 600, 1200):
+        std, deme = runs[f"K={k}, standard"], runs[f"K={k}, DeMe"]
+        assert (std.method, deme.method) == ("standard", "deme")
+        assert std.steps_per_range == deme.steps_per_range == k   # standard: N×k steps on one model
+    assert list(AB.budget_variants(cfg, [5])) == ["K=5, standard", "K=5, DeMe"]
+
+
 def test_table3_rows_switch_exactly_the_ablated_techniques():
     cfg = get_profile("fmnist")
     rows = AB.table3_variants(cfg, 8)

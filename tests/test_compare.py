@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deme.compare import PAPER_TABLE1, PAPER_TABLE2, format_paired, text_to_image_table
+from deme.compare import PAPER_TABLE1, PAPER_TABLE2, claims, format_paired, text_to_image_table
+from deme.config import get_profile
 
 
 def test_format_paired_shows_value_delta_and_interval_with_kid_scaled():
@@ -15,6 +16,28 @@ def test_format_paired_shows_value_delta_and_interval_with_kid_scaled():
     assert f.loc["m", "FID"] == "9.50 (-0.50 [-0.80, -0.20])"
     assert f.loc["m", "KID ×10³"] == "1.50 (-0.50 [-0.90, -0.10])"
     assert f.loc["Before finetuning", "FID"] == "10.00 (reference)"
+
+
+def test_claims_are_paired_per_image_means_over_the_draws():
+    """Two draws per image: the merged model is 2% worse than the base in draw 0 and 2% better in draw 1; the
+    claim compares per-image means over the draws (by hand below), and records the draws on held-out rows."""
+    rng = np.random.default_rng(0)
+    base = rng.random((2, 50)) + 0.5
+    t = np.tile(np.arange(50) * 20, (2, 1))
+    merged = base * np.array([[1.02], [0.98]])
+    losses = {"Before finetuning": {"unconditional": base, "t": t},
+              "DeMe (after merge)": {"unconditional": merged, "t": t},
+              "DeMe (before merge)": {"unconditional": base * 1.01, "t": t}}
+    rows = claims(losses, None, get_profile("smoke"), [])
+    b = rows[rows.claim == "(b) merged vs before finetuning"].iloc[0]
+    assert b.delta == pytest.approx(100 * (merged.mean(0).mean() / base.mean(0).mean() - 1))
+    e = rows[rows.claim == "ensemble vs before finetuning"].iloc[0]
+    assert e.delta == pytest.approx(1.0) and e.ci95_low == pytest.approx(1.0) and e.verdict == "worse"
+    assert list(rows.draws) == [2] * len(rows)
+    one = claims({k: {"unconditional": v["unconditional"][0], "t": t[0]} for k, v in losses.items()}, None,
+                 get_profile("smoke"), [])
+    assert list(one.draws) == [1] * len(one)
+    assert one.iloc[0].delta == pytest.approx(2.0)        # draw 0 alone: merged is 1.02 x base on every image
 
 
 def test_text_to_image_table_keeps_scores_that_were_not_computed():

@@ -8,7 +8,15 @@ from diffusers import DDPMScheduler
 
 from deme.config import get_profile
 from deme.data import heldout_batch, heldout_split
-from deme.heldout import heldout_losses, heldout_table, model_fingerprint, paired_losses, relative_difference, verdict
+from deme.heldout import (
+    heldout_losses,
+    heldout_table,
+    model_fingerprint,
+    paired_losses,
+    relative_difference,
+    split_inputs,
+    verdict,
+)
 from deme.metrics import feature_statistics, kid_from_features
 from deme.models import build_unet
 from deme.paired import paired_fid, paired_kid
@@ -83,9 +91,32 @@ def test_paired_losses_cache_by_weights_not_by_name(tmp_path):
                         cache_dir=tmp_path, progress=False)
     np.testing.assert_array_equal(out["same weights"]["unconditional"], out["Before finetuning"]["unconditional"])
     assert not np.array_equal(out["other"]["conditional"], out["Before finetuning"]["conditional"])
-    assert len(list(tmp_path.glob("*.npz"))) == 2 and model_fingerprint(a) != model_fingerprint(b)
+    assert len(list(tmp_path.glob("*.npz"))) == 2 * CFG.heldout_draws and model_fingerprint(a) != model_fingerprint(b)
     again = paired_losses({"renamed": lambda: b}, CFG, cache_dir=tmp_path, progress=False)   # served from cache
     np.testing.assert_array_equal(again["renamed"]["conditional"], out["other"]["conditional"])
+
+
+def test_paired_losses_average_the_profiles_draws_and_each_draw_is_heldout_losses_own(tmp_path):
+    """Every judged image meets ``cfg.heldout_draws`` independent noise/timestep draws: one row per draw, each equal
+    to :func:`heldout_losses` of that draw; the table's Δ% is over per-image means (identical draws would give
+    the one-draw numbers)."""
+    torch.manual_seed(0)
+    a, b = build_unet(CFG), build_unet(CFG)
+    cfg = CFG.replace(heldout_draws=3)
+    out = paired_losses({"Before finetuning": lambda: a, "b": lambda: b}, cfg, cache_dir=tmp_path, progress=False)
+    n = out["b"]["t"].shape[-1]
+    assert out["b"]["unconditional"].shape == out["b"]["t"].shape == (3, n)
+    images, inputs = split_inputs(cfg, "evaluation")
+    for d in range(3):
+        per, t = heldout_losses(b, cfg, images, inputs["conditional"], 0, draw=d)
+        np.testing.assert_allclose(out["b"]["conditional"][d], per.numpy(), rtol=1e-6)
+        np.testing.assert_array_equal(out["b"]["t"][d], t.numpy())
+    assert not np.array_equal(out["b"]["t"][0], out["b"]["t"][1])
+    row = heldout_table(out, cfg).query("model == 'b' and range == 'all' and condition == 'unconditional'").iloc[0]
+    mean_b, mean_a = out["b"]["unconditional"].mean(0), out["Before finetuning"]["unconditional"].mean(0)
+    assert row.delta_pct == pytest.approx(100 * (mean_b.mean() / mean_a.mean() - 1))
+    with pytest.raises(ValueError, match="heldout_draws"):
+        CFG.replace(heldout_draws=0)
 
 
 def test_paired_fid_matches_the_frechet_formula_and_a_mean_shift_is_exact():

@@ -76,14 +76,14 @@ def test_the_capacity_block_counts_the_verdicts_of_its_cells(tmp_path):
     rows = [{"setting": f"{base}, steps_per_range={b}", "base": base, "parameters": n, "steps_per_range": b,
              "budget_pct": b / 100, "model": m, "condition": "unconditional", "delta_pct": d, "ci95_low": d - 0.1,
              "ci95_high": d + 0.1}
-            for n, base in ((18_000, "a"), (71_000, "b")) for b in (300, 600)
+            for n, base in ((18_000, "a"), (1_620_000, "b")) for b in (300, 600)
             for m, d in (("ensemble - standard", -0.5 if b == 300 else 0.0), ("ensemble", -0.5),
                          ("merged (w = 1/N)", 0.5), ("standard", 0.0))]
     pd.DataFrame(rows).to_csv(tmp_path / "capacity_fmnist.csv", index=False)
     text = BLOCKS["capacity"](tmp_path)
     assert text.startswith('`python -m deme premise --capacity "a:steps_per_range=300" "a:steps_per_range=600" '
                            '"b:steps_per_range=300" "b:steps_per_range=600" --jobs 2`: 2 bases '
-                           "(18K a, 71K b)") and "4 cells" in text
+                           "(18K a, 1.62M b)") and "4 cells" in text
     assert "**ensemble − standard**: better in 2 of 4 cells, worse in 0, not resolved in 2." in text
     assert "**merged (w = 1/N) − base**: better in 0 of 4 cells, worse in 4, not resolved in 0." in text
 
@@ -107,11 +107,25 @@ def test_the_claims_block_has_every_row_of_the_claims_table():
     claims = pd.read_csv(REPO / "figures" / "claims_fmnist.csv")
     lines = BLOCKS["claims"](REPO / "figures").splitlines()
     header = [h.strip() for h in lines[0].strip("|").split("|")]
-    assert header == ["claim", *dict.fromkeys(claims.measure)] and len(lines) == 2 + claims.claim.nunique()
-    rows = {cells[0]: cells for cells in ([c.strip() for c in x.strip("|").split("|")] for x in lines[2:])}
+    table = lines[:lines.index("")]
+    assert header == ["claim", *dict.fromkeys(claims.measure)] and len(table) == 2 + claims.claim.nunique()
+    rows = {cells[0]: cells for cells in ([c.strip() for c in x.strip("|").split("|")] for x in table[2:])}
     for x in claims.itertuples():
         assert rows[x.claim][header.index(x.measure)] == \
             f"{interval(x.delta, x.ci95_low, x.ci95_high)} *{x.verdict}*"
+
+
+def test_the_claims_block_counts_comparisons_and_names_the_draws(tmp_path):
+    rows = [{"claim": "(b) x", "measure": "held-out loss, unconditional (Δ%)", "delta": -1.0, "ci95_low": -2.0,
+             "ci95_high": -0.5, "verdict": "better", "draws": 2},
+            {"claim": "(b) x", "measure": "FID, unconditional (Δ)", "delta": 1.0, "ci95_low": -1.0, "ci95_high": 2.0,
+             "verdict": "not resolved", "draws": None},
+            {"claim": "(c) y", "measure": "held-out loss, unconditional (Δ%)", "delta": 0.1, "ci95_low": -0.1,
+             "ci95_high": 0.3, "verdict": "not resolved", "draws": 2}]
+    pd.DataFrame(rows).to_csv(tmp_path / "claims_fmnist.csv", index=False)
+    text = BLOCKS["claims"](tmp_path)
+    assert "3 comparisons, 1 of them resolved." in text
+    assert "average 2 independent noise/timestep draws per evaluation image" in text
 
 
 def test_the_beyond_block_reads_learned_merges_costs_and_ranges(tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..heldout import verdict
+from ..premise import parameter_label
 from ..stages import last_fraction_change
 from .theme import README_WIDTH_IN, _grid_image, _plain_log_ticks, themed
 
@@ -256,7 +257,7 @@ def plot_capacity(table, condition: str = "unconditional"):
             h = g[(g.parameters == n) & (g.base == base)].sort_values("budget_pct")
             x = h.budget_pct.to_numpy() * (1 + 0.03 * (k - (len(bases) - 1) / 2))   # offsets keep the bars apart
             ax.errorbar(x, h.delta_pct, yerr=[h.delta_pct - h.ci95_low, h.ci95_high - h.delta_pct], marker="o",
-                        ms=4, capsize=3, color=f"C{k}", label=f"{n / 1e3:.0f}K parameters ({base})")
+                        ms=4, capsize=3, color=f"C{k}", label=f"{parameter_label(n)} parameters ({base})")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
         budgets = sorted(set(t.budget_pct))
