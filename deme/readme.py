@@ -193,10 +193,13 @@ def spec(setting: str) -> str:
     return profile + (":" + fields.replace(", ", ",") if fields else "")
 
 
+_CAPACITY_COLUMNS = ("ensemble - standard", "ensemble", "merged (w = 1/N)", "standard")
+
+
 @block("capacity")
 def capacity(figures: Path) -> str:
-    """The capacity × budget map in words: the command that made it (its settings, in the table's order) and, per
-    comparison, how many of its cells are better, worse or not resolved (held-out loss, unconditional)."""
+    """The capacity × budget map: the command that made it (its settings, in the table's order), per comparison how
+    many of its cells are better, worse or not resolved, and every cell (held-out loss, unconditional)."""
     t = pd.read_csv(figures / "capacity_fmnist.csv")
     settings = " ".join(f'"{spec(s)}"' for s in dict.fromkeys(t.setting))
     cells = t.groupby(["base", "steps_per_range"]).ngroups
@@ -204,12 +207,25 @@ def capacity(figures: Path) -> str:
              f"({', '.join(f'{parameter_label(p)} {b}' for p, b in sorted(set(zip(t.parameters, t.base))))}) × their "
              f"budgets, {cells} cells; held-out loss, unconditional, on the evaluation images:", ""]
     u = t[t.condition == "unconditional"]
-    for model in ("ensemble - standard", "ensemble", "merged (w = 1/N)", "standard"):
+    for model in _CAPACITY_COLUMNS:
         v = [verdict(x.ci95_low, x.ci95_high) for x in u[u.model == model].itertuples()]
         name = model.replace(" - ", " − ") + ("" if " - " in model else " − base")
         lines.append(f"- **{name}**: better in {v.count('better')} of {len(v)} cells, worse in {v.count('worse')}, "
                      f"not resolved in {v.count('not resolved')}.")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *_capacity_cells(u)])
+
+
+def _capacity_cells(u: pd.DataFrame) -> list[str]:
+    """One row per cell of the map (base, K, budget): each comparison's Δ% [95% CI] and verdict, unconditional."""
+    names = [m.replace(" - ", " − ") + ("" if " - " in m else " − base") for m in _CAPACITY_COLUMNS]
+    lines = ["| base | K | finetuning images (% of pretraining) | " + " | ".join(names) + " |",
+             "|---|---|---|" + "---|" * len(names)]
+    for (n, base, k), g in u.groupby(["parameters", "base", "steps_per_range"], sort=True):
+        by = g.set_index("model")
+        cells = [f"{interval(x.delta_pct, x.ci95_low, x.ci95_high)} *{verdict(x.ci95_low, x.ci95_high)}*"
+                 for x in (by.loc[m] for m in _CAPACITY_COLUMNS)]
+        lines.append(f"| {parameter_label(n)} {base} | {k} | {g.budget_pct.iloc[0]:.2g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 @block("premise")

@@ -86,6 +86,11 @@ def test_the_capacity_block_counts_the_verdicts_of_its_cells(tmp_path):
                            "(18K a, 1.62M b)") and "4 cells" in text
     assert "**ensemble − standard**: better in 2 of 4 cells, worse in 0, not resolved in 2." in text
     assert "**merged (w = 1/N) − base**: better in 0 of 4 cells, worse in 4, not resolved in 0." in text
+    cells = [x for x in text.splitlines() if x.startswith("| 1.62M b |")]
+    assert cells == ["| 1.62M b | 300 | 3 | −0.50 [−0.60, −0.40] *better* | −0.50 [−0.60, −0.40] *better* | "
+                     "+0.50 [+0.40, +0.60] *worse* | +0.00 [−0.10, +0.10] *not resolved* |",
+                     "| 1.62M b | 600 | 6 | +0.00 [−0.10, +0.10] *not resolved* | −0.50 [−0.60, −0.40] *better* | "
+                     "+0.50 [+0.40, +0.60] *worse* | +0.00 [−0.10, +0.10] *not resolved* |"]
 
 
 def test_a_capacity_setting_name_is_given_back_as_the_command_takes_it():
