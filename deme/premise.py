@@ -146,12 +146,14 @@ def train_setting(cfg: Config, jobs: int = 1) -> pd.DataFrame:
                            "standard": cfg.replace(method="standard", range_index=None)}, jobs=jobs)
 
 
-def premise_losses(cfg: Config, part: str = "validation", draws: int | None = None, progress: bool = False) -> dict:
-    """Paired per-image losses of the base, each expert, their ensemble, ``standard`` and the uniform merge
-    (:data:`MERGED`; the capacity map's, never the premise's) — all trained first (:func:`train_setting`)."""
-    experts = lambda: load_experts(cfg)   # noqa: E731
+def premise_losses(cfg: Config, part: str = "validation", draws: int | None = None, progress: bool = False,
+                   experts: bool = True) -> dict:
+    """Paired per-image losses of the base, each expert (unless ``experts`` is False: the capacity map does not
+    read them), their ensemble, ``standard`` and the uniform merge (:data:`MERGED`; the capacity map's, never the
+    premise's) — all trained first (:func:`train_setting`)."""
     models = {"base": lambda: load_base(cfg, projection=False)}
-    models |= {f"expert {i}": (lambda i=i: experts()[i]) for i in range(cfg.num_ranges)}
+    if experts:
+        models |= {f"expert {i}": (lambda i=i: load_experts(cfg)[i]) for i in range(cfg.num_ranges)}
     models["ensemble"] = lambda: load_ensemble(cfg)
     models["standard"] = lambda: load_unet(run_dir(cfg.replace(method="standard", range_index=None)) / "model")
     models[MERGED] = lambda: merge_models(cfg, ("uniform",))[MERGE_METHODS["uniform"].label]
@@ -247,7 +249,7 @@ def capacity_table(settings: Iterable[Config], jobs: int = 1, draws: int | None 
     tables = []
     for cfg in settings:
         train_setting(cfg, jobs)
-        tables.append(capacity_rows(cfg, premise_losses(cfg, "evaluation", draws, progress)))
+        tables.append(capacity_rows(cfg, premise_losses(cfg, "evaluation", draws, progress, experts=False)))
     return pd.concat(tables, ignore_index=True)
 
 

@@ -225,7 +225,8 @@ def test_the_premise_and_the_capacity_map_end_to_end_on_smoke(tmp_path, monkeypa
     assert set(props.setting) == {"smoke", "smoke, lr=0.001"}   # fmnist's committed base is not under tmp_path
     block = readme_block(written, props)
     assert block.startswith("| quantity | paper |") and "2 setting(s) tried" in block
-    losses = premise_losses(cfg, "validation", draws=2)                      # served from the cache
+    losses = premise_losses(cfg, "validation", draws=2, experts=False)       # served from the cache
+    assert set(losses) == {"base", "ensemble", "standard", MERGED}           # the map reads no single expert
     cap = capacity_rows(cfg, losses).set_index(["model", "condition"])
     same = one.set_index(["model", "range", "condition"])
     for model in ("ensemble", "standard", "ensemble - standard"):
