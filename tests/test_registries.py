@@ -141,7 +141,7 @@ def test_a_registered_dataset_flows_through_training_merging_and_evaluation(toy_
     assert (tmp_path / "runs" / "smoke" / "classifier.pt").exists()
     losses = paired_losses({"base": lambda: load_unet(base / "model"), "merged": lambda: merged}, cfg,
                            cache_dir=tmp_path / "heldout", progress=False)
-    assert losses["merged"]["unconditional"].shape == (40,)                 # the toy's evaluation part
+    assert losses["merged"]["unconditional"].shape == (cfg.heldout_draws, 40)   # the toy's evaluation part
     _, rows = gallery_samples(cfg.replace(sample_steps=2), {"merged": merged}, per_prompt=1)
     assert rows == [f"a picture of bar {k}" for k in range(10)]
 

@@ -252,7 +252,7 @@ def test_held_out_tables_on_datasets_without_an_in_memory_test_split(tmp_path, m
     losses = paired_losses({"Before finetuning": base, "same weights": base}, cfg, cache_dir=tmp_path / "c",
                            progress=False)
     np.testing.assert_array_equal(losses["same weights"]["unconditional"], losses["Before finetuning"]["unconditional"])
-    assert losses["same weights"]["unconditional"].shape == (6,)
+    assert losses["same weights"]["unconditional"].shape == (cfg.heldout_draws, 6)
     from deme.heldout import heldout_inputs, split_inputs
     xv, cv = split_inputs(cfg, "validation")
     xe, ce = split_inputs(cfg, "evaluation")
