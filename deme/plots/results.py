@@ -248,6 +248,7 @@ def plot_capacity(table, condition: str = "unconditional"):
     (% of pretraining images), one line per base (its size and profile), 95% intervals as bars."""
     import matplotlib.pyplot as plt
     t = table[table.condition == condition]
+    from matplotlib.ticker import LogLocator
     panels = ["ensemble - standard", "ensemble", "merged (w = 1/N)", "standard"]
     fig, axes = plt.subplots(1, len(panels), figsize=(README_WIDTH_IN * 1.3, 3.2), sharex=True, squeeze=False)
     bases = sorted(set(zip(t.parameters, t.base)))
@@ -260,9 +261,8 @@ def plot_capacity(table, condition: str = "unconditional"):
                         ms=4, capsize=3, color=f"C{k}", label=f"{parameter_label(n)} parameters ({base})")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
-        budgets = sorted(set(t.budget_pct))
-        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
-        ax.minorticks_off()
+        _plain_log_ticks(ax.xaxis)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))   # 0.2, 0.5, 1, 2, 5, 10: room
         ax.set_title(model.replace(" - ", " − ") + ("" if " - " in model else " − base"), fontsize=10)
         ax.set_xlabel("finetuning images (% of pretraining)")
         ax.grid(alpha=0.3)
