@@ -224,6 +224,12 @@ def premise_checks(rows: pd.DataFrame, num_ranges: int) -> dict[str, bool]:
             "(iii) each expert beats base on its range": bool(all((h < 0).all() for h in experts))}
 
 
+def setting_checks(rows: pd.DataFrame, setting: str) -> dict[str, bool]:
+    """:func:`premise_checks` of one ``setting`` of a premise table (its number of experts read from its rows)."""
+    r = rows[rows.setting == setting]
+    return premise_checks(r, _num_experts(r))
+
+
 def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int | None = None,
                   progress: bool = False) -> pd.DataFrame:
     """Train and judge every setting on the validation images (:func:`premise_rows`), mark the settings that
@@ -255,16 +261,18 @@ def capacity_table(settings: Iterable[Config], jobs: int = 1, draws: int | None 
 
 def mark_chosen(rows: pd.DataFrame) -> pd.DataFrame:
     """``rows`` of several settings (with their ``passes`` and, where measured, ``base_change_pct`` — the base's
-    paired change over the last fifth of its pretraining — and ``base_converged``) with a ``chosen`` column. Among
-    the settings that pass: those on a converged base first, the one whose ensemble gains most over ``standard``
-    (unconditional, all t); when no passing setting's base is converged, the one whose base is closest to it
-    (smallest |change|), then the largest gain. None when no setting passes."""
+    paired change over the last fifth of its pretraining — and ``base_converged``) with a ``chosen`` column: among
+    the settings that pass, the one whose ensemble gains most over ``standard`` (unconditional, all t). Once any
+    setting's base is converged, only settings on a converged base can be chosen — a still-improving base would
+    credit continued pretraining to decoupling — so None is chosen when none of them passes. Only when no base is
+    converged at all, the passing setting whose base is closest to it (smallest |change|) is chosen, then the
+    largest gain. None when no setting passes."""
     rows = rows.reset_index(drop=True)
     if "base_converged" not in rows:
         rows = rows.assign(base_converged=False, base_change_pct=float("nan"))
     key = rows[(rows.model == "ensemble - standard") & (rows.range == "all") & (rows.condition == "unconditional")
                & rows.passes]
-    if key.base_converged.any():
+    if rows.base_converged.any():
         key = key[key.base_converged]
     elif key.base_change_pct.notna().any():
         key = key[key.base_change_pct.abs() == key.base_change_pct.abs().min()]
@@ -340,10 +348,12 @@ def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
     """The README's premise section, from ``premise_fmnist.csv`` and ``proportions_fmnist.csv`` alone: the chosen
     setting's proportions beside the paper's and its three checks (unconditional and conditional Δ% with 95%
     intervals), then one line per setting tried with the checks it failed (every setting's table is in
-    ``figures/premise_fmnist.md``). Without a chosen setting the tables show every setting."""
+    ``figures/premise_fmnist.md``). Without a chosen setting the tables show the settings on a converged base (the
+    candidates :func:`mark_chosen` could have chosen), or every setting when no base is converged."""
     settings = list(dict.fromkeys(rows.setting))
     chosen = list(rows[rows.chosen].setting.unique())
-    shown = chosen or settings
+    converged = list(rows[rows.get("base_converged", pd.Series(False, index=rows.index))].setting.unique())
+    shown = chosen or converged or settings
     p = props[props.setting.isin(shown)]
     lines = ["| quantity | paper | " + " | ".join(dict.fromkeys(p.setting)) + " |",
              "|---" * (2 + p.setting.nunique()) + "|"]
@@ -364,18 +374,19 @@ def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
               "one's table):"]
     for s in settings:
         r = rows[rows.setting == s]
-        failed = [k.split(")")[0] + ")" for k, ok in
-                  premise_checks(r, _num_experts(r)).items()
-                  if not ok]
+        failed = [k.split(")")[0] + ")" for k, ok in setting_checks(rows, s).items() if not ok]
         change = r.base_change_pct.iloc[0] if "base_change_pct" in r else float("nan")
         base = "" if pd.isna(change) else f"; its base moved {change:+.2f}% over its last fifth"
         lines.append(f"- {s}: " + ("passes all three checks" if not failed else f"fails {', '.join(failed)}")
                      + base + (" — **chosen**" if s in chosen else ""))
     if chosen:
-        converged = rows.get("base_converged", pd.Series(False, index=rows.index))[rows.chosen].any()
         lines += ["", ("Chosen among the passing settings on a converged base: the largest gain over `standard`."
-                       if converged else "No passing setting's base is converged: chosen is the passing setting whose "
-                       "base is closest to it, then the largest gain over `standard`.")]
+                       if converged else "No base is converged: chosen is the passing setting whose base is closest "
+                       "to it, then the largest gain over `standard`.")]
+    elif converged:
+        lines += ["", "None is chosen: no setting on a converged base passed all three checks, and a setting on a "
+                      "still-improving base is not chosen once a converged base exists (its gains would include "
+                      "continued pretraining)."]
     else:
         lines += ["", "None is chosen: no setting met the premise."]
     return "\n".join(lines)

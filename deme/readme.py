@@ -18,7 +18,7 @@ import pandas as pd
 from .analysis import similarity_summary
 from .config import repo_root
 from .heldout import verdict
-from .premise import parameter_label
+from .premise import MIN_GAIN_PCT, parameter_label, setting_checks
 from .premise import readme_block as premise_block
 from .weightspace import task_vector_spread
 
@@ -72,6 +72,8 @@ def bottom_line(figures: Path) -> str:
         lines.append(f"- **The premise** ({r.setting}, validation images): the unmerged experts' held-out loss is "
                      f"{interval(r.delta_pct, r.ci95_low, r.ci95_high, '%')} against equal-budget finetuning "
                      "(`standard`), unconditional.")
+    elif "base_converged" in rows and rows.base_converged.any():
+        lines.append(_premise_not_met(rows, rows[rows.base_converged].setting.iloc[0]))
     else:
         lines.append("- **The premise** does not hold on any setting tried (see below).")
     claims = _claims(figures)
@@ -83,6 +85,21 @@ def bottom_line(figures: Path) -> str:
                  f"*{x.verdict}*" for m, x in zip(c.measure, c.itertuples())]
         lines.append(f"- **{claim}**: " + "; ".join(parts) + ".")
     return "\n".join(lines)
+
+
+def _premise_not_met(rows: pd.DataFrame, setting: str) -> str:
+    """The bottom line's premise sentence for a setting on a converged base that was not chosen: each check's
+    interval (unconditional, all t) and whether it holds."""
+    r = rows[(rows.setting == setting) & (rows.condition == "unconditional") & (rows.range == "all")].set_index("model")
+    (_, i), (_, ii), (_, iii) = setting_checks(rows, setting).items()
+
+    def cell(model: str) -> str:
+        return interval(r.delta_pct[model], r.ci95_low[model], r.ci95_high[model], "%")
+    return (f"- **The premise is not met** on the converged base ({setting}, validation images, unconditional): the "
+            f"unmerged experts against equal-budget finetuning (`standard`) {cell('ensemble - standard')} "
+            f"({'holds' if i else 'fails'}); against the base {cell('ensemble')} "
+            f"({'holds' if ii else f'fails: a gain of at least {MIN_GAIN_PCT:g}% is asked'}); each expert against the "
+            f"base on its own range: {'holds' if iii else 'fails'}.")
 
 
 @block("claims")

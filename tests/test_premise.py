@@ -179,6 +179,9 @@ def test_the_chosen_setting_passes_and_gains_most_over_standard():
     assert mark_chosen(none).set_index("setting").chosen.to_dict() == {"a": True, "b": False, "c": False}
     far = none.assign(base_change_pct=none.setting.map({"a": -0.9, "b": -1.5, "c": -0.5}))
     assert mark_chosen(far).set_index("setting").chosen.to_dict() == {"a": False, "b": False, "c": True}
+    # once a base is converged, a still-improving one is never chosen: if the converged one fails, none is
+    failing = both.assign(passes=both.setting != "a")
+    assert not mark_chosen(failing).chosen.any()
 
 
 def test_parse_setting():

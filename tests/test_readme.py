@@ -45,6 +45,22 @@ def test_render_replaces_only_the_marked_blocks(tmp_path):
     worse.loc[(worse.model == "ensemble - standard") & (worse.range == "all"), "ci95_high"] = 1.0
     worse = worse.assign(chosen=False)
     assert "- smoke, num_ranges=4: fails (i)\n" in readme_block(worse, props) + "\n"
+    # a converged base whose setting falls short of (ii): nothing is chosen, the bottom line says which check failed
+    short = rows.assign(base_converged=True, base_change_pct=-0.1)
+    short.loc[(short.model == "ensemble") & (short.range == "all"), ["delta_pct", "ci95_low", "ci95_high"]] = \
+        (-0.2, -0.25, -0.15)
+    short = mark_chosen(short.assign(passes=False))
+    assert not short.chosen.any()
+    short.to_csv(tmp_path / "premise_fmnist.csv", index=False)
+    pd.DataFrame(columns=["claim", "measure", "delta", "ci95_low", "ci95_high", "verdict"]).to_csv(
+        tmp_path / "claims_fmnist.csv", index=False)
+    line = BLOCKS["bottom-line"](tmp_path)
+    assert line.startswith("- **The premise is not met** on the converged base (smoke, num_ranges=4,")
+    assert "against the base −0.200% [−0.250, −0.150] (fails: a gain of at least 0.3% is asked)" in line
+    assert "(`standard`) " in line and "(holds); against the base" in line and line.endswith("own range: holds.")
+    assert readme_block(short, props).endswith("once a converged base exists (its gains would include continued "
+                                                "pretraining).")
+    mark_chosen(rows).to_csv(tmp_path / "premise_fmnist.csv", index=False)
     assert not update_readme(readme, tmp_path)                       # unchanged the second time
     readme.write_text("no markers\n")
     assert not update_readme(readme, tmp_path) and readme.read_text() == "no markers\n"
