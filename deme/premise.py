@@ -230,6 +230,11 @@ def setting_checks(rows: pd.DataFrame, setting: str) -> dict[str, bool]:
     return premise_checks(r, _num_experts(r))
 
 
+def converged_settings(rows: pd.DataFrame) -> list[str]:
+    """The settings of a premise table whose base is converged (none when the table has no ``base_converged``)."""
+    return list(rows[rows.base_converged].setting.unique()) if "base_converged" in rows else []
+
+
 def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int | None = None,
                   progress: bool = False) -> pd.DataFrame:
     """Train and judge every setting on the validation images (:func:`premise_rows`), mark the settings that
@@ -352,7 +357,7 @@ def readme_block(rows: pd.DataFrame, props: pd.DataFrame) -> str:
     candidates :func:`mark_chosen` could have chosen), or every setting when no base is converged."""
     settings = list(dict.fromkeys(rows.setting))
     chosen = list(rows[rows.chosen].setting.unique())
-    converged = list(rows[rows.get("base_converged", pd.Series(False, index=rows.index))].setting.unique())
+    converged = converged_settings(rows)
     shown = chosen or converged or settings
     p = props[props.setting.isin(shown)]
     lines = ["| quantity | paper | " + " | ".join(dict.fromkeys(p.setting)) + " |",

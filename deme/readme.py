@@ -18,7 +18,7 @@ import pandas as pd
 from .analysis import similarity_summary
 from .config import repo_root
 from .heldout import verdict
-from .premise import MIN_GAIN_PCT, parameter_label, setting_checks
+from .premise import MIN_GAIN_PCT, converged_settings, parameter_label, setting_checks
 from .premise import readme_block as premise_block
 from .weightspace import task_vector_spread
 
@@ -72,8 +72,8 @@ def bottom_line(figures: Path) -> str:
         lines.append(f"- **The premise** ({r.setting}, validation images): the unmerged experts' held-out loss is "
                      f"{interval(r.delta_pct, r.ci95_low, r.ci95_high, '%')} against equal-budget finetuning "
                      "(`standard`), unconditional.")
-    elif "base_converged" in rows and rows.base_converged.any():
-        lines.append(_premise_not_met(rows, rows[rows.base_converged].setting.iloc[0]))
+    elif converged_settings(rows):
+        lines.append(_premise_not_met(rows, converged_settings(rows)[0]))
     else:
         lines.append("- **The premise** does not hold on any setting tried (see below).")
     claims = _claims(figures)
@@ -91,7 +91,7 @@ def _premise_not_met(rows: pd.DataFrame, setting: str) -> str:
     """The bottom line's premise sentence for a setting on a converged base that was not chosen: each check's
     interval (unconditional, all t) and whether it holds."""
     r = rows[(rows.setting == setting) & (rows.condition == "unconditional") & (rows.range == "all")].set_index("model")
-    (_, i), (_, ii), (_, iii) = setting_checks(rows, setting).items()
+    i, ii, iii = setting_checks(rows, setting).values()      # (i), (ii), (iii) in order
 
     def cell(model: str) -> str:
         return interval(r.delta_pct[model], r.ci95_low[model], r.ci95_high[model], "%")
