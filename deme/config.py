@@ -355,12 +355,12 @@ _PAPER_MACHINE = dict(gpu_memory_gib=78.0, host_memory_gib=128.0)   # an 80 GB G
 _LSUN_BATCHES = dict(sample_batch_size=64, heldout_batch_size=64, analysis_batch_size=8, **_PAPER_MACHINE)
 PROFILES |= {
     # The embedded default, the paper in miniature (docs/method.md §4.2; figures/proportions_fmnist.csv,
-    # premise_fmnist.csv): the 18K-parameter candidate, pretrained at a constant lr then cooled down to a floor and
-    # held there while its held-out loss settles, finetuned on 6.7% of its pretraining images (the budget of the
-    # settings tried that the premise chose) at half the noise temperature of its final lr, every finetuned model
-    # with diffusers' warmup EMA.
+    # premise_fmnist.csv): the 18K-parameter candidate, pretrained at a constant lr, then cooled down slowly to a low
+    # floor and held there until its held-out loss settled (converged by the project's rule), finetuned on 5% of its
+    # pretraining images (the budget the premise chose among the settings tried) at half the noise temperature of
+    # its final lr, every finetuned model with diffusers' warmup EMA.
     "fmnist": Config(profile="fmnist", unet=_small_unet((4, 8, 8), 4), **{
-        **_MINIATURE, "pretrain_steps": 36_000, "pretrain_cooldown": (24_000, 25_000, 0.1), "lr": 2.5e-5,
+        **_MINIATURE, "pretrain_steps": 48_000, "pretrain_cooldown": (24_000, 30_000, 0.025), "lr": 6.25e-6,
         "steps_per_range": 1200, "heldout_every": 800}),
     # The embedded default until 2026-12 (1.62M parameters, committed in data/fmnist-1.6m_base): a base that was
     # still improving, finetuned on 1% of its pretraining images at 3x its noise temperature with an EMA that keeps
