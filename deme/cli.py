@@ -111,8 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--draws", type=int, default=None,
                    help="noise/timestep draws per judged image (default: each setting's heldout_draws)")
     m.add_argument("--name", default="premise_fmnist", help="table name under figures/ (CSV, Markdown, LaTeX)")
-    m.add_argument("--add", action="store_true", help="judge only these settings and choose among them and the "
-                   "settings already in figures/<name>.csv (kept as committed, not trained again)")
+    m.add_argument("--add", action="store_true", help="judge these beside the settings kept in figures/<name>.csv")
     m.add_argument("--capacity", action="store_true", help="instead: the capacity x budget map of the settings on "
                    "the evaluation images (figures/capacity_fmnist.csv)")
     rg = sub.add_parser("ranges", help="find the base model's \"gradient\" timestep ranges (range_bounds=gradient) "
@@ -189,10 +188,7 @@ def rehearse_command(a) -> None:
 
 
 def premise_command(a) -> None:
-    import pandas as pd
-
-    from .config import figures_dir
-    from .premise import capacity_table, parse_setting, premise_table, save_premise
+    from .premise import capacity_table, parse_setting, premise_table, read_premise, save_premise
     from .readme import update_readme
     settings = [checked_settings(parse_setting, s) for s in a.settings]
     if a.capacity:
@@ -203,7 +199,7 @@ def premise_command(a) -> None:
         save_figure(plot_capacity(table), settings[0], "capacity_fmnist")
         print(table.to_string())
         return
-    keep = pd.read_csv(figures_dir(settings[0]) / f"{a.name}.csv") if a.add else None
+    keep = read_premise(settings[0], a.name) if a.add else None
     table = premise_table(settings, jobs=a.jobs, draws=a.draws, progress=True, keep=keep)
     if keep is not None:   # the proportions cover every setting of the table, the kept ones first
         settings = [parse_setting(s) for s in dict.fromkeys(table.setting)]

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .ablation import merge_models, total_steps, train_variants
-from .config import Config, get_profile, normalized, parse_assignments
+from .config import Config, figures_dir, get_profile, normalized, parse_assignments
 from .heldout import CONDITIONS, paired_losses, relative_difference
 from .merge import MERGE_METHODS
 from .models import base_model_path, load_unet
@@ -342,6 +342,11 @@ def save_premise(rows: pd.DataFrame, settings: Iterable[Config], name: str = "pr
     props = proportions_table(cfgs)
     save_table(props, cfgs[0], "proportions_fmnist")
     return formatted
+
+
+def read_premise(cfg: Config, name: str = "premise_fmnist") -> pd.DataFrame:
+    """The premise table :func:`save_premise` wrote beside ``cfg``'s figures."""
+    return pd.read_csv(figures_dir(cfg) / f"{name}.csv")
 
 
 def _interval(row) -> str:
