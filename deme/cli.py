@@ -7,6 +7,7 @@ readme|colab``.
     python -m deme rehearse --profile church            # a paper profile end to end on CPU stand-ins (deme.rehearse)
     accelerate launch -m deme compare --profile cifar10  # 05's samples and scores, sharded over the processes
     python -m deme premise fmnist-xs fmnist-xxs --jobs 2   # the miniature's premise on candidate settings
+    python -m deme premise fmnist:steps_per_range=2400 --add   # one more setting beside the committed ones
     python -m deme ranges --profile fmnist               # the "gradient" timestep ranges of the base model
     python -m deme ranges --profile fmnist --compare --jobs 2   # equal vs gradient ranges at equal budget
     python -m deme merge-methods --profile fmnist       # learned merge weights, then 06's merge-method table
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--draws", type=int, default=None,
                    help="noise/timestep draws per judged image (default: each setting's heldout_draws)")
     m.add_argument("--name", default="premise_fmnist", help="table name under figures/ (CSV, Markdown, LaTeX)")
+    m.add_argument("--add", action="store_true", help="judge these beside the settings kept in figures/<name>.csv")
     m.add_argument("--capacity", action="store_true", help="instead: the capacity x budget map of the settings on "
                    "the evaluation images (figures/capacity_fmnist.csv)")
     rg = sub.add_parser("ranges", help="find the base model's \"gradient\" timestep ranges (range_bounds=gradient) "
@@ -186,7 +188,7 @@ def rehearse_command(a) -> None:
 
 
 def premise_command(a) -> None:
-    from .premise import capacity_table, parse_setting, premise_table, save_premise
+    from .premise import capacity_table, parse_setting, premise_table, read_premise, save_premise
     from .readme import update_readme
     settings = [checked_settings(parse_setting, s) for s in a.settings]
     if a.capacity:
@@ -197,7 +199,10 @@ def premise_command(a) -> None:
         save_figure(plot_capacity(table), settings[0], "capacity_fmnist")
         print(table.to_string())
         return
-    table = premise_table(settings, jobs=a.jobs, draws=a.draws, progress=True)
+    keep = read_premise(settings[0], a.name) if a.add else None
+    table = premise_table(settings, jobs=a.jobs, draws=a.draws, progress=True, keep=keep)
+    if keep is not None:   # the proportions cover every setting of the table, the kept ones first
+        settings = [parse_setting(s) for s in dict.fromkeys(table.setting)]
     print(save_premise(table, settings, a.name).to_string())
     if a.name == "premise_fmnist" and update_readme():
         print("README.md: its generated blocks rewritten from figures/")

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .ablation import merge_models, total_steps, train_variants
-from .config import Config, get_profile, normalized, parse_assignments
+from .config import Config, figures_dir, get_profile, normalized, parse_assignments
 from .heldout import CONDITIONS, paired_losses, relative_difference
 from .merge import MERGE_METHODS
 from .models import base_model_path, load_unet
@@ -236,12 +236,15 @@ def converged_settings(rows: pd.DataFrame) -> list[str]:
 
 
 def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int | None = None,
-                  progress: bool = False) -> pd.DataFrame:
+                  progress: bool = False, keep: pd.DataFrame | None = None) -> pd.DataFrame:
     """Train and judge every setting on the validation images (:func:`premise_rows`), mark the settings that
     pass all three checks, measure each base's convergence (:func:`convergence`), and choose by :func:`mark_chosen`.
     Columns: ``setting, chosen, passes, base_converged, base_change_pct, model, range, condition, delta_pct,
-    ci95_low, ci95_high``."""
-    tables = []
+    ci95_low, ci95_high``. ``keep``: rows of settings judged before (a committed table), chosen among with the new
+    ones without training them again; a setting in both is judged anew."""
+    settings = list(settings)
+    names = {setting_name(cfg) for cfg in settings}
+    tables = [] if keep is None else [keep[~keep.setting.isin(names)].drop(columns="chosen", errors="ignore")]
     for cfg in settings:
         train_setting(cfg, jobs)
         rows = premise_rows(cfg, premise_losses(cfg, "validation", draws, progress))
@@ -289,9 +292,10 @@ def mark_chosen(rows: pd.DataFrame) -> pd.DataFrame:
 
 def parse_setting(spec: str) -> Config:
     """``"fmnist-xs"`` or ``"fmnist-xs:lr=1e-4,steps_per_range=1200"``: a profile with field overrides
-    (:func:`deme.config.parse_assignments`; a bad one raises ``ValueError``)."""
-    name, _, rest = spec.partition(":")
-    return get_profile(name, **parse_assignments([item for item in rest.split(",") if item]))
+    (:func:`deme.config.parse_assignments`; a bad one raises ``ValueError``). A table's setting name
+    (:func:`setting_name`, ``"fmnist-xs, lr=0.0001"``) reads the same way."""
+    name, _, rest = spec.replace(", ", ":", 1).partition(":")
+    return get_profile(name, **parse_assignments([item.strip() for item in rest.split(",") if item.strip()]))
 
 
 def pretraining_record(base_dir: str | Path) -> dict:
@@ -338,6 +342,11 @@ def save_premise(rows: pd.DataFrame, settings: Iterable[Config], name: str = "pr
     props = proportions_table(cfgs)
     save_table(props, cfgs[0], "proportions_fmnist")
     return formatted
+
+
+def read_premise(cfg: Config, name: str = "premise_fmnist") -> pd.DataFrame:
+    """The premise table :func:`save_premise` wrote beside ``cfg``'s figures."""
+    return pd.read_csv(figures_dir(cfg) / f"{name}.csv")
 
 
 def _interval(row) -> str:

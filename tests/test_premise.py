@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from deme.cli import main
 from deme.config import get_profile
 from deme.heldout import draw_inputs, heldout_table, per_image, relative_difference
 from deme.models import load_unet
@@ -25,6 +26,7 @@ from deme.premise import (
     proportions,
     readme_block,
     save_premise,
+    setting_name,
     theta_share,
 )
 from deme.stages import export_pretraining_ema
@@ -188,6 +190,8 @@ def test_parse_setting():
     cfg = parse_setting("fmnist-xs:lr=1e-4,steps_per_range=1200")
     assert (cfg.profile, cfg.lr, cfg.steps_per_range) == ("fmnist-xs", 1e-4, 1200)
     assert parse_setting("fmnist-xxs") == get_profile("fmnist-xxs")
+    assert parse_setting(setting_name(cfg)) == cfg                # a table's setting name reads back
+    assert setting_name(cfg) == "fmnist-xs, lr=0.0001, steps_per_range=1200"
     with pytest.raises(ValueError, match="unknown Config field"):
         parse_setting("fmnist-xs:learning_rate=1")
 
@@ -228,6 +232,16 @@ def test_the_premise_and_the_capacity_map_end_to_end_on_smoke(tmp_path, monkeypa
     assert set(props.setting) == {"smoke", "smoke, lr=0.001"}   # fmnist's committed base is not under tmp_path
     block = readme_block(written, props)
     assert block.startswith("| quantity | paper |") and "2 setting(s) tried" in block
+    # --add: the kept setting's rows stay as given, the named one is judged anew; the choice covers both
+    kept = table.assign(delta_pct=table.delta_pct + 1.0)
+    main(["premise", "smoke, lr=0.001", "--add", "--name", "premise_smoke", "--draws", "2"])
+    added = pd.read_csv(tmp_path / "runs" / "smoke" / "figures" / "premise_smoke.csv")
+    assert list(dict.fromkeys(added.setting)) == ["smoke", "smoke, lr=0.001"]
+    again = premise_table([settings[1]], draws=2, keep=kept)
+    for name, expect in (("smoke", kept), ("smoke, lr=0.001", table)):
+        assert np.allclose(again[again.setting == name].delta_pct, expect[expect.setting == name].delta_pct)
+    assert set(pd.read_csv(tmp_path / "runs" / "smoke" / "figures" / "proportions_fmnist.csv").setting) == \
+        {"smoke", "smoke, lr=0.001"}
     losses = premise_losses(cfg, "validation", draws=2, experts=False)       # served from the cache
     assert set(losses) == {"base", "ensemble", "standard", MERGED}           # the map reads no single expert
     cap = capacity_rows(cfg, losses).set_index(["model", "condition"])

@@ -60,6 +60,11 @@ def test_render_replaces_only_the_marked_blocks(tmp_path):
     assert "(`standard`) " in line and "(holds); against the base" in line and line.endswith("own range: holds.")
     assert readme_block(short, props).endswith("once a converged base exists (its gains would include continued "
                                                 "pretraining).")
+    # a chosen setting other than the embedded default: the bottom line says the claims are not yet on it
+    mark_chosen(rows).to_csv(tmp_path / "premise_fmnist.csv", index=False)
+    assert "**Not yet adopted**" in BLOCKS["bottom-line"](tmp_path)
+    mark_chosen(rows.assign(setting="fmnist")).to_csv(tmp_path / "premise_fmnist.csv", index=False)
+    assert "**Not yet adopted**" not in BLOCKS["bottom-line"](tmp_path)
     mark_chosen(rows).to_csv(tmp_path / "premise_fmnist.csv", index=False)
     assert not update_readme(readme, tmp_path)                       # unchanged the second time
     readme.write_text("no markers\n")
