@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--draws", type=int, default=None,
                    help="noise/timestep draws per judged image (default: each setting's heldout_draws)")
     m.add_argument("--name", default="premise_fmnist", help="table name under figures/ (CSV, Markdown, LaTeX)")
-    m.add_argument("--add", action="store_true", help="judge these beside the settings kept in figures/<name>.csv")
+    m.add_argument("--add", action="store_true", help="judge these beside the settings kept in the committed table")
     m.add_argument("--capacity", action="store_true", help="instead: the capacity x budget map of the settings on "
                    "the evaluation images (figures/capacity_fmnist.csv)")
     rg = sub.add_parser("ranges", help="find the base model's \"gradient\" timestep ranges (range_bounds=gradient) "
@@ -188,18 +188,20 @@ def rehearse_command(a) -> None:
 
 
 def premise_command(a) -> None:
-    from .premise import capacity_table, parse_setting, premise_table, read_premise, save_premise
+    from .premise import capacity_table, parse_setting, premise_table, save_premise
     from .readme import update_readme
+    from .runs import read_table
     settings = [checked_settings(parse_setting, s) for s in a.settings]
     if a.capacity:
         from .plots import plot_capacity, save_figure
         from .runs import save_table
-        table = capacity_table(settings, jobs=a.jobs, draws=a.draws, progress=True)
+        keep = read_table(settings[0], "capacity_fmnist") if a.add else None
+        table = capacity_table(settings, jobs=a.jobs, draws=a.draws, progress=True, keep=keep)
         save_table(table, settings[0], "capacity_fmnist")
         save_figure(plot_capacity(table), settings[0], "capacity_fmnist")
         print(table.to_string())
         return
-    keep = read_premise(settings[0], a.name) if a.add else None
+    keep = read_table(settings[0], a.name) if a.add else None
     table = premise_table(settings, jobs=a.jobs, draws=a.draws, progress=True, keep=keep)
     if keep is not None:   # the proportions cover every setting of the table, the kept ones first
         settings = [parse_setting(s) for s in dict.fromkeys(table.setting)]

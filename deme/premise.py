@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .ablation import merge_models, total_steps, train_variants
-from .config import Config, figures_dir, get_profile, normalized, parse_assignments
+from .config import Config, get_profile, normalized, parse_assignments
 from .heldout import CONDITIONS, paired_losses, relative_difference
 from .merge import MERGE_METHODS
 from .models import base_model_path, load_unet
@@ -257,10 +257,13 @@ def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int | None =
 
 
 def capacity_table(settings: Iterable[Config], jobs: int = 1, draws: int | None = None,
-                   progress: bool = False) -> pd.DataFrame:
+                   progress: bool = False, keep: pd.DataFrame | None = None) -> pd.DataFrame:
     """The capacity × budget map: every setting trained (as :func:`premise_table` does) and judged on the
-    *evaluation* images (:func:`capacity_rows`); it chooses nothing."""
-    tables = []
+    *evaluation* images (:func:`capacity_rows`); it chooses nothing. ``keep``: cells measured before, kept unless
+    a setting of ``settings`` measures them anew."""
+    settings = list(settings)
+    names = {setting_name(cfg) for cfg in settings}
+    tables = [] if keep is None else [keep[~keep.setting.isin(names)]]
     for cfg in settings:
         train_setting(cfg, jobs)
         tables.append(capacity_rows(cfg, premise_losses(cfg, "evaluation", draws, progress, experts=False)))
@@ -342,11 +345,6 @@ def save_premise(rows: pd.DataFrame, settings: Iterable[Config], name: str = "pr
     props = proportions_table(cfgs)
     save_table(props, cfgs[0], "proportions_fmnist")
     return formatted
-
-
-def read_premise(cfg: Config, name: str = "premise_fmnist") -> pd.DataFrame:
-    """The premise table :func:`save_premise` wrote beside ``cfg``'s figures."""
-    return pd.read_csv(figures_dir(cfg) / f"{name}.csv")
 
 
 def _interval(row) -> str:

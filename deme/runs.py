@@ -102,6 +102,11 @@ def save_table(table: pd.DataFrame, cfg: Config, name: str, formatted: pd.DataFr
     return paths
 
 
+def read_table(cfg: Config, name: str) -> pd.DataFrame:
+    """The numbers of a table :func:`save_table` wrote (``<name>.csv`` beside ``cfg``'s figures)."""
+    return pd.read_csv(figures_dir(cfg) / f"{name}.csv")
+
+
 def append_run_log(cfg: Config, name: str, record: dict[str, Any]) -> dict[str, Any]:
     """Append ``record`` as one JSON line to ``<name>.jsonl`` beside the figures — which run made which tables
     and figures — stamped with the device (:func:`device_name`, with torch's CPU threads), the git commit and

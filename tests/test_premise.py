@@ -242,6 +242,10 @@ def test_the_premise_and_the_capacity_map_end_to_end_on_smoke(tmp_path, monkeypa
         assert np.allclose(again[again.setting == name].delta_pct, expect[expect.setting == name].delta_pct)
     assert set(pd.read_csv(tmp_path / "runs" / "smoke" / "figures" / "proportions_fmnist.csv").setting) == \
         {"smoke", "smoke, lr=0.001"}
+    main(["premise", "smoke", "--capacity", "--draws", "2"])                 # the map, then one cell added
+    main(["premise", "smoke, lr=0.001", "--capacity", "--add", "--draws", "2"])
+    cells = pd.read_csv(tmp_path / "runs" / "smoke" / "figures" / "capacity_fmnist.csv")
+    assert list(dict.fromkeys(cells.setting)) == ["smoke", "smoke, lr=0.001"]
     losses = premise_losses(cfg, "validation", draws=2, experts=False)       # served from the cache
     assert set(losses) == {"base", "ensemble", "standard", MERGED}           # the map reads no single expert
     cap = capacity_rows(cfg, losses).set_index(["model", "condition"])
