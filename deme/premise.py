@@ -293,12 +293,19 @@ def mark_chosen(rows: pd.DataFrame) -> pd.DataFrame:
                 "delta_pct", "ci95_low", "ci95_high"]]
 
 
-def parse_setting(spec: str) -> Config:
+def spec(setting: str) -> str:
+    """A setting's name as the premise command takes it: "fmnist, steps_per_range=300" → "fmnist:steps_per_range=300"
+    (:func:`setting_name` ↔ :func:`parse_setting`); a command's spelling is left as it is."""
+    profile, _, fields = setting.partition(", ")
+    return profile + (":" + fields.replace(", ", ",") if fields else "")
+
+
+def parse_setting(setting: str) -> Config:
     """``"fmnist-xs"`` or ``"fmnist-xs:lr=1e-4,steps_per_range=1200"``: a profile with field overrides
     (:func:`deme.config.parse_assignments`; a bad one raises ``ValueError``). A table's setting name
-    (:func:`setting_name`, ``"fmnist-xs, lr=0.0001"``) reads the same way."""
-    name, _, rest = spec.replace(", ", ":", 1).partition(":")
-    return get_profile(name, **parse_assignments([item.strip() for item in rest.split(",") if item.strip()]))
+    (:func:`setting_name`, ``"fmnist-xs, lr=0.0001"``) reads the same way (:func:`spec`)."""
+    name, _, rest = spec(setting).partition(":")
+    return get_profile(name, **parse_assignments([item for item in rest.split(",") if item]))
 
 
 def pretraining_record(base_dir: str | Path) -> dict:

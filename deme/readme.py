@@ -18,7 +18,7 @@ import pandas as pd
 from .analysis import similarity_summary
 from .config import repo_root
 from .heldout import verdict
-from .premise import MIN_GAIN_PCT, converged_settings, parameter_label, setting_checks
+from .premise import MIN_GAIN_PCT, converged_settings, parameter_label, setting_checks, spec
 from .premise import readme_block as premise_block
 from .weightspace import task_vector_spread
 
@@ -210,13 +210,6 @@ def paper_tables(figures: Path) -> str:
         parts.append(f"![budget study, {condition}](figures/{name})" if (figures / name).exists()
                      else f"*Not produced yet: `figures/{name}` (`{writer(name)}` writes it).*")
     return "\n\n".join(parts)
-
-
-def spec(setting: str) -> str:
-    """A setting's name as the premise command takes it: "fmnist, steps_per_range=300" → "fmnist:steps_per_range=300"
-    (:func:`deme.premise.setting_name` ↔ :func:`deme.premise.parse_setting`)."""
-    profile, _, fields = setting.partition(", ")
-    return profile + (":" + fields.replace(", ", ",") if fields else "")
 
 
 _CAPACITY_COLUMNS = ("ensemble - standard", "ensemble", "merged (w = 1/N)", "standard")

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from deme.config import get_profile
-from deme.premise import mark_chosen, premise_rows, proportions
-from deme.readme import BLOCKS, decimals, interval, markers, render, spec, update_readme, writer
+from deme.premise import mark_chosen, premise_rows, proportions, spec
+from deme.readme import BLOCKS, decimals, interval, markers, render, update_readme, writer
 
 REPO = Path(__file__).resolve().parents[1]
 
