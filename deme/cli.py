@@ -203,8 +203,7 @@ def premise_command(a) -> None:
         return
     keep = read_table(settings[0], a.name) if a.add else None
     table = premise_table(settings, jobs=a.jobs, draws=a.draws, progress=True, keep=keep)
-    if keep is not None:   # the proportions cover every setting of the table, the kept ones first
-        settings = [parse_setting(s) for s in dict.fromkeys(table.setting)]
+    settings = [parse_setting(s) for s in dict.fromkeys(table.setting)]   # the proportions: every setting judged
     print(save_premise(table, settings, a.name).to_string())
     if a.name == "premise_fmnist" and update_readme():
         print("README.md: its generated blocks rewritten from figures/")

@@ -356,9 +356,10 @@ _LSUN_BATCHES = dict(sample_batch_size=64, heldout_batch_size=64, analysis_batch
 PROFILES |= {
     # The embedded default, the paper in miniature (docs/method.md §4.2; figures/proportions_fmnist.csv,
     # premise_fmnist.csv): the 18K-parameter candidate, pretrained at a constant lr, then cooled down slowly to a low
-    # floor and held there until its held-out loss settled (converged by the project's rule), finetuned on 5% of its
-    # pretraining images (the budget the premise chose among the settings tried) at half the noise temperature of
-    # its final lr, every finetuned model with diffusers' warmup EMA.
+    # floor and held there until its held-out loss settled (converged by the project's rule), finetuned in the
+    # paper's proportions (5% of its pretraining images, half the noise temperature of its final lr), every
+    # finetuned model with diffusers' warmup EMA. The setting the premise chose is in figures/premise_fmnist.csv;
+    # the README's bottom line says whether this profile has taken it.
     "fmnist": Config(profile="fmnist", unet=_small_unet((4, 8, 8), 4), **{
         **_MINIATURE, "pretrain_steps": 48_000, "pretrain_cooldown": (24_000, 30_000, 0.025), "lr": 6.25e-6,
         "steps_per_range": 1200, "heldout_every": 800}),

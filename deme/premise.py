@@ -235,6 +235,15 @@ def converged_settings(rows: pd.DataFrame) -> list[str]:
     return list(rows[rows.base_converged].setting.unique()) if "base_converged" in rows else []
 
 
+def _kept(keep: pd.DataFrame | None, settings: list[Config]) -> list[pd.DataFrame]:
+    """The rows of a committed table to keep beside ``settings`` (those of the settings not judged anew), without
+    the choice :func:`mark_chosen` makes again."""
+    if keep is None:
+        return []
+    names = {setting_name(cfg) for cfg in settings}
+    return [keep[~keep.setting.isin(names)].drop(columns="chosen", errors="ignore")]
+
+
 def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int | None = None,
                   progress: bool = False, keep: pd.DataFrame | None = None) -> pd.DataFrame:
     """Train and judge every setting on the validation images (:func:`premise_rows`), mark the settings that
@@ -243,8 +252,7 @@ def premise_table(settings: Iterable[Config], jobs: int = 1, draws: int | None =
     ci95_low, ci95_high``. ``keep``: rows of settings judged before (a committed table), chosen among with the new
     ones without training them again; a setting in both is judged anew."""
     settings = list(settings)
-    names = {setting_name(cfg) for cfg in settings}
-    tables = [] if keep is None else [keep[~keep.setting.isin(names)].drop(columns="chosen", errors="ignore")]
+    tables = _kept(keep, settings)
     for cfg in settings:
         train_setting(cfg, jobs)
         rows = premise_rows(cfg, premise_losses(cfg, "validation", draws, progress))
@@ -262,8 +270,7 @@ def capacity_table(settings: Iterable[Config], jobs: int = 1, draws: int | None 
     *evaluation* images (:func:`capacity_rows`); it chooses nothing. ``keep``: cells measured before, kept unless
     a setting of ``settings`` measures them anew."""
     settings = list(settings)
-    names = {setting_name(cfg) for cfg in settings}
-    tables = [] if keep is None else [keep[~keep.setting.isin(names)]]
+    tables = _kept(keep, settings)
     for cfg in settings:
         train_setting(cfg, jobs)
         tables.append(capacity_rows(cfg, premise_losses(cfg, "evaluation", draws, progress, experts=False)))
