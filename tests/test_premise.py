@@ -68,7 +68,7 @@ def test_the_former_default_keeps_theta_by_construction():
 @pytest.mark.parametrize("profile, images_pct, temperature_ratio", [
     ("fmnist-xs", 100 * 4 * 600 * 64 / (24_000 * 128), (2.5e-4 / 64) / (1e-3 / 128)),
     ("fmnist-xxs", 100 * 4 * 600 * 64 / (24_000 * 128), (2.5e-4 / 64) / (1e-3 / 128)),
-    ("fmnist", 100 * 4 * 1200 * 64 / (48_000 * 128), (6.25e-6 / 64) / (0.025 * 1e-3 / 128)),  # final lr: the floor
+    ("fmnist", 100 * 4 * 2400 * 64 / (48_000 * 128), (1.25e-5 / 64) / (0.025 * 1e-3 / 128)),  # final lr: the floor
 ])
 def test_miniatures_keep_the_papers_proportions(profile, images_pct, temperature_ratio):
     cfg = get_profile(profile)
