@@ -25,11 +25,11 @@ def test_every_variant_trains_the_same_total_budget():
 
 
 def test_budget_study_pairs_standard_and_deme_at_a_quarter_half_and_all_of_the_budget():
-    cfg = get_profile("fmnist")                     # K = 1200 steps per range
-    assert AB.study_budgets(cfg) == (300, 600, 1200)
+    cfg = get_profile("fmnist")                     # K = 2400 steps per range
+    assert AB.study_budgets(cfg) == (600, 1200, 2400)
     runs = AB.budget_variants(cfg)
-    assert list(runs) == [f"K={k}, {m}" for k in (300, 600, 1200) for m in ("standard", "DeMe")]
-    for k in (300, 600, 1200):
+    assert list(runs) == [f"K={k}, {m}" for k in (600, 1200, 2400) for m in ("standard", "DeMe")]
+    for k in (600, 1200, 2400):
         std, deme = runs[f"K={k}, standard"], runs[f"K={k}, DeMe"]
         assert (std.method, deme.method) == ("standard", "deme")
         assert std.steps_per_range == deme.steps_per_range == k   # standard: N×k steps on one model

@@ -15,6 +15,7 @@ from deme.heldout import draw_inputs, heldout_table, per_image, relative_differe
 from deme.models import load_unet
 from deme.premise import (
     MERGED,
+    base_pretraining,
     capacity_rows,
     finetune_steps,
     mark_chosen,
@@ -75,7 +76,7 @@ def test_miniatures_keep_the_papers_proportions(profile, images_pct, temperature
     props = proportions(cfg, cfg.replace(method="pretrain")).set_index("quantity").here_value
     images, temperature, share_range, share_one = props.iloc[1:5]
     assert images == pytest.approx(images_pct) and 3.0 <= images <= 10.0     # the paper's 5.0 %, within 3-10 %
-    assert temperature == pytest.approx(temperature_ratio) == pytest.approx(0.5)      # the paper's 0.5
+    assert temperature == pytest.approx(temperature_ratio) and temperature <= 1 + 1e-9   # the paper's 0.5; ≤ 1
     assert share_range <= 0.15 and share_one <= 0.15
     assert _ema_share_by_diffusers(cfg, finetune_steps(cfg)) <= 0.15
     assert _ema_share_by_diffusers(cfg, finetune_steps(cfg, "standard")) <= 0.15
@@ -277,3 +278,19 @@ def test_the_method_notes_state_the_convergence_tolerance_the_code_uses():
     from deme.premise import CONVERGED_PCT
     text = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text()
     assert f"inside ±{CONVERGED_PCT:g}%" in text
+
+
+def test_every_committed_setting_name_still_names_the_config_it_was_measured_with():
+    """Setting names are relative to the profiles (:func:`setting_name`): when a profile changes, its committed rows
+    must be renamed. Each name, parsed against today's profiles, gives the budget and noise temperature recorded with
+    it (proportions) and the K of its capacity cell."""
+    figures = Path(__file__).resolve().parents[1] / "figures"
+    props = pd.read_csv(figures / "proportions_fmnist.csv").set_index(["setting", "quantity"]).here
+    for setting in props.index.get_level_values(0).unique():
+        cfg = parse_setting(setting)
+        now = proportions(cfg, base_pretraining(cfg)).set_index("quantity").here
+        for quantity in now.index[1:3]:              # the budget and the noise temperature
+            assert now[quantity] == props[(setting, quantity)], (setting, quantity)
+    cells = pd.read_csv(figures / "capacity_fmnist.csv")
+    for setting, k in set(zip(cells.setting, cells.steps_per_range)):
+        assert parse_setting(setting).steps_per_range == k, setting

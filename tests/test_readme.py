@@ -82,6 +82,18 @@ def test_a_block_whose_table_is_missing_says_which_file_and_what_writes_it(tmp_p
         "premise --capacity")
 
 
+def test_the_time_block_gives_the_default_run_and_the_full_run_where_it_was_timed(tmp_path):
+    rows = [("01_base_model", 60.0), ("06_ablation", 1500.0), ("total (wall clock)", 3000.0)]
+    pd.DataFrame(rows, columns=["stage", "seconds"]).assign(machine="cpu", date="2026-01-01", commit="abc", jobs=2) \
+        .to_csv(tmp_path / "reproduce_time_fmnist.csv", index=False)
+    assert "**50 min** of wall clock for the 2 stages" in BLOCKS["time"](tmp_path)
+    assert "FULL=1" not in BLOCKS["time"](tmp_path)                  # the full run's line only where it was timed
+    pd.DataFrame(rows, columns=["stage", "seconds"]).assign(machine="cpu", date="2026-01-02", commit="abc", jobs=2) \
+        .to_csv(tmp_path / "reproduce_time_fmnist_full.csv", index=False)
+    assert BLOCKS["time"](tmp_path).endswith("`make reproduce FULL=1` (the committed notebooks and figures) on cpu, "
+                                             "2026-01-02: **50 min** for 2 stages, the longest 06_ablation (1,500 s).")
+
+
 def test_the_tables_block_inlines_the_notebooks_tables_and_names_what_is_missing(tmp_path):
     table1 = "Table 1 analog (fmnist): caption\n\n| model | FID |\n|:--|:--|\n| a | 1 |\n"
     (tmp_path / "table1_fmnist.md").write_text(table1)
