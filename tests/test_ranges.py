@@ -5,6 +5,7 @@ record, name the runs that train on them and are found again identically from th
 
 import itertools
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -270,3 +271,11 @@ def test_compare_ranges_trains_both_choices_at_equal_budget_and_writes_the_table
     row = written[written.comparison == "gradient ranges [0, 300, 1000] vs equal ranges [0, 500, 1000]"].iloc[0]
     assert row.verdict == "better" and row.part == "evaluation" and row.budget_steps == 2 * cfg.steps_per_range
     assert len(table) == len(written) == 3
+
+
+def test_the_committed_ranges_comparison_was_made_at_the_embedded_defaults_budget():
+    """``ranges --compare`` is a named command, not a stage of ``make reproduce``: when the profile's budget
+    changes, its committed table must be remade (the README's "Beyond the paper" block reads it)."""
+    cfg = get_profile("fmnist")
+    table = pd.read_csv(Path(__file__).resolve().parents[1] / "figures" / "ranges_fmnist.csv")
+    assert (table.budget_steps == cfg.num_ranges * cfg.steps_per_range).all()
