@@ -252,23 +252,27 @@ def premise(figures: Path) -> str:
     return premise_block(pd.read_csv(figures / "premise_fmnist.csv"), pd.read_csv(figures / "proportions_fmnist.csv"))
 
 
+def _timing(path: Path) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """A ``reproduce_time_*.csv`` (:func:`deme.reproduce.write_timing`): the table, its stages and the wall clock."""
+    t = pd.read_csv(path)
+    return t, t[t.stage != "total (wall clock)"], t[t.stage == "total (wall clock)"].seconds.iloc[0]
+
+
 @block("time")
 def time_block(figures: Path) -> str:
     """The last full ``make reproduce``: its machine, wall time and the time of every stage; then, where it was
     timed in one piece, the wall time of ``make reproduce FULL=1``, the run that made the committed figures."""
-    t = pd.read_csv(figures / "reproduce_time_fmnist.csv")
-    total = t[t.stage == "total (wall clock)"].seconds.iloc[0]
-    stages = t[t.stage != "total (wall clock)"]
+    t, stages, total = _timing(figures / "reproduce_time_fmnist.csv")
     text = (f"`make reproduce` on {t.machine.iloc[0]}, {t.date.iloc[0]}: **{total / 60:.0f} min** of wall clock for "
             f"the {len(stages)} stages ({t.jobs.iloc[0]} at a time where independent), set-up not included; seconds "
             "per stage: " + ", ".join(f"{x.stage} {x.seconds:,.0f}" for x in stages.itertuples()) + ".")
     if not (figures / "reproduce_time_fmnist_full.csv").exists():
         return text
-    f = pd.read_csv(figures / "reproduce_time_fmnist_full.csv")
-    longest = f[f.stage != "total (wall clock)"].sort_values("seconds").iloc[-1]
+    f, stages, total = _timing(figures / "reproduce_time_fmnist_full.csv")
+    longest = stages.sort_values("seconds").iloc[-1]
     return text + (f"\n\n`make reproduce FULL=1` (the committed notebooks and figures) on {f.machine.iloc[0]}, "
-                   f"{f.date.iloc[0]}: **{f[f.stage == 'total (wall clock)'].seconds.iloc[0] / 60:.0f} min** for "
-                   f"{len(f) - 1} stages, the longest {longest.stage} ({longest.seconds:,.0f} s).")
+                   f"{f.date.iloc[0]}: **{total / 60:.0f} min** for {len(stages)} stages, the longest {longest.stage} "
+                   f"({longest.seconds:,.0f} s).")
 
 
 def render(text: str, figures: Path) -> str:
